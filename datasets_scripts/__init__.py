@@ -1,0 +1,1 @@
+"""spn4cir datasets_scripts."""

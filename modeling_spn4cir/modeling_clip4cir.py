@@ -1,0 +1,290 @@
+"""CLIP4CIR: a CLIP dual encoder for composed image retrieval, with sum fusion (SPN4CIR) or CLIP4Cir's Combiner.
+
+Implements the CIR model contract (`get_target_embeds`, `get_reference_features`, `get_query_embeds`,
+`query_side_parameters`, `forward`). Self-contained on purpose (relative imports only) so that
+`save_pretrained` can ship it for `trust_remote_code` loading.
+
+Parameter names of the CLIP parts equal `transformers.CLIPModel`'s (`text_model.*`, `text_projection`,
+`vision_model.*`, `visual_projection`), so a CLIPModel state dict loads into this model unchanged.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import CLIPModel, CLIPTextModel, CLIPVisionModel
+from transformers import initialization as init
+from transformers.models.clip.modeling_clip import CLIPPreTrainedModel
+from transformers.utils import ModelOutput
+
+from .configuration_clip4cir import CLIP4CIRConfig
+from .modeling_clip_resnet import AttentionPool2d, ModifiedResNet
+
+
+@dataclass
+class CLIP4CIROutput(ModelOutput):
+    """
+    Output of [`CLIP4CIRModel.forward`].
+
+    Args:
+        loss (`torch.FloatTensor` of shape `()`, *optional*):
+            In-batch InfoNCE (cross-entropy of `logits` against the diagonal); only when targets are given.
+        logits (`torch.FloatTensor` of shape `[B, B_t]`, *optional*):
+            `query_embeds @ target_embeds.T / temperature`; only when targets are given.
+        query_embeds (`torch.FloatTensor` of shape `[B, D]`):
+            L2-normalized composed queries.
+        target_embeds (`torch.FloatTensor` of shape `[B_t, D]`, *optional*):
+            L2-normalized target image embeddings.
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    query_embeds: torch.FloatTensor | None = None
+    target_embeds: torch.FloatTensor | None = None
+
+
+class Combiner(nn.Module):
+    """CLIP4Cir's Combiner (Baldrati et al., CVPR-W 2022 / TOMM 2023), same module names as the original.
+
+    `forward(image_features [B, D], text_features [B, D]) -> [B, D]` L2-normalized: projected, ReLU'd and
+    dropped-out text and image features are concatenated; a hidden layer and an output layer give a
+    residual, and a sigmoid scalar `s` from the concatenation mixes `s * text + (1 - s) * image`.
+    """
+
+    def __init__(self, feature_dim: int, projection_dim: int, hidden_dim: int, dropout: float = 0.5):
+        super().__init__()
+        self.text_projection_layer = nn.Linear(feature_dim, projection_dim)
+        self.image_projection_layer = nn.Linear(feature_dim, projection_dim)
+        self.dropout1 = nn.Dropout(dropout)
+        self.dropout2 = nn.Dropout(dropout)
+        self.combiner_layer = nn.Linear(projection_dim * 2, hidden_dim)
+        self.output_layer = nn.Linear(hidden_dim, feature_dim)
+        self.dropout3 = nn.Dropout(dropout)
+        self.dynamic_scalar = nn.Sequential(
+            nn.Linear(projection_dim * 2, hidden_dim),
+            nn.ReLU(),
+            nn.Dropout(dropout),
+            nn.Linear(hidden_dim, 1),
+            nn.Sigmoid(),
+        )
+
+    def forward(self, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
+        text_projected = self.dropout1(F.relu(self.text_projection_layer(text_features)))
+        image_projected = self.dropout2(F.relu(self.image_projection_layer(image_features)))
+        raw_combined = torch.cat((text_projected, image_projected), -1)
+        combined = self.dropout3(F.relu(self.combiner_layer(raw_combined)))
+        scalar = self.dynamic_scalar(raw_combined)
+        output = self.output_layer(combined) + scalar * text_features + (1 - scalar) * image_features
+        return F.normalize(output, dim=-1)
+
+
+class CLIP4CIRPreTrainedModel(CLIPPreTrainedModel):
+    """Reuses CLIP's initialization for the CLIP parts and adds the ResNet attention pool."""
+
+    config: CLIP4CIRConfig
+    config_class = CLIP4CIRConfig
+    base_model_prefix = "clip4cir"
+    main_input_name = "input_ids"
+    _no_split_modules = ["CLIPTextEmbeddings", "CLIPEncoderLayer", "CLIPVisionEmbeddings", "Bottleneck"]
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, AttentionPool2d):
+            init.normal_(module.positional_embedding, std=module.positional_embedding.shape[-1] ** -0.5)
+
+
+class CLIP4CIRModel(CLIP4CIRPreTrainedModel):
+    """
+    Composed image retrieval with a CLIP dual encoder.
+
+    - target side: image tower (CLIP ViT + `visual_projection`, or the ModifiedResNet whose attention pool
+      projects) -> L2-normalized target embeddings `[N, D]`;
+    - query side: text tower (CLIP text transformer + `text_projection`) fused with the reference image's
+      (unnormalized) features by `config.fusion`: `"sum"` gives normalize(image + text), `"combiner"` the
+      Combiner network.
+
+    Stage 2 of SPN freezes the image tower and trains `query_side_parameters()` only.
+    """
+
+    def __init__(self, config: CLIP4CIRConfig):
+        super().__init__(config)
+        self.text_model = CLIPTextModel._from_config(config.text_config)
+        self.text_projection = nn.Linear(config.text_config.hidden_size, config.projection_dim, bias=False)
+        if config.vision_tower == "resnet":
+            self.vision_model = ModifiedResNet(config.vision_config)
+            self.visual_projection = None
+        else:
+            self.vision_model = CLIPVisionModel._from_config(config.vision_config)
+            self.visual_projection = nn.Linear(
+                config.vision_config.hidden_size, config.projection_dim, bias=False
+            )
+        self.combiner = None
+        if config.fusion == "combiner":
+            self.combiner = Combiner(
+                config.projection_dim,
+                config.combiner_projection_dim,
+                config.combiner_hidden_dim,
+                config.combiner_dropout,
+            )
+        self.post_init()
+
+    # ----------------------------------------------------------------------------------------- towers
+    def get_text_features(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None):
+        """`input_ids`, `attention_mask`: `[B, L]` -> unnormalized text features `[B, D]` (pooled at EOT)."""
+        pooled = self.text_model(input_ids=input_ids, attention_mask=attention_mask).pooler_output
+        return self.text_projection(pooled)
+
+    def get_image_features(self, pixel_values: torch.FloatTensor) -> torch.FloatTensor:
+        """`pixel_values`: `[N, 3, S, S]` -> unnormalized image features `[N, D]`."""
+        if self.visual_projection is None:
+            return self.vision_model(pixel_values)
+        pooled = self.vision_model(pixel_values=pixel_values).pooler_output
+        return self.visual_projection(pooled)
+
+    # -------------------------------------------------------------------------------- model contract
+    def get_target_embeds(self, pixel_values: torch.FloatTensor) -> torch.FloatTensor:
+        """`pixel_values`: `[N, 3, S, S]` -> L2-normalized target embeddings `[N, D]`."""
+        return F.normalize(self.get_image_features(pixel_values), dim=-1)
+
+    def get_reference_features(self, pixel_values: torch.FloatTensor) -> torch.FloatTensor:
+        """`pixel_values`: `[N, 3, S, S]` -> what the fusion consumes: unnormalized image features `[N, D]`."""
+        return self.get_image_features(pixel_values)
+
+    def combine(self, reference_features: torch.Tensor, text_features: torch.Tensor) -> torch.FloatTensor:
+        """Fuse `[B, D]` reference features with `[B, D]` text features -> L2-normalized queries `[B, D]`."""
+        text_features = text_features.to(reference_features.dtype)
+        if self.combiner is None:
+            return F.normalize(reference_features + text_features, dim=-1)
+        return self.combiner(reference_features, text_features)
+
+    def get_query_embeds(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        reference_features: torch.Tensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+    ) -> torch.FloatTensor:
+        """
+        Composed query embeddings `[B, D]`, L2-normalized.
+
+        Args:
+            input_ids, attention_mask: `[B, L]` modification texts.
+            reference_features: `[B, D]` cached reference features (stage 2: read from the reference bank).
+            pixel_values: `[B, 3, S, S]` reference images, encoded here when `reference_features` is None.
+        """
+        if reference_features is None:
+            if pixel_values is None:
+                raise ValueError("get_query_embeds needs `reference_features` or reference `pixel_values`.")
+            reference_features = self.get_reference_features(pixel_values)
+        if reference_features.shape[0] != input_ids.shape[0]:
+            raise ValueError(
+                f"{reference_features.shape[0]} reference features for {input_ids.shape[0]} texts; "
+                "pass one reference per modification text."
+            )
+        if reference_features.shape[-1] != self.config.projection_dim:
+            raise ValueError(
+                f"reference_features have dimension {reference_features.shape[-1]}, the model expects "
+                f"{self.config.projection_dim}; was the reference bank built with another model?"
+            )
+        text_features = self.get_text_features(input_ids, attention_mask)
+        return self.combine(reference_features, text_features)
+
+    def query_side_modules(self) -> dict[str, nn.Module]:
+        """The modules stage 2 trains: text tower, its projection and (if any) the Combiner."""
+        modules = {"text_model": self.text_model, "text_projection": self.text_projection}
+        if self.combiner is not None:
+            modules["combiner"] = self.combiner
+        return modules
+
+    def query_side_parameters(self) -> list[nn.Parameter]:
+        """Parameters stage 2 trains (never the image tower)."""
+        return [p for module in self.query_side_modules().values() for p in module.parameters()]
+
+    def freeze_target_side(self) -> None:
+        """Stage 2: stop gradients into everything but `query_side_parameters()` and keep the image tower
+        in eval mode, so its BatchNorm statistics (ResNet) and dropout cannot change either."""
+        query_side = {id(p) for p in self.query_side_parameters()}
+        for parameter in self.parameters():
+            parameter.requires_grad_(id(parameter) in query_side)
+        self._target_side_frozen = True
+        self.train(self.training)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if getattr(self, "_target_side_frozen", False):
+            self.vision_model.eval()
+        return self
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        reference_features: torch.Tensor | None = None,
+        target_pixel_values: torch.FloatTensor | None = None,
+        target_embeds: torch.Tensor | None = None,
+        return_loss: bool | None = None,
+        **kwargs,
+    ) -> CLIP4CIROutput:
+        """
+        Args:
+            input_ids, attention_mask: `[B, L]` modification texts.
+            pixel_values: `[B, 3, S, S]` reference images (or pass `reference_features` `[B, D]`).
+            target_pixel_values: `[B_t, 3, S, S]` target images (or pass `target_embeds` `[B_t, D]`).
+            return_loss: computes the in-batch InfoNCE (query i's positive is target i, so `B_t == B`)
+                when targets are given; defaults to True in that case.
+
+        Returns:
+            [`CLIP4CIROutput`] with `query_embeds` `[B, D]` and, with targets, `target_embeds` `[B_t, D]`,
+            `logits` `[B, B_t]` and `loss`.
+        """
+        query_embeds = self.get_query_embeds(input_ids, attention_mask, reference_features, pixel_values)
+        if target_embeds is None and target_pixel_values is not None:
+            target_embeds = self.get_target_embeds(target_pixel_values)
+        logits = loss = None
+        if target_embeds is not None:
+            logits = query_embeds @ target_embeds.to(query_embeds.dtype).T / self.config.temperature
+            if return_loss is None or return_loss:
+                labels = torch.arange(logits.shape[0], device=logits.device)
+                loss = F.cross_entropy(logits, labels)
+        return CLIP4CIROutput(loss=loss, logits=logits, query_embeds=query_embeds, target_embeds=target_embeds)
+
+    # --------------------------------------------------------------------------------- construction
+    @classmethod
+    def from_clip(
+        cls, clip_name_or_path: str, fusion: str = "sum", temperature: float = 0.02, **kwargs
+    ) -> "CLIP4CIRModel":
+        """
+        Build a CLIP4CIR model from any pretrained `transformers.CLIPModel` (a Hub id such as
+        `openai/clip-vit-base-patch32`, or a local `save_pretrained` directory), copying both towers and
+        both projections. `kwargs` go to [`CLIP4CIRConfig`] (e.g. Combiner sizes); a Combiner starts
+        from random weights.
+        """
+        clip = CLIPModel.from_pretrained(clip_name_or_path)
+        projection_dim = clip.config.projection_dim
+        text_config = clip.config.text_config.to_dict()
+        vision_config = clip.config.vision_config.to_dict()
+        text_config["projection_dim"] = vision_config["projection_dim"] = projection_dim
+        config = CLIP4CIRConfig(
+            text_config=text_config,
+            vision_config=vision_config,
+            projection_dim=projection_dim,
+            fusion=fusion,
+            temperature=temperature,
+            **kwargs,
+        )
+        model = cls(config)
+        state = {k: v for k, v in clip.state_dict().items() if k != "logit_scale"}
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.startswith("combiner.")]
+        if missing or unexpected:
+            raise ValueError(
+                f"CLIP checkpoint {clip_name_or_path!r} does not match CLIP4CIR: missing {missing[:5]}, "
+                f"unexpected {unexpected[:5]}."
+            )
+        model.name_or_path = str(clip_name_or_path)
+        return model
+
+
+__all__ = ["CLIP4CIRModel", "CLIP4CIRPreTrainedModel", "CLIP4CIROutput", "Combiner"]

@@ -1,0 +1,117 @@
+"""Shared helpers: tiny CLIP4CIR configs built in the test, nothing downloaded."""
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+TINY_TEXT = dict(
+    vocab_size=99,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    max_position_embeddings=16,
+    projection_dim=16,
+    bos_token_id=97,
+    eos_token_id=98,
+    pad_token_id=0,
+)
+TINY_VIT = dict(
+    model_type="clip_vision_model",
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    image_size=32,
+    patch_size=8,
+    projection_dim=16,
+)
+TINY_RESNET = dict(model_type="clip4cir_resnet", layers=[1, 2, 1, 1], width=8, image_size=64, projection_dim=16)
+
+
+def tiny_config(tower="vit", fusion="sum", **kwargs):
+    from modeling_spn4cir import CLIP4CIRConfig
+
+    vision = TINY_VIT if tower == "vit" else TINY_RESNET
+    return CLIP4CIRConfig(
+        text_config=dict(TINY_TEXT), vision_config=dict(vision), projection_dim=16, fusion=fusion,
+        combiner_projection_dim=24, combiner_hidden_dim=40, **kwargs,
+    )
+
+
+def tiny_model(tower="vit", fusion="sum", seed=0, **kwargs):
+    from modeling_spn4cir import CLIP4CIRModel
+
+    torch.manual_seed(seed)
+    return CLIP4CIRModel(tiny_config(tower, fusion, **kwargs))
+
+
+def tiny_inputs(model, batch=3, seq=9, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    size = model.config.image_size
+    ids = torch.randint(1, 97, (batch, seq), generator=g)
+    ids[:, 0] = 97
+    ids[:, -1] = 98
+    return {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "pixel_values": torch.randn(batch, 3, size, size, generator=g),
+        "target_pixel_values": torch.randn(batch, 3, size, size, generator=g),
+    }
+
+
+@pytest.fixture(params=[("vit", "sum"), ("vit", "combiner"), ("resnet", "sum"), ("resnet", "combiner")],
+                ids=lambda p: f"{p[0]}-{p[1]}")
+def tower_fusion(request):
+    return request.param
+
+
+def tiny_tokenizer(texts=("a red circle", "make it blue", "the square should be green instead")):
+    """A word-level tokenizer built with `tokenizers` (no download), wrapped as a transformers tokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(texts, trainers.WordLevelTrainer(special_tokens=["<pad>", "<unk>", "<sot>", "<eot>"]))
+    sot, eot = tok.token_to_id("<sot>"), tok.token_to_id("<eot>")
+    tok.post_processor = processors.TemplateProcessing(single="<sot> $A <eot>", special_tokens=[("<sot>", sot), ("<eot>", eot)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<sot>", eos_token="<eot>",
+        model_max_length=16,
+    )
+
+
+_BLOCK_PACKAGE = """
+import sys, importlib.abc
+class _Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "modeling_spn4cir":
+            raise ImportError("blocked: " + name)
+sys.meta_path.insert(0, _Block())
+try:
+    import modeling_spn4cir
+    raise SystemExit("modeling_spn4cir should not be importable here")
+except ImportError:
+    pass
+"""
+
+
+def run_without_package(script: str, workdir) -> str:
+    """Run `script` in a fresh Python in which `import modeling_spn4cir` fails; return its stdout."""
+    result = subprocess.run(
+        [sys.executable, "-c", _BLOCK_PACKAGE + textwrap.dedent(script)], capture_output=True, text=True,
+        cwd=workdir, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HF_HOME": str(Path(workdir) / "hf")},
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
