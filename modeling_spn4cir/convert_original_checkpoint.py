@@ -16,12 +16,12 @@ mapped explicitly, and any unmapped, missing or mis-shaped key is an error that 
 import argparse
 import os
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from trainers.atomic import atomic_directory
 
 from .configuration_clip4cir import CLIP4CIRConfig
 from .image_processing_clip4cir import CLIP4CIRImageProcessor
@@ -312,20 +312,12 @@ def convert_original_checkpoint(
         processor = CLIP4CIRProcessor(image_processor=image_processor, tokenizer=tok)
 
     output_dir = Path(output_dir)
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
-    try:
+    with atomic_directory(output_dir) as staging:
         model.save_pretrained(staging)
         (processor or image_processor).save_pretrained(staging)
         (staging / "README.md").write_text(
             _model_card(model, original, Path(checkpoint).name, combiner_checkpoint, tokenizer)
         )
-        if output_dir.exists():
-            shutil.rmtree(output_dir)
-        os.replace(staging, output_dir)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
     if push_to_hub:
         model.push_to_hub(push_to_hub)
         (processor or image_processor).push_to_hub(push_to_hub)

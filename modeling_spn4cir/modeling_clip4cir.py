@@ -151,6 +151,13 @@ class CLIP4CIRModel(CLIP4CIRPreTrainedModel):
         """`pixel_values`: `[N, 3, S, S]` -> what the fusion consumes: unnormalized image features `[N, D]`."""
         return self.get_image_features(pixel_values)
 
+    def get_target_embeds_and_reference_features(
+        self, pixel_values: torch.FloatTensor
+    ) -> tuple[torch.FloatTensor, torch.FloatTensor]:
+        """One image-tower pass for both roles: `([N, D]` normalized target embeds, `[N, D]` reference features)."""
+        features = self.get_image_features(pixel_values)
+        return F.normalize(features, dim=-1), features
+
     def combine(self, reference_features: torch.Tensor, text_features: torch.Tensor) -> torch.FloatTensor:
         """Fuse `[B, D]` reference features with `[B, D]` text features -> L2-normalized queries `[B, D]`."""
         text_features = text_features.to(reference_features.dtype)

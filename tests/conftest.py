@@ -115,3 +115,13 @@ def run_without_package(script: str, workdir) -> str:
     )
     assert result.returncode == 0, result.stdout + result.stderr
     return result.stdout
+
+
+def solid_images(n, size=40, seed=0):
+    """n distinct small RGB images (random blocks), deterministic."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (size // 4, size // 4, 3), dtype=np.uint8)).resize((size, size))
+            for _ in range(n)]

@@ -1,0 +1,110 @@
+"""CIRR rc2 (Liu et al., ICCV 2021) from its official layout to an HF dataset in the project schema.
+
+    python -m datasets_scripts.cirr --data_dir CIRR --output_dir cirr-hf [--splits val test] [--skip_missing_images]
+
+Layout: `cirr/captions/cap.rc2.{train,val,test1}.json` (records with `pairid`, `reference`, `target_hard`,
+`caption`, `img_set.members` — 6 images including the reference; test1 has no target),
+`cirr/image_splits/split.rc2.{train,val,test1}.json` (name -> relative path such as `./dev/dev-244-0-img0.png`),
+images under `data_dir` at those paths. `test1` becomes split `test`. The corpus of a split is every image of
+its split file: about 6% of CIRR targets are never references, so a gallery of references would miss them.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import datasets
+
+from .common import (
+    SPLITS,
+    AnnotationError,
+    SplitData,
+    check_images,
+    counts_table,
+    read_json,
+    require,
+    resolve_inside,
+    select_splits,
+    write_cir_dataset,
+)
+
+FILE_SPLIT = {"train": "train", "val": "val", "test": "test1"}
+
+
+def _read_split(data_dir: Path, split: str) -> SplitData:
+    name = FILE_SPLIT[split]
+    split_file = data_dir / "cirr" / "image_splits" / f"split.rc2.{name}.json"
+    mapping = read_json(split_file)
+    if not isinstance(mapping, dict):
+        raise AnnotationError(f"{split_file}: expected a JSON object mapping image names to relative paths.")
+    data = SplitData()
+    for image_id, relative in mapping.items():
+        if not isinstance(relative, str):
+            raise AnnotationError(f"{split_file}: image {image_id!r} has a {type(relative).__name__} path, expected a string.")
+        path = resolve_inside(data_dir, relative, f"{split_file} image {image_id!r}")
+        data.corpus.append({"image_id": image_id, "path": path})
+
+    caption_file = data_dir / "cirr" / "captions" / f"cap.rc2.{name}.json"
+    records = read_json(caption_file)
+    if not isinstance(records, list):
+        raise AnnotationError(f"{caption_file}: expected a JSON list of records.")
+    fields = ["pairid", "reference", "caption", "img_set"] + ([] if split == "test" else ["target_hard"])
+    for index, record in enumerate(records):
+        require(record, fields, caption_file, index, {"reference": str, "caption": str, "img_set": dict})
+        members = record["img_set"].get("members")
+        if not isinstance(members, list) or not members:
+            raise AnnotationError(f"{caption_file}: record {index} has no field 'img_set.members'.")
+        target = record.get("target_hard") if split != "test" else None
+        for role, image_id in [("reference", record["reference"]), ("target_hard", target)] + [
+            ("img_set.members", m) for m in members
+        ]:
+            if image_id is not None and image_id not in mapping:
+                raise AnnotationError(
+                    f"{caption_file}: record {index} {role} {image_id!r} is not listed in {split_file.name}."
+                )
+        data.triplets.append({
+            "reference_id": record["reference"],
+            "target_id": target,
+            "modification_texts": [record["caption"]],
+            "group_members": list(members),
+            "query_id": str(record["pairid"]),
+            "source": "annotated",
+        })
+    return data
+
+
+def build_cirr(data_dir: str | Path, output_dir: str | Path, splits=None, skip_missing_images: bool = False) -> Path:
+    """Convert CIRR under `data_dir` into `output_dir` (configs `corpus` and `triplets`)."""
+    data_dir = Path(data_dir)
+    chosen = {s: _read_split(data_dir, s) for s in select_splits(splits, SPLITS)}
+    check_images(chosen, skip_missing_images, str(data_dir))
+    print(counts_table(chosen))
+    card = f"""# CIRR (rc2) in the spn4cir schema
+
+Converted with `python -m datasets_scripts.cirr` from the official CIRR layout (annotations from
+Cuberick-Orion/CIRR, MIT; images are NLVR2 images, distributed by the CIRR authors on request).
+`modification_texts` = [caption]; `group_members` = `img_set.members` (6, including the reference);
+`query_id` = `pairid`; split `test` is `test1` (no targets: evaluate through the CIRR test server).
+The corpus of a split is every image of its split file.
+
+{counts_table(chosen)}"""
+    return write_cir_dataset(
+        output_dir, chosen,
+        triplet_extra={"group_members": datasets.List(datasets.Value("string")), "query_id": datasets.Value("string")},
+        card=card,
+    )
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data_dir", required=True)
+    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--splits", nargs="+", choices=SPLITS)
+    parser.add_argument("--skip_missing_images", action="store_true")
+    args = parser.parse_args(argv)
+    print(f"wrote {build_cirr(args.data_dir, args.output_dir, args.splits, args.skip_missing_images)}")
+
+
+if __name__ == "__main__":
+    main()

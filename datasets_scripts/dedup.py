@@ -1,0 +1,90 @@
+"""Exact duplicate images (same decoded pixels), grouped in O(N) by a content hash.
+
+SPN merges duplicate images so that the candidate bank holds each picture once: otherwise a copy of the
+target sits in the bank as a *negative* (a false negative). The original (`zscir/deduplicate_images.py`)
+compares images pairwise, O(N^2); hashing the decoded pixels groups the same images in one pass.
+
+    python -m datasets_scripts.dedup --dataset fashioniq-hf --split train --output dedup_map.json
+    python -m datasets_scripts.dedup --image_dir images/ --output dedup_map.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm.auto import tqdm
+
+from trainers.atomic import atomic_write_json
+
+from .common import IMAGE_EXTENSIONS
+
+
+def pixel_hash(image: Image.Image) -> str:
+    """SHA-256 of the decoded RGB pixels and the size: equal for the same picture in any file format."""
+    array = np.asarray(image.convert("RGB"))
+    digest = hashlib.sha256()
+    digest.update(np.asarray(array.shape, dtype=np.int64).tobytes())
+    digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()
+
+
+def find_duplicate_groups(images: Iterable[tuple[str, Image.Image]], show_progress_bar: bool = True) -> list[list[str]]:
+    """Groups (of 2 or more ids, in input order) of images with identical pixels."""
+    by_hash: dict[str, list[str]] = {}
+    for image_id, image in tqdm(images, desc="Hashing images", disable=not show_progress_bar):
+        by_hash.setdefault(pixel_hash(image), []).append(image_id)
+    return [ids for ids in by_hash.values() if len(ids) > 1]
+
+
+def canonical_map(groups: list[list[str]]) -> dict[str, str]:
+    """`{duplicate id: canonical id}` — the canonical id of a group is its first member; ids without
+    duplicates are absent (they map to themselves)."""
+    return {image_id: group[0] for group in groups for image_id in group[1:]}
+
+
+def apply_canonical_map(image_id: str, mapping: dict[str, str]) -> str:
+    return mapping.get(image_id, image_id)
+
+
+def _iter_dataset(path: str, split: str):
+    import datasets
+
+    corpus = datasets.load_dataset(path, "corpus", split=split)
+    seen = set()
+    for row in corpus:
+        if row["image_id"] not in seen:  # FashionIQ lists an image once per category
+            seen.add(row["image_id"])
+            yield row["image_id"], row["image"]
+
+
+def _iter_folder(folder: Path):
+    for path in sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS):
+        with Image.open(path) as image:
+            yield str(path.relative_to(folder).with_suffix("")), image.copy()
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--dataset", help="an HF dataset directory or Hub id in the spn4cir schema")
+    source.add_argument("--image_dir", help="a folder of images")
+    parser.add_argument("--split", default="train")
+    parser.add_argument("--output", help="write {duplicate id: canonical id} JSON here")
+    args = parser.parse_args(argv)
+    images = _iter_dataset(args.dataset, args.split) if args.dataset else _iter_folder(Path(args.image_dir))
+    groups = find_duplicate_groups(images)
+    for group in groups:
+        print(" = ".join(group))
+    mapping = canonical_map(groups)
+    print(f"{len(groups)} groups of identical images; {len(mapping)} images map to a canonical id.")
+    if args.output:
+        atomic_write_json(args.output, mapping, indent=1)
+
+
+if __name__ == "__main__":
+    main()

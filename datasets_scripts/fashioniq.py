@@ -1,0 +1,120 @@
+"""FashionIQ (Wu et al., CVPR 2021) from its official layout to an HF dataset in the project schema.
+
+    python -m datasets_scripts.fashioniq --data_dir fashionIQ_dataset --output_dir fashioniq-hf [--skip_missing_images]
+
+Layout: `captions/cap.{dress,shirt,toptee}.{train,val,test}.json` (records `{"candidate", "target",
+"captions": [2 strings]}`; test has no `target`), `image_splits/split.{cat}.{split}.json` (lists of ASINs),
+`images/<ASIN>.png` (or .jpg). Reference = `candidate`. The corpus of a split is the union of the categories'
+split files, one row per (image, category): the val gallery of a category is its `split.{cat}.val.json`
+(3,817 / 6,346 / 5,373 images; 121 ASINs are in two categories and appear once in each).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import datasets
+
+from .common import (
+    SPLITS,
+    AnnotationError,
+    SplitData,
+    check_images,
+    counts_table,
+    find_image,
+    read_json,
+    require,
+    select_splits,
+    write_cir_dataset,
+)
+
+CATEGORIES = ("dress", "shirt", "toptee")
+
+
+def _read_split(data_dir: Path, split: str, categories) -> SplitData:
+    data = SplitData()
+    images = data_dir / "images"
+    for category in categories:
+        split_file = data_dir / "image_splits" / f"split.{category}.{split}.json"
+        asins = read_json(split_file)
+        if not isinstance(asins, list) or not all(isinstance(a, str) for a in asins):
+            raise AnnotationError(f"{split_file}: expected a JSON list of ASIN strings.")
+        in_split = set(asins)
+        for asin in dict.fromkeys(asins):
+            data.corpus.append({"image_id": asin, "path": find_image(images, asin), "category": category})
+        caption_file = data_dir / "captions" / f"cap.{category}.{split}.json"
+        records = read_json(caption_file)
+        if not isinstance(records, list):
+            raise AnnotationError(f"{caption_file}: expected a JSON list of records.")
+        fields = ["candidate", "captions"] + ([] if split == "test" else ["target"])
+        for index, record in enumerate(records):
+            require(record, fields, caption_file, index, {"candidate": str, "captions": list})
+            if not record["captions"] or not all(isinstance(c, str) for c in record["captions"]):
+                raise AnnotationError(f"{caption_file}: record {index} field 'captions' must be a non-empty list of strings.")
+            target = record.get("target") if split != "test" else None
+            for role, asin in (("candidate", record["candidate"]), ("target", target)):
+                if asin is not None and asin not in in_split:
+                    raise AnnotationError(
+                        f"{caption_file}: record {index} {role} {asin!r} is not listed in {split_file.name}."
+                    )
+            data.triplets.append({
+                "reference_id": record["candidate"],
+                "target_id": target,
+                "modification_texts": list(record["captions"]),
+                "category": category,
+                "source": "annotated",
+            })
+    return data
+
+
+def build_fashioniq(
+    data_dir: str | Path,
+    output_dir: str | Path,
+    splits=None,
+    categories=CATEGORIES,
+    skip_missing_images: bool = False,
+) -> Path:
+    """Convert FashionIQ under `data_dir` into `output_dir` (configs `corpus` and `triplets`)."""
+    data_dir = Path(data_dir)
+    chosen = {s: _read_split(data_dir, s, categories) for s in select_splits(splits, SPLITS)}
+    check_images(chosen, skip_missing_images, str(data_dir / "images"))
+    card = _card(chosen, categories)
+    print(counts_table(chosen))
+    return write_cir_dataset(
+        output_dir, chosen,
+        corpus_extra={"category": datasets.Value("string")},
+        triplet_extra={"category": datasets.Value("string")},
+        card=card,
+    )
+
+
+def _card(splits: dict[str, SplitData], categories) -> str:
+    return f"""# FashionIQ in the spn4cir schema
+
+Converted with `python -m datasets_scripts.fashioniq` from the official FashionIQ layout (annotations from
+XiaoxiaoGuo/fashion-iq, Community Data License Agreement; images are Amazon product photos, check their terms).
+Categories: {", ".join(categories)}. `reference_id` = `candidate`; `modification_texts` = the two captions
+(joined as "c0 and c1" for evaluation); test triplets have no target. The corpus of a split is the union of the
+categories' `split.{{cat}}.{{split}}.json` files, one row per (image, category).
+
+{counts_table(splits)}
+Evaluation: FashionIQ val, per-category gallery; see `trainers.evaluation` for the two reference-removal protocols.
+"""
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data_dir", required=True)
+    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--splits", nargs="+", choices=SPLITS)
+    parser.add_argument("--categories", nargs="+", choices=CATEGORIES, default=list(CATEGORIES))
+    parser.add_argument("--skip_missing_images", action="store_true",
+                        help="drop triplets whose images are missing (counted in the card) instead of failing")
+    args = parser.parse_args(argv)
+    out = build_fashioniq(args.data_dir, args.output_dir, args.splits, args.categories, args.skip_missing_images)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,285 @@
+"""Official layouts -> HF datasets: counts, fields, test splits, missing images, malformed input, path
+escapes, galleries, de-duplication, pixel round trip. Fixture trees are generated here from real records."""
+
+import csv
+import json
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pytest
+from conftest import FIXTURES
+from PIL import Image
+
+from datasets_scripts.circo import build_circo
+from datasets_scripts.cirr import build_cirr
+from datasets_scripts.common import AnnotationError
+from datasets_scripts.custom import build_custom
+from datasets_scripts.dedup import canonical_map, find_duplicate_groups, main as dedup_main, pixel_hash
+from datasets_scripts.fashioniq import build_fashioniq
+from datasets_scripts.publish import check_layout, push_cir_dataset
+
+REAL = json.loads((FIXTURES / "annotations" / "real_records.json").read_text())
+
+
+def _png(path: Path, seed: int, size=(12, 9), fmt=None):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(path, format=fmt)
+
+
+def _dump(path: Path, obj):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj))
+
+
+def load(out, config, split):
+    return datasets.load_dataset(str(out), config, split=split)
+
+
+# ------------------------------------------------------------------------------------------ FashionIQ
+@pytest.fixture
+def fiq_tree(tmp_path):
+    root = tmp_path / "fiq"
+    val = REAL["fashioniq_dress_val"]
+    test = REAL["fashioniq_dress_test"]
+    dress_val = [r["candidate"] for r in val] + [r["target"] for r in val] + ["BDISTRACT1"]
+    dress_test = [r["candidate"] for r in test] + ["BTEST00001"]
+    trees = {
+        "dress": {"train": (["BTRAIN0001", "BTRAIN0002", "BTRAIN0003"],
+                            [{"candidate": "BTRAIN0001", "target": "BTRAIN0002", "captions": ["is red", "longer"]}]),
+                  "val": (dress_val, val), "test": (dress_test, test)},
+        # BSHARED001 is in two categories' val splits, as 121 real ASINs are
+        "shirt": {"train": (["STRAIN0001", "STRAIN0002"],
+                            [{"candidate": "STRAIN0002", "target": "STRAIN0001", "captions": ["blue.", "has buttons?"]}]),
+                  "val": (["SVAL000001", "BSHARED001"],
+                          [{"candidate": "SVAL000001", "target": "BSHARED001", "captions": ["a", "b"]}]),
+                  "test": (["STEST00001"], [{"candidate": "STEST00001", "captions": ["c", "d"]}])},
+        "toptee": {"train": (["TTRAIN0001", "TTRAIN0002"],
+                             [{"candidate": "TTRAIN0001", "target": "TTRAIN0002", "captions": ["e", "f"]}]),
+                   "val": (["TVAL000001", "BSHARED001"],
+                           [{"candidate": "BSHARED001", "target": "TVAL000001", "captions": ["g", "h"]}]),
+                   "test": (["TTEST00001"], [{"candidate": "TTEST00001", "captions": ["i", "j"]}])},
+    }
+    seed = 0
+    for cat, splits in trees.items():
+        for split, (asins, caps) in splits.items():
+            _dump(root / "image_splits" / f"split.{cat}.{split}.json", asins)
+            _dump(root / "captions" / f"cap.{cat}.{split}.json", caps)
+            for asin in asins:
+                if not (root / "images" / f"{asin}.png").exists():
+                    seed += 1
+                    _png(root / "images" / f"{asin}.png", seed)
+    # .jpg is accepted too
+    (root / "images" / "BTRAIN0003.png").unlink()
+    _png(root / "images" / "BTRAIN0003.jpg", 999, fmt="JPEG")
+    return root
+
+
+def test_fashioniq_counts_fields_and_roundtrip(fiq_tree, tmp_path):
+    out = build_fashioniq(fiq_tree, tmp_path / "out")
+    val = load(out, "triplets", "val")
+    assert len(val) == 3 + 1 + 1
+    assert val.column_names == ["reference_id", "target_id", "modification_texts", "source", "category"]
+    first = val[0]
+    real = REAL["fashioniq_dress_val"][0]
+    assert first["reference_id"] == real["candidate"] and first["target_id"] == real["target"]
+    assert first["modification_texts"] == real["captions"] and first["category"] == "dress"
+    assert first["source"] == "annotated"
+    corpus = load(out, "corpus", "val")
+    assert len(corpus) == 7 + 2 + 2 and len(set(corpus["image_id"])) == 10  # BSHARED001 once per category
+    assert sorted(c for i, c in zip(corpus["image_id"], corpus["category"]) if i == "BSHARED001") == ["shirt", "toptee"]
+    # pixels survive the round trip
+    row = corpus[0]
+    original = Image.open(fiq_tree / "images" / f"{row['image_id']}.png")
+    assert np.array_equal(np.asarray(row["image"]), np.asarray(original))
+    train_corpus = load(out, "corpus", "train")
+    assert "BTRAIN0003" in train_corpus["image_id"] and len(train_corpus) == 7
+    test = load(out, "triplets", "test")
+    assert len(test) == 2 + 1 + 1 and all(t is None for t in test["target_id"])
+    assert test[0]["modification_texts"] == REAL["fashioniq_dress_test"][0]["captions"]
+
+
+def test_fashioniq_missing_image_error_and_skip(fiq_tree, tmp_path):
+    target = REAL["fashioniq_dress_val"][1]["target"]
+    (fiq_tree / "images" / f"{target}.png").unlink()
+    (fiq_tree / "images" / "BDISTRACT1.png").unlink()  # a gallery-only image
+    with pytest.raises(FileNotFoundError, match=r"2 images .* missing.*val:(B00AKLK08G|BDISTRACT1).*--skip_missing_images"):
+        build_fashioniq(fiq_tree, tmp_path / "out", splits=["val"])
+    assert not (tmp_path / "out").exists()  # nothing half-written
+    out = build_fashioniq(fiq_tree, tmp_path / "out", splits=["val"], skip_missing_images=True)
+    val = load(out, "triplets", "val")
+    assert len(val) == 4 and target not in val["target_id"]
+    assert len(load(out, "corpus", "val")) == 9
+    card = (out / "README.md").read_text()
+    assert "| val | 4 | 9 | 1 | 2 |" in card
+
+
+def test_fashioniq_malformed_json_and_missing_field(fiq_tree, tmp_path):
+    path = fiq_tree / "captions" / "cap.shirt.val.json"
+    path.write_text('[{"candidate": "SVAL000001", "target": "BSHARED001", "captions": ["a", "b"]},')
+    with pytest.raises(AnnotationError, match=r"cap\.shirt\.val\.json: malformed JSON"):
+        build_fashioniq(fiq_tree, tmp_path / "out", splits=["val"])
+    _dump(path, [{"candidate": "SVAL000001", "target": "BSHARED001", "captions": ["a", "b"]},
+                 {"candidate": "SVAL000001", "captions": ["a", "b"]}])
+    with pytest.raises(AnnotationError, match=r"cap\.shirt\.val\.json: record 1 has no field 'target'"):
+        build_fashioniq(fiq_tree, tmp_path / "out", splits=["val"])
+    _dump(path, [{"candidate": "NOTLISTED", "target": "BSHARED001", "captions": ["a", "b"]}])
+    with pytest.raises(AnnotationError, match=r"record 0 candidate 'NOTLISTED' is not listed in split\.shirt\.val\.json"):
+        build_fashioniq(fiq_tree, tmp_path / "out", splits=["val"])
+
+
+# ----------------------------------------------------------------------------------------------- CIRR
+@pytest.fixture
+def cirr_tree(tmp_path):
+    root = tmp_path / "cirr_root"
+    for split, file_split in (("val", "val"), ("test1", "test1")):
+        records = REAL[f"cirr_{split}"]
+        paths = dict(REAL[f"cirr_{split}_paths"])
+        if split == "val":
+            paths["dev-999-0-img0"] = "./dev/dev-999-0-img0.png"  # in the split, in no triplet
+        _dump(root / "cirr" / "captions" / f"cap.rc2.{file_split}.json", records)
+        _dump(root / "cirr" / "image_splits" / f"split.rc2.{file_split}.json", paths)
+        for i, relative in enumerate(paths.values()):
+            _png(root / relative, 100 + i + (50 if split == "test1" else 0))
+    _dump(root / "cirr" / "captions" / "cap.rc2.train.json", [
+        {"pairid": 0, "reference": "train-1-0-img0", "target_hard": "train-1-0-img1", "caption": "add a dog",
+         "img_set": {"id": 1, "members": ["train-1-0-img0", "train-1-0-img1"]}}])
+    _dump(root / "cirr" / "image_splits" / "split.rc2.train.json",
+          {"train-1-0-img0": "./train/34/train-1-0-img0.png", "train-1-0-img1": "./train/34/train-1-0-img1.png"})
+    _png(root / "train" / "34" / "train-1-0-img0.png", 7)
+    _png(root / "train" / "34" / "train-1-0-img1.png", 8)
+    return root
+
+
+def test_cirr_counts_gallery_and_test(cirr_tree, tmp_path):
+    out = build_cirr(cirr_tree, tmp_path / "out")
+    val = load(out, "triplets", "val")
+    real = REAL["cirr_val"]
+    assert len(val) == len(real)
+    assert val[0]["reference_id"] == real[0]["reference"] and val[0]["target_id"] == real[0]["target_hard"]
+    assert val[0]["modification_texts"] == [real[0]["caption"]]
+    assert val[0]["group_members"] == real[0]["img_set"]["members"] and val[0]["query_id"] == str(real[0]["pairid"])
+    corpus_ids = set(load(out, "corpus", "val")["image_id"])
+    assert corpus_ids == set(REAL["cirr_val_paths"]) | {"dev-999-0-img0"}
+    references = set(val["reference_id"])
+    assert set(val["target_id"]) - references  # targets that are never references are in the gallery
+    assert set(val["target_id"]) <= corpus_ids
+    test = load(out, "triplets", "test")
+    assert len(test) == len(REAL["cirr_test1"]) and all(t is None for t in test["target_id"])
+    assert len(load(out, "corpus", "test")) == len(REAL["cirr_test1_paths"])
+    assert len(load(out, "triplets", "train")) == 1
+
+
+@pytest.mark.parametrize("bad", ["../outside.png", "/etc/passwd", "./dev/../../outside.png"])
+def test_cirr_path_escape_rejected(cirr_tree, tmp_path, bad):
+    split = cirr_tree / "cirr" / "image_splits" / "split.rc2.val.json"
+    paths = json.loads(split.read_text())
+    paths["dev-999-0-img0"] = bad
+    split.write_text(json.dumps(paths))
+    with pytest.raises(AnnotationError, match="dev-999-0-img0.*(escapes|absolute)"):
+        build_cirr(cirr_tree, tmp_path / "out", splits=["val"])
+
+
+def test_cirr_missing_members_field(cirr_tree, tmp_path):
+    path = cirr_tree / "cirr" / "captions" / "cap.rc2.val.json"
+    records = json.loads(path.read_text())
+    del records[2]["img_set"]["members"]
+    path.write_text(json.dumps(records))
+    with pytest.raises(AnnotationError, match=r"cap\.rc2\.val\.json: record 2 has no field 'img_set\.members'"):
+        build_cirr(cirr_tree, tmp_path / "out", splits=["val"])
+
+
+# ---------------------------------------------------------------------------------------------- CIRCO
+def test_circo_multi_target_and_shared_gallery(tmp_path):
+    root = tmp_path / "circo"
+    for i, coco_id in enumerate([85932, 9761, 489535, 57541, 12, 13]):
+        _png(root / "unlabeled2017" / f"{coco_id:012d}.jpg", i, fmt="JPEG")
+    _dump(root / "annotations" / "val.json", [
+        {"reference_img_id": 85932, "target_img_id": 9761, "relative_caption": "is held by a girl",
+         "shared_concept": "a teddy bear", "gt_img_ids": [9761, 489535, 57541], "id": 13}])
+    _dump(root / "annotations" / "test.json", [
+        {"reference_img_id": 12, "relative_caption": "is red", "shared_concept": "a car", "id": 0}])
+    out = build_circo(root, tmp_path / "out")
+    val = load(out, "triplets", "val")
+    assert val[0]["reference_id"] == "85932" and val[0]["target_id"] == "9761"
+    assert val[0]["target_ids"] == ["9761", "489535", "57541"] and val[0]["query_id"] == "13"
+    test = load(out, "triplets", "test")
+    assert test[0]["target_id"] is None and test[0]["target_ids"] is None
+    assert load(out, "corpus", "val")["image_id"] == load(out, "corpus", "test")["image_id"]
+    assert len(list((out / "corpus").glob("*.parquet"))) == 1  # stored once
+    (root / "unlabeled2017" / f"{57541:012d}.jpg").unlink()
+    with pytest.raises(FileNotFoundError, match="000000057541.jpg"):
+        build_circo(root, tmp_path / "out2")
+    skipped = build_circo(root, tmp_path / "out2", skip_missing_images=True)
+    assert "| val | 0 (split not written) | 5 | 1 | 1 |" in (skipped / "README.md").read_text()
+    assert len(load(skipped, "triplets", "test")) == 1
+    with pytest.raises(ValueError, match="val"):
+        load(skipped, "triplets", "val")
+
+
+# ------------------------------------------------------------------------------------------- custom
+def test_custom_csv(tmp_path):
+    for i, name in enumerate(["a.png", "b.png", "c.png", "extra.png"]):
+        _png(tmp_path / "imgs" / name, i)
+    with open(tmp_path / "pairs.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, ["reference", "text", "target", "split"])
+        writer.writeheader()
+        writer.writerow({"reference": "a", "text": "make it blue", "target": "b", "split": "train"})
+        writer.writerow({"reference": "b.png", "text": "add a cat", "target": "c", "split": "val"})
+        writer.writerow({"reference": "c", "text": "no target", "target": "", "split": "test"})
+    out = build_custom(tmp_path / "imgs", tmp_path / "pairs.csv", tmp_path / "out", all_images_in_corpus=True)
+    train = load(out, "triplets", "train")
+    assert train[0] == {"reference_id": "a", "target_id": "b", "modification_texts": ["make it blue"], "source": "annotated"}
+    assert load(out, "triplets", "test")[0]["target_id"] is None
+    assert set(load(out, "corpus", "val")["image_id"]) == {"b.png", "c", "a.png", "extra.png"}
+    with open(tmp_path / "bad.csv", "w") as f:
+        f.write("reference,text,target\na,,b\n")
+    with pytest.raises(AnnotationError, match=r"bad\.csv: record 0 has no field 'text'"):
+        build_custom(tmp_path / "imgs", tmp_path / "bad.csv", tmp_path / "out2")
+
+
+# -------------------------------------------------------------------------------------------- dedup
+def test_dedup_groups_identical_pixels(tmp_path):
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    other = base.copy()
+    other[0, 0, 0] ^= 1  # one value differs: not a duplicate
+    images = [("a", Image.fromarray(base)), ("b", Image.fromarray(other)), ("c", Image.fromarray(base).convert("RGBA")),
+              ("d", Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8))), ("e", Image.fromarray(base))]
+    groups = find_duplicate_groups(images, show_progress_bar=False)
+    assert groups == [["a", "c", "e"]]
+    assert canonical_map(groups) == {"c": "a", "e": "a"}
+    assert pixel_hash(Image.fromarray(base)) != pixel_hash(Image.fromarray(base[:, :4]))
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    Image.fromarray(base).save(folder / "x.png")
+    Image.fromarray(base).save(folder / "y.bmp")
+    Image.fromarray(other).save(folder / "z.png")
+    dedup_main(["--image_dir", str(folder), "--output", str(tmp_path / "map.json")])
+    assert json.loads((tmp_path / "map.json").read_text()) == {"y": "x"}
+
+
+# -------------------------------------------------------------------------------------------- publish
+def test_publish_uploads_the_checked_layout(cirr_tree, tmp_path):
+    out = build_cirr(cirr_tree, tmp_path / "out", splits=["val"])
+    assert check_layout(out) == out
+    readme = (out / "README.md").read_text()
+    assert readme.startswith("---\nconfigs:\n- config_name: corpus") and "path: triplets/val-" in readme
+
+    class RecordingApi:
+        calls = []
+
+        def create_repo(self, repo_id, **kw):
+            self.calls.append(("create_repo", repo_id, kw["repo_type"]))
+
+        def upload_folder(self, folder_path, repo_id, repo_type, commit_message):
+            self.calls.append(("upload_folder", folder_path, repo_id, repo_type))
+
+    api = RecordingApi()
+    push_cir_dataset(out, "me/cirr-cir", api=api)
+    assert api.calls == [("create_repo", "me/cirr-cir", "dataset"), ("upload_folder", str(out), "me/cirr-cir", "dataset")]
+    assert "## License" in (out / "README.md").read_text()
+    (out / "README.md").unlink()
+    with pytest.raises(ValueError, match="configs"):
+        check_layout(out)

@@ -1,0 +1,429 @@
+"""Exact CIR evaluation: FashionIQ, CIRR and CIRCO metrics, chunked ranking, test-server submissions.
+
+Every number equals the reference implementations' (CLIP4Cir `validate.py`, SPN4CIR `validate.py`, CIRR's
+evaluation server, CIRCO `evaluation.py`), including their float arithmetic: a recall is computed as
+`(hits_tensor / n_queries).item() * 100` (a float32 ratio, as the reference code does).
+
+Ranking (`rank_gallery`) is exact cosine similarity, computed in query chunks with `torch.topk`, in memory
+O(chunk * M + N * k); no N x M argsort and no N x M array of strings. **Ties** are broken by gallery order:
+of two gallery images with the same score, the one listed first in `gallery_ids` ranks higher. (The reference
+code uses an unstable argsort, so on exact ties it has no defined order; with float features ties are rare.)
+
+Protocols (say which one with every number you publish):
+- `fashioniq`: gallery = the category's `split.{cat}.val.json`; hit if the target is in the top K.
+  `remove_reference=False` (the reference stays in the ranking) is the CLIP4Cir / TG-CIR / BLIP4CIR / SPRC code;
+  `remove_reference=True` is SPN4CIR's CLIP4CIR code (the reference is deleted before the top K).
+- `cirr`: gallery = every image of the split file; the reference is deleted from each ranking; the subset
+  ranking is the full ranking restricted to the query's group members minus the reference (5 images).
+- `circo`: mAP@K = mean over queries of sum_{i<=K} P@i * rel(i) / min(|GT|, K); the reference is deleted.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .atomic import atomic_write_json
+
+CIRR_RECALL_KS = (1, 5, 10, 50)
+CIRR_SUBSET_KS = (1, 2, 3)
+FASHIONIQ_KS = (10, 50)
+CIRCO_KS = (5, 10, 25, 50)
+DEFAULT_CHUNK_SIZE = 512
+
+PROTOCOLS = {
+    "fashioniq": "FashionIQ val, category gallery = split.{cat}.val.json, reference kept in the ranking "
+    "(CLIP4Cir / TG-CIR / BLIP4CIR / SPRC protocol)",
+    "fashioniq_remove_reference": "FashionIQ val, category gallery = split.{cat}.val.json, reference removed "
+    "from the ranking (SPN4CIR CLIP4CIR protocol)",
+    "cirr": "CIRR rc2, gallery = all images of the split, reference removed; subset = group members minus "
+    "the reference",
+    "circo": "CIRCO, gallery = COCO unlabeled2017, mAP@K with AP@K = sum P@i rel(i) / min(|GT|, K), "
+    "reference removed",
+    "recall": "Recall@K over the split's gallery, reference removed",
+}
+
+
+def protocol_name(dataset: str, remove_reference: bool = False) -> str:
+    """The key of `PROTOCOLS` used for `dataset` (`fashioniq`, `cirr`, `circo`, or anything else)."""
+    if dataset == "fashioniq":
+        return "fashioniq_remove_reference" if remove_reference else "fashioniq"
+    return dataset if dataset in PROTOCOLS else "recall"
+
+
+# ------------------------------------------------------------------------------------------ validation
+def _gallery_index(gallery_ids: Sequence[str]) -> dict[str, int]:
+    index: dict[str, int] = {}
+    duplicates = []
+    for i, gid in enumerate(gallery_ids):
+        if gid in index:
+            duplicates.append(gid)
+        index[gid] = i
+    if duplicates:
+        raise ValueError(
+            f"gallery_ids has {len(duplicates)} duplicate ids (first: {duplicates[:5]}); each gallery image must "
+            "appear once (de-duplicate the corpus, or merge duplicates with datasets_scripts.dedup)."
+        )
+    return index
+
+
+def _lookup(index: dict[str, int], ids: Sequence[str], what: str) -> torch.Tensor:
+    missing = [i for i in ids if i not in index]
+    if missing:
+        unique = list(dict.fromkeys(missing))
+        raise ValueError(
+            f"{len(missing)} {what} ids are not in the gallery (first: {unique[:5]}); the gallery must contain "
+            "every reference and target image of the queries."
+        )
+    return torch.tensor([index[i] for i in ids], dtype=torch.long)
+
+
+def _check_embeddings(query_embeds: torch.Tensor, gallery_embeds: torch.Tensor, gallery_ids, n_queries: int):
+    if query_embeds.ndim != 2 or gallery_embeds.ndim != 2:
+        raise ValueError(
+            f"query_embeds must be [N, D] and gallery_embeds [M, D]; got {tuple(query_embeds.shape)} and "
+            f"{tuple(gallery_embeds.shape)}."
+        )
+    if query_embeds.shape[1] != gallery_embeds.shape[1]:
+        raise ValueError(
+            f"Embedding dimensions differ: queries {query_embeds.shape[1]}, gallery {gallery_embeds.shape[1]}."
+        )
+    if gallery_embeds.shape[0] != len(gallery_ids):
+        raise ValueError(f"{gallery_embeds.shape[0]} gallery embeddings but {len(gallery_ids)} gallery_ids.")
+    if query_embeds.shape[0] != n_queries:
+        raise ValueError(f"{query_embeds.shape[0]} query embeddings but {n_queries} queries in the id lists.")
+
+
+# --------------------------------------------------------------------------------------------- ranking
+def _stable_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Top-k column indices of each row of `scores` `[c, M]`, by score descending, ties by lower index."""
+    values, indices = scores.topk(k, dim=1)
+    threshold = values[:, -1:]
+    # Order the k winners by index, then stable-sort by score: equal scores keep index order.
+    indices = indices.sort(dim=1).values
+    order = torch.sort(-scores.gather(1, indices), dim=1, stable=True).indices
+    indices = indices.gather(1, order)
+    # A tie at the k-th score can leave out a lower-index candidate that topk did not pick; redo those rows.
+    at_least = (scores >= threshold).sum(dim=1)
+    for row in torch.nonzero(at_least > k).flatten().tolist():
+        candidates = torch.nonzero(scores[row] >= threshold[row]).flatten()
+        order = torch.sort(-scores[row, candidates], stable=True).indices[:k]
+        indices[row] = candidates[order]
+    return indices
+
+
+def rank_gallery(
+    query_embeds: torch.Tensor,
+    gallery_embeds: torch.Tensor,
+    k: int,
+    exclude: torch.Tensor | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> torch.Tensor:
+    """
+    Exact cosine top-k.
+
+    Args:
+        query_embeds: `[N, D]`, gallery_embeds: `[M, D]` (any float dtype; normalized here).
+        k: ranking depth (capped at the number of rankable gallery images).
+        exclude: `[N]` gallery index to delete from each query's ranking (the reference), or None.
+        chunk_size: queries scored at once; memory is O(chunk_size * M + N * k).
+
+    Returns:
+        `[N, min(k, M - (exclude is not None))]` gallery indices, best first, ties by lower index.
+    """
+    queries = F.normalize(query_embeds.detach().float(), dim=-1)
+    gallery = F.normalize(gallery_embeds.detach().float(), dim=-1).to(queries.device)
+    n, m = queries.shape[0], gallery.shape[0]
+    k = min(k, m - (1 if exclude is not None else 0))
+    ranked = torch.empty(n, max(k, 0), dtype=torch.long)
+    if k <= 0:
+        return ranked
+    for start in range(0, n, chunk_size):
+        scores = queries[start : start + chunk_size] @ gallery.T
+        if exclude is not None:
+            rows = torch.arange(scores.shape[0], device=scores.device)
+            scores[rows, exclude[start : start + chunk_size].to(scores.device)] = float("-inf")
+        ranked[start : start + scores.shape[0]] = _stable_topk(scores, k).cpu()
+    return ranked
+
+
+def rank_subsets(
+    query_embeds: torch.Tensor, gallery_embeds: torch.Tensor, subset_indices: torch.Tensor
+) -> torch.Tensor:
+    """Rank each query's own candidate set: `subset_indices` `[N, S]` gallery indices -> the same indices
+    reordered by score (ties by lower gallery index), i.e. the full ranking restricted to the set."""
+    queries = F.normalize(query_embeds.detach().float(), dim=-1)
+    gallery = F.normalize(gallery_embeds.detach().float(), dim=-1)
+    subset_indices = subset_indices.sort(dim=1).values
+    scores = torch.einsum("nd,nsd->ns", queries, gallery[subset_indices])
+    order = torch.sort(-scores, dim=1, stable=True).indices
+    return subset_indices.gather(1, order)
+
+
+def _target_positions(ranked: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """0-based position of each target in its ranked row `[N, k]`; `k` when absent."""
+    hits = ranked == targets[:, None]
+    found = hits.any(dim=1)
+    positions = hits.int().argmax(dim=1)
+    return torch.where(found, positions, torch.full_like(positions, ranked.shape[1]))
+
+
+def _recall(positions: torch.Tensor, k: int) -> float:
+    # The reference code's arithmetic: an int64 hit count divided into a float32 ratio, then * 100.
+    return (torch.sum(positions < k) / len(positions)).item() * 100
+
+
+# ------------------------------------------------------------------------------------ metric functions
+def fashioniq_metrics(
+    query_embeds: torch.Tensor,
+    gallery_embeds: torch.Tensor,
+    gallery_ids: Sequence[str],
+    reference_ids: Sequence[str],
+    target_ids: Sequence[str],
+    remove_reference: bool = False,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> dict[str, float]:
+    """FashionIQ `recall@10`, `recall@50` (percent) for one category. `remove_reference=False` is the
+    CLIP4Cir / TG-CIR / BLIP4CIR / SPRC protocol, `True` SPN4CIR's CLIP4CIR protocol."""
+    _check_embeddings(query_embeds, gallery_embeds, gallery_ids, len(target_ids))
+    if len(reference_ids) != len(target_ids):
+        raise ValueError(f"{len(reference_ids)} reference_ids for {len(target_ids)} target_ids.")
+    index = _gallery_index(gallery_ids)
+    targets = _lookup(index, target_ids, "target")
+    exclude = _lookup(index, reference_ids, "reference") if remove_reference else None
+    ranked = rank_gallery(query_embeds, gallery_embeds, max(FASHIONIQ_KS), exclude, chunk_size)
+    positions = _target_positions(ranked, targets)
+    return {f"recall@{k}": _recall(positions, k) for k in FASHIONIQ_KS}
+
+
+def fashioniq_average(per_category: dict[str, dict[str, float]]) -> dict[str, float]:
+    """The 3-category summary: `average_recall@10`, `average_recall@50` and their mean `average`
+    (Rmean), averaged like CLIP4Cir (`statistics.mean`)."""
+    if not per_category:
+        raise ValueError("fashioniq_average needs the metrics of at least one category.")
+    r10 = statistics.mean(m["recall@10"] for m in per_category.values())
+    r50 = statistics.mean(m["recall@50"] for m in per_category.values())
+    return {"average_recall@10": r10, "average_recall@50": r50, "average": (r10 + r50) / 2}
+
+
+def _subset_without_reference(
+    index: dict[str, int], group_members: Sequence[Sequence[str]], reference_ids: Sequence[str]
+) -> torch.Tensor:
+    rows = []
+    for i, (members, reference) in enumerate(zip(group_members, reference_ids)):
+        row = [m for m in dict.fromkeys(members) if m != reference]
+        rows.append(_lookup(index, row, "group member"))
+    sizes = {len(r) for r in rows}
+    if len(sizes) > 1:
+        raise ValueError(
+            f"CIRR group sizes (members minus the reference) differ across queries: {sorted(sizes)}; each "
+            "img_set.members must list 6 images including the reference."
+        )
+    return torch.stack(rows) if rows else torch.empty(0, 0, dtype=torch.long)
+
+
+def cirr_metrics(
+    query_embeds: torch.Tensor,
+    gallery_embeds: torch.Tensor,
+    gallery_ids: Sequence[str],
+    reference_ids: Sequence[str],
+    target_ids: Sequence[str],
+    group_members: Sequence[Sequence[str]],
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> dict[str, float]:
+    """CIRR `recall@1/5/10/50`, `recall_subset@1/2/3` and `average` = (recall@5 + recall_subset@1) / 2, in
+    percent. The reference is deleted from every ranking; the subset is the group minus the reference."""
+    n = len(target_ids)
+    _check_embeddings(query_embeds, gallery_embeds, gallery_ids, n)
+    if not len(reference_ids) == len(group_members) == n:
+        raise ValueError(f"reference_ids ({len(reference_ids)}), group_members ({len(group_members)}) and "
+                         f"target_ids ({n}) must have one entry per query.")
+    index = _gallery_index(gallery_ids)
+    targets = _lookup(index, target_ids, "target")
+    references = _lookup(index, reference_ids, "reference")
+    ranked = rank_gallery(query_embeds, gallery_embeds, max(CIRR_RECALL_KS), references, chunk_size)
+    positions = _target_positions(ranked, targets)
+    subset = rank_subsets(query_embeds, gallery_embeds, _subset_without_reference(index, group_members, reference_ids))
+    subset_positions = _target_positions(subset, targets)
+    metrics = {f"recall@{k}": _recall(positions, k) for k in CIRR_RECALL_KS}
+    metrics |= {f"recall_subset@{k}": _recall(subset_positions, k) for k in CIRR_SUBSET_KS}
+    metrics["average"] = (metrics["recall@5"] + metrics["recall_subset@1"]) / 2
+    return metrics
+
+
+def _mean_average_precision(ranked: torch.Tensor, positives: Sequence[torch.Tensor]) -> dict[str, float]:
+    """CIRCO's AP@K on ranked indices `[N, k]`, with the reference code's float32 tensor arithmetic."""
+    aps: dict[int, list[float]] = {k: [] for k in CIRCO_KS}
+    arange = torch.arange(1, ranked.shape[1] + 1)
+    for row, gt in zip(ranked, positives):
+        labels = torch.isin(row, gt)
+        precisions = torch.cumsum(labels, dim=0) * labels / arange
+        for k in CIRCO_KS:
+            aps[k].append(float(torch.sum(precisions[:k]) / min(len(gt), k)))
+    return {f"map@{k}": float(sum(v) / len(v)) * 100 if v else 0.0 for k, v in aps.items()}
+
+
+def circo_metrics(
+    query_embeds: torch.Tensor,
+    gallery_embeds: torch.Tensor,
+    gallery_ids: Sequence[str],
+    reference_ids: Sequence[str],
+    target_ids_list: Sequence[Sequence[str]],
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> dict[str, float]:
+    """CIRCO `map@5/10/25/50` (percent), reference deleted from the ranking; `target_ids_list[i]` are the
+    ground truths of query i (`gt_img_ids`)."""
+    _check_embeddings(query_embeds, gallery_embeds, gallery_ids, len(target_ids_list))
+    if len(reference_ids) != len(target_ids_list):
+        raise ValueError(f"{len(reference_ids)} reference_ids for {len(target_ids_list)} queries.")
+    index = _gallery_index(gallery_ids)
+    positives = [_lookup(index, list(dict.fromkeys(t)), "target") for t in target_ids_list]
+    if any(len(p) == 0 for p in positives):
+        raise ValueError("Every CIRCO query needs at least one ground-truth id in target_ids_list.")
+    references = _lookup(index, reference_ids, "reference")
+    ranked = rank_gallery(query_embeds, gallery_embeds, max(CIRCO_KS), references, chunk_size)
+    return _mean_average_precision(ranked, positives)
+
+
+def recall_metrics(
+    query_embeds: torch.Tensor,
+    gallery_embeds: torch.Tensor,
+    gallery_ids: Sequence[str],
+    reference_ids: Sequence[str],
+    target_ids: Sequence[str],
+    ks: Sequence[int] = CIRR_RECALL_KS,
+    remove_reference: bool = True,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> dict[str, float]:
+    """Generic `recall@K` (percent) for datasets without an official protocol (e.g. the synthetic benchmark)."""
+    _check_embeddings(query_embeds, gallery_embeds, gallery_ids, len(target_ids))
+    index = _gallery_index(gallery_ids)
+    targets = _lookup(index, target_ids, "target")
+    exclude = _lookup(index, reference_ids, "reference") if remove_reference else None
+    ranked = rank_gallery(query_embeds, gallery_embeds, max(ks), exclude, chunk_size)
+    positions = _target_positions(ranked, targets)
+    return {f"recall@{k}": _recall(positions, k) for k in ks}
+
+
+# --------------------------------------------------------------------- metrics from ranked id lists
+def _positions_from_ranked_ids(ranked_ids: Sequence[Sequence[str]], target_ids: Sequence[str]) -> torch.Tensor:
+    if len(ranked_ids) != len(target_ids):
+        raise ValueError(f"{len(ranked_ids)} rankings for {len(target_ids)} targets.")
+    depth = max((len(r) for r in ranked_ids), default=0)
+    return torch.tensor(
+        [list(r).index(t) if t in r else depth for r, t in zip(ranked_ids, target_ids)], dtype=torch.long
+    )
+
+
+def recall_from_rankings(
+    ranked_ids: Sequence[Sequence[str]], target_ids: Sequence[str], ks: Sequence[int]
+) -> dict[str, float]:
+    """`recall@K` (percent) from ranked id lists (best first), with the same arithmetic as above."""
+    positions = _positions_from_ranked_ids(ranked_ids, target_ids)
+    return {f"recall@{k}": _recall(positions, k) for k in ks}
+
+
+def map_from_rankings(
+    ranked_ids: Sequence[Sequence[str]], target_ids_list: Sequence[Sequence[str]]
+) -> dict[str, float]:
+    """CIRCO `map@K` (percent) from ranked id lists (best first, reference already removed)."""
+    vocabulary = {i: n for n, i in enumerate(dict.fromkeys(x for r in ranked_ids for x in r))}
+    depth = max((len(r) for r in ranked_ids), default=0)
+    # Ids outside every ranking map to -1 (never matched); short rankings are padded with -2.
+    ranked = torch.tensor([[vocabulary[x] for x in r] + [-2] * (depth - len(r)) for r in ranked_ids])
+    positives = [torch.tensor([vocabulary.get(t, -1) for t in dict.fromkeys(ts)]) for ts in target_ids_list]
+    return _mean_average_precision(ranked.reshape(len(ranked_ids), depth), positives)
+
+
+# -------------------------------------------------------------------------------- submission files
+def cirr_predictions(
+    query_embeds: torch.Tensor,
+    gallery_embeds: torch.Tensor,
+    gallery_ids: Sequence[str],
+    reference_ids: Sequence[str],
+    group_members: Sequence[Sequence[str]],
+    k: int = 50,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> tuple[list[list[str]], list[list[str]]]:
+    """Top-`k` gallery ids (reference removed) and the top-3 subset ids of each query."""
+    _check_embeddings(query_embeds, gallery_embeds, gallery_ids, len(reference_ids))
+    index = _gallery_index(gallery_ids)
+    references = _lookup(index, reference_ids, "reference")
+    ranked = rank_gallery(query_embeds, gallery_embeds, k, references, chunk_size)
+    subset = rank_subsets(query_embeds, gallery_embeds, _subset_without_reference(index, group_members, reference_ids))
+    ids = list(gallery_ids)
+    return (
+        [[ids[i] for i in row] for row in ranked.tolist()],
+        [[ids[i] for i in row[: max(CIRR_SUBSET_KS)]] for row in subset.tolist()],
+    )
+
+
+def write_cirr_submission(
+    query_embeds: torch.Tensor,
+    gallery_embeds: torch.Tensor,
+    gallery_ids: Sequence[str],
+    reference_ids: Sequence[str],
+    pair_ids: Sequence[int | str],
+    group_members: Sequence[Sequence[str]],
+    output_dir: str | os.PathLike,
+    name: str = "spn4cir",
+) -> tuple[Path, Path]:
+    """Write the two CIRR test-server files (`recall_submission_<name>.json`, top-50 ids, and
+    `recall_subset_submission_<name>.json`, top-3 subset ids), reference excluded, keys `str(pairid)`."""
+    if len(pair_ids) != len(set(map(str, pair_ids))):
+        raise ValueError("pair_ids must be unique (one CIRR test query per pairid).")
+    top50, top3 = cirr_predictions(query_embeds, gallery_embeds, gallery_ids, reference_ids, group_members)
+    recall = {"version": "rc2", "metric": "recall"} | {str(p): r for p, r in zip(pair_ids, top50)}
+    subset = {"version": "rc2", "metric": "recall_subset"} | {str(p): r for p, r in zip(pair_ids, top3)}
+    output_dir = Path(output_dir)
+    return (
+        atomic_write_json(output_dir / f"recall_submission_{name}.json", recall, sort_keys=True),
+        atomic_write_json(output_dir / f"recall_subset_submission_{name}.json", subset, sort_keys=True),
+    )
+
+
+def write_circo_submission(
+    query_embeds: torch.Tensor,
+    gallery_embeds: torch.Tensor,
+    gallery_ids: Sequence[str],
+    reference_ids: Sequence[str],
+    query_ids: Sequence[int | str],
+    path: str | os.PathLike,
+) -> Path:
+    """Write the CIRCO test-server file `{"<query id>": [top-50 gallery ids]}` (reference excluded)."""
+    _check_embeddings(query_embeds, gallery_embeds, gallery_ids, len(query_ids))
+    index = _gallery_index(gallery_ids)
+    references = _lookup(index, reference_ids, "reference")
+    ranked = rank_gallery(query_embeds, gallery_embeds, 50, references)
+    ids = list(gallery_ids)
+    return atomic_write_json(Path(path), {str(q): [ids[i] for i in row] for q, row in zip(query_ids, ranked.tolist())}, sort_keys=True)
+
+
+__all__ = [
+    "PROTOCOLS",
+    "protocol_name",
+    "rank_gallery",
+    "rank_subsets",
+    "fashioniq_metrics",
+    "fashioniq_average",
+    "cirr_metrics",
+    "circo_metrics",
+    "recall_metrics",
+    "recall_from_rankings",
+    "map_from_rankings",
+    "cirr_predictions",
+    "write_cirr_submission",
+    "write_circo_submission",
+]
+
+
+# The evaluator object lives in its own module; it is re-exported here because the issue contract names
+# `trainers.evaluation` as its home. Imported last: it uses the functions above.
+from .evaluator import CIREvaluator  # noqa: E402, F401
+
+__all__.append("CIREvaluator")

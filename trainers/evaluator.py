@@ -1,0 +1,221 @@
+"""`CIREvaluator`: encode a gallery and its queries with any model implementing the CIR model contract and
+return the dataset's official metrics (sentence-transformers evaluator style)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .evaluation import (
+    PROTOCOLS,
+    circo_metrics,
+    cirr_metrics,
+    fashioniq_average,
+    fashioniq_metrics,
+    protocol_name,
+    recall_metrics,
+    write_circo_submission,
+    write_cirr_submission,
+)
+from .text import compose_text
+
+logger = logging.getLogger(__name__)
+
+HEADLINE = {"fashioniq": "average", "cirr": "average", "circo": "map@10", "recall": "recall@10"}
+
+
+def encode_images(model, images_of, image_ids: Sequence[str], image_processor, batch_size: int,
+                  want_reference: bool = True, desc: str = "images", show_progress_bar: bool = True):
+    """Encode `image_ids` in batches (no grad), keeping results on the CPU.
+
+    `images_of(ids) -> list[PIL.Image]` loads the images. Returns (`[M, D]` target embeds,
+    reference features `[M, ...]` or None).
+    """
+    device = next(model.parameters()).device
+    targets, references = [], []
+    joint = getattr(model, "get_target_embeds_and_reference_features", None)
+    for start in tqdm(range(0, len(image_ids), batch_size), desc=f"Encoding {desc}", disable=not show_progress_bar):
+        batch = list(image_ids[start : start + batch_size])
+        pixels = image_processor(images_of(batch), return_tensors="pt")["pixel_values"].to(device)
+        with torch.no_grad():
+            if want_reference and joint is not None:
+                target, reference = joint(pixels)
+            else:
+                target = model.get_target_embeds(pixels)
+                reference = model.get_reference_features(pixels) if want_reference else None
+        targets.append(target.float().cpu())
+        if reference is not None:
+            references.append(reference.float().cpu())
+    dim_t = targets[0].shape[1:] if targets else (0,)
+    target = torch.cat(targets) if targets else torch.empty(0, *dim_t)
+    reference = torch.cat(references) if references else None
+    return target, reference
+
+
+class CIREvaluator:
+    """
+    Evaluate a CIR model on one split.
+
+    Args:
+        corpus: an HF `datasets.Dataset` with `image_id`, `image` (and `category` for FashionIQ): the gallery.
+        triplets: an HF `datasets.Dataset` in the project schema (`reference_id`, `target_id`,
+            `modification_texts`, optional `target_ids`, `group_members`, `query_id`, `category`).
+        image_processor: maps a list of PIL images to `pixel_values`.
+        tokenizer: a transformers tokenizer for the modification texts.
+        protocol: `"fashioniq"`, `"cirr"`, `"circo"` or `"recall"` (generic Recall@1/5/10/50, reference removed).
+        remove_reference: FashionIQ only; `True` is SPN4CIR's CLIP4CIR protocol (see `trainers.evaluation`).
+        text_mode: `"join"` or `"choice"` (see `trainers.text`); default `"join"` for FashionIQ.
+        name: prefix of the returned metric names (`"{name}_{metric}"`; no prefix when empty).
+        submission_dir: for CIRR / CIRCO splits without targets, where to write test-server files.
+
+    `evaluator(model)` puts the model in eval mode, encodes every gallery image once (features kept on the
+    CPU between batches), builds the queries from the cached reference features, and returns the metrics.
+    """
+
+    def __init__(
+        self,
+        corpus,
+        triplets,
+        image_processor,
+        tokenizer,
+        protocol: str = "recall",
+        remove_reference: bool = False,
+        text_mode: str | None = None,
+        name: str = "",
+        batch_size: int = 64,
+        max_length: int | None = None,
+        submission_dir: str | None = None,
+        show_progress_bar: bool = True,
+    ):
+        if protocol not in HEADLINE:
+            raise ValueError(f"protocol must be one of {sorted(HEADLINE)}, got {protocol!r}.")
+        self.corpus, self.triplets = corpus, triplets
+        self.image_processor, self.tokenizer = image_processor, tokenizer
+        self.protocol = protocol
+        self.remove_reference = remove_reference
+        self.text_mode = text_mode or ("join" if protocol == "fashioniq" else "choice")
+        self.name = name
+        self.batch_size = batch_size
+        self.max_length = max_length
+        self.submission_dir = submission_dir
+        self.show_progress_bar = show_progress_bar
+        self._row_of = {}
+        for row, image_id in enumerate(corpus["image_id"]):
+            self._row_of.setdefault(image_id, row)
+
+    @property
+    def protocol_description(self) -> str:
+        return PROTOCOLS[protocol_name(self.protocol, self.remove_reference)]
+
+    @property
+    def primary_metric(self) -> str:
+        return self._key(HEADLINE[self.protocol])
+
+    def _key(self, metric: str) -> str:
+        return f"{self.name}_{metric}" if self.name else metric
+
+    def _images(self, ids: Sequence[str]):
+        rows = [self._row_of[i] for i in ids]
+        return [image.convert("RGB") if image.mode != "RGB" else image for image in self.corpus[rows]["image"]]
+
+    def _query_embeds(self, model, texts: list[str], reference_features: torch.Tensor) -> torch.Tensor:
+        device = next(model.parameters()).device
+        out = []
+        for start in tqdm(range(0, len(texts), self.batch_size), desc="Encoding queries",
+                          disable=not self.show_progress_bar):
+            tokens = self.tokenizer(
+                texts[start : start + self.batch_size], padding=True, truncation=True,
+                max_length=self.max_length, return_tensors="pt",
+            )
+            with torch.no_grad():
+                q = model.get_query_embeds(
+                    tokens["input_ids"].to(device),
+                    tokens["attention_mask"].to(device),
+                    reference_features=reference_features[start : start + self.batch_size].to(device),
+                )
+            out.append(q.float().cpu())
+        return torch.cat(out)
+
+    def __call__(self, model, output_path: str | None = None) -> dict[str, float]:
+        was_training = model.training
+        model.eval()
+        try:
+            return self._evaluate(model)
+        finally:
+            model.train(was_training)
+
+    def _evaluate(self, model) -> dict[str, float]:
+        triplets = self.triplets
+        missing = sorted({i for i in triplets["reference_id"] if i not in self._row_of})
+        if missing:
+            raise ValueError(
+                f"{len(missing)} reference images of the triplets are not in the corpus (first: {missing[:5]})."
+            )
+        gallery_ids = list(dict.fromkeys(self.corpus["image_id"]))
+        gallery, references = encode_images(
+            model, self._images, gallery_ids, self.image_processor, self.batch_size,
+            show_progress_bar=self.show_progress_bar, desc="gallery",
+        )
+        position = {image_id: i for i, image_id in enumerate(gallery_ids)}
+        reference_ids = list(triplets["reference_id"])
+        texts = [compose_text(t, self.text_mode, training=False) for t in triplets["modification_texts"]]
+        queries = self._query_embeds(model, texts, references[[position[r] for r in reference_ids]])
+        has_targets = "target_id" in triplets.column_names and all(t is not None for t in triplets["target_id"])
+
+        if self.protocol == "fashioniq":
+            return self._fashioniq(queries, gallery, position, reference_ids, list(triplets["target_id"]))
+        if not has_targets:
+            return self._write_submission(queries, gallery, gallery_ids, reference_ids)
+        if self.protocol == "cirr":
+            metrics = cirr_metrics(queries, gallery, gallery_ids, reference_ids, list(triplets["target_id"]),
+                                   list(triplets["group_members"]))
+        elif self.protocol == "circo":
+            metrics = circo_metrics(queries, gallery, gallery_ids, reference_ids, list(triplets["target_ids"]))
+        else:
+            metrics = recall_metrics(queries, gallery, gallery_ids, reference_ids, list(triplets["target_id"]))
+        return {self._key(k): v for k, v in metrics.items()}
+
+    def _fashioniq(self, queries, gallery, position, reference_ids, target_ids) -> dict[str, float]:
+        if any(t is None for t in target_ids):
+            raise ValueError("FashionIQ test triplets have no targets; evaluate on the val split.")
+        categories = self.triplets["category"]
+        corpus_categories = self.corpus["category"]
+        per_category, results = {}, {}
+        for category in sorted(set(categories)):
+            rows = [i for i, c in enumerate(categories) if c == category]
+            category_gallery = list(dict.fromkeys(
+                image_id for image_id, c in zip(self.corpus["image_id"], corpus_categories) if c == category
+            ))
+            metrics = fashioniq_metrics(
+                queries[rows],
+                gallery[[position[g] for g in category_gallery]],
+                category_gallery,
+                [reference_ids[i] for i in rows],
+                [target_ids[i] for i in rows],
+                remove_reference=self.remove_reference,
+            )
+            per_category[category] = metrics
+            results |= {self._key(f"{category}_{k}"): v for k, v in metrics.items()}
+        results |= {self._key(k): v for k, v in fashioniq_average(per_category).items()}
+        return results
+
+    def _write_submission(self, queries, gallery, gallery_ids, reference_ids) -> dict[str, float]:
+        if self.submission_dir is None:
+            raise ValueError(
+                "This split has no targets (a test split): pass submission_dir=... to write the test-server files."
+            )
+        out = Path(self.submission_dir)
+        if self.protocol == "cirr":
+            paths = write_cirr_submission(queries, gallery, gallery_ids, reference_ids, list(self.triplets["query_id"]),
+                                          list(self.triplets["group_members"]), out, name=self.name or "spn4cir")
+        elif self.protocol == "circo":
+            paths = (write_circo_submission(queries, gallery, gallery_ids, reference_ids,
+                                            list(self.triplets["query_id"]), out / f"circo_{self.name or 'test'}.json"),)
+        else:
+            raise ValueError(f"No test-server format for protocol {self.protocol!r}.")
+        logger.info("wrote submission files %s", ", ".join(map(str, paths)))
+        return {}

@@ -1,0 +1,34 @@
+"""CIRCO mAP@K as an `evaluate` metric (calls `trainers.evaluation`).
+
+    metric = evaluate.load(trainers.metric_path("circo"))
+    metric.compute(predictions=ranked_ids, references=gt_ids_lists)
+
+`predictions[i]`: gallery ids ranked best first, reference removed, 50 deep; `references[i]`: `gt_img_ids`.
+"""
+
+import datasets
+import evaluate
+
+from trainers.evaluation import PROTOCOLS, map_from_rankings
+
+_CITATION = """@inproceedings{baldrati2023zero, title={Zero-Shot Composed Image Retrieval with Textual
+Inversion}, author={Baldrati, Alberto and Agnolucci, Lorenzo and Bertini, Marco and Del Bimbo, Alberto},
+booktitle={ICCV}, year={2023}}"""
+
+
+class Circo(evaluate.Metric):
+    def _info(self):
+        return evaluate.MetricInfo(
+            description="CIRCO map@5/10/25/50. Protocol: " + PROTOCOLS["circo"],
+            citation=_CITATION,
+            inputs_description=__doc__,
+            features=datasets.Features(
+                {
+                    "predictions": datasets.Sequence(datasets.Value("string")),
+                    "references": datasets.Sequence(datasets.Value("string")),
+                }
+            ),
+        )
+
+    def _compute(self, predictions, references):
+        return map_from_rankings(predictions, references)

@@ -1,0 +1,46 @@
+"""Turning a triplet's `modification_texts` into the one string the text tower reads.
+
+Two kinds of lists exist in the data model: FashionIQ's annotated triplets carry two captions that describe
+the change *together* (they are joined), while generated triplets carry alternative template renderings of
+the same change (one is picked). `mode` says which.
+"""
+
+import random
+from collections.abc import Sequence
+
+TEXT_MODES = ("join", "choice")
+_STRIP = ".?, "
+
+
+def fashioniq_eval_caption(captions: Sequence[str]) -> str:
+    """FashionIQ evaluation text: `"c0 and c1"` after stripping `.?, ` (SPN4CIR's validate.py)."""
+    if len(captions) == 1:
+        return captions[0].strip(_STRIP)
+    return f"{captions[0].strip(_STRIP)} and {captions[1].strip(_STRIP)}"
+
+
+def fashioniq_train_caption(captions: Sequence[str], rng: random.Random) -> str:
+    """FashionIQ training text, randomized as the original `generate_randomized_fiq_caption`:
+    "c0 and c1", "c1 and c0", "c0" or "c1", each with probability 1/4 (after stripping `.?, `)."""
+    if len(captions) == 1:
+        return captions[0].strip(_STRIP)
+    c0, c1 = captions[0].strip(_STRIP), captions[1].strip(_STRIP)
+    return (f"{c0} and {c1}", f"{c1} and {c0}", c0, c1)[rng.randrange(4)]
+
+
+def compose_text(texts: Sequence[str], mode: str, training: bool, rng: random.Random | None = None) -> str:
+    """One modification text from a triplet's list.
+
+    Args:
+        texts: the triplet's `modification_texts` (at least one).
+        mode: `"join"` (FashionIQ's two captions) or `"choice"` (alternatives: CIRR, CIRCO, generated).
+        training: randomize (as the original training code) instead of the deterministic evaluation text.
+        rng: the random source for training.
+    """
+    if not texts:
+        raise ValueError("A triplet has no modification text.")
+    if mode not in TEXT_MODES:
+        raise ValueError(f"text mode must be one of {TEXT_MODES}, got {mode!r}.")
+    if mode == "join":
+        return fashioniq_train_caption(texts, rng or random) if training else fashioniq_eval_caption(texts)
+    return (rng or random).choice(list(texts)) if training else texts[0]
