@@ -1,6 +1,121 @@
-"""Train and evaluate a CIR model (SPN's two stages). Filled in by the CIRTrainer work; see README "Status"."""
+"""Train and/or evaluate a CIR model with SPN's two stages.
 
+    accelerate launch examples/run_cir.py                      # no dataset: the built-in SPN recipe (synthetic)
+    accelerate launch examples/run_cir.py \\
+        --model_name_or_path openai/clip-vit-base-patch32 --dataset fashioniq --data_dir fashionIQ_dataset \\
+        --stage in_batch --do_train --do_eval --output_dir out/stage1
+    accelerate launch examples/run_cir.py \\
+        --model_name_or_path out/stage1 --dataset fashioniq --data_dir fashionIQ_dataset \\
+        --extra_triplets <generated triplets dir or Hub id> --stage candidate_bank --do_train --do_eval \\
+        --learning_rate 2e-5 --per_device_train_batch_size 256 --num_train_epochs 3 --output_dir out/stage2
+    python examples/run_cir.py config.json                    # the same arguments from a JSON or YAML file
+
+Writes `all_results.json` (train and eval metrics, with the evaluation protocol) into `--output_dir`.
+"""
+
+import json
 import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import datasets
+from transformers import HfArgumentParser
+
+from datasets_scripts.load import load_cir_data
+from modeling_spn4cir.loading import load_cir_model_and_processor
+from trainers.atomic import atomic_write_json
+from trainers.cir_trainer import CIRTrainer, CIRTrainingArguments
+from trainers.evaluation import CIREvaluator
+
+TRIPLET_COLUMNS = ["reference_id", "target_id", "modification_texts", "source"]
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str | None = field(default=None, metadata={"help": "a CIR checkpoint, or a CLIP to wrap"})
+    fusion: str = field(default="sum", metadata={"help": "sum or combiner (when wrapping a CLIP)"})
+    preprocessing: str = field(default="targetpad", metadata={"help": "targetpad, squarepad or resize"})
+
+
+@dataclass
+class DataArguments:
+    dataset: str | None = field(default=None, metadata={"help": "fashioniq, cirr, circo, or a dataset dir/Hub id"})
+    data_dir: str | None = field(default=None, metadata={"help": "the benchmark's official layout (or converted)"})
+    extra_triplets: str | None = field(default=None, metadata={"help": "generated triplets to add (SPN's --plus)"})
+    train_split: str = "train"
+    eval_split: str = "val"
+    protocol: str | None = field(default=None, metadata={"help": "override: fashioniq, cirr, circo, recall"})
+    remove_reference: bool = field(default=False, metadata={"help": "FashionIQ: SPN4CIR CLIP4CIR protocol"})
+    dedup_map: str | None = field(default=None, metadata={"help": "JSON {duplicate id: canonical id}"})
+    max_train_samples: int | None = None
+    submission_dir: str | None = field(default=None, metadata={"help": "where test-server files go (test splits)"})
+
+
+def parse_args(argv):
+    parser = HfArgumentParser((ModelArguments, DataArguments, CIRTrainingArguments))
+    if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):
+        load = parser.parse_json_file if argv[0].endswith(".json") else parser.parse_yaml_file
+        return load(argv[0])
+    if not any(a.startswith("--output_dir") for a in argv):
+        argv = [*argv, "--output_dir", "outputs/run_cir"]
+    return parser.parse_args_into_dataclasses(argv)
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    config_file = len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml"))
+    if not config_file and not any(a == "--dataset" or a.startswith("--dataset=") for a in argv):
+        # No dataset: the built-in SPN recipe on the synthetic benchmark (see datasets_scripts.recipe).
+        from datasets_scripts.recipe import main as recipe_main
+
+        return recipe_main(argv)
+    model_args, data_args, args = parse_args(argv)
+    if data_args.dataset is None or model_args.model_name_or_path is None:
+        raise SystemExit("Pass --dataset and --model_name_or_path (or no arguments for the built-in recipe).")
+    model, processor = load_cir_model_and_processor(
+        model_args.model_name_or_path, model_args.fusion, model_args.preprocessing, args.temperature
+    )
+    data = load_cir_data(data_args.dataset, data_args.data_dir, protocol=data_args.protocol)
+    dedup_map = json.loads(Path(data_args.dedup_map).read_text()) if data_args.dedup_map else None
+
+    train, corpora = None, [data.corpus[data_args.train_split]] if data_args.train_split in data.corpus else []
+    if args.do_train:
+        train = data.triplets[data_args.train_split].select_columns(TRIPLET_COLUMNS)
+        if data_args.extra_triplets:
+            extra = datasets.load_dataset(data_args.extra_triplets, "triplets", split="train")
+            train = datasets.concatenate_datasets([train, extra.select_columns(TRIPLET_COLUMNS).cast(train.features)])
+            corpora.append(datasets.load_dataset(data_args.extra_triplets, "corpus", split="train"))
+        if data_args.max_train_samples:
+            train = train.select(range(min(data_args.max_train_samples, len(train))))
+
+    evaluator = None
+    if args.do_eval or args.eval_strategy != "no":
+        evaluator = CIREvaluator(
+            data.corpus[data_args.eval_split], data.triplets[data_args.eval_split], processor.image_processor,
+            processor.tokenizer, protocol=data.protocol, remove_reference=data_args.remove_reference,
+            batch_size=args.per_device_eval_batch_size, submission_dir=data_args.submission_dir,
+            show_progress_bar=not args.disable_tqdm,
+        )
+    trainer = CIRTrainer(
+        model, args, train_dataset=train, corpus=corpora, processor=processor, evaluator=evaluator,
+        join_annotated_captions=data.join_annotated_captions, dedup_map=dedup_map,
+        model_card_info={"base_model": model_args.model_name_or_path,
+                         "datasets": data_args.dataset + (f" + {data_args.extra_triplets}" if data_args.extra_triplets else "")},
+    )
+    results = {}
+    if args.do_train:
+        output = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+        trainer.save_model()
+        results |= {f"train_{k}" if not k.startswith("train_") else k: v for k, v in output.metrics.items()}
+    if args.do_eval:
+        results |= trainer.evaluate()
+    if evaluator is not None:
+        results["eval_protocol"] = evaluator.protocol_description
+    if trainer.is_world_process_zero():
+        atomic_write_json(Path(args.output_dir) / "all_results.json", results, indent=2)
+        print(json.dumps(results, indent=2))
+    return results
+
 
 if __name__ == "__main__":
-    sys.exit("examples/run_cir.py: training and evaluation are not implemented yet (see README, Status).")
+    main()

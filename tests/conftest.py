@@ -125,3 +125,39 @@ def solid_images(n, size=40, seed=0):
     rng = np.random.default_rng(seed)
     return [Image.fromarray(rng.integers(0, 256, (size // 4, size // 4, 3), dtype=np.uint8)).resize((size, size))
             for _ in range(n)]
+
+
+@pytest.fixture
+def tiny_cir_dataset(tmp_path):
+    """A dataset directory in the project schema: 24 images, train (16 triplets) and val (8) splits."""
+    import csv
+
+    from datasets_scripts.custom import build_custom
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for i, image in enumerate(solid_images(24, size=40, seed=7)):
+        image.save(images / f"img{i:02d}.png")
+    rows = [{"reference": f"img{i:02d}", "text": ["make it blue", "red circle", "and more"][i % 3],
+             "target": f"img{(i + 5) % 24:02d}", "split": "train" if i < 16 else "val"} for i in range(24)]
+    with open(tmp_path / "pairs.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, ["reference", "text", "target", "split"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return build_custom(images, tmp_path / "pairs.csv", tmp_path / "tiny_cir", all_images_in_corpus=True)
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path):
+    """A saved tiny CLIP4CIR with its processor (CLIP4Cir image processor + word-level tokenizer)."""
+    from modeling_spn4cir import CLIP4CIRImageProcessor, CLIP4CIRProcessor
+
+    model = tiny_model("vit", "sum")
+    model.config.text_config.eos_token_id = 3  # the tiny tokenizer's <eot>
+    model.text_model.eos_token_id = 3
+    processor = CLIP4CIRProcessor(image_processor=CLIP4CIRImageProcessor(size=32),
+                                  tokenizer=tiny_tokenizer(["make it blue", "red circle", "and more"]))
+    out = tmp_path / "tiny_model"
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out

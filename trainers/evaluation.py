@@ -422,8 +422,11 @@ __all__ = [
 ]
 
 
-# The evaluator object lives in its own module; it is re-exported here because the issue contract names
-# `trainers.evaluation` as its home. Imported last: it uses the functions above.
-from .evaluator import CIREvaluator  # noqa: E402, F401
+def __getattr__(name):
+    # `CIREvaluator` lives in `trainers.evaluator` (it uses the functions above); it is reachable from here
+    # because the contract names `trainers.evaluation` as its home. Lazy, to avoid a circular import.
+    if name == "CIREvaluator":
+        from .evaluator import CIREvaluator
 
-__all__.append("CIREvaluator")
+        return CIREvaluator
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -21,6 +21,7 @@ from .evaluation import (
     write_circo_submission,
     write_cirr_submission,
 )
+from .data import ImageStore
 from .text import compose_text
 
 logger = logging.getLogger(__name__)
@@ -103,9 +104,7 @@ class CIREvaluator:
         self.max_length = max_length
         self.submission_dir = submission_dir
         self.show_progress_bar = show_progress_bar
-        self._row_of = {}
-        for row, image_id in enumerate(corpus["image_id"]):
-            self._row_of.setdefault(image_id, row)
+        self.images = ImageStore(corpus)
 
     @property
     def protocol_description(self) -> str:
@@ -117,10 +116,6 @@ class CIREvaluator:
 
     def _key(self, metric: str) -> str:
         return f"{self.name}_{metric}" if self.name else metric
-
-    def _images(self, ids: Sequence[str]):
-        rows = [self._row_of[i] for i in ids]
-        return [image.convert("RGB") if image.mode != "RGB" else image for image in self.corpus[rows]["image"]]
 
     def _query_embeds(self, model, texts: list[str], reference_features: torch.Tensor) -> torch.Tensor:
         device = next(model.parameters()).device
@@ -150,14 +145,10 @@ class CIREvaluator:
 
     def _evaluate(self, model) -> dict[str, float]:
         triplets = self.triplets
-        missing = sorted({i for i in triplets["reference_id"] if i not in self._row_of})
-        if missing:
-            raise ValueError(
-                f"{len(missing)} reference images of the triplets are not in the corpus (first: {missing[:5]})."
-            )
+        self.images.check(triplets["reference_id"], "reference images of the triplets")
         gallery_ids = list(dict.fromkeys(self.corpus["image_id"]))
         gallery, references = encode_images(
-            model, self._images, gallery_ids, self.image_processor, self.batch_size,
+            model, self.images.images, gallery_ids, self.image_processor, self.batch_size,
             show_progress_bar=self.show_progress_bar, desc="gallery",
         )
         position = {image_id: i for i, image_id in enumerate(gallery_ids)}

@@ -1,0 +1,54 @@
+"""Load a CIR dataset for training/evaluation: an official benchmark (converted once, then reused) or any
+dataset directory / Hub id in the project schema."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+
+PROTOCOL_OF = {"fashioniq": "fashioniq", "cirr": "cirr", "circo": "circo"}
+
+
+@dataclass
+class CIRData:
+    """Splits of the two configs, the evaluation protocol, and whether annotated captions are joined."""
+
+    name: str
+    triplets: datasets.DatasetDict
+    corpus: datasets.DatasetDict
+    protocol: str
+    join_annotated_captions: bool
+
+
+def _converted_dir(name: str, data_dir: str, cache_dir: str | None) -> Path:
+    data_dir = Path(data_dir)
+    if (data_dir / "README.md").exists() and (data_dir / "triplets").is_dir():
+        return data_dir  # already in the project schema
+    key = hashlib.sha256(str(data_dir.resolve()).encode()).hexdigest()[:10]
+    root = Path(cache_dir or os.environ.get("SPN4CIR_CACHE", Path.home() / ".cache" / "spn4cir"))
+    out = root / f"{name}-{key}"
+    if not (out / "README.md").exists():
+        from . import circo, cirr, fashioniq
+
+        builder = {"fashioniq": fashioniq.build_fashioniq, "cirr": cirr.build_cirr, "circo": circo.build_circo}[name]
+        builder(data_dir, out)
+    return out
+
+
+def load_cir_data(dataset: str, data_dir: str | None = None, cache_dir: str | None = None,
+                  protocol: str | None = None) -> CIRData:
+    """`dataset`: `fashioniq`, `cirr`, `circo` (with `data_dir` in the official layout or already converted),
+    or a directory / Hub id in the project schema."""
+    if dataset in PROTOCOL_OF:
+        if data_dir is None:
+            raise ValueError(f"--dataset {dataset} needs --data_dir (the official layout or a converted directory).")
+        path = str(_converted_dir(dataset, data_dir, cache_dir))
+    else:
+        path = dataset
+    triplets = datasets.load_dataset(path, "triplets")
+    corpus = datasets.load_dataset(path, "corpus")
+    return CIRData(dataset, triplets, corpus, protocol or PROTOCOL_OF.get(dataset, "recall"), dataset == "fashioniq")

@@ -1,0 +1,39 @@
+"""Run under `torchrun --standalone --nproc_per_node 2`: DDP on a global batch split across 2 gloo ranks; rank 0
+saves the parameter gradients of stage 1 (in-batch loss) and stage 2 (candidate-bank loss) to argv[1]."""
+
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from conftest import tiny_model  # noqa: E402
+from test_losses import global_batch, stage_loss  # noqa: E402
+
+
+def main(out):
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    grads = {}
+    for stage in ("in_batch", "candidate_bank"):
+        model = tiny_model("vit", "combiner", seed=0)
+        model.eval()  # no dropout: both runs must see the same function
+        if stage == "candidate_bank":
+            model.freeze_target_side()
+        batch = global_batch(model)
+        local = {k: v.chunk(world)[rank] if k != "bank" else v
+                 for k, v in batch.items()}
+        ddp = DistributedDataParallel(model)
+        loss = stage_loss(ddp, model, local, stage)
+        loss.backward()
+        grads[stage] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    if rank == 0:
+        torch.save(grads, out)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

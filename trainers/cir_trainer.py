@@ -1,0 +1,190 @@
+"""`CIRTrainer`: a thin `transformers.Trainer` for SPN's two stages.
+
+- `stage="in_batch"` (stage 1): query and target towers trained with `InBatchInfoNCELoss`.
+- `stage="candidate_bank"` (stage 2): the target side is frozen, every training image is encoded once into a
+  `CandidateBank`, and only `model.query_side_parameters()` are trained with `CandidateBankLoss`; batches
+  carry bank rows, so no image is decoded or encoded while training.
+
+Evaluation goes through a `CIREvaluator` (logged as `eval_*`); checkpoints are `save_pretrained` directories
+with the processor and a model card.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from .candidate_bank import CandidateBank, bank_image_ids, load_or_build_candidate_bank
+from .data import CIRCollator, ImageStore
+from .evaluation import PROTOCOLS
+from .losses import CandidateBankLoss, InBatchInfoNCELoss
+
+logger = logging.getLogger(__name__)
+STAGES = ("in_batch", "candidate_bank")
+
+
+@dataclass
+class CIRTrainingArguments(TrainingArguments):
+    """`TrainingArguments` plus SPN's knobs."""
+
+    stage: str = field(default="in_batch", metadata={"help": "in_batch (stage 1) or candidate_bank (stage 2)"})
+    temperature: float | None = field(default=None, metadata={"help": "InfoNCE tau; default: the model config's"})
+    bank_dir: str | None = field(default=None, metadata={"help": "where the stage-2 bank is cached (fingerprinted)"})
+    bank_dtype: str = field(default="float32", metadata={"help": "float32, float16 or bfloat16"})
+    num_negatives: int | None = field(default=None, metadata={"help": "stage 2: sampled negatives (default: whole bank)"})
+    max_text_length: int | None = field(default=None, metadata={"help": "truncate modification texts (tokens)"})
+    remove_unused_columns: bool = field(default=False, metadata={"help": "kept False: the collator needs the ids"})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.stage not in STAGES:
+            raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}.")
+        if self.remove_unused_columns:
+            raise ValueError("CIRTrainer needs remove_unused_columns=False (the collator reads image ids).")
+
+
+class _CollatorEpoch(TrainerCallback):
+    """Tells the collator the epoch, so that its per-row random draws change every epoch."""
+
+    def __init__(self, collator):
+        self.collator = collator
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.collator.epoch = int(state.epoch or 0)
+
+
+class CIRTrainer(Trainer):
+    """
+    Args:
+        model: a CIR model (the model contract: `get_query_embeds`, `get_target_embeds`, ...).
+        args: [`CIRTrainingArguments`].
+        train_dataset: triplets (HF dataset in the project schema; annotated and generated rows may be mixed).
+        corpus: the images the triplets use (one HF dataset or a list of them, `image_id` + `image`).
+        processor: a processor with `.image_processor` and `.tokenizer` (saved with every checkpoint).
+        evaluator: a `CIREvaluator` run at every evaluation.
+        join_annotated_captions: FashionIQ: join the two captions of annotated triplets (see `trainers.text`).
+        dedup_map: `{duplicate image id: canonical id}` (from `datasets_scripts.dedup`).
+        bank: a prebuilt `CandidateBank` for stage 2 (otherwise built, or loaded from `args.bank_dir`).
+        model_card_info: extra fields for the model card (`base_model`, `datasets`, ...).
+    """
+
+    can_return_loss = True
+
+    def __init__(self, model, args: CIRTrainingArguments, train_dataset=None, corpus=None, processor=None,
+                 evaluator=None, join_annotated_captions: bool = False, dedup_map=None,
+                 bank: CandidateBank | None = None, model_card_info: dict | None = None, **kwargs):
+        corpora = corpus if isinstance(corpus, (list, tuple)) else [corpus]
+        self.images = ImageStore(*corpora)
+        self.evaluator = evaluator
+        self.model_card_info = dict(model_card_info or {})
+        self.temperature = args.temperature or model.config.temperature
+        if evaluator is not None and args.metric_for_best_model is None:
+            args.metric_for_best_model = evaluator.primary_metric  # the dataset's headline number
+            args.greater_is_better = True
+        if args.stage == "candidate_bank":
+            model.freeze_target_side()
+            if bank is None and train_dataset is not None:
+                model.to(args.device)
+                bank = load_or_build_candidate_bank(
+                    model, self.images, bank_image_ids([train_dataset], dedup_map), processor.image_processor,
+                    bank_dir=args.bank_dir, dtype=args.bank_dtype, batch_size=args.per_device_eval_batch_size,
+                    dedup_map=dedup_map, show_progress_bar=not args.disable_tqdm,
+                )
+            self.bank = bank
+            self.loss_fn = CandidateBankLoss(bank.target_embeds, self.temperature, args.num_negatives) if bank else None
+        else:
+            self.bank = None
+            self.loss_fn = InBatchInfoNCELoss(self.temperature)
+        collator = CIRCollator(
+            processor.tokenizer, args.stage, image_processor=processor.image_processor, images=self.images,
+            bank=self.bank, join_annotated_captions=join_annotated_captions, max_length=args.max_text_length,
+            dedup_map=dedup_map, seed=args.seed,
+        )
+        if train_dataset is not None and "row_index" not in train_dataset.column_names:
+            train_dataset = train_dataset.add_column("row_index", list(range(len(train_dataset))))
+        callbacks = list(kwargs.pop("callbacks", None) or []) + [_CollatorEpoch(collator)]
+        if evaluator is not None:
+            # Trainer insists on an eval_dataset when eval_strategy is set; the evaluator owns the real one.
+            kwargs.setdefault("eval_dataset", evaluator.triplets)
+        super().__init__(model=model, args=args, train_dataset=train_dataset, data_collator=collator,
+                         processing_class=processor, callbacks=callbacks, **kwargs)
+        # The loss is a mean over queries, never normalized by a token count: let the Trainer scale it for
+        # gradient accumulation.
+        self.model_accepts_loss_kwargs = False
+
+    # ------------------------------------------------------------------------------------- training
+    def create_optimizer(self, model=None):
+        if self.args.stage == "candidate_bank" and self.optimizer is None:
+            query_side = {id(p) for p in self.model.query_side_parameters()}
+            extra = [n for n, p in self.model.named_parameters() if p.requires_grad and id(p) not in query_side]
+            if extra:
+                raise RuntimeError(f"Stage 2 must train only query_side_parameters(); also trainable: {extra[:5]}")
+        return super().create_optimizer() if model is None else super().create_optimizer(model)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.args.stage == "in_batch":
+            keys = inputs.pop("target_keys", None)
+            outputs = model(**inputs, return_loss=False)
+            loss = self.loss_fn(outputs.query_embeds, outputs.target_embeds, keys)
+        else:
+            target_index = inputs.pop("target_index")
+            outputs = model(**inputs, return_loss=False)
+            loss = self.loss_fn(outputs.query_embeds, target_index)
+        return (loss, outputs) if return_outputs else loss
+
+    # ----------------------------------------------------------------------------------- evaluation
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+        if self.evaluator is None:
+            return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        metrics = {f"{metric_key_prefix}_{k}": v for k, v in self.evaluator(self.model).items()}
+        metrics[f"{metric_key_prefix}_epoch"] = self.state.epoch or 0.0
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
+    # --------------------------------------------------------------------------------------- saving
+    def _save(self, output_dir: str | None = None, state_dict=None):
+        super()._save(output_dir, state_dict)
+        output_dir = Path(output_dir or self.args.output_dir)
+        (output_dir / "README.md").write_text(self.model_card())
+
+    def model_card(self) -> str:
+        """A model card: base model, datasets, stage, protocol and the latest evaluation metrics."""
+        info = self.model_card_info
+        evals = [log for log in self.state.log_history if any(k.startswith("eval_") for k in log)]
+        metrics = {k: v for k, v in (evals[-1] if evals else {}).items() if isinstance(v, float) and k.startswith("eval_")}
+        protocol = self.evaluator.protocol_description if self.evaluator is not None else "not evaluated"
+        rows = "\n".join(f"| {k} | {v:.2f} |" for k, v in metrics.items()) or "| (no evaluation yet) | |"
+        stage = {"in_batch": "stage 1 (in-batch InfoNCE)", "candidate_bank": "stage 2 (candidate-bank InfoNCE)"}
+        loss_config = json.dumps(self.loss_fn.get_config_dict()) if self.loss_fn is not None else "{}"
+        return f"""---
+library_name: transformers
+tags: [composed-image-retrieval, spn4cir]
+base_model: {info.get("base_model", "unknown")}
+---
+# {info.get("title", "spn4cir CIR model")}
+
+Trained with `spn4cir` (SPN: Feng et al., ACM MM 2024) — {stage[self.args.stage]}.
+
+| field | value |
+|---|---|
+| base model | {info.get("base_model", "unknown")} |
+| training data | {info.get("datasets", "unknown")} |
+| stage | {stage[self.args.stage]} |
+| loss | {loss_config} |
+| steps / epochs | {self.state.global_step} / {self.state.epoch or 0:.2f} |
+| evaluation protocol | {protocol} |
+
+## Metrics (latest evaluation, percent)
+
+| metric | value |
+|---|---|
+{rows}
+"""
+
+
+__all__ = ["CIRTrainer", "CIRTrainingArguments", "PROTOCOLS"]

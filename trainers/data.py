@@ -1,0 +1,134 @@
+"""Training data plumbing: image lookup by id, and the collator of both stages."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections.abc import Sequence
+
+import torch
+
+from .text import compose_text
+
+
+class ImageStore:
+    """Images of a corpus (HF dataset with `image_id`, `image`) by id; ids missing from it are a clear error.
+
+    Several corpora can be stacked (annotated + generated data); the first one holding an id wins.
+    """
+
+    def __init__(self, *corpora):
+        self._corpora = [c for c in corpora if c is not None]
+        self._where: dict[str, tuple[int, int]] = {}
+        self._undecoded: dict[int, object] = {}
+        for ci, corpus in enumerate(self._corpora):
+            for row, image_id in enumerate(corpus["image_id"]):
+                self._where.setdefault(image_id, (ci, row))
+
+    def __contains__(self, image_id: str) -> bool:
+        return image_id in self._where
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def check(self, image_ids, what: str = "images") -> None:
+        missing = [i for i in dict.fromkeys(image_ids) if i not in self._where]
+        if missing:
+            raise ValueError(
+                f"{len(missing)} {what} are not in the corpus (first: {missing[:5]}); the corpus config of the "
+                "dataset must list every image its triplets use."
+            )
+
+    def images(self, image_ids: Sequence[str]):
+        """PIL RGB images, in the order of `image_ids`."""
+        self.check(image_ids)
+        out = []
+        for image_id in image_ids:
+            ci, row = self._where[image_id]
+            image = self._corpora[ci][row]["image"]
+            out.append(image if image.mode == "RGB" else image.convert("RGB"))
+        return out
+
+    def raw_bytes(self, image_id: str) -> bytes:
+        """The stored (encoded) bytes of an image, for content fingerprints without decoding."""
+        import datasets
+
+        ci, row = self._where[image_id]
+        if ci not in self._undecoded:
+            self._undecoded[ci] = self._corpora[ci].cast_column("image", datasets.Image(decode=False))
+        value = self._undecoded[ci][row]["image"]
+        if value.get("bytes") is not None:
+            return value["bytes"]
+        with open(value["path"], "rb") as f:
+            return f.read()
+
+
+def image_key(image_id: str) -> int:
+    """A stable int64 key of an image id (the same on every rank), for duplicate-target masking."""
+    return int.from_bytes(hashlib.blake2b(image_id.encode(), digest_size=8).digest(), "little", signed=True)
+
+
+def triplet_text_mode(row: dict, join_annotated_captions: bool) -> str:
+    """FashionIQ's annotated captions are joined; generated template variants are alternatives."""
+    return "join" if join_annotated_captions and row.get("source", "annotated") == "annotated" else "choice"
+
+
+class CIRCollator:
+    """
+    Batches triplet rows (`reference_id`, `target_id`, `modification_texts`, `source`) for a stage.
+
+    - `stage="in_batch"`: `input_ids`, `attention_mask` `[B, L]` (dynamic padding), `pixel_values` and
+      `target_pixel_values` `[B, 3, S, S]`, `target_keys` `[B]`.
+    - `stage="candidate_bank"`: `input_ids`, `attention_mask`, `reference_features` `[B, ...]` read from the
+      bank, `target_index` `[B]` rows of the bank. No image is decoded or encoded.
+
+    Training texts are randomized like the original code (FashionIQ's 4-way caption join, a random template
+    variant for generated triplets). Each row's draw is a pure function of `(seed, epoch, row_index)` when the
+    rows carry a `row_index` (the trainer adds it): the Trainer's dataloader collates batches ahead of the
+    step that uses them, so a sequential random stream could not be checkpointed at the right point, and a
+    resumed run would draw different texts.
+    """
+
+    def __init__(self, tokenizer, stage: str, image_processor=None, images: ImageStore | None = None, bank=None,
+                 join_annotated_captions: bool = False, training: bool = True, max_length: int | None = None,
+                 dedup_map: dict[str, str] | None = None, seed: int = 0):
+        if stage == "in_batch" and (image_processor is None or images is None):
+            raise ValueError("Stage 'in_batch' needs an image_processor and the corpus images.")
+        if stage == "candidate_bank" and bank is None:
+            raise ValueError("Stage 'candidate_bank' needs the candidate bank.")
+        self.tokenizer, self.stage = tokenizer, stage
+        self.image_processor, self.images, self.bank = image_processor, images, bank
+        self.join_annotated_captions = join_annotated_captions
+        self.training = training
+        self.max_length = max_length
+        self.dedup_map = dedup_map or {}
+        self.seed = seed
+        self.epoch = 0
+        self._stream = random.Random(seed)
+
+    def _rng(self, row: dict) -> random.Random:
+        if "row_index" in row:
+            return random.Random(f"{self.seed}-{self.epoch}-{row['row_index']}")
+        return self._stream
+
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        texts = [
+            compose_text(r["modification_texts"], triplet_text_mode(r, self.join_annotated_captions), self.training,
+                         self._rng(r))
+            for r in rows
+        ]
+        batch = dict(self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length,
+                                    return_tensors="pt"))
+        batch = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        references = [r["reference_id"] for r in rows]
+        targets = [r["target_id"] for r in rows]
+        if any(t is None for t in targets):
+            raise ValueError("Training triplets need a target_id (test splits have none).")
+        if self.stage == "in_batch":
+            batch["pixel_values"] = self.image_processor(self.images.images(references), return_tensors="pt")["pixel_values"]
+            batch["target_pixel_values"] = self.image_processor(self.images.images(targets), return_tensors="pt")["pixel_values"]
+            batch["target_keys"] = torch.tensor([image_key(self.dedup_map.get(t, t)) for t in targets])
+        else:
+            batch["reference_features"] = self.bank.reference_features[self.bank.indices(references)]
+            batch["target_index"] = torch.tensor(self.bank.indices(targets))
+        return batch
