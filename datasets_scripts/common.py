@@ -136,11 +136,15 @@ def _triplet_images(triplet: dict) -> set[str]:
 
 # ------------------------------------------------------------------------------------------- writing
 def _image_rows(rows: list[dict], columns: list[str]) -> Iterator[tuple[dict, bytes]]:
-    """Yield (one Arrow-ready row with the image file's bytes embedded, those bytes)."""
+    """Yield (one Arrow-ready row with the encoded image embedded, its bytes). A row carries its image as a
+    file `path` or as `image_bytes` (e.g. taken undecoded from another dataset)."""
     for row in rows:
-        data = Path(row["path"]).read_bytes()
+        if row.get("path") is not None:
+            data, name = Path(row["path"]).read_bytes(), Path(row["path"]).name
+        else:
+            data, name = row["image_bytes"], row.get("image_name")
         out = {c: row.get(c) for c in columns}
-        out["image"] = {"bytes": data, "path": Path(row["path"]).name}
+        out["image"] = {"bytes": data, "path": name}
         yield out, data
 
 

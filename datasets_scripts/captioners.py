@@ -1,0 +1,156 @@
+"""Captioners for SPN's positive scaling, behind one small interface:
+
+    captioner(batch) -> list[str]
+
+`batch` is a dict of columns for B images: `image` (PIL images) and, where the corpus has them, `image_id`,
+`category`, ... Three implementations:
+- `MLLMCaptioner`: a multimodal LLM (`AutoModelForImageTextToText` + `AutoProcessor`, e.g. LLaVA-1.5
+  `llava-hf/llava-1.5-7b-hf` or Qwen2-VL) prompted like the paper, greedy decoding, word limit;
+- `RetrievalCaptioner`: zero-shot captioning with any image/text embedding model: the best phrases of a given
+  vocabulary for each image (no generation model needed);
+- `ColumnCaptioner`: captions that already exist (a corpus column or an id -> caption mapping).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+FASHIONIQ_PROMPT = "please briefly describe the {category} in {n} words"
+IMAGE_PROMPT = "please briefly describe the image in {n} words"
+
+
+def limit_words(text: str, n: int) -> str:
+    """The first `n` words of `text`, without trailing punctuation (captions feed templates)."""
+    words = text.replace("\n", " ").split()
+    return " ".join(words[:n]).strip(" .,;:!?")
+
+
+class MLLMCaptioner:
+    """
+    Caption images with a multimodal LLM, as the paper does with LLaVA.
+
+    Args:
+        model_name_or_path: any `AutoModelForImageTextToText` checkpoint with a chat-template processor.
+        prompt: `{n}` words, `{category}` (FashionIQ: `FASHIONIQ_PROMPT`; CIRR/CC: `IMAGE_PROMPT`).
+        num_words: the word limit `n` (the paper: 5 for FashionIQ, 10 for CIRR); outputs are cut to it.
+        max_new_tokens: generation budget (defaults to 4 tokens per word).
+        device, dtype: where and how to run the model.
+
+    Decoding is greedy (`do_sample=False`): deterministic, matching the paper's temperature 0.01 / top-p 0.01.
+    """
+
+    def __init__(self, model_name_or_path: str, prompt: str = IMAGE_PROMPT, num_words: int = 10,
+                 max_new_tokens: int | None = None, device: str | torch.device = "cpu", dtype=None):
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        self.processor = AutoProcessor.from_pretrained(model_name_or_path)
+        self.processor.tokenizer.padding_side = "left"  # batched generation continues every row at its end
+        self.model = AutoModelForImageTextToText.from_pretrained(model_name_or_path, dtype=dtype).to(device).eval()
+        self.prompt, self.num_words = prompt, num_words
+        self.max_new_tokens = max_new_tokens or 4 * num_words + 4
+
+    def prompt_for(self, category: str | None) -> str:
+        return self.prompt.format(n=self.num_words, category=category or "image")
+
+    def __call__(self, batch: dict) -> list[str]:
+        images = batch["image"]
+        categories = batch.get("category") or [None] * len(images)
+        texts = [
+            self.processor.apply_chat_template(
+                [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": self.prompt_for(c)}]}],
+                add_generation_prompt=True,
+            )
+            for c in categories
+        ]
+        inputs = self.processor(images=[im.convert("RGB") for im in images], text=texts, padding=True,
+                                return_tensors="pt").to(self.model.device)
+        with torch.no_grad():
+            output = self.model.generate(**inputs, do_sample=False, max_new_tokens=self.max_new_tokens)
+        new_tokens = output[:, inputs["input_ids"].shape[1]:]
+        decoded = self.processor.batch_decode(new_tokens, skip_special_tokens=True)
+        return [limit_words(text, self.num_words) for text in decoded]
+
+
+class EmbeddingAdapter:
+    """Image and text embeddings from a CIR model (`get_target_embeds` + `get_text_features`) or a
+    `transformers.CLIPModel` (`get_image_features` / `get_text_features`), L2-normalized."""
+
+    def __init__(self, model, image_processor, tokenizer, max_length: int | None = None):
+        self.model, self.image_processor, self.tokenizer = model, image_processor, tokenizer
+        self.max_length = max_length
+
+    @property
+    def device(self):
+        return next(self.model.parameters()).device
+
+    @torch.no_grad()
+    def encode_images(self, images) -> torch.Tensor:
+        pixels = self.image_processor(images, return_tensors="pt")["pixel_values"].to(self.device)
+        if hasattr(self.model, "get_target_embeds"):
+            return self.model.get_target_embeds(pixels).float().cpu()
+        out = self.model.get_image_features(pixel_values=pixels)
+        return F.normalize(getattr(out, "pooler_output", out).float(), dim=-1).cpu()
+
+    @torch.no_grad()
+    def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
+        tokens = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length,
+                                return_tensors="pt").to(self.device)
+        out = self.model.get_text_features(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
+        return F.normalize(getattr(out, "pooler_output", out).float(), dim=-1).cpu()
+
+
+class RetrievalCaptioner:
+    """
+    Zero-shot captioning by retrieval: each image gets the `top_k` phrases of `phrases` whose text embeddings
+    are most similar to its image embedding, joined by `separator` (best first).
+
+    Args:
+        encoder: an object with `encode_images(images) -> [B, D]` and `encode_texts(texts) -> [P, D]`
+            (L2-normalized), e.g. `EmbeddingAdapter(model, image_processor, tokenizer)`.
+        phrases: the vocabulary (encoded once).
+        top_k: phrases per caption.
+        min_relative_score: drop phrases scoring below this fraction of the best one (keeps captions short when
+            one phrase dominates); None keeps all `top_k`.
+    """
+
+    def __init__(self, encoder, phrases: Sequence[str], top_k: int = 1, separator: str = " and ",
+                 min_relative_score: float | None = None, batch_size: int = 256):
+        if not phrases:
+            raise ValueError("RetrievalCaptioner needs a non-empty phrase vocabulary.")
+        self.encoder, self.phrases = encoder, list(phrases)
+        self.top_k, self.separator = min(top_k, len(self.phrases)), separator
+        self.min_relative_score = min_relative_score
+        self.phrase_embeds = torch.cat([encoder.encode_texts(self.phrases[i:i + batch_size])
+                                        for i in range(0, len(self.phrases), batch_size)])
+
+    def __call__(self, batch: dict) -> list[str]:
+        scores = self.encoder.encode_images(batch["image"]) @ self.phrase_embeds.T
+        values, indices = scores.topk(self.top_k, dim=1)
+        captions = []
+        for vals, idx in zip(values.tolist(), indices.tolist()):
+            keep = [i for v, i in zip(vals, idx)
+                    if self.min_relative_score is None or v >= self.min_relative_score * vals[0]]
+            captions.append(self.separator.join(self.phrases[i] for i in keep))
+        return captions
+
+
+class ColumnCaptioner:
+    """Existing captions: a column of the corpus (`column`) or a mapping `{image_id: caption}`."""
+
+    def __init__(self, column: str | None = None, mapping: dict[str, str] | None = None):
+        if (column is None) == (mapping is None):
+            raise ValueError("Pass exactly one of `column` or `mapping`.")
+        self.column, self.mapping = column, mapping
+
+    def __call__(self, batch: dict) -> list[str]:
+        if self.column is not None:
+            if self.column not in batch:
+                raise KeyError(f"The corpus has no column {self.column!r} to take captions from.")
+            return [str(c) for c in batch[self.column]]
+        missing = [i for i in batch["image_id"] if i not in self.mapping]
+        if missing:
+            raise KeyError(f"No caption for {len(missing)} images (first: {missing[:5]}).")
+        return [self.mapping[i] for i in batch["image_id"]]

@@ -1,0 +1,137 @@
+"""SPN's positive scaling, end to end: caption -> pair -> template -> a "scaled triplets" HF dataset.
+
+The output has the project schema: `triplets` (split `train`, `source="generated"`, `modification_texts` =
+one text per template, `reference_caption`, `target_caption`, `pair_rank`) and `corpus` (the images used,
+with a `caption` column). `examples/run_cir.py --extra_triplets DIR_OR_ID` adds it to the annotated data.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import datasets
+import torch
+from tqdm.auto import tqdm
+
+from .captioning import caption_corpus
+from .common import SplitData, counts_table, write_cir_dataset
+from .pairing import random_pairs, rank_window_pairs
+from .templates import compose_modification_texts, resolve_templates
+
+
+def embed_corpus(encoder, corpus, image_ids: Sequence[str], batch_size: int = 64,
+                 show_progress_bar: bool = True) -> torch.Tensor:
+    """`[N, D]` embeddings of `image_ids` (rows of `corpus`) with `encoder.encode_images`."""
+    row_of: dict[str, int] = {}
+    for row, image_id in enumerate(corpus["image_id"]):
+        row_of.setdefault(image_id, row)
+    out = []
+    for start in tqdm(range(0, len(image_ids), batch_size), desc="Embedding images", disable=not show_progress_bar):
+        rows = [row_of[i] for i in image_ids[start:start + batch_size]]
+        out.append(encoder.encode_images([im.convert("RGB") for im in corpus.select(rows)["image"]]))
+    return torch.cat(out)
+
+
+def generate_scaled_triplets(
+    corpus,
+    captioner,
+    output_dir: str | Path,
+    encoder=None,
+    dataset: str | None = None,
+    reference_ids: Sequence[str] | None = None,
+    rank_window: tuple[int, int] | None = (10000, 20000),
+    k: int = 1,
+    templates: Sequence[int | str] | None = None,
+    seed: int = 42,
+    tokenizer=None,
+    max_length: int | None = 77,
+    caption_cache_dir: str | Path | None = None,
+    batch_size: int = 32,
+    shard_size: int = 1000,
+    backend: str = "torch",
+    show_progress_bar: bool = True,
+) -> Path:
+    """
+    Args:
+        corpus: the training images (HF dataset with `image_id`, `image`, optional `category`).
+        captioner: a captioner (`datasets_scripts.captioners`).
+        encoder: an object with `encode_images` for rank-window pairing (the paper: Unicom ViT-L/14; any
+            `EmbeddingAdapter`); unused when `rank_window` is None (random pairs).
+        dataset: `fashioniq` / `cirr` / ... picks the default templates.
+        reference_ids: restrict references to these images (`references_only`: the annotated references).
+        rank_window: `(rank_min, rank_max)`; None pairs at random.
+        k: targets per reference.
+        templates: indices into `TEMPLATES` and/or template strings.
+        tokenizer, max_length: the fallback to `"{1}"` for texts longer than `max_length` tokens.
+        caption_cache_dir: where caption shards are kept (resume after a crash); a temporary dir by default.
+    """
+    image_ids = list(dict.fromkeys(corpus["image_id"]))
+    position = {image_id: i for i, image_id in enumerate(image_ids)}
+    if reference_ids is not None:
+        unknown = [r for r in dict.fromkeys(reference_ids) if r not in position]
+        if unknown:
+            raise ValueError(f"{len(unknown)} reference ids are not in the corpus (first: {unknown[:5]}).")
+        references = [position[r] for r in dict.fromkeys(reference_ids)]
+    else:
+        references = None
+    template_strings = resolve_templates(templates, dataset)
+
+    with tempfile.TemporaryDirectory() as scratch:
+        captions = caption_corpus(corpus, captioner, caption_cache_dir or scratch, shard_size, batch_size,
+                                  show_progress_bar)
+    if rank_window is None:
+        pairs = random_pairs(len(image_ids), references, k, seed)
+    else:
+        if encoder is None:
+            raise ValueError("Rank-window pairing needs an image encoder (or pass rank_window=None for random pairs).")
+        embeddings = embed_corpus(encoder, corpus, image_ids, batch_size, show_progress_bar)
+        pairs = rank_window_pairs(embeddings, references, rank_window[0], rank_window[1], k, seed,
+                                  backend=backend, show_progress_bar=show_progress_bar)
+
+    category = dict(zip(corpus["image_id"], corpus["category"])) if "category" in corpus.column_names else {}
+    triplets = []
+    for pair in pairs:
+        reference, target = image_ids[pair.reference], image_ids[pair.target]
+        triplets.append({
+            "reference_id": reference,
+            "target_id": target,
+            "modification_texts": compose_modification_texts(captions[reference], captions[target], template_strings,
+                                                             tokenizer, max_length),
+            "source": "generated",
+            "reference_caption": captions[reference],
+            "target_caption": captions[target],
+            "pair_rank": pair.rank,
+            "category": category.get(reference),
+        })
+    used = list(dict.fromkeys(i for t in triplets for i in (t["reference_id"], t["target_id"])))
+    raw = corpus.cast_column("image", datasets.Image(decode=False))
+    first_row = {}
+    for row, image_id in enumerate(corpus["image_id"]):
+        first_row.setdefault(image_id, row)
+    corpus_rows = []
+    for image_id in used:
+        image = raw[first_row[image_id]]["image"]
+        data = image["bytes"] if image.get("bytes") is not None else Path(image["path"]).read_bytes()
+        corpus_rows.append({"image_id": image_id, "image_bytes": data, "image_name": image.get("path"),
+                            "caption": captions[image_id], "category": category.get(image_id)})
+    split = {"train": SplitData(corpus=corpus_rows, triplets=triplets)}
+    pairing = "random pairs" if rank_window is None else f"rank window [{rank_window[0]}, {rank_window[1]})"
+    card = f"""# Scaled triplets (SPN positive scaling)
+
+Generated with `spn4cir` (`datasets_scripts.positive_scaling`): captions by `{type(captioner).__name__}`,
+{pairing}, k={k}, seed={seed}, templates {template_strings}. `source` = "generated".
+
+{counts_table(split)}"""
+    return write_cir_dataset(
+        output_dir, split,
+        corpus_extra={"caption": datasets.Value("string"), "category": datasets.Value("string")},
+        triplet_extra={
+            "reference_caption": datasets.Value("string"),
+            "target_caption": datasets.Value("string"),
+            "pair_rank": datasets.Value("int64"),
+            "category": datasets.Value("string"),
+        },
+        card=card,
+    )

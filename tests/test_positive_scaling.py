@@ -1,0 +1,249 @@
+"""Positive scaling: MLLM captioner on a tiny LLaVA (real processor + generate), retrieval and column
+captioners, exact rank-window pairing, templates, resumable captioning, the scaled-triplets dataset."""
+
+import sys
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from datasets_scripts.captioners import (
+    FASHIONIQ_PROMPT,
+    ColumnCaptioner,
+    MLLMCaptioner,
+    RetrievalCaptioner,
+    limit_words,
+)
+from datasets_scripts.captioning import caption_corpus
+from datasets_scripts.pairing import random_pairs, rank_window_pairs
+from datasets_scripts.positive_scaling import generate_scaled_triplets
+from datasets_scripts.templates import TEMPLATES, compose_modification_texts, resolve_templates
+
+WORDS = "please briefly describe the image dress shirt in 5 words a red blue green with long short sleeves".split()
+
+
+@pytest.fixture(scope="module")
+def tiny_llava(tmp_path_factory):
+    """A randomly initialized LLaVA (tiny Llama + tiny CLIP vision tower), a `tokenizers` tokenizer and a chat
+    template, saved like a Hub checkpoint."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.decoder = decoders.WordPiece(prefix="##")
+    tok.train_from_iterator([" ".join(WORDS)], trainers.WordLevelTrainer(
+        special_tokens=["<pad>", "<unk>", "<s>", "</s>", "<image>"]))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<s>",
+                                        eos_token="</s>", extra_special_tokens={"image_token": "<image>"})
+    template = ("{% for m in messages %}{{ m['role'] }}: {% for c in m['content'] %}{% if c['type'] == 'image' %}"
+                "<image> {% else %}{{ c['text'] }}{% endif %}{% endfor %} {% endfor %}"
+                "{% if add_generation_prompt %}assistant: {% endif %}")
+    processor = LlavaProcessor(
+        image_processor=CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+        tokenizer=tokenizer, patch_size=8, vision_feature_select_strategy="default", chat_template=template,
+        num_additional_image_tokens=1,
+    )
+    config = LlavaConfig(
+        vision_config=dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=2, image_size=32, patch_size=8, projection_dim=16),
+        text_config=dict(model_type="llama", vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
+                         pad_token_id=0, bos_token_id=2, eos_token_id=3),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"), vision_feature_select_strategy="default",
+        vision_feature_layer=-1,
+    )
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("llava")
+    LlavaForConditionalGeneration(config).save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
+def test_mllm_captioner_end_to_end(tiny_llava):
+    captioner = MLLMCaptioner(str(tiny_llava), prompt=FASHIONIQ_PROMPT, num_words=3, max_new_tokens=12)
+    assert captioner.prompt_for("dress") == "please briefly describe the dress in 3 words"
+    images = [Image.new("RGB", (40, 30), (255, 0, 0)), Image.new("RGB", (30, 50), (0, 0, 255)),
+              Image.new("L", (30, 30), 128)]
+    batch = {"image": images, "category": ["dress", "shirt", "dress"]}
+    captions = captioner(batch)
+    assert len(captions) == 3
+    assert all(isinstance(c, str) and len(c.split()) <= 3 for c in captions)
+    assert any(c for c in captions)  # the random model does generate words
+    assert captioner(batch) == captions  # greedy decoding is deterministic
+    assert set(" ".join(captions).split()) <= set(WORDS)
+
+
+def test_limit_words():
+    assert limit_words("a red dress with long sleeves.", 3) == "a red dress"
+    assert limit_words("red.\nblue", 5) == "red. blue"
+
+
+class ColourEncoder:
+    """An encoder with known geometry: an image's embedding is its mean colour; a phrase's is its colour word."""
+
+    COLOURS = {"red": (1.0, 0.0, 0.0), "green": (0.0, 1.0, 0.0), "blue": (0.0, 0.0, 1.0)}
+
+    def encode_images(self, images):
+        x = torch.tensor(np.stack([np.asarray(im.convert("RGB"), dtype=np.float32).mean((0, 1)) for im in images]))
+        return torch.nn.functional.normalize(x, dim=-1)
+
+    def encode_texts(self, texts):
+        x = torch.tensor([[c for w in t.split() if w in self.COLOURS for c in self.COLOURS[w]][:3] or [0.1, 0.1, 0.1]
+                          for t in texts])
+        return torch.nn.functional.normalize(x, dim=-1)
+
+
+def test_retrieval_captioner_picks_the_right_phrase():
+    captioner = RetrievalCaptioner(ColourEncoder(), ["a green thing", "a red thing", "a blue thing"], top_k=1)
+    images = [Image.new("RGB", (4, 4), (250, 10, 0)), Image.new("RGB", (4, 4), (0, 20, 200)),
+              Image.new("RGB", (4, 4), (5, 240, 30))]
+    assert captioner({"image": images}) == ["a red thing", "a blue thing", "a green thing"]
+    two = RetrievalCaptioner(ColourEncoder(), ["a green thing", "a red thing", "a blue thing"], top_k=2)
+    assert two({"image": [Image.new("RGB", (4, 4), (200, 100, 0))]}) == ["a red thing and a green thing"]
+
+
+def test_column_captioner():
+    assert ColumnCaptioner(column="caption")({"caption": ["x", "y"]}) == ["x", "y"]
+    assert ColumnCaptioner(mapping={"a": "cap a"})({"image_id": ["a"]}) == ["cap a"]
+    with pytest.raises(KeyError, match="1 images"):
+        ColumnCaptioner(mapping={"a": "cap a"})({"image_id": ["b"]})
+
+
+# --------------------------------------------------------------------------------------------- pairing
+def naive_rank(embeddings, ref, target):
+    x = torch.nn.functional.normalize(embeddings.float(), dim=-1)
+    scores = x[ref] @ x.T
+    scores[ref] = float("inf")
+    order = torch.sort(-scores, stable=True).indices.tolist()
+    return order.index(target)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 500])
+def test_rank_window_pairs_are_exact(chunk):
+    emb = torch.randn(300, 16, generator=torch.Generator().manual_seed(0))
+    emb[17] = emb[3]  # a duplicate of an image: the reference must still be rank 0
+    pairs = rank_window_pairs(emb, rank_min=50, rank_max=120, k=3, seed=1, chunk_size=chunk, show_progress_bar=False)
+    assert len(pairs) == 300 * 3
+    for p in pairs:
+        assert 50 <= p.rank < 120 and p.target != p.reference
+        assert naive_rank(emb, p.reference, p.target) == p.rank
+    by_ref = {}
+    for p in pairs:
+        by_ref.setdefault(p.reference, []).append(p.rank)
+    assert all(len(set(r)) == 3 for r in by_ref.values())  # k distinct ranks
+    assert pairs == rank_window_pairs(emb, rank_min=50, rank_max=120, k=3, seed=1, chunk_size=64,
+                                      show_progress_bar=False)  # deterministic, chunk-independent
+    assert pairs != rank_window_pairs(emb, rank_min=50, rank_max=120, k=3, seed=2, show_progress_bar=False)
+
+
+def test_references_only_and_window_validation():
+    emb = torch.randn(40, 8, generator=torch.Generator().manual_seed(1))
+    pairs = rank_window_pairs(emb, reference_indices=[5, 9], rank_min=3, rank_max=10, k=2, show_progress_bar=False)
+    assert {p.reference for p in pairs} == {5, 9} and len(pairs) == 4
+    with pytest.raises(ValueError, match="rank window"):
+        rank_window_pairs(emb, rank_min=3, rank_max=4, k=2, show_progress_bar=False)
+    with pytest.raises(ValueError, match="rank_min"):
+        rank_window_pairs(emb, rank_min=50, rank_max=60, show_progress_bar=False)
+    rp = random_pairs(10, k=3, seed=0)
+    assert len(rp) == 30 and all(p.target != p.reference and p.rank is None for p in rp)
+    assert rp == random_pairs(10, k=3, seed=0)
+
+
+# ------------------------------------------------------------------------------------------- templates
+def test_templates_and_fallback():
+    assert resolve_templates(None, "fashioniq") == ["{1}"]
+    assert resolve_templates(None, "cirr") == [TEMPLATES[0], TEMPLATES[1]]
+    assert resolve_templates(["2", "the {1}, not {0}"]) == ["{1}", "the {1}, not {0}"]
+    with pytest.raises(ValueError, match="must contain"):
+        resolve_templates(["no target"])
+
+    class WordTokenizer:
+        def __call__(self, text):
+            return {"input_ids": text.split()}
+
+    texts = compose_modification_texts("a red dress", "a blue shirt", resolve_templates(None, "cirr"))
+    assert texts == ["a blue shirt instead of a red dress", "Unlike a red dress, I want a blue shirt"]
+    long_ref = " ".join(["word"] * 80)
+    fallback = compose_modification_texts(long_ref, "a blue shirt", resolve_templates(None, "cirr"), WordTokenizer(), 77)
+    assert fallback == ["a blue shirt", "a blue shirt"]
+
+
+# ------------------------------------------------------------------------------- caption runs, dataset
+def _corpus(n=12):
+    colours = [(250, 10, 0), (0, 20, 200), (5, 240, 30)]
+    images = [Image.new("RGB", (8, 8), colours[i % 3]) for i in range(n)]
+    return datasets.Dataset.from_dict({"image_id": [f"g{i:02d}" for i in range(n)], "image": images},
+                                      features=datasets.Features({"image_id": datasets.Value("string"),
+                                                                  "image": datasets.Image()}))
+
+
+class FlakyCaptioner:
+    """Fails on its `fail_on`-th call: an interrupted caption run."""
+
+    def __init__(self, inner, fail_on=None):
+        self.inner, self.fail_on, self.calls = inner, fail_on, 0
+        self.phrases = inner.phrases
+
+    def __call__(self, batch):
+        self.calls += 1
+        if self.calls == self.fail_on:
+            raise RuntimeError("killed")
+        return self.inner(batch)
+
+
+def test_resume_after_interrupted_caption_run(tmp_path):
+    corpus = _corpus(12)
+    phrases = ["a green thing", "a red thing", "a blue thing"]
+    base = RetrievalCaptioner(ColourEncoder(), phrases)
+    flaky = FlakyCaptioner(base, fail_on=3)
+    with pytest.raises(RuntimeError, match="killed"):
+        caption_corpus(corpus, flaky, tmp_path / "cache", shard_size=4, batch_size=2, show_progress_bar=False)
+    assert sorted(p.name for p in (tmp_path / "cache").glob("captions-*")) == ["captions-00000.jsonl"]
+    resumed = FlakyCaptioner(base)
+    out_resumed = generate_scaled_triplets(corpus, resumed, tmp_path / "resumed", encoder=ColourEncoder(),
+                                           rank_window=(4, 8), dataset="cirr", caption_cache_dir=tmp_path / "cache",
+                                           shard_size=4, batch_size=2, show_progress_bar=False)
+    assert resumed.calls == 4  # shards 1 and 2 only (2 batches each)
+    clean = generate_scaled_triplets(corpus, FlakyCaptioner(base), tmp_path / "clean", encoder=ColourEncoder(),
+                                     rank_window=(4, 8), dataset="cirr", shard_size=4, batch_size=2,
+                                     show_progress_bar=False)
+    a = datasets.load_dataset(str(out_resumed), "triplets", split="train").to_list()
+    b = datasets.load_dataset(str(clean), "triplets", split="train").to_list()
+    assert a == b and len(a) == 12
+    with pytest.raises(ValueError, match="another run"):
+        caption_corpus(corpus, ColumnCaptioner(mapping={}), tmp_path / "cache", shard_size=4)
+
+
+def test_scaled_triplets_dataset(tmp_path):
+    corpus = _corpus(12)
+    captioner = RetrievalCaptioner(ColourEncoder(), ["a green thing", "a red thing", "a blue thing"])
+    out = generate_scaled_triplets(corpus, captioner, tmp_path / "scaled", encoder=ColourEncoder(),
+                                   reference_ids=["g00", "g01"], rank_window=(2, 6), k=2, dataset="cirr",
+                                   show_progress_bar=False)
+    triplets = datasets.load_dataset(str(out), "triplets", split="train")
+    assert len(triplets) == 4 and set(triplets["reference_id"]) == {"g00", "g01"}
+    row = triplets[0]
+    assert row["source"] == "generated" and row["reference_caption"] == "a red thing"
+    assert row["modification_texts"] == [f"{row['target_caption']} instead of a red thing",
+                                         f"Unlike a red thing, I want {row['target_caption']}"]
+    assert all(2 <= r < 6 for r in triplets["pair_rank"])
+    corpus_out = datasets.load_dataset(str(out), "corpus", split="train")
+    assert set(corpus_out["image_id"]) == set(triplets["reference_id"]) | set(triplets["target_id"])
+    first = corpus_out[0]
+    assert first["caption"] and np.array_equal(np.asarray(first["image"]),
+                                               np.asarray(corpus[int(first["image_id"][1:])]["image"]))
+
+
+def test_generate_triplets_cli_help():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+    import generate_triplets
+
+    text = generate_triplets.build_parser().format_help()
+    for flag in ("--rank_min", "--references_only", "--templates", "--random_pairs", "--caption_cache_dir"):
+        assert flag in text
+    assert "FashionIQ" in text and "CIRR" in text and "10000" in text
