@@ -211,7 +211,8 @@ def write_cir_dataset(
                 )
             if not data.triplets:
                 # `datasets` cannot load an empty split, so it is left out (and the card says so).
-                print(f"[{split}] no triplets left: the triplets config has no {split!r} split.")
+                if data.skipped_triplets:
+                    print(f"[{split}] no triplets left: the triplets config has no {split!r} split.")
                 continue
             rows = [({c: t.get(c) for c in triplet_features}, b"") for t in data.triplets]
             data_files["triplets"][split] = _write_split(

@@ -65,8 +65,8 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     config_file = len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml"))
     if not config_file and not any(a == "--dataset" or a.startswith("--dataset=") for a in argv):
-        # No dataset: the built-in SPN recipe on the synthetic benchmark (see datasets_scripts.recipe).
-        from datasets_scripts.recipe import main as recipe_main
+        # No dataset: the built-in SPN recipe on the synthetic benchmark (see trainers.recipe).
+        from trainers.recipe import main as recipe_main
 
         return recipe_main(argv)
     model_args, data_args, args = parse_args(argv)

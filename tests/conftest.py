@@ -77,19 +77,10 @@ def tower_fusion(request):
 
 
 def tiny_tokenizer(texts=("a red circle", "make it blue", "the square should be green instead")):
-    """A word-level tokenizer built with `tokenizers` (no download), wrapped as a transformers tokenizer."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
+    """A word-level tokenizer built with `tokenizers` (no download): <pad>=0, <unk>=1, <sot>=2, <eot>=3."""
+    from trainers.tokenizer import train_word_tokenizer
 
-    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator(texts, trainers.WordLevelTrainer(special_tokens=["<pad>", "<unk>", "<sot>", "<eot>"]))
-    sot, eot = tok.token_to_id("<sot>"), tok.token_to_id("<eot>")
-    tok.post_processor = processors.TemplateProcessing(single="<sot> $A <eot>", special_tokens=[("<sot>", sot), ("<eot>", eot)])
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<sot>", eos_token="<eot>",
-        model_max_length=16,
-    )
+    return train_word_tokenizer(texts, model_max_length=16)
 
 
 _BLOCK_PACKAGE = """

@@ -138,3 +138,27 @@ class CandidateBankLoss(nn.Module):
     @property
     def citation(self) -> str:
         return _SPN_CITATION
+
+
+class ImageTextInfoNCELoss(nn.Module):
+    """
+    CLIP's symmetric image-text contrastive loss (Radford et al., 2021): image i should match caption i among
+    the batch's captions and vice versa. Used by the synthetic recipe's stage 0, which stands in for CLIP's
+    web-scale pre-training; single process (no gather).
+
+        loss = (CE(I . T^T / tau, diag) + CE(T . I^T / tau, diag)) / 2
+
+    Inputs: `image_embeds`, `text_embeds` `[B, D]`, L2-normalized, row i of each describing pair i.
+    """
+
+    def __init__(self, temperature: float = 0.05):
+        super().__init__()
+        self.temperature = temperature
+
+    def forward(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
+        logits = image_embeds @ text_embeds.T / self.temperature
+        labels = torch.arange(len(logits), device=logits.device)
+        return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+
+    def get_config_dict(self) -> dict:
+        return {"temperature": self.temperature, "negatives": "in-batch images and captions"}
