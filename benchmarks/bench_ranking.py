@@ -22,7 +22,7 @@ def make_data(n_queries, n_gallery, dim, seed=0):
     gallery = torch.nn.functional.normalize(torch.randn(n_gallery, dim, generator=g), dim=-1)
     targets = torch.randint(n_gallery, (n_queries,), generator=g)
     # queries near their targets so that recall is not trivially 0
-    queries = torch.nn.functional.normalize(gallery[targets] + 0.04 * torch.randn(n_queries, dim, generator=g), dim=-1)
+    queries = torch.nn.functional.normalize(gallery[targets] + 0.06 * torch.randn(n_queries, dim, generator=g), dim=-1)
     refs = torch.randint(n_gallery, (n_queries,), generator=g)
     ids = [f"{i:012d}" for i in range(n_gallery)]  # CIRCO-style zero-padded COCO ids
     return queries, gallery, ids, [ids[i] for i in refs], [ids[i] for i in targets]

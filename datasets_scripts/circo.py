@@ -10,12 +10,11 @@ strings without padding (`"85932"`). val and test share one gallery, stored once
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import datasets
 
-from .common import AnnotationError, SplitData, counts_table, read_json, require, select_splits, write_cir_dataset
+from .common import AnnotationError, SplitData, converter_main, counts_table, read_json, require, select_splits, write_cir_dataset
 
 CIRCO_SPLITS = ("val", "test")
 
@@ -97,13 +96,7 @@ unlabeled images, CC BY 4.0 per COCO's terms). `target_ids` = `gt_img_ids` (mult
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data_dir", required=True)
-    parser.add_argument("--output_dir", required=True)
-    parser.add_argument("--splits", nargs="+", choices=CIRCO_SPLITS)
-    parser.add_argument("--skip_missing_images", action="store_true")
-    args = parser.parse_args(argv)
-    print(f"wrote {build_circo(args.data_dir, args.output_dir, args.splits, args.skip_missing_images)}")
+    converter_main(build_circo, __doc__, CIRCO_SPLITS, argv)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ its split file: about 6% of CIRR targets are never references, so a gallery of r
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import datasets
@@ -21,6 +20,7 @@ from .common import (
     AnnotationError,
     SplitData,
     check_images,
+    converter_main,
     counts_table,
     read_json,
     require,
@@ -97,13 +97,7 @@ The corpus of a split is every image of its split file.
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data_dir", required=True)
-    parser.add_argument("--output_dir", required=True)
-    parser.add_argument("--splits", nargs="+", choices=SPLITS)
-    parser.add_argument("--skip_missing_images", action="store_true")
-    args = parser.parse_args(argv)
-    print(f"wrote {build_cirr(args.data_dir, args.output_dir, args.splits, args.skip_missing_images)}")
+    converter_main(build_cirr, __doc__, SPLITS, argv)
 
 
 if __name__ == "__main__":

@@ -251,3 +251,21 @@ def select_splits(requested: Sequence[str] | None, available: Sequence[str]) -> 
     if unknown:
         raise ValueError(f"Unknown split(s) {unknown}; choose from {list(available)}.")
     return requested
+
+
+def converter_main(build, doc: str, splits: Sequence[str], argv=None, extra=None) -> None:
+    """The command line of a benchmark converter: `--data_dir --output_dir [--splits ...] [--skip_missing_images]`
+    (plus `extra(parser)` options, passed to `build` by name)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data_dir", required=True)
+    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--splits", nargs="+", choices=list(splits))
+    parser.add_argument("--skip_missing_images", action="store_true",
+                        help="drop triplets whose images are missing (counted in the card) instead of failing")
+    if extra is not None:
+        extra(parser)
+    args = vars(parser.parse_args(argv))
+    out = build(args.pop("data_dir"), args.pop("output_dir"), **args)
+    print(f"wrote {out}")

@@ -11,7 +11,6 @@ split files, one row per (image, category): the val gallery of a category is its
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import datasets
@@ -21,6 +20,7 @@ from .common import (
     AnnotationError,
     SplitData,
     check_images,
+    converter_main,
     counts_table,
     find_image,
     read_json,
@@ -104,16 +104,10 @@ Evaluation: FashionIQ val, per-category gallery; see `trainers.evaluation` for t
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data_dir", required=True)
-    parser.add_argument("--output_dir", required=True)
-    parser.add_argument("--splits", nargs="+", choices=SPLITS)
-    parser.add_argument("--categories", nargs="+", choices=CATEGORIES, default=list(CATEGORIES))
-    parser.add_argument("--skip_missing_images", action="store_true",
-                        help="drop triplets whose images are missing (counted in the card) instead of failing")
-    args = parser.parse_args(argv)
-    out = build_fashioniq(args.data_dir, args.output_dir, args.splits, args.categories, args.skip_missing_images)
-    print(f"wrote {out}")
+    def categories(parser):
+        parser.add_argument("--categories", nargs="+", choices=CATEGORIES, default=list(CATEGORIES))
+
+    converter_main(build_fashioniq, __doc__, SPLITS, argv, extra=categories)
 
 
 if __name__ == "__main__":

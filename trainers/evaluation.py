@@ -190,15 +190,8 @@ def fashioniq_metrics(
 ) -> dict[str, float]:
     """FashionIQ `recall@10`, `recall@50` (percent) for one category. `remove_reference=False` is the
     CLIP4Cir / TG-CIR / BLIP4CIR / SPRC protocol, `True` SPN4CIR's CLIP4CIR protocol."""
-    _check_embeddings(query_embeds, gallery_embeds, gallery_ids, len(target_ids))
-    if len(reference_ids) != len(target_ids):
-        raise ValueError(f"{len(reference_ids)} reference_ids for {len(target_ids)} target_ids.")
-    index = _gallery_index(gallery_ids)
-    targets = _lookup(index, target_ids, "target")
-    exclude = _lookup(index, reference_ids, "reference") if remove_reference else None
-    ranked = rank_gallery(query_embeds, gallery_embeds, max(FASHIONIQ_KS), exclude, chunk_size)
-    positions = _target_positions(ranked, targets)
-    return {f"recall@{k}": _recall(positions, k) for k in FASHIONIQ_KS}
+    return recall_metrics(query_embeds, gallery_embeds, gallery_ids, reference_ids, target_ids, FASHIONIQ_KS,
+                          remove_reference, chunk_size)
 
 
 def fashioniq_average(per_category: dict[str, dict[str, float]]) -> dict[str, float]:
@@ -300,8 +293,11 @@ def recall_metrics(
     remove_reference: bool = True,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> dict[str, float]:
-    """Generic `recall@K` (percent) for datasets without an official protocol (e.g. the synthetic benchmark)."""
+    """`recall@K` (percent): hit if the target is in the top K. The FashionIQ metric, and the generic one for
+    datasets without an official protocol (e.g. the synthetic benchmark)."""
     _check_embeddings(query_embeds, gallery_embeds, gallery_ids, len(target_ids))
+    if len(reference_ids) != len(target_ids):
+        raise ValueError(f"{len(reference_ids)} reference_ids for {len(target_ids)} target_ids.")
     index = _gallery_index(gallery_ids)
     targets = _lookup(index, target_ids, "target")
     exclude = _lookup(index, reference_ids, "reference") if remove_reference else None

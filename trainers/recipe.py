@@ -83,9 +83,13 @@ def build_model(tokenizer, cfg: RecipeConfig) -> CLIP4CIRModel:
                          max_position_embeddings=tokenizer.model_max_length, projection_dim=m["hidden"],
                          pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=tokenizer.eos_token_id),
-        vision_config=dict(hidden_size=m["hidden"], intermediate_size=2 * m["hidden"], num_hidden_layers=m["layers"],
-                           num_attention_heads=m["heads"], image_size=64, patch_size=m["patch"],
-                           projection_dim=m["hidden"]),
+        vision_config=(
+            dict(model_type="clip4cir_resnet", layers=m["resnet_layers"], width=m["resnet_width"], image_size=64,
+                 projection_dim=m["hidden"])
+            if m.get("tower") == "resnet" else
+            dict(hidden_size=m["hidden"], intermediate_size=2 * m["hidden"], num_hidden_layers=m["layers"],
+                 num_attention_heads=m["heads"], image_size=64, patch_size=m["patch"], projection_dim=m["hidden"])
+        ),
         projection_dim=m["hidden"], fusion="sum", temperature=cfg.temperature,
     )
     torch.manual_seed(cfg.seed)
