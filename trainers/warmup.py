@@ -36,6 +36,7 @@ def image_text_warmup(model, pixel_values: torch.Tensor, captions: list[str], to
                 text = F.normalize(model.get_text_features(tokens["input_ids"][idx], tokens["attention_mask"][idx]), dim=-1)
                 loss = loss_fn(image, text)
                 loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # a from-scratch contrastive run can collapse
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
