@@ -24,6 +24,7 @@ from .common import (
     counts_table,
     read_json,
     require,
+    require_listed,
     resolve_inside,
     select_splits,
     write_cir_dataset,
@@ -56,13 +57,8 @@ def _read_split(data_dir: Path, split: str) -> SplitData:
         if not isinstance(members, list) or not members:
             raise AnnotationError(f"{caption_file}: record {index} has no field 'img_set.members'.")
         target = record.get("target_hard") if split != "test" else None
-        for role, image_id in [("reference", record["reference"]), ("target_hard", target)] + [
-            ("img_set.members", m) for m in members
-        ]:
-            if image_id is not None and image_id not in mapping:
-                raise AnnotationError(
-                    f"{caption_file}: record {index} {role} {image_id!r} is not listed in {split_file.name}."
-                )
+        require_listed([("reference", record["reference"]), ("target_hard", target)]
+                       + [("img_set.members", m) for m in members], mapping, caption_file, index, split_file)
         data.triplets.append({
             "reference_id": record["reference"],
             "target_id": target,

@@ -73,6 +73,13 @@ def require(record, fields: Sequence[str], path: Path, index: int, types: dict |
             )
 
 
+def require_listed(roles_and_ids, listed, path: Path, index: int, split_file: Path) -> None:
+    """Every `(role, image_id)` of record `index` of `path` must be listed in `split_file` (None ids skipped)."""
+    for role, image_id in roles_and_ids:
+        if image_id is not None and image_id not in listed:
+            raise AnnotationError(f"{path}: record {index} {role} {image_id!r} is not listed in {split_file.name}.")
+
+
 def find_image(directory: Path, stem: str) -> Path | None:
     """`directory/stem.<ext>` for the first known image extension that exists."""
     for ext in IMAGE_EXTENSIONS:

@@ -25,6 +25,7 @@ from .common import (
     find_image,
     read_json,
     require,
+    require_listed,
     select_splits,
     write_cir_dataset,
 )
@@ -53,11 +54,8 @@ def _read_split(data_dir: Path, split: str, categories) -> SplitData:
             if not record["captions"] or not all(isinstance(c, str) for c in record["captions"]):
                 raise AnnotationError(f"{caption_file}: record {index} field 'captions' must be a non-empty list of strings.")
             target = record.get("target") if split != "test" else None
-            for role, asin in (("candidate", record["candidate"]), ("target", target)):
-                if asin is not None and asin not in in_split:
-                    raise AnnotationError(
-                        f"{caption_file}: record {index} {role} {asin!r} is not listed in {split_file.name}."
-                    )
+            require_listed((("candidate", record["candidate"]), ("target", target)), in_split, caption_file, index,
+                           split_file)
             data.triplets.append({
                 "reference_id": record["candidate"],
                 "target_id": target,

@@ -84,6 +84,8 @@ def test_resume_from_checkpoint_continues_identically(tiny_cir_dataset, tiny_mod
     assert _losses(resumed)[-2:] == _losses(full)[-2:]
     card = (tmp_path / "full" / "checkpoint-4" / "README.md").read_text()
     assert "stage 1 (in-batch InfoNCE)" in card
+    full.create_model_card(model_name="ignored")  # what push_to_hub calls before uploading
+    assert "stage 1 (in-batch InfoNCE)" in (tmp_path / "full" / "README.md").read_text()
     assert (tmp_path / "full" / "checkpoint-4" / "preprocessor_config.json").exists() or \
         (tmp_path / "full" / "checkpoint-4" / "processor_config.json").exists()
 
@@ -109,4 +111,5 @@ def test_run_cir_end_to_end(tiny_cir_dataset, tiny_model_dir, tmp_path, stage):
                              processor.image_processor, processor.tokenizer, show_progress_bar=False)
     again = evaluator(model)
     assert again["recall@10"] == saved["eval_recall@10"]
-    assert (out / "README.md").exists() and "Metrics" in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    assert "Metrics" in card and "eval_recall@10" in card and "reference removed" in card

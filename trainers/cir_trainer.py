@@ -152,6 +152,11 @@ class CIRTrainer(Trainer):
         output_dir = Path(output_dir or self.args.output_dir)
         (output_dir / "README.md").write_text(self.model_card())
 
+    def create_model_card(self, *args, **kwargs) -> None:
+        """`push_to_hub` calls this: publish our CIR card (stage, protocol, metrics) instead of the generic one."""
+        if self.is_world_process_zero():
+            (Path(self.args.output_dir) / "README.md").write_text(self.model_card())
+
     def model_card(self) -> str:
         """A model card: base model, datasets, stage, protocol and the latest evaluation metrics."""
         info = self.model_card_info
