@@ -24,11 +24,22 @@ class CIRData:
     join_annotated_captions: bool
 
 
+def _tree_fingerprint(root: Path) -> str:
+    """Hash of every file's relative path, size and modification time under `root`: a converted copy is reused
+    only while the official tree is unchanged (images added later, edited annotations -> a new conversion)."""
+    digest = hashlib.sha256(str(root.resolve()).encode())
+    for directory, _, files in sorted(os.walk(root)):
+        for name in sorted(files):
+            stat = (Path(directory) / name).stat()
+            digest.update(f"{Path(directory, name).relative_to(root)}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
+
+
 def _converted_dir(name: str, data_dir: str, cache_dir: str | None) -> Path:
     data_dir = Path(data_dir)
     if (data_dir / "README.md").exists() and (data_dir / "triplets").is_dir():
         return data_dir  # already in the project schema
-    key = hashlib.sha256(str(data_dir.resolve()).encode()).hexdigest()[:10]
+    key = _tree_fingerprint(data_dir)
     root = Path(cache_dir or os.environ.get("SPN4CIR_CACHE", Path.home() / ".cache" / "spn4cir"))
     out = root / f"{name}-{key}"
     if not (out / "README.md").exists():

@@ -283,3 +283,20 @@ def test_publish_uploads_the_checked_layout(cirr_tree, tmp_path):
     (out / "README.md").unlink()
     with pytest.raises(ValueError, match="configs"):
         check_layout(out)
+
+
+def test_load_cir_data_converts_once_and_notices_changes(fiq_tree, tmp_path):
+    from datasets_scripts.load import load_cir_data
+
+    data = load_cir_data("fashioniq", str(fiq_tree), cache_dir=str(tmp_path / "cache"))
+    assert data.protocol == "fashioniq" and data.join_annotated_captions
+    assert len(data.triplets["val"]) == 5 and len(data.corpus["val"]) == 11
+    converted = list((tmp_path / "cache").iterdir())
+    assert len(converted) == 1
+    again = load_cir_data("fashioniq", str(fiq_tree), cache_dir=str(tmp_path / "cache"))
+    assert len(again.triplets["val"]) == 5 and list((tmp_path / "cache").iterdir()) == converted  # reused
+    _dump(fiq_tree / "captions" / "cap.shirt.val.json", [])  # the official tree changed: convert again
+    changed = load_cir_data("fashioniq", str(fiq_tree), cache_dir=str(tmp_path / "cache"))
+    assert len(changed.triplets["val"]) == 4 and len(list((tmp_path / "cache").iterdir())) == 2
+    with pytest.raises(ValueError, match="--data_dir"):
+        load_cir_data("cirr")

@@ -89,11 +89,13 @@ class CIRTrainer(Trainer):
             model.freeze_target_side()
             if bank is None and train_dataset is not None:
                 model.to(args.device)
-                bank = load_or_build_candidate_bank(
-                    model, self.images, bank_image_ids([train_dataset], dedup_map), processor.image_processor,
-                    bank_dir=args.bank_dir, dtype=args.bank_dtype, batch_size=args.per_device_eval_batch_size,
-                    dedup_map=dedup_map, show_progress_bar=not args.disable_tqdm,
-                )
+                # With a bank_dir the main process builds and stores the bank; the others then load it.
+                with args.main_process_first(local=False, desc="candidate bank"):
+                    bank = load_or_build_candidate_bank(
+                        model, self.images, bank_image_ids([train_dataset], dedup_map), processor.image_processor,
+                        bank_dir=args.bank_dir, dtype=args.bank_dtype, batch_size=args.per_device_eval_batch_size,
+                        dedup_map=dedup_map, show_progress_bar=not args.disable_tqdm,
+                    )
             self.bank = bank
             self.loss_fn = CandidateBankLoss(bank.target_embeds, self.temperature, args.num_negatives) if bank else None
         else:
