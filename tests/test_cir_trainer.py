@@ -113,3 +113,15 @@ def test_run_cir_end_to_end(tiny_cir_dataset, tiny_model_dir, tmp_path, stage):
     assert again["recall@10"] == saved["eval_recall@10"]
     card = (out / "README.md").read_text()
     assert "Metrics" in card and "eval_recall@10" in card and "reference removed" in card
+
+
+def test_run_cir_reads_a_json_config(tmp_path):
+    config = {"model_name_or_path": "m", "dataset": "cirr", "data_dir": "d", "stage": "candidate_bank",
+              "num_negatives": 100, "output_dir": str(tmp_path / "o"), "remove_reference": True, "use_cpu": True}
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    model_args, data_args, args = run_cir.parse_args([str(path)])
+    assert model_args.model_name_or_path == "m" and data_args.dataset == "cirr" and data_args.remove_reference
+    assert args.stage == "candidate_bank" and args.num_negatives == 100 and not args.remove_unused_columns
+    with pytest.raises(ValueError, match="stage must be one of"):
+        run_cir.parse_args(["--dataset", "x", "--stage", "stage3"])
