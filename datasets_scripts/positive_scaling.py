@@ -15,22 +15,20 @@ import datasets
 import torch
 from tqdm.auto import tqdm
 
+from trainers.data import ImageStore
+
 from .captioning import caption_corpus
 from .common import SplitData, counts_table, write_cir_dataset
 from .pairing import random_pairs, rank_window_pairs
 from .templates import compose_modification_texts, resolve_templates
 
 
-def embed_corpus(encoder, corpus, image_ids: Sequence[str], batch_size: int = 64,
+def embed_corpus(encoder, images: ImageStore, image_ids: Sequence[str], batch_size: int = 64,
                  show_progress_bar: bool = True) -> torch.Tensor:
-    """`[N, D]` embeddings of `image_ids` (rows of `corpus`) with `encoder.encode_images`."""
-    row_of: dict[str, int] = {}
-    for row, image_id in enumerate(corpus["image_id"]):
-        row_of.setdefault(image_id, row)
+    """`[N, D]` embeddings of `image_ids` with `encoder.encode_images`."""
     out = []
     for start in tqdm(range(0, len(image_ids), batch_size), desc="Embedding images", disable=not show_progress_bar):
-        rows = [row_of[i] for i in image_ids[start:start + batch_size]]
-        out.append(encoder.encode_images([im.convert("RGB") for im in corpus.select(rows)["image"]]))
+        out.append(encoder.encode_images(images.images(image_ids[start:start + batch_size])))
     return torch.cat(out)
 
 
@@ -67,6 +65,7 @@ def generate_scaled_triplets(
         tokenizer, max_length: the fallback to `"{1}"` for texts longer than `max_length` tokens.
         caption_cache_dir: where caption shards are kept (resume after a crash); a temporary dir by default.
     """
+    images = ImageStore(corpus)
     image_ids = list(dict.fromkeys(corpus["image_id"]))
     position = {image_id: i for i, image_id in enumerate(image_ids)}
     if reference_ids is not None:
@@ -86,7 +85,7 @@ def generate_scaled_triplets(
     else:
         if encoder is None:
             raise ValueError("Rank-window pairing needs an image encoder (or pass rank_window=None for random pairs).")
-        embeddings = embed_corpus(encoder, corpus, image_ids, batch_size, show_progress_bar)
+        embeddings = embed_corpus(encoder, images, image_ids, batch_size, show_progress_bar)
         pairs = rank_window_pairs(embeddings, references, rank_window[0], rank_window[1], k, seed,
                                   backend=backend, show_progress_bar=show_progress_bar)
 
@@ -106,15 +105,10 @@ def generate_scaled_triplets(
             "category": category.get(reference),
         })
     used = list(dict.fromkeys(i for t in triplets for i in (t["reference_id"], t["target_id"])))
-    raw = corpus.cast_column("image", datasets.Image(decode=False))
-    first_row = {}
-    for row, image_id in enumerate(corpus["image_id"]):
-        first_row.setdefault(image_id, row)
     corpus_rows = []
     for image_id in used:
-        image = raw[first_row[image_id]]["image"]
-        data = image["bytes"] if image.get("bytes") is not None else Path(image["path"]).read_bytes()
-        corpus_rows.append({"image_id": image_id, "image_bytes": data, "image_name": image.get("path"),
+        data, name = images.raw(image_id)
+        corpus_rows.append({"image_id": image_id, "image_bytes": data, "image_name": name and Path(name).name,
                             "caption": captions[image_id], "category": category.get(image_id)})
     split = {"train": SplitData(corpus=corpus_rows, triplets=triplets)}
     pairing = "random pairs" if rank_window is None else f"rank window [{rank_window[0]}, {rank_window[1]})"

@@ -21,13 +21,14 @@ from pathlib import Path
 import datasets
 from transformers import HfArgumentParser
 
+from datasets_scripts.common import TRIPLET_FEATURES
 from datasets_scripts.load import load_cir_data
 from modeling_spn4cir.loading import load_cir_model_and_processor
 from trainers.atomic import atomic_write_json
 from trainers.cir_trainer import CIRTrainer, CIRTrainingArguments
 from trainers.evaluation import CIREvaluator
 
-TRIPLET_COLUMNS = ["reference_id", "target_id", "modification_texts", "source"]
+TRIPLET_COLUMNS = list(TRIPLET_FEATURES)  # the schema's core columns, shared by every source
 
 
 @dataclass

@@ -49,8 +49,8 @@ class ImageStore:
             out.append(image if image.mode == "RGB" else image.convert("RGB"))
         return out
 
-    def raw_bytes(self, image_id: str) -> bytes:
-        """The stored (encoded) bytes of an image, for content fingerprints without decoding."""
+    def raw(self, image_id: str) -> tuple[bytes, str | None]:
+        """The stored (encoded) bytes of an image and its file name, without decoding it."""
         import datasets
 
         ci, row = self._where[image_id]
@@ -58,9 +58,13 @@ class ImageStore:
             self._undecoded[ci] = self._corpora[ci].cast_column("image", datasets.Image(decode=False))
         value = self._undecoded[ci][row]["image"]
         if value.get("bytes") is not None:
-            return value["bytes"]
+            return value["bytes"], value.get("path")
         with open(value["path"], "rb") as f:
-            return f.read()
+            return f.read(), value["path"]
+
+    def raw_bytes(self, image_id: str) -> bytes:
+        """The stored (encoded) bytes of an image, for content fingerprints without decoding."""
+        return self.raw(image_id)[0]
 
 
 def image_key(image_id: str) -> int:

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .data import ImageStore
 from .evaluation import (
     PROTOCOLS,
     circo_metrics,
@@ -21,7 +22,6 @@ from .evaluation import (
     write_circo_submission,
     write_cirr_submission,
 )
-from .data import ImageStore
 from .text import compose_text
 
 logger = logging.getLogger(__name__)
@@ -30,31 +30,28 @@ HEADLINE = {"fashioniq": "average", "cirr": "average", "circo": "map@10", "recal
 
 
 def encode_images(model, images_of, image_ids: Sequence[str], image_processor, batch_size: int,
-                  want_reference: bool = True, desc: str = "images", show_progress_bar: bool = True):
+                  desc: str = "images", show_progress_bar: bool = True):
     """Encode `image_ids` in batches (no grad), keeping results on the CPU.
 
-    `images_of(ids) -> list[PIL.Image]` loads the images. Returns (`[M, D]` target embeds,
-    reference features `[M, ...]` or None).
+    `images_of(ids) -> list[PIL.Image]` loads the images. Returns (`[M, D]` target embeds, `[M, ...]` reference
+    features), from one image-tower pass when the model offers `get_target_embeds_and_reference_features`.
     """
     device = next(model.parameters()).device
-    targets, references = [], []
     joint = getattr(model, "get_target_embeds_and_reference_features", None)
+    targets, references = [], []
     for start in tqdm(range(0, len(image_ids), batch_size), desc=f"Encoding {desc}", disable=not show_progress_bar):
         batch = list(image_ids[start : start + batch_size])
         pixels = image_processor(images_of(batch), return_tensors="pt")["pixel_values"].to(device)
         with torch.no_grad():
-            if want_reference and joint is not None:
+            if joint is not None:
                 target, reference = joint(pixels)
             else:
-                target = model.get_target_embeds(pixels)
-                reference = model.get_reference_features(pixels) if want_reference else None
+                target, reference = model.get_target_embeds(pixels), model.get_reference_features(pixels)
         targets.append(target.float().cpu())
-        if reference is not None:
-            references.append(reference.float().cpu())
-    dim_t = targets[0].shape[1:] if targets else (0,)
-    target = torch.cat(targets) if targets else torch.empty(0, *dim_t)
-    reference = torch.cat(references) if references else None
-    return target, reference
+        references.append(reference.float().cpu())
+    if not targets:
+        raise ValueError(f"No images to encode for the {desc}.")
+    return torch.cat(targets), torch.cat(references)
 
 
 class CIREvaluator:
@@ -135,7 +132,7 @@ class CIREvaluator:
             out.append(q.float().cpu())
         return torch.cat(out)
 
-    def __call__(self, model, output_path: str | None = None) -> dict[str, float]:
+    def __call__(self, model) -> dict[str, float]:
         was_training = model.training
         model.eval()
         try:

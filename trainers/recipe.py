@@ -24,10 +24,20 @@ from pathlib import Path
 import datasets
 import torch
 
-from datasets_scripts.captioners import ColumnCaptioner, EmbeddingAdapter, RetrievalCaptioner
+from datasets_scripts.captioners import (
+    ColumnCaptioner,
+    EmbeddingAdapter,
+    RetrievalCaptioner,
+)
+from datasets_scripts.common import TRIPLET_FEATURES
 from datasets_scripts.positive_scaling import generate_scaled_triplets
 from datasets_scripts.synthetic import build_synthetic, phrase_vocabulary
-from modeling_spn4cir import CLIP4CIRConfig, CLIP4CIRImageProcessor, CLIP4CIRModel, CLIP4CIRProcessor
+from modeling_spn4cir import (
+    CLIP4CIRConfig,
+    CLIP4CIRImageProcessor,
+    CLIP4CIRModel,
+    CLIP4CIRProcessor,
+)
 
 from .atomic import atomic_write_json
 from .cir_trainer import CIRTrainer, CIRTrainingArguments
@@ -36,7 +46,7 @@ from .evaluator import CIREvaluator
 from .tokenizer import train_word_tokenizer
 from .warmup import image_text_warmup
 
-TRIPLET_COLUMNS = ["reference_id", "target_id", "modification_texts", "source"]
+TRIPLET_COLUMNS = list(TRIPLET_FEATURES)  # the schema's core columns, shared by every source
 KS = (1, 5, 10, 50)
 ROWS = ("stage 1", "+N", "+P", "+P+N")
 
