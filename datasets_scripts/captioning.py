@@ -13,7 +13,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from trainers.atomic import atomic_write_bytes, atomic_write_json
+from modeling_spn4cir.atomic import atomic_write_bytes, atomic_write_json
 
 MANIFEST = "manifest.json"
 

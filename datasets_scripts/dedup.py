@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from trainers.atomic import atomic_write_json
+from modeling_spn4cir.atomic import atomic_write_json
 
 from .common import IMAGE_EXTENSIONS
 

@@ -24,7 +24,7 @@ from transformers import HfArgumentParser
 from datasets_scripts.common import TRIPLET_FEATURES
 from datasets_scripts.load import load_cir_data
 from modeling_spn4cir.loading import load_cir_model_and_processor
-from trainers.atomic import atomic_write_json
+from modeling_spn4cir.atomic import atomic_write_json
 from trainers.cir_trainer import CIRTrainer, CIRTrainingArguments
 from trainers.evaluation import CIREvaluator
 

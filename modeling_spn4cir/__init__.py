@@ -1,25 +1,48 @@
-"""spn4cir model families. Importing this package registers them with the transformers Auto classes."""
+"""spn4cir model families, one folder each. Importing this package registers them with the transformers Auto
+classes; saved directories carry their code (`auto_map`), so they also load with `trust_remote_code=True`
+without this package."""
 
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoProcessor
 
-from .configuration_clip4cir import CLIP4CIRConfig, CLIP4CIRResNetConfig
-from .image_processing_clip4cir import CLIP4CIRImageProcessor
-from .modeling_clip4cir import CLIP4CIRModel, CLIP4CIROutput, CLIP4CIRPreTrainedModel, Combiner
-from .processing_clip4cir import CLIP4CIRProcessor
+from .cir_contract import CIRModelMixin, CIRModelOutput, dot_similarity, max_token_similarity
+from .clip4cir import (
+    CLIP4CIRConfig,
+    CLIP4CIRImageProcessor,
+    CLIP4CIRModel,
+    CLIP4CIROutput,
+    CLIP4CIRPreTrainedModel,
+    CLIP4CIRProcessor,
+    CLIP4CIRResNetConfig,
+    Combiner,
+)
 
-AutoConfig.register(CLIP4CIRConfig.model_type, CLIP4CIRConfig, exist_ok=True)
-AutoConfig.register(CLIP4CIRResNetConfig.model_type, CLIP4CIRResNetConfig, exist_ok=True)
-AutoModel.register(CLIP4CIRConfig, CLIP4CIRModel, exist_ok=True)
-AutoImageProcessor.register(CLIP4CIRConfig, image_processor_classes={"pil": CLIP4CIRImageProcessor}, exist_ok=True)
-AutoProcessor.register(CLIP4CIRConfig, CLIP4CIRProcessor, exist_ok=True)
 
-# Saved directories carry the code (auto_map), so they load with trust_remote_code=True without this package.
-CLIP4CIRConfig.register_for_auto_class()
-CLIP4CIRModel.register_for_auto_class("AutoModel")
-CLIP4CIRImageProcessor.register_for_auto_class("AutoImageProcessor")
-CLIP4CIRProcessor.register_for_auto_class("AutoProcessor")
+def register_family(config_class, model_class, processor_class=None, image_processor_class=None, sub_configs=()):
+    """Register one family with the Auto classes and for `trust_remote_code` saving."""
+    AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
+    for sub_config in sub_configs:
+        AutoConfig.register(sub_config.model_type, sub_config, exist_ok=True)
+    AutoModel.register(config_class, model_class, exist_ok=True)
+    config_class.register_for_auto_class()
+    model_class.register_for_auto_class("AutoModel")
+    if image_processor_class is not None:
+        AutoImageProcessor.register(config_class, image_processor_classes={"pil": image_processor_class},
+                                    exist_ok=True)
+        image_processor_class.register_for_auto_class("AutoImageProcessor")
+    if processor_class is not None:
+        AutoProcessor.register(config_class, processor_class, exist_ok=True)
+        processor_class.register_for_auto_class("AutoProcessor")
+
+
+register_family(CLIP4CIRConfig, CLIP4CIRModel, CLIP4CIRProcessor, CLIP4CIRImageProcessor,
+                sub_configs=(CLIP4CIRResNetConfig,))
 
 __all__ = [
+    "CIRModelMixin",
+    "CIRModelOutput",
+    "dot_similarity",
+    "max_token_similarity",
+    "register_family",
     "CLIP4CIRConfig",
     "CLIP4CIRResNetConfig",
     "CLIP4CIRModel",

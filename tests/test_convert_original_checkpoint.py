@@ -10,7 +10,7 @@ from transformers import AutoModel, AutoProcessor
 
 import modeling_spn4cir  # noqa: F401
 from modeling_spn4cir import CLIP4CIRImageProcessor, CLIP4CIRModel, CLIP4CIRProcessor
-from modeling_spn4cir.convert_original_checkpoint import (
+from modeling_spn4cir.clip4cir.convert_clip4cir_original_checkpoint import (
     CheckpointMismatchError,
     convert_original_checkpoint,
     infer_config,

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save
 
-from .atomic import atomic_write_bytes, atomic_write_json
+from modeling_spn4cir.atomic import atomic_write_bytes, atomic_write_json
 from .data import ImageStore
 from .evaluator import encode_images
 

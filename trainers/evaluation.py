@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .atomic import atomic_write_json
+from modeling_spn4cir.atomic import atomic_write_json
 
 CIRR_RECALL_KS = (1, 5, 10, 50)
 CIRR_SUBSET_KS = (1, 2, 3)

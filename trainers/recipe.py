@@ -39,7 +39,7 @@ from modeling_spn4cir import (
     CLIP4CIRProcessor,
 )
 
-from .atomic import atomic_write_json
+from modeling_spn4cir.atomic import atomic_write_json
 from .cir_trainer import CIRTrainer, CIRTrainingArguments
 from .evaluation import PROTOCOLS
 from .evaluator import CIREvaluator

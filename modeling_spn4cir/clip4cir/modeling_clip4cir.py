@@ -8,40 +8,20 @@ Parameter names of the CLIP parts equal `transformers.CLIPModel`'s (`text_model.
 `vision_model.*`, `visual_projection`), so a CLIPModel state dict loads into this model unchanged.
 """
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import CLIPModel, CLIPTextModel, CLIPVisionModel
 from transformers import initialization as init
 from transformers.models.clip.modeling_clip import CLIPPreTrainedModel
-from transformers.utils import ModelOutput
 
+from .cir_contract import CIRModelMixin, CIRModelOutput
 from .configuration_clip4cir import CLIP4CIRConfig
 from .modeling_clip_resnet import AttentionPool2d, ModifiedResNet
 
 
-@dataclass
-class CLIP4CIROutput(ModelOutput):
-    """
-    Output of [`CLIP4CIRModel.forward`].
-
-    Args:
-        loss (`torch.FloatTensor` of shape `()`, *optional*):
-            In-batch InfoNCE (cross-entropy of `logits` against the diagonal); only when targets are given.
-        logits (`torch.FloatTensor` of shape `[B, B_t]`, *optional*):
-            `query_embeds @ target_embeds.T / temperature`; only when targets are given.
-        query_embeds (`torch.FloatTensor` of shape `[B, D]`):
-            L2-normalized composed queries.
-        target_embeds (`torch.FloatTensor` of shape `[B_t, D]`, *optional*):
-            L2-normalized target image embeddings.
-    """
-
-    loss: torch.FloatTensor | None = None
-    logits: torch.FloatTensor | None = None
-    query_embeds: torch.FloatTensor | None = None
-    target_embeds: torch.FloatTensor | None = None
+# CLIP4CIR returns the shared CIR output type.
+CLIP4CIROutput = CIRModelOutput
 
 
 class Combiner(nn.Module):
@@ -94,7 +74,7 @@ class CLIP4CIRPreTrainedModel(CLIPPreTrainedModel):
             init.normal_(module.positional_embedding, std=module.positional_embedding.shape[-1] ** -0.5)
 
 
-class CLIP4CIRModel(CLIP4CIRPreTrainedModel):
+class CLIP4CIRModel(CIRModelMixin, CLIP4CIRPreTrainedModel):
     """
     Composed image retrieval with a CLIP dual encoder.
 
@@ -204,25 +184,6 @@ class CLIP4CIRModel(CLIP4CIRPreTrainedModel):
             modules["combiner"] = self.combiner
         return modules
 
-    def query_side_parameters(self) -> list[nn.Parameter]:
-        """Parameters stage 2 trains (never the image tower)."""
-        return [p for module in self.query_side_modules().values() for p in module.parameters()]
-
-    def freeze_target_side(self) -> None:
-        """Stage 2: stop gradients into everything but `query_side_parameters()` and keep the image tower
-        in eval mode, so its BatchNorm statistics (ResNet) and dropout cannot change either."""
-        query_side = {id(p) for p in self.query_side_parameters()}
-        for parameter in self.parameters():
-            parameter.requires_grad_(id(parameter) in query_side)
-        self._target_side_frozen = True
-        self.train(self.training)
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        if getattr(self, "_target_side_frozen", False):
-            self.vision_model.eval()
-        return self
-
     def forward(
         self,
         input_ids: torch.LongTensor,
@@ -231,31 +192,22 @@ class CLIP4CIRModel(CLIP4CIRPreTrainedModel):
         reference_features: torch.Tensor | None = None,
         target_pixel_values: torch.FloatTensor | None = None,
         target_embeds: torch.Tensor | None = None,
-        return_loss: bool | None = None,
         **kwargs,
-    ) -> CLIP4CIROutput:
+    ) -> CIRModelOutput:
         """
         Args:
             input_ids, attention_mask: `[B, L]` modification texts.
             pixel_values: `[B, 3, S, S]` reference images (or pass `reference_features` `[B, D]`).
             target_pixel_values: `[B_t, 3, S, S]` target images (or pass `target_embeds` `[B_t, D]`).
-            return_loss: computes the in-batch InfoNCE (query i's positive is target i, so `B_t == B`)
-                when targets are given; defaults to True in that case.
 
         Returns:
-            [`CLIP4CIROutput`] with `query_embeds` `[B, D]` and, with targets, `target_embeds` `[B_t, D]`,
-            `logits` `[B, B_t]` and `loss`.
+            [`CIRModelOutput`] with `query_embeds` `[B, D]` and, with targets, `target_embeds` `[B_t, D]` and
+            `logits` `[B, B_t]` (`similarity / temperature`). SPN's losses are `trainers.losses` modules.
         """
         query_embeds = self.get_query_embeds(input_ids, attention_mask, reference_features, pixel_values)
         if target_embeds is None and target_pixel_values is not None:
             target_embeds = self.get_target_embeds(target_pixel_values)
-        logits = loss = None
-        if target_embeds is not None:
-            logits = query_embeds @ target_embeds.to(query_embeds.dtype).T / self.config.temperature
-            if return_loss is None or return_loss:
-                labels = torch.arange(logits.shape[0], device=logits.device)
-                loss = F.cross_entropy(logits, labels)
-        return CLIP4CIROutput(loss=loss, logits=logits, query_embeds=query_embeds, target_embeds=target_embeds)
+        return self.cir_output(query_embeds, target_embeds)
 
     # --------------------------------------------------------------------------------- construction
     @classmethod
