@@ -86,9 +86,14 @@ class EmbeddingAdapter:
     def device(self):
         return next(self.model.parameters()).device
 
-    @torch.no_grad()
     def encode_images(self, images) -> torch.Tensor:
-        pixels = self.image_processor(images, return_tensors="pt")["pixel_values"].to(self.device)
+        """PIL images -> `[B, D]` L2-normalized embeddings."""
+        return self.encode_pixels(self.image_processor(images, return_tensors="pt")["pixel_values"])
+
+    @torch.no_grad()
+    def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """`pixel_values` `[B, 3, S, S]` -> `[B, D]` L2-normalized embeddings (a CIR model's target embeddings)."""
+        pixels = pixels.to(self.device)
         if hasattr(self.model, "get_target_embeds"):
             return self.model.get_target_embeds(pixels).float().cpu()
         out = self.model.get_image_features(pixel_values=pixels)

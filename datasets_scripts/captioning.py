@@ -8,22 +8,14 @@ Captioning a real training set with an MLLM takes hours: results are written sha
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
 from modeling_spn4cir.atomic import atomic_write_bytes, atomic_write_json
+from modeling_spn4cir.distributed import world
 
 MANIFEST = "manifest.json"
-
-
-def _rank_world() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
 def _barrier():
@@ -50,7 +42,7 @@ def caption_corpus(corpus, captioner, cache_dir: str | Path, shard_size: int = 1
     shards = [ids[i:i + shard_size] for i in range(0, len(ids), shard_size)]
     manifest = {"num_images": len(ids), "shard_size": shard_size, "first_ids": ids[:3], "last_ids": ids[-3:],
                 "captioner": captioner_key(captioner)}
-    rank, world = _rank_world()
+    rank, world_size = world(from_env=True)
     manifest_path = cache_dir / MANIFEST
     if manifest_path.exists():
         stored = json.loads(manifest_path.read_text())
@@ -63,7 +55,7 @@ def caption_corpus(corpus, captioner, cache_dir: str | Path, shard_size: int = 1
     elif rank == 0:
         atomic_write_json(manifest_path, manifest, indent=1)
     columns = [c for c in corpus.column_names if c in ("image", "image_id", "category") or c == getattr(captioner, "column", None)]
-    mine = [i for i in range(len(shards)) if i % world == rank]
+    mine = [i for i in range(len(shards)) if i % world_size == rank]
     todo = [i for i in mine if not (cache_dir / f"captions-{i:05d}.jsonl").exists()]
     with tqdm(total=sum(len(shards[i]) for i in todo), desc=f"Captioning (rank {rank})",
               disable=not show_progress_bar) as bar:

@@ -47,10 +47,6 @@ def canonical_map(groups: list[list[str]]) -> dict[str, str]:
     return {image_id: group[0] for group in groups for image_id in group[1:]}
 
 
-def apply_canonical_map(image_id: str, mapping: dict[str, str]) -> str:
-    return mapping.get(image_id, image_id)
-
-
 def _iter_dataset(path: str, split: str):
     import datasets
 

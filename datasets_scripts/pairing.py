@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from modeling_spn4cir.ranking import rank_topk
+
 
 @dataclass
 class Pair:
@@ -83,10 +85,9 @@ def rank_window_pairs(
 def _torch_rankings(x: torch.Tensor, refs: list[int], depth: int, chunk_size: int):
     for start in range(0, len(refs), chunk_size):
         idx = torch.tensor(refs[start:start + chunk_size])
-        scores = x[idx] @ x.T
-        scores[torch.arange(len(idx)), idx] = float("inf")  # the reference itself is rank 0, even among copies
-        order = torch.sort(-scores, dim=1, stable=True).indices  # ties: lower index first
-        yield order[:, :depth].numpy()
+        # The reference itself is rank 0, even among exact copies; the others follow, ties by lower index.
+        others = rank_topk(x[idx], x, depth - 1, exclude=idx, chunk_size=chunk_size)
+        yield torch.cat([idx[:, None], others], dim=1).numpy()
 
 
 def _faiss_rankings(x: torch.Tensor, refs: list[int], depth: int, chunk_size: int):

@@ -12,24 +12,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import datasets
-import torch
-from tqdm.auto import tqdm
-
-from trainers.data import ImageStore
 
 from .captioning import caption_corpus
 from .common import SplitData, counts_table, write_cir_dataset
+from .image_store import ImageStore, encode_images
 from .pairing import random_pairs, rank_window_pairs
 from .templates import compose_modification_texts, resolve_templates
-
-
-def embed_corpus(encoder, images: ImageStore, image_ids: Sequence[str], batch_size: int = 64,
-                 show_progress_bar: bool = True) -> torch.Tensor:
-    """`[N, D]` embeddings of `image_ids` with `encoder.encode_images`."""
-    out = []
-    for start in tqdm(range(0, len(image_ids), batch_size), desc="Embedding images", disable=not show_progress_bar):
-        out.append(encoder.encode_images(images.images(image_ids[start:start + batch_size])))
-    return torch.cat(out)
 
 
 def generate_scaled_triplets(
@@ -55,7 +43,7 @@ def generate_scaled_triplets(
     Args:
         corpus: the training images (HF dataset with `image_id`, `image`, optional `category`).
         captioner: a captioner (`datasets_scripts.captioners`).
-        encoder: an object with `encode_images` for rank-window pairing (the paper: Unicom ViT-L/14; any
+        encoder: an object with `encode_pixels`, `image_processor` and `device` for rank-window pairing (the paper: Unicom ViT-L/14; any
             `EmbeddingAdapter`); unused when `rank_window` is None (random pairs).
         dataset: `fashioniq` / `cirr` / ... picks the default templates.
         reference_ids: restrict references to these images (`references_only`: the annotated references).
@@ -85,7 +73,9 @@ def generate_scaled_triplets(
     else:
         if encoder is None:
             raise ValueError("Rank-window pairing needs an image encoder (or pass rank_window=None for random pairs).")
-        embeddings = embed_corpus(encoder, images, image_ids, batch_size, show_progress_bar)
+        embeddings = encode_images(encoder.encode_pixels, images, image_ids, encoder.image_processor, batch_size,
+                                   device=encoder.device, desc="images for pairing",
+                                   show_progress_bar=show_progress_bar)
         pairs = rank_window_pairs(embeddings, references, rank_window[0], rank_window[1], k, seed,
                                   backend=backend, show_progress_bar=show_progress_bar)
 

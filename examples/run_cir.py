@@ -10,7 +10,13 @@
         --learning_rate 2e-5 --per_device_train_batch_size 256 --num_train_epochs 3 --output_dir out/stage2
     python examples/run_cir.py config.json                    # the same arguments from a JSON or YAML file
 
-Writes `all_results.json` (train and eval metrics, with the evaluation protocol) into `--output_dir`.
+Two modes:
+- with `--dataset` (and `--model_name_or_path`): train (`--stage in_batch` = SPN stage 1, `--stage candidate_bank` =
+  stage 2) and/or evaluate on a real benchmark or your own data, with every `transformers.TrainingArguments` option
+  plus SPN's (listed below). Writes `all_results.json` (train and eval metrics, with the evaluation protocol) into
+  `--output_dir`.
+- without `--dataset`: the built-in SPN recipe (stage 0 warm-up, stage 1, positive scaling, stage 2, the ablation
+  table) on a procedurally generated benchmark, on a CPU, in about 3 minutes; its options are listed at the end.
 """
 
 import json
@@ -26,7 +32,7 @@ from datasets_scripts.load import load_cir_data
 from modeling_spn4cir.loading import load_cir_model_and_processor
 from modeling_spn4cir.atomic import atomic_write_json
 from trainers.cir_trainer import CIRTrainer, CIRTrainingArguments
-from trainers.evaluation import CIREvaluator
+from trainers.evaluator import CIREvaluator
 
 TRIPLET_COLUMNS = list(TRIPLET_FEATURES)  # the schema's core columns, shared by every source
 
@@ -52,8 +58,22 @@ class DataArguments:
     submission_dir: str | None = field(default=None, metadata={"help": "where test-server files go (test splits)"})
 
 
+def build_parser() -> HfArgumentParser:
+    """The training arguments; `--help` also shows the no-dataset recipe's options."""
+    import argparse
+
+    from spn_recipe import recipe_parser
+
+    recipe_options = recipe_parser().format_help().split("options:", 1)[-1]
+    return HfArgumentParser(
+        (ModelArguments, DataArguments, CIRTrainingArguments), description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="options of the built-in recipe (no --dataset):" + recipe_options,
+    )
+
+
 def parse_args(argv):
-    parser = HfArgumentParser((ModelArguments, DataArguments, CIRTrainingArguments))
+    parser = build_parser()
     if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):
         load = parser.parse_json_file if argv[0].endswith(".json") else parser.parse_yaml_file
         return load(argv[0])
@@ -65,9 +85,12 @@ def parse_args(argv):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     config_file = len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml"))
+    if any(a in ("-h", "--help") for a in argv):
+        build_parser().print_help()
+        return None
     if not config_file and not any(a == "--dataset" or a.startswith("--dataset=") for a in argv):
-        # No dataset: the built-in SPN recipe on the synthetic benchmark (see trainers.recipe).
-        from trainers.recipe import main as recipe_main
+        # No dataset: the built-in SPN recipe on the synthetic benchmark (see spn_recipe/recipe.py).
+        from spn_recipe import main as recipe_main
 
         return recipe_main(argv)
     model_args, data_args, args = parse_args(argv)

@@ -13,6 +13,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 FIXTURES = Path(__file__).parent / "fixtures"
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+# The example scripts and the synthetic recipe (example code, not a package) import as the scripts do.
+if str(EXAMPLES) not in sys.path:
+    sys.path.insert(0, str(EXAMPLES))
 
 TINY_TEXT = dict(
     vocab_size=99,
@@ -78,7 +82,7 @@ def tower_fusion(request):
 
 def tiny_tokenizer(texts=("a red circle", "make it blue", "the square should be green instead")):
     """A word-level tokenizer built with `tokenizers` (no download): <pad>=0, <unk>=1, <sot>=2, <eot>=3."""
-    from trainers.tokenizer import train_word_tokenizer
+    from spn_recipe.tokenizer import train_word_tokenizer
 
     return train_word_tokenizer(texts, model_max_length=16)
 

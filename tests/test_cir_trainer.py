@@ -10,7 +10,7 @@ import torch
 
 from modeling_spn4cir.loading import load_cir_model_and_processor
 from trainers.cir_trainer import CIRTrainer, CIRTrainingArguments
-from trainers.evaluation import CIREvaluator
+from trainers.evaluator import CIREvaluator
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 import run_cir  # noqa: E402

@@ -52,23 +52,42 @@ def test_candidate_bank_full_equals_naive():
     assert float(loss) == pytest.approx(naive, rel=1e-9)
 
 
-def test_candidate_bank_sampled_negatives():
-    q, bank = _unit(64, 8, 6), _unit(10, 8, 7)
-    idx = torch.randint(10, (64,), generator=torch.Generator().manual_seed(0))
-    loss_fn = CandidateBankLoss(bank, temperature=0.05, num_negatives=9)
-    # reproduce the loss's own draw to recompute it naively
-    torch.manual_seed(0)
-    draws = torch.randint(9, (64, 9))
-    torch.manual_seed(0)
-    loss = loss_fn(q, idx)
-    negatives = draws + (draws >= idx[:, None]).long()
-    assert not (negatives == idx[:, None]).any() and negatives.max() < 10
-    naive = 0.0
-    for i in range(64):
-        cand = [int(idx[i])] + negatives[i].tolist()
-        scores = [float(q[i] @ bank[c]) / 0.05 for c in cand]
-        naive += -(scores[0] - math.log(sum(math.exp(s) for s in scores)))
-    assert float(loss) == pytest.approx(naive / 64, rel=1e-9)
+def test_sampled_negatives_are_a_uniform_subset_without_the_positive():
+    k, n = 12, 7
+    bank = _unit(k, 8, 7)
+    loss_fn = CandidateBankLoss(bank, temperature=0.05, num_negatives=n, generator=torch.Generator().manual_seed(0))
+    target = torch.tensor([3] * 6000)
+    negatives = loss_fn.sample_negatives(target)
+    assert negatives.shape == (6000, n)
+    assert not (negatives == 3).any() and negatives.min() >= 0 and negatives.max() < k
+    assert all(len(set(row)) == n for row in negatives.tolist())  # no repeats within a row (random.sample)
+    counts = torch.bincount(negatives.flatten(), minlength=k).double()
+    others = torch.cat([counts[:3], counts[4:]])
+    expected = 6000 * n / (k - 1)
+    chi2 = float(((others - expected) ** 2 / expected).sum())
+    assert chi2 < 31.3  # chi-square, 10 degrees of freedom, p = 0.0005: uniform over the other rows
+
+
+def test_all_other_rows_as_sampled_negatives_equal_the_full_bank_loss():
+    q, bank = _unit(16, 8, 6), _unit(10, 8, 7)
+    idx = torch.randint(10, (16,), generator=torch.Generator().manual_seed(0))
+    full = CandidateBankLoss(bank, temperature=0.05)(q, idx)
+    sampled = CandidateBankLoss(bank, temperature=0.05, num_negatives=9)(q, idx)  # every other row, shuffled
+    torch.testing.assert_close(sampled, full)
+
+
+def test_half_precision_bank_keeps_the_query_precision():
+    q, bank = _unit(16, 8, 6).float().requires_grad_(), _unit(10, 8, 7).float()
+    idx = torch.randint(10, (16,), generator=torch.Generator().manual_seed(0))
+    for dtype in (torch.float16, torch.bfloat16):
+        loss = CandidateBankLoss(bank.to(dtype), temperature=0.05)(q, idx)
+        assert loss.dtype == torch.float32
+        reference = CandidateBankLoss(bank.to(dtype).float(), temperature=0.05)(q, idx)
+        assert float(loss) == float(reference)  # scored in fp32 against the stored values
+
+
+def test_num_negatives_must_leave_the_positive_out():
+    bank = _unit(10, 8, 7)
     with pytest.raises(ValueError, match="num_negatives"):
         CandidateBankLoss(bank, num_negatives=10)
 
@@ -90,11 +109,10 @@ def global_batch(model, n=8):
 def stage_loss(forward_model, model, batch, stage):
     if stage == "in_batch":
         out = forward_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                            pixel_values=batch["pixel_values"], target_pixel_values=batch["target_pixel_values"],
-                            return_loss=False)
+                            pixel_values=batch["pixel_values"], target_pixel_values=batch["target_pixel_values"])
         return InBatchInfoNCELoss(model.config.temperature)(out.query_embeds, out.target_embeds, batch["target_keys"])
     out = forward_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                        reference_features=batch["reference_features"], return_loss=False)
+                        reference_features=batch["reference_features"])
     return CandidateBankLoss(batch["bank"], model.config.temperature)(out.query_embeds, batch["target_index"])
 
 

@@ -87,10 +87,18 @@ class ColourEncoder:
     """An encoder with known geometry: an image's embedding is its mean colour; a phrase's is its colour word."""
 
     COLOURS = {"red": (1.0, 0.0, 0.0), "green": (0.0, 1.0, 0.0), "blue": (0.0, 0.0, 1.0)}
+    device = "cpu"
+
+    @staticmethod
+    def image_processor(images, return_tensors="pt"):
+        arrays = [np.asarray(im.convert("RGB").resize((4, 4)), dtype=np.float32).transpose(2, 0, 1) for im in images]
+        return {"pixel_values": torch.tensor(np.stack(arrays))}
+
+    def encode_pixels(self, pixels):
+        return torch.nn.functional.normalize(pixels.mean((2, 3)), dim=-1)
 
     def encode_images(self, images):
-        x = torch.tensor(np.stack([np.asarray(im.convert("RGB"), dtype=np.float32).mean((0, 1)) for im in images]))
-        return torch.nn.functional.normalize(x, dim=-1)
+        return self.encode_pixels(self.image_processor(images)["pixel_values"])
 
     def encode_texts(self, texts):
         x = torch.tensor([[c for w in t.split() if w in self.COLOURS for c in self.COLOURS[w]][:3] or [0.1, 0.1, 0.1]

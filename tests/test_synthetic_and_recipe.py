@@ -6,7 +6,7 @@ import datasets
 import pytest
 
 from datasets_scripts.synthetic import MODIFICATIONS, build_synthetic
-from trainers.recipe import ROWS, RecipeConfig, run_default_recipe
+from spn_recipe import ROWS, RecipeConfig, run_default_recipe
 
 
 def _objects(scene_json):

@@ -20,9 +20,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save
 
+from datasets_scripts.image_store import ImageStore, encode_images
 from modeling_spn4cir.atomic import atomic_write_bytes, atomic_write_json
-from .data import ImageStore
-from .evaluator import encode_images
 
 logger = logging.getLogger(__name__)
 
@@ -32,8 +31,10 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 @dataclass
 class CandidateBank:
-    """`image_ids[i]` has target embedding `target_embeds[i]` `[K, D]` and reference features
-    `reference_features[i]` (`[K, D]` or `[K, T, H]`); `dedup_map` sends duplicate ids to their canonical id."""
+    """`image_ids[i]` has target embedding `target_embeds[i]` (`[K, D]`, or `[K, Q, D]` for multi-vector
+    families) and reference features `reference_features[i]` (whatever shape the family's
+    `get_reference_features` returns per image: `[K, D]`, `[K, T, H]`, ...); `dedup_map` sends duplicate ids to
+    their canonical id."""
 
     image_ids: list[str]
     target_embeds: torch.Tensor
@@ -112,6 +113,7 @@ def load_or_build_candidate_bank(
     batch_size: int = 64,
     dedup_map: dict[str, str] | None = None,
     show_progress_bar: bool = True,
+    num_workers: int = 0,
 ) -> CandidateBank:
     """Load the bank from `bank_dir` if its fingerprint matches, else encode `image_ids` with the frozen towers
     (eval mode, no grad, batched, progress bar) and store it there (atomically)."""
@@ -136,11 +138,13 @@ def load_or_build_candidate_bank(
     was_training = model.training
     model.eval()
     try:
-        target, reference = encode_images(model, images.images, image_ids, image_processor, batch_size,
-                                          show_progress_bar=show_progress_bar, desc="candidate bank")
+        target, reference = encode_images(
+            model.get_target_embeds_and_reference_features, images, image_ids, image_processor, batch_size,
+            num_workers, device=next(model.parameters()).device, dtype=DTYPES[dtype],
+            show_progress_bar=show_progress_bar, desc="candidate bank",
+        )
     finally:
         model.train(was_training)
-    target, reference = target.to(DTYPES[dtype]), reference.to(DTYPES[dtype])
     if bank_dir is not None:
         # The fingerprint goes last and the old one first: a crash in between leaves no valid pair behind.
         (bank_dir / "bank.json").unlink(missing_ok=True)

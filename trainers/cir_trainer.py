@@ -1,6 +1,7 @@
 """`CIRTrainer`: a thin `transformers.Trainer` for SPN's two stages.
 
-- `stage="in_batch"` (stage 1): query and target towers trained with `InBatchInfoNCELoss`.
+- `stage="in_batch"` (stage 1): query and target towers trained with the family's stage-1 objective
+  (`config.stage1_loss`: `InBatchInfoNCELoss` unless the family brings its own, see `trainers.losses`).
 - `stage="candidate_bank"` (stage 2): the target side is frozen, every training image is encoded once into a
   `CandidateBank`, and only `model.query_side_parameters()` are trained with `CandidateBankLoss`; batches
   carry bank rows, so no image is decoded or encoded while training.
@@ -18,10 +19,12 @@ from pathlib import Path
 
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
+from datasets_scripts.image_store import ImageStore
+
 from .candidate_bank import CandidateBank, bank_image_ids, load_or_build_candidate_bank
-from .data import CIRCollator, ImageStore
+from .data import CIRCollator
 from .evaluation import PROTOCOLS
-from .losses import CandidateBankLoss, InBatchInfoNCELoss
+from .losses import CandidateBankLoss, stage1_loss_for
 
 logger = logging.getLogger(__name__)
 STAGES = ("in_batch", "candidate_bank")
@@ -32,7 +35,9 @@ class CIRTrainingArguments(TrainingArguments):
     """`TrainingArguments` plus SPN's knobs."""
 
     stage: str = field(default="in_batch", metadata={"help": "in_batch (stage 1) or candidate_bank (stage 2)"})
-    temperature: float | None = field(default=None, metadata={"help": "InfoNCE tau; default: the model config's"})
+    temperature: float | None = field(default=None, metadata={
+        "help": "InfoNCE tau; default: the model config's. Written into the model config, so the saved "
+                "checkpoint records the tau it was trained with"})
     bank_dir: str | None = field(default=None, metadata={"help": "where the stage-2 bank is cached (fingerprinted)"})
     bank_dtype: str = field(default="float32", metadata={"help": "float32, float16 or bfloat16"})
     num_negatives: int | None = field(default=None, metadata={"help": "stage 2: sampled negatives (default: whole bank)"})
@@ -81,7 +86,9 @@ class CIRTrainer(Trainer):
         self.images = ImageStore(*corpora)
         self.evaluator = evaluator
         self.model_card_info = dict(model_card_info or {})
-        self.temperature = args.temperature or model.config.temperature
+        if args.temperature is not None:
+            model.config.temperature = args.temperature  # one tau: the loss's is the one the checkpoint records
+        self.temperature = model.config.temperature
         if evaluator is not None and args.metric_for_best_model is None:
             args.metric_for_best_model = evaluator.primary_metric  # the dataset's headline number
             args.greater_is_better = True
@@ -95,12 +102,14 @@ class CIRTrainer(Trainer):
                         model, self.images, bank_image_ids([train_dataset], dedup_map), processor.image_processor,
                         bank_dir=args.bank_dir, dtype=args.bank_dtype, batch_size=args.per_device_eval_batch_size,
                         dedup_map=dedup_map, show_progress_bar=not args.disable_tqdm,
+                        num_workers=args.dataloader_num_workers,
                     )
             self.bank = bank
-            self.loss_fn = CandidateBankLoss(bank.target_embeds, self.temperature, args.num_negatives) if bank else None
+            self.loss_fn = (CandidateBankLoss(bank.target_embeds, self.temperature, args.num_negatives,
+                                              similarity=model.similarity) if bank else None)
         else:
             self.bank = None
-            self.loss_fn = InBatchInfoNCELoss(self.temperature)
+            self.loss_fn = stage1_loss_for(model, self.temperature, similarity=model.similarity)
         collator = CIRCollator(
             processor.tokenizer, args.stage, image_processor=processor.image_processor, images=self.images,
             bank=self.bank, join_annotated_captions=join_annotated_captions, max_length=args.max_text_length,
@@ -128,14 +137,15 @@ class CIRTrainer(Trainer):
         return super().create_optimizer() if model is None else super().create_optimizer(model)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        # The model always runs through forward (so DDP sees it); the loss module says what extra outputs it needs.
         if self.args.stage == "in_batch":
             keys = inputs.pop("target_keys", None)
-            outputs = model(**inputs, return_loss=False)
-            loss = self.loss_fn(outputs.query_embeds, outputs.target_embeds, keys)
+            outputs = model(**inputs, **getattr(self.loss_fn, "model_kwargs", {}))
+            loss = getattr(self.loss_fn, "loss_from_outputs", self.loss_fn)(outputs, keys)
         else:
             target_index = inputs.pop("target_index")
-            outputs = model(**inputs, return_loss=False)
-            loss = self.loss_fn(outputs.query_embeds, target_index)
+            outputs = model(**inputs)
+            loss = self.loss_fn(outputs.query_embeds, target_index, getattr(outputs, "temperature", None))
         return (loss, outputs) if return_outputs else loss
 
     # ----------------------------------------------------------------------------------- evaluation
@@ -194,4 +204,4 @@ Trained with `spn4cir` (SPN: Feng et al., ACM MM 2024) — {stage[self.args.stag
 """
 
 
-__all__ = ["CIRTrainer", "CIRTrainingArguments", "PROTOCOLS"]
+__all__ = ["CIRTrainer", "CIRTrainingArguments", "PROTOCOLS", "STAGES"]

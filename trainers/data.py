@@ -1,70 +1,15 @@
-"""Training data plumbing: image lookup by id, and the collator of both stages."""
+"""The collator of both SPN stages (and the per-image keys it uses for duplicate masking)."""
 
 from __future__ import annotations
 
 import hashlib
 import random
-from collections.abc import Sequence
 
 import torch
 
+from datasets_scripts.image_store import ImageStore
+
 from .text import compose_text
-
-
-class ImageStore:
-    """Images of a corpus (HF dataset with `image_id`, `image`) by id; ids missing from it are a clear error.
-
-    Several corpora can be stacked (annotated + generated data); the first one holding an id wins.
-    """
-
-    def __init__(self, *corpora):
-        self._corpora = [c for c in corpora if c is not None]
-        self._where: dict[str, tuple[int, int]] = {}
-        self._undecoded: dict[int, object] = {}
-        for ci, corpus in enumerate(self._corpora):
-            for row, image_id in enumerate(corpus["image_id"]):
-                self._where.setdefault(image_id, (ci, row))
-
-    def __contains__(self, image_id: str) -> bool:
-        return image_id in self._where
-
-    def __len__(self) -> int:
-        return len(self._where)
-
-    def check(self, image_ids, what: str = "images") -> None:
-        missing = [i for i in dict.fromkeys(image_ids) if i not in self._where]
-        if missing:
-            raise ValueError(
-                f"{len(missing)} {what} are not in the corpus (first: {missing[:5]}); the corpus config of the "
-                "dataset must list every image its triplets use."
-            )
-
-    def images(self, image_ids: Sequence[str]):
-        """PIL RGB images, in the order of `image_ids`."""
-        self.check(image_ids)
-        out = []
-        for image_id in image_ids:
-            ci, row = self._where[image_id]
-            image = self._corpora[ci][row]["image"]
-            out.append(image if image.mode == "RGB" else image.convert("RGB"))
-        return out
-
-    def raw(self, image_id: str) -> tuple[bytes, str | None]:
-        """The stored (encoded) bytes of an image and its file name, without decoding it."""
-        import datasets
-
-        ci, row = self._where[image_id]
-        if ci not in self._undecoded:
-            self._undecoded[ci] = self._corpora[ci].cast_column("image", datasets.Image(decode=False))
-        value = self._undecoded[ci][row]["image"]
-        if value.get("bytes") is not None:
-            return value["bytes"], value.get("path")
-        with open(value["path"], "rb") as f:
-            return f.read(), value["path"]
-
-    def raw_bytes(self, image_id: str) -> bytes:
-        """The stored (encoded) bytes of an image, for content fingerprints without decoding."""
-        return self.raw(image_id)[0]
 
 
 def image_key(image_id: str) -> int:

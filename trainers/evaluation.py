@@ -4,8 +4,10 @@ Every number equals the reference implementations' (CLIP4Cir `validate.py`, SPN4
 evaluation server, CIRCO `evaluation.py`), including their float arithmetic: a recall is computed as
 `(hits_tensor / n_queries).item() * 100` (a float32 ratio, as the reference code does).
 
-Ranking (`rank_gallery`) is exact cosine similarity, computed in query chunks with `torch.topk`, in memory
-O(chunk * M + N * k); no N x M argsort and no N x M array of strings. **Ties** are broken by gallery order:
+Ranking (`rank_gallery`, on `modeling_spn4cir.ranking.rank_topk`) is exact, computed in query chunks with
+`torch.topk`, in memory O(chunk * M + N * k); no N x M argsort and no N x M array of strings. Scores are cosine
+similarity by default, or a CIR model's own `similarity` (`similarity=model.similarity`, e.g. SPRC's max over
+target tokens, where `gallery_embeds` is `[M, Q, D]`). **Ties** are broken by gallery order:
 of two gallery images with the same score, the one listed first in `gallery_ids` ranks higher. (The reference
 code uses an unstable argsort, so on exact ties it has no defined order; with float features ties are rare.)
 
@@ -29,12 +31,12 @@ import torch
 import torch.nn.functional as F
 
 from modeling_spn4cir.atomic import atomic_write_json
+from modeling_spn4cir.ranking import DEFAULT_CHUNK_SIZE, Similarity, rank_candidates, rank_topk
 
 CIRR_RECALL_KS = (1, 5, 10, 50)
 CIRR_SUBSET_KS = (1, 2, 3)
 FASHIONIQ_KS = (10, 50)
 CIRCO_KS = (5, 10, 25, 50)
-DEFAULT_CHUNK_SIZE = 512
 
 PROTOCOLS = {
     "fashioniq": "FashionIQ val, category gallery = split.{cat}.val.json, reference kept in the ranking "
@@ -84,14 +86,14 @@ def _lookup(index: dict[str, int], ids: Sequence[str], what: str) -> torch.Tenso
 
 
 def _check_embeddings(query_embeds: torch.Tensor, gallery_embeds: torch.Tensor, gallery_ids, n_queries: int):
-    if query_embeds.ndim != 2 or gallery_embeds.ndim != 2:
+    if query_embeds.ndim != 2 or gallery_embeds.ndim not in (2, 3):
         raise ValueError(
-            f"query_embeds must be [N, D] and gallery_embeds [M, D]; got {tuple(query_embeds.shape)} and "
-            f"{tuple(gallery_embeds.shape)}."
+            f"query_embeds must be [N, D] and gallery_embeds [M, D] (or [M, Q, D]); got {tuple(query_embeds.shape)} "
+            f"and {tuple(gallery_embeds.shape)}."
         )
-    if query_embeds.shape[1] != gallery_embeds.shape[1]:
+    if query_embeds.shape[1] != gallery_embeds.shape[-1]:
         raise ValueError(
-            f"Embedding dimensions differ: queries {query_embeds.shape[1]}, gallery {gallery_embeds.shape[1]}."
+            f"Embedding dimensions differ: queries {query_embeds.shape[1]}, gallery {gallery_embeds.shape[-1]}."
         )
     if gallery_embeds.shape[0] != len(gallery_ids):
         raise ValueError(f"{gallery_embeds.shape[0]} gallery embeddings but {len(gallery_ids)} gallery_ids.")
@@ -100,21 +102,12 @@ def _check_embeddings(query_embeds: torch.Tensor, gallery_embeds: torch.Tensor, 
 
 
 # --------------------------------------------------------------------------------------------- ranking
-def _stable_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Top-k column indices of each row of `scores` `[c, M]`, by score descending, ties by lower index."""
-    values, indices = scores.topk(k, dim=1)
-    threshold = values[:, -1:]
-    # Order the k winners by index, then stable-sort by score: equal scores keep index order.
-    indices = indices.sort(dim=1).values
-    order = torch.sort(-scores.gather(1, indices), dim=1, stable=True).indices
-    indices = indices.gather(1, order)
-    # A tie at the k-th score can leave out a lower-index candidate that topk did not pick; redo those rows.
-    at_least = (scores >= threshold).sum(dim=1)
-    for row in torch.nonzero(at_least > k).flatten().tolist():
-        candidates = torch.nonzero(scores[row] >= threshold[row]).flatten()
-        order = torch.sort(-scores[row, candidates], stable=True).indices[:k]
-        indices[row] = candidates[order]
-    return indices
+def _scoring(query_embeds, gallery_embeds, similarity):
+    """Inputs and rule of the ranker: cosine (both sides normalized, float32) unless a similarity is given."""
+    if similarity is None:
+        queries = F.normalize(query_embeds.detach().float(), dim=-1)
+        return queries, F.normalize(gallery_embeds.detach().float(), dim=-1).to(queries.device), None
+    return query_embeds.detach(), gallery_embeds.detach().to(query_embeds.device), similarity
 
 
 def rank_gallery(
@@ -123,46 +116,33 @@ def rank_gallery(
     k: int,
     exclude: torch.Tensor | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    similarity: Similarity | None = None,
 ) -> torch.Tensor:
     """
-    Exact cosine top-k.
+    Exact top-k by cosine similarity (or by `similarity`).
 
     Args:
-        query_embeds: `[N, D]`, gallery_embeds: `[M, D]` (any float dtype; normalized here).
+        query_embeds: `[N, D]`, gallery_embeds: `[M, D]` (or `[M, Q, D]` with a token-level `similarity`).
         k: ranking depth (capped at the number of rankable gallery images).
         exclude: `[N]` gallery index to delete from each query's ranking (the reference), or None.
         chunk_size: queries scored at once; memory is O(chunk_size * M + N * k).
+        similarity: a CIR model's `similarity`; default cosine (inputs normalized here).
 
     Returns:
         `[N, min(k, M - (exclude is not None))]` gallery indices, best first, ties by lower index.
     """
-    queries = F.normalize(query_embeds.detach().float(), dim=-1)
-    gallery = F.normalize(gallery_embeds.detach().float(), dim=-1).to(queries.device)
-    n, m = queries.shape[0], gallery.shape[0]
-    k = min(k, m - (1 if exclude is not None else 0))
-    ranked = torch.empty(n, max(k, 0), dtype=torch.long)
-    if k <= 0:
-        return ranked
-    for start in range(0, n, chunk_size):
-        scores = queries[start : start + chunk_size] @ gallery.T
-        if exclude is not None:
-            rows = torch.arange(scores.shape[0], device=scores.device)
-            scores[rows, exclude[start : start + chunk_size].to(scores.device)] = float("-inf")
-        ranked[start : start + scores.shape[0]] = _stable_topk(scores, k).cpu()
-    return ranked
+    queries, gallery, similarity = _scoring(query_embeds, gallery_embeds, similarity)
+    return rank_topk(queries, gallery, k, similarity, exclude, chunk_size)
 
 
 def rank_subsets(
-    query_embeds: torch.Tensor, gallery_embeds: torch.Tensor, subset_indices: torch.Tensor
+    query_embeds: torch.Tensor, gallery_embeds: torch.Tensor, subset_indices: torch.Tensor,
+    similarity: Similarity | None = None,
 ) -> torch.Tensor:
     """Rank each query's own candidate set: `subset_indices` `[N, S]` gallery indices -> the same indices
     reordered by score (ties by lower gallery index), i.e. the full ranking restricted to the set."""
-    queries = F.normalize(query_embeds.detach().float(), dim=-1)
-    gallery = F.normalize(gallery_embeds.detach().float(), dim=-1)
-    subset_indices = subset_indices.sort(dim=1).values
-    scores = torch.einsum("nd,nsd->ns", queries, gallery[subset_indices])
-    order = torch.sort(-scores, dim=1, stable=True).indices
-    return subset_indices.gather(1, order)
+    queries, gallery, similarity = _scoring(query_embeds, gallery_embeds, similarity)
+    return rank_candidates(queries, gallery, subset_indices, similarity)
 
 
 def _target_positions(ranked: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -187,11 +167,12 @@ def fashioniq_metrics(
     target_ids: Sequence[str],
     remove_reference: bool = False,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    similarity: Similarity | None = None,
 ) -> dict[str, float]:
     """FashionIQ `recall@10`, `recall@50` (percent) for one category. `remove_reference=False` is the
     CLIP4Cir / TG-CIR / BLIP4CIR / SPRC protocol, `True` SPN4CIR's CLIP4CIR protocol."""
     return recall_metrics(query_embeds, gallery_embeds, gallery_ids, reference_ids, target_ids, FASHIONIQ_KS,
-                          remove_reference, chunk_size)
+                          remove_reference, chunk_size, similarity)
 
 
 def fashioniq_average(per_category: dict[str, dict[str, float]]) -> dict[str, float]:
@@ -228,6 +209,7 @@ def cirr_metrics(
     target_ids: Sequence[str],
     group_members: Sequence[Sequence[str]],
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    similarity: Similarity | None = None,
 ) -> dict[str, float]:
     """CIRR `recall@1/5/10/50`, `recall_subset@1/2/3` and `average` = (recall@5 + recall_subset@1) / 2, in
     percent. The reference is deleted from every ranking; the subset is the group minus the reference."""
@@ -239,9 +221,10 @@ def cirr_metrics(
     index = _gallery_index(gallery_ids)
     targets = _lookup(index, target_ids, "target")
     references = _lookup(index, reference_ids, "reference")
-    ranked = rank_gallery(query_embeds, gallery_embeds, max(CIRR_RECALL_KS), references, chunk_size)
+    ranked = rank_gallery(query_embeds, gallery_embeds, max(CIRR_RECALL_KS), references, chunk_size, similarity)
     positions = _target_positions(ranked, targets)
-    subset = rank_subsets(query_embeds, gallery_embeds, _subset_without_reference(index, group_members, reference_ids))
+    subset = rank_subsets(query_embeds, gallery_embeds, _subset_without_reference(index, group_members, reference_ids),
+                          similarity)
     subset_positions = _target_positions(subset, targets)
     metrics = {f"recall@{k}": _recall(positions, k) for k in CIRR_RECALL_KS}
     metrics |= {f"recall_subset@{k}": _recall(subset_positions, k) for k in CIRR_SUBSET_KS}
@@ -268,6 +251,7 @@ def circo_metrics(
     reference_ids: Sequence[str],
     target_ids_list: Sequence[Sequence[str]],
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    similarity: Similarity | None = None,
 ) -> dict[str, float]:
     """CIRCO `map@5/10/25/50` (percent), reference deleted from the ranking; `target_ids_list[i]` are the
     ground truths of query i (`gt_img_ids`)."""
@@ -279,7 +263,7 @@ def circo_metrics(
     if any(len(p) == 0 for p in positives):
         raise ValueError("Every CIRCO query needs at least one ground-truth id in target_ids_list.")
     references = _lookup(index, reference_ids, "reference")
-    ranked = rank_gallery(query_embeds, gallery_embeds, max(CIRCO_KS), references, chunk_size)
+    ranked = rank_gallery(query_embeds, gallery_embeds, max(CIRCO_KS), references, chunk_size, similarity)
     return _mean_average_precision(ranked, positives)
 
 
@@ -292,6 +276,7 @@ def recall_metrics(
     ks: Sequence[int] = CIRR_RECALL_KS,
     remove_reference: bool = True,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    similarity: Similarity | None = None,
 ) -> dict[str, float]:
     """`recall@K` (percent): hit if the target is in the top K. The FashionIQ metric, and the generic one for
     datasets without an official protocol (e.g. the synthetic benchmark)."""
@@ -301,7 +286,7 @@ def recall_metrics(
     index = _gallery_index(gallery_ids)
     targets = _lookup(index, target_ids, "target")
     exclude = _lookup(index, reference_ids, "reference") if remove_reference else None
-    ranked = rank_gallery(query_embeds, gallery_embeds, max(ks), exclude, chunk_size)
+    ranked = rank_gallery(query_embeds, gallery_embeds, max(ks), exclude, chunk_size, similarity)
     positions = _target_positions(ranked, targets)
     return {f"recall@{k}": _recall(positions, k) for k in ks}
 
@@ -345,13 +330,15 @@ def cirr_predictions(
     group_members: Sequence[Sequence[str]],
     k: int = 50,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    similarity: Similarity | None = None,
 ) -> tuple[list[list[str]], list[list[str]]]:
     """Top-`k` gallery ids (reference removed) and the top-3 subset ids of each query."""
     _check_embeddings(query_embeds, gallery_embeds, gallery_ids, len(reference_ids))
     index = _gallery_index(gallery_ids)
     references = _lookup(index, reference_ids, "reference")
-    ranked = rank_gallery(query_embeds, gallery_embeds, k, references, chunk_size)
-    subset = rank_subsets(query_embeds, gallery_embeds, _subset_without_reference(index, group_members, reference_ids))
+    ranked = rank_gallery(query_embeds, gallery_embeds, k, references, chunk_size, similarity)
+    subset = rank_subsets(query_embeds, gallery_embeds, _subset_without_reference(index, group_members, reference_ids),
+                          similarity)
     ids = list(gallery_ids)
     return (
         [[ids[i] for i in row] for row in ranked.tolist()],
@@ -368,12 +355,14 @@ def write_cirr_submission(
     group_members: Sequence[Sequence[str]],
     output_dir: str | os.PathLike,
     name: str = "spn4cir",
+    similarity: Similarity | None = None,
 ) -> tuple[Path, Path]:
     """Write the two CIRR test-server files (`recall_submission_<name>.json`, top-50 ids, and
     `recall_subset_submission_<name>.json`, top-3 subset ids), reference excluded, keys `str(pairid)`."""
     if len(pair_ids) != len(set(map(str, pair_ids))):
         raise ValueError("pair_ids must be unique (one CIRR test query per pairid).")
-    top50, top3 = cirr_predictions(query_embeds, gallery_embeds, gallery_ids, reference_ids, group_members)
+    top50, top3 = cirr_predictions(query_embeds, gallery_embeds, gallery_ids, reference_ids, group_members,
+                                   similarity=similarity)
     recall = {"version": "rc2", "metric": "recall"} | {str(p): r for p, r in zip(pair_ids, top50)}
     subset = {"version": "rc2", "metric": "recall_subset"} | {str(p): r for p, r in zip(pair_ids, top3)}
     output_dir = Path(output_dir)
@@ -390,12 +379,13 @@ def write_circo_submission(
     reference_ids: Sequence[str],
     query_ids: Sequence[int | str],
     path: str | os.PathLike,
+    similarity: Similarity | None = None,
 ) -> Path:
     """Write the CIRCO test-server file `{"<query id>": [top-50 gallery ids]}` (reference excluded)."""
     _check_embeddings(query_embeds, gallery_embeds, gallery_ids, len(query_ids))
     index = _gallery_index(gallery_ids)
     references = _lookup(index, reference_ids, "reference")
-    ranked = rank_gallery(query_embeds, gallery_embeds, 50, references)
+    ranked = rank_gallery(query_embeds, gallery_embeds, 50, references, similarity=similarity)
     ids = list(gallery_ids)
     return atomic_write_json(Path(path), {str(q): [ids[i] for i in row] for q, row in zip(query_ids, ranked.tolist())}, sort_keys=True)
 
@@ -417,12 +407,3 @@ __all__ = [
     "write_circo_submission",
 ]
 
-
-def __getattr__(name):
-    # `CIREvaluator` lives in `trainers.evaluator` (it uses the functions above); it is reachable from here
-    # because the contract names `trainers.evaluation` as its home. Lazy, to avoid a circular import.
-    if name == "CIREvaluator":
-        from .evaluator import CIREvaluator
-
-        return CIREvaluator
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -4,13 +4,13 @@ return the dataset's official metrics (sentence-transformers evaluator style).""
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from .data import ImageStore
+from datasets_scripts.image_store import ImageStore, encode_images
+
 from .evaluation import (
     PROTOCOLS,
     circo_metrics,
@@ -27,31 +27,6 @@ from .text import compose_text
 logger = logging.getLogger(__name__)
 
 HEADLINE = {"fashioniq": "average", "cirr": "average", "circo": "map@10", "recall": "recall@10"}
-
-
-def encode_images(model, images_of, image_ids: Sequence[str], image_processor, batch_size: int,
-                  desc: str = "images", show_progress_bar: bool = True):
-    """Encode `image_ids` in batches (no grad), keeping results on the CPU.
-
-    `images_of(ids) -> list[PIL.Image]` loads the images. Returns (`[M, D]` target embeds, `[M, ...]` reference
-    features), from one image-tower pass when the model offers `get_target_embeds_and_reference_features`.
-    """
-    device = next(model.parameters()).device
-    joint = getattr(model, "get_target_embeds_and_reference_features", None)
-    targets, references = [], []
-    for start in tqdm(range(0, len(image_ids), batch_size), desc=f"Encoding {desc}", disable=not show_progress_bar):
-        batch = list(image_ids[start : start + batch_size])
-        pixels = image_processor(images_of(batch), return_tensors="pt")["pixel_values"].to(device)
-        with torch.no_grad():
-            if joint is not None:
-                target, reference = joint(pixels)
-            else:
-                target, reference = model.get_target_embeds(pixels), model.get_reference_features(pixels)
-        targets.append(target.float().cpu())
-        references.append(reference.float().cpu())
-    if not targets:
-        raise ValueError(f"No images to encode for the {desc}.")
-    return torch.cat(targets), torch.cat(references)
 
 
 class CIREvaluator:
@@ -71,7 +46,8 @@ class CIREvaluator:
         submission_dir: for CIRR / CIRCO splits without targets, where to write test-server files.
 
     `evaluator(model)` puts the model in eval mode, encodes every gallery image once (features kept on the
-    CPU between batches), builds the queries from the cached reference features, and returns the metrics.
+    CPU between batches), builds the queries from the cached reference features, ranks with the model's own
+    `similarity`, and returns the metrics.
     """
 
     def __init__(
@@ -85,6 +61,7 @@ class CIREvaluator:
         text_mode: str | None = None,
         name: str = "",
         batch_size: int = 64,
+        num_workers: int = 0,
         max_length: int | None = None,
         submission_dir: str | None = None,
         show_progress_bar: bool = True,
@@ -98,6 +75,7 @@ class CIREvaluator:
         self.text_mode = text_mode or ("join" if protocol == "fashioniq" else "choice")
         self.name = name
         self.batch_size = batch_size
+        self.num_workers = num_workers
         self.max_length = max_length
         self.submission_dir = submission_dir
         self.show_progress_bar = show_progress_bar
@@ -145,7 +123,8 @@ class CIREvaluator:
         self.images.check(triplets["reference_id"], "reference images of the triplets")
         gallery_ids = list(dict.fromkeys(self.corpus["image_id"]))
         gallery, references = encode_images(
-            model, self.images.images, gallery_ids, self.image_processor, self.batch_size,
+            model.get_target_embeds_and_reference_features, self.images, gallery_ids, self.image_processor,
+            self.batch_size, self.num_workers, device=next(model.parameters()).device,
             show_progress_bar=self.show_progress_bar, desc="gallery",
         )
         position = {image_id: i for i, image_id in enumerate(gallery_ids)}
@@ -155,19 +134,22 @@ class CIREvaluator:
         has_targets = "target_id" in triplets.column_names and all(t is not None for t in triplets["target_id"])
 
         if self.protocol == "fashioniq":
-            return self._fashioniq(queries, gallery, position, reference_ids, list(triplets["target_id"]))
+            return self._fashioniq(queries, gallery, position, reference_ids, list(triplets["target_id"]),
+                                   model.similarity)
         if not has_targets:
-            return self._write_submission(queries, gallery, gallery_ids, reference_ids)
+            return self._write_submission(queries, gallery, gallery_ids, reference_ids, model.similarity)
         if self.protocol == "cirr":
             metrics = cirr_metrics(queries, gallery, gallery_ids, reference_ids, list(triplets["target_id"]),
-                                   list(triplets["group_members"]))
+                                   list(triplets["group_members"]), similarity=model.similarity)
         elif self.protocol == "circo":
-            metrics = circo_metrics(queries, gallery, gallery_ids, reference_ids, list(triplets["target_ids"]))
+            metrics = circo_metrics(queries, gallery, gallery_ids, reference_ids, list(triplets["target_ids"]),
+                                    similarity=model.similarity)
         else:
-            metrics = recall_metrics(queries, gallery, gallery_ids, reference_ids, list(triplets["target_id"]))
+            metrics = recall_metrics(queries, gallery, gallery_ids, reference_ids, list(triplets["target_id"]),
+                                     similarity=model.similarity)
         return {self._key(k): v for k, v in metrics.items()}
 
-    def _fashioniq(self, queries, gallery, position, reference_ids, target_ids) -> dict[str, float]:
+    def _fashioniq(self, queries, gallery, position, reference_ids, target_ids, similarity) -> dict[str, float]:
         if any(t is None for t in target_ids):
             raise ValueError("FashionIQ test triplets have no targets; evaluate on the val split.")
         categories = self.triplets["category"]
@@ -185,13 +167,14 @@ class CIREvaluator:
                 [reference_ids[i] for i in rows],
                 [target_ids[i] for i in rows],
                 remove_reference=self.remove_reference,
+                similarity=similarity,
             )
             per_category[category] = metrics
             results |= {self._key(f"{category}_{k}"): v for k, v in metrics.items()}
         results |= {self._key(k): v for k, v in fashioniq_average(per_category).items()}
         return results
 
-    def _write_submission(self, queries, gallery, gallery_ids, reference_ids) -> dict[str, float]:
+    def _write_submission(self, queries, gallery, gallery_ids, reference_ids, similarity) -> dict[str, float]:
         if self.submission_dir is None:
             raise ValueError(
                 "This split has no targets (a test split): pass submission_dir=... to write the test-server files."
@@ -199,10 +182,12 @@ class CIREvaluator:
         out = Path(self.submission_dir)
         if self.protocol == "cirr":
             paths = write_cirr_submission(queries, gallery, gallery_ids, reference_ids, list(self.triplets["query_id"]),
-                                          list(self.triplets["group_members"]), out, name=self.name or "spn4cir")
+                                          list(self.triplets["group_members"]), out, name=self.name or "spn4cir",
+                                          similarity=similarity)
         elif self.protocol == "circo":
             paths = (write_circo_submission(queries, gallery, gallery_ids, reference_ids,
-                                            list(self.triplets["query_id"]), out / f"circo_{self.name or 'test'}.json"),)
+                                            list(self.triplets["query_id"]), out / f"circo_{self.name or 'test'}.json",
+                                            similarity),)
         else:
             raise ValueError(f"No test-server format for protocol {self.protocol!r}.")
         logger.info("wrote submission files %s", ", ".join(map(str, paths)))

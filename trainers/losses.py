@@ -6,10 +6,17 @@ DDP's gradient hooks see a normal forward; the maths lives here, not in the trai
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+
+from modeling_spn4cir.cir_contract import dot_similarity
+from modeling_spn4cir.distributed import world
+
+Similarity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 _SPN_CITATION = """@inproceedings{feng2024spn,
   title     = {Improving Composed Image Retrieval via Contrastive Learning with Scaling Positives and Negatives},
@@ -19,22 +26,16 @@ _SPN_CITATION = """@inproceedings{feng2024spn,
 }"""
 
 
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def gather_with_grad(tensor: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
-    """All-gather `[B_r, ...]` from every rank into `[sum_r B_r, ...]`, keeping the autograd graph: the
+    """All-gather `[B_r, ...]` (any trailing shape) from every rank into `[sum_r B_r, ...]`, keeping the autograd graph: the
     backward pass sums every rank's gradient for this rank's slice (a plain `all_gather` returns tensors
     without history, so the other ranks' loss terms would silently not reach this rank's parameters).
     Returns the gathered tensor and the per-rank sizes (ranks may hold uneven batches)."""
-    rank, world = _world()
-    if world == 1:
+    rank, world_size = world()
+    if world_size == 1:
         return tensor, [tensor.shape[0]]
     size = torch.tensor([tensor.shape[0]], device=tensor.device)
-    sizes = [torch.zeros_like(size) for _ in range(world)]
+    sizes = [torch.zeros_like(size) for _ in range(world_size)]
     dist.all_gather(sizes, size)
     sizes = [int(s.item()) for s in sizes]
     padded = F.pad(tensor, (0,) * (2 * (tensor.ndim - 1)) + (0, max(sizes) - tensor.shape[0]))
@@ -61,27 +62,36 @@ class InBatchInfoNCELoss(nn.Module):
     *global* batch. Negatives: the other B_global - 1 targets (~128 in the original), at the cost of encoding
     every target image each step.
 
-        loss = mean_i CE(q_i . [t_1 .. t_B]^T / tau, i)
+        loss = mean_i CE(similarity(q_i, [t_1 .. t_B]) / tau, i)
 
     Across processes the target embeddings are gathered with autograd and each rank's labels are offset by
     the sizes of the ranks before it. A target image that appears twice in the global batch (same key) is
     masked out of the other query's negatives: it is a second copy of that query's positive, not a negative.
 
-    Inputs: `query_embeds` `[B, D]`, `target_embeds` `[B, D]` (L2-normalized, row i is query i's target),
-    `target_keys` `[B]` int64 ids of the target images (optional; enables duplicate masking).
+    Args:
+        temperature: tau (a learnable temperature can be passed per call instead).
+        similarity: the model's scoring rule (`model.similarity`; default dot product).
+
+    Inputs: `query_embeds` `[B, D]`, `target_embeds` `[B, D]` or `[B, Q, D]` (row i is query i's target),
+    `target_keys` `[B]` int64 ids of the target images (optional; enables duplicate masking), `temperature`
+    (optional float or tensor overriding the module's).
     """
 
-    def __init__(self, temperature: float = 0.02):
+    model_kwargs: dict = {}
+
+    def __init__(self, temperature: float = 0.02, similarity: Similarity | None = None):
         super().__init__()
         self.temperature = temperature
+        self.similarity = similarity or dot_similarity
 
     def forward(self, query_embeds: torch.Tensor, target_embeds: torch.Tensor,
-                target_keys: torch.Tensor | None = None) -> torch.Tensor:
-        rank, _ = _world()
+                target_keys: torch.Tensor | None = None, temperature=None) -> torch.Tensor:
+        rank, _ = world()
         all_targets, sizes = gather_with_grad(target_embeds)
         offset = sum(sizes[:rank])
         labels = torch.arange(query_embeds.shape[0], device=query_embeds.device) + offset
-        logits = query_embeds @ all_targets.to(query_embeds.dtype).T / self.temperature
+        tau = self.temperature if temperature is None else temperature
+        logits = self.similarity(query_embeds, all_targets) / tau
         if target_keys is not None:
             all_keys = gather_no_grad(target_keys, sizes)
             same_image = target_keys[:, None] == all_keys[None, :]
@@ -89,8 +99,13 @@ class InBatchInfoNCELoss(nn.Module):
             logits = logits.masked_fill(same_image, float("-inf"))
         return F.cross_entropy(logits, labels)
 
+    def loss_from_outputs(self, outputs, target_keys: torch.Tensor | None = None) -> torch.Tensor:
+        """The trainer's entry: a model's forward output (`query_embeds`, `target_embeds`, optional
+        learnable `temperature`)."""
+        return self(outputs.query_embeds, outputs.target_embeds, target_keys, getattr(outputs, "temperature", None))
+
     def get_config_dict(self) -> dict:
-        return {"temperature": self.temperature, "negatives": "global in-batch targets, duplicates masked"}
+        return {"temperature": float(self.temperature), "negatives": "global in-batch targets, duplicates masked"}
 
     @property
     def citation(self) -> str:
@@ -100,39 +115,51 @@ class InBatchInfoNCELoss(nn.Module):
 class CandidateBankLoss(nn.Module):
     """
     Stage 2 of SPN ("scaling negatives"): InfoNCE of each composed query against a frozen bank of every
-    candidate image (~20k negatives on FashionIQ/CIRR), at the cost of one `[B, D] x [D, K]` matmul — no
-    image is encoded during training.
+    candidate image (~20k negatives on FashionIQ/CIRR), at the cost of one query-by-bank scoring — no image is
+    encoded during training.
 
-        loss = mean_i CE(q_i . bank^T / tau, index(target_i))
+        loss = mean_i CE(similarity(q_i, bank) / tau, index(target_i))
 
     With `num_negatives=n`, each query is scored against its positive and `n` negatives drawn uniformly
-    from the rest of the bank (the original code's `neg_num`), for the number-of-negatives study.
+    without replacement from the rest of the bank (the original code's `neg_num` with `random.sample`), for the
+    number-of-negatives study.
 
-    Inputs: `query_embeds` `[B, D]`, `target_index` `[B]` rows of the bank; the bank `[K, D]` is a buffer.
+    The bank (`[K, D]` or `[K, Q, D]`, any storage dtype) is moved to the query's device once; scores are computed
+    in the query's dtype, so a half-precision bank never lowers the precision of an fp32 query or loss.
+
+    Inputs: `query_embeds` `[B, D]`, `target_index` `[B]` rows of the bank, `temperature` (optional override).
     """
 
-    def __init__(self, bank: torch.Tensor, temperature: float = 0.02, num_negatives: int | None = None):
+    def __init__(self, bank: torch.Tensor, temperature: float = 0.02, num_negatives: int | None = None,
+                 similarity: Similarity | None = None, generator: torch.Generator | None = None):
         super().__init__()
         if num_negatives is not None and not 0 < num_negatives < bank.shape[0]:
             raise ValueError(f"num_negatives must be in [1, {bank.shape[0] - 1}] for a bank of {bank.shape[0]}.")
         self.register_buffer("bank", bank, persistent=False)
         self.temperature = temperature
         self.num_negatives = num_negatives
+        self.similarity = similarity or dot_similarity
+        self.generator = generator
 
-    def forward(self, query_embeds: torch.Tensor, target_index: torch.Tensor) -> torch.Tensor:
-        bank = self.bank.to(device=query_embeds.device, dtype=query_embeds.dtype)
+    def sample_negatives(self, target_index: torch.Tensor) -> torch.Tensor:
+        """`[B, n]` bank rows per query: a uniform random n-subset (no repeats) of the rows other than its target."""
+        keys = torch.rand(len(target_index), self.bank.shape[0] - 1, generator=self.generator)
+        draws = keys.topk(self.num_negatives, dim=1).indices.to(target_index.device)
+        return draws + (draws >= target_index[:, None]).long()  # skip over the positive
+
+    def forward(self, query_embeds: torch.Tensor, target_index: torch.Tensor, temperature=None) -> torch.Tensor:
+        if self.bank.device != query_embeds.device:
+            self.bank = self.bank.to(query_embeds.device)
         target_index = target_index.to(query_embeds.device)
+        tau = self.temperature if temperature is None else temperature
+        scores = self.similarity(query_embeds, self.bank) / tau  # [B, K]
         if self.num_negatives is None:
-            return F.cross_entropy(query_embeds @ bank.T / self.temperature, target_index)
-        # Draw from [0, K - 1) and skip over the positive: uniform over the other K - 1 rows.
-        draws = torch.randint(bank.shape[0] - 1, (len(target_index), self.num_negatives), device=bank.device)
-        negatives = draws + (draws >= target_index[:, None]).long()
-        candidates = torch.cat([target_index[:, None], negatives], dim=1)  # [B, 1 + n], positive first
-        logits = torch.einsum("bd,bnd->bn", query_embeds, bank[candidates]) / self.temperature
-        return F.cross_entropy(logits, torch.zeros_like(target_index))
+            return F.cross_entropy(scores, target_index)
+        candidates = torch.cat([target_index[:, None], self.sample_negatives(target_index)], dim=1)  # positive first
+        return F.cross_entropy(scores.gather(1, candidates), torch.zeros_like(target_index))
 
     def get_config_dict(self) -> dict:
-        return {"temperature": self.temperature, "bank_size": int(self.bank.shape[0]),
+        return {"temperature": float(self.temperature), "bank_size": int(self.bank.shape[0]),
                 "num_negatives": self.num_negatives or "all"}
 
     @property
@@ -140,25 +167,18 @@ class CandidateBankLoss(nn.Module):
         return _SPN_CITATION
 
 
-class ImageTextInfoNCELoss(nn.Module):
-    """
-    CLIP's symmetric image-text contrastive loss (Radford et al., 2021): image i should match caption i among
-    the batch's captions and vice versa. Used by the synthetic recipe's stage 0, which stands in for CLIP's
-    web-scale pre-training; single process (no gather).
+STAGE1_LOSSES: dict[str, type[nn.Module]] = {"in_batch_infonce": InBatchInfoNCELoss}
 
-        loss = (CE(I . T^T / tau, diag) + CE(T . I^T / tau, diag)) / 2
 
-    Inputs: `image_embeds`, `text_embeds` `[B, D]`, L2-normalized, row i of each describing pair i.
-    """
+def stage1_loss_for(model, temperature, similarity: Similarity | None = None) -> nn.Module:
+    """The stage-1 objective a model's family asks for (`config.stage1_loss`; plain in-batch InfoNCE by
+    default): TG-CIR, SPRC and Bi-BLIP4CIR bring their own."""
+    name = getattr(model.config, "stage1_loss", None) or "in_batch_infonce"
+    if name not in STAGE1_LOSSES:
+        raise ValueError(f"{type(model).__name__} asks for stage-1 loss {name!r}; known: {sorted(STAGE1_LOSSES)}.")
+    cls = STAGE1_LOSSES[name]
+    if cls is InBatchInfoNCELoss:
+        return cls(temperature, similarity)
+    return cls.from_config(model.config, temperature) if hasattr(cls, "from_config") else cls(temperature=temperature)
 
-    def __init__(self, temperature: float = 0.05):
-        super().__init__()
-        self.temperature = temperature
 
-    def forward(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
-        logits = image_embeds @ text_embeds.T / self.temperature
-        labels = torch.arange(len(logits), device=logits.device)
-        return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
-
-    def get_config_dict(self) -> dict:
-        return {"temperature": self.temperature, "negatives": "in-batch images and captions"}

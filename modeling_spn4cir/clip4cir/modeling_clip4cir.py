@@ -140,7 +140,9 @@ class CLIP4CIRModel(CIRModelMixin, CLIP4CIRPreTrainedModel):
 
     def combine(self, reference_features: torch.Tensor, text_features: torch.Tensor) -> torch.FloatTensor:
         """Fuse `[B, D]` reference features with `[B, D]` text features -> L2-normalized queries `[B, D]`."""
-        text_features = text_features.to(reference_features.dtype)
+        # The query keeps the model's precision whatever the bank's storage dtype (a bf16 bank must not make an
+        # fp32 query, and its loss, bf16).
+        reference_features = reference_features.to(text_features.dtype)
         if self.combiner is None:
             return F.normalize(reference_features + text_features, dim=-1)
         return self.combiner(reference_features, text_features)

@@ -8,9 +8,28 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from tqdm.auto import tqdm
 
-from .losses import ImageTextInfoNCELoss
+
+class ImageTextInfoNCELoss(nn.Module):
+    """
+    CLIP's symmetric image-text contrastive loss (Radford et al., 2021): image i should match caption i among
+    the batch's captions and vice versa. Single process (no gather).
+
+        loss = (CE(I . T^T / tau, diag) + CE(T . I^T / tau, diag)) / 2
+
+    Inputs: `image_embeds`, `text_embeds` `[B, D]`, L2-normalized, row i of each describing pair i.
+    """
+
+    def __init__(self, temperature: float = 0.05):
+        super().__init__()
+        self.temperature = temperature
+
+    def forward(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
+        logits = image_embeds @ text_embeds.T / self.temperature
+        labels = torch.arange(len(logits), device=logits.device)
+        return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
 
 
 def image_text_warmup(model, pixel_values: torch.Tensor, captions: list[str], tokenizer, epochs: int = 5,

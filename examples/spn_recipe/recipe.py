@@ -38,11 +38,11 @@ from modeling_spn4cir import (
     CLIP4CIRModel,
     CLIP4CIRProcessor,
 )
-
 from modeling_spn4cir.atomic import atomic_write_json
-from .cir_trainer import CIRTrainer, CIRTrainingArguments
-from .evaluation import PROTOCOLS
-from .evaluator import CIREvaluator
+from trainers.cir_trainer import CIRTrainer, CIRTrainingArguments
+from trainers.evaluation import PROTOCOLS
+from trainers.evaluator import CIREvaluator
+
 from .tokenizer import train_word_tokenizer
 from .warmup import image_text_warmup
 
@@ -281,7 +281,7 @@ def run_default_recipe(cfg: RecipeConfig | None = None) -> dict:
     return summary
 
 
-def main(argv=None) -> dict:
+def recipe_parser():
     import argparse
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -290,7 +290,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--size", default="default", choices=["default", "tiny"])
     parser.add_argument("--oracle_captions", action="store_true",
                         help="diagnostic: caption the pool from the scene graph instead of the stage-1 model")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> dict:
+    args = recipe_parser().parse_args(argv)
     kw = dict(seed=args.seed, oracle_captions=args.oracle_captions)
     cfg = RecipeConfig.tiny(args.output_dir, **kw) if args.size == "tiny" else RecipeConfig(output_dir=args.output_dir, **kw)
     return run_default_recipe(cfg)

@@ -1,0 +1,127 @@
+"""Images of a corpus by id, and the project's one image-encoding loop (evaluation, candidate bank, positive
+scaling and the synthetic recipe's warm-up all encode images through `encode_images`)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+
+class ImageStore:
+    """Images of a corpus (HF dataset with `image_id`, `image`) by id; ids missing from it are a clear error.
+
+    Several corpora can be stacked (annotated + generated data); the first one holding an id wins.
+    """
+
+    def __init__(self, *corpora):
+        self._corpora = [c for c in corpora if c is not None]
+        self._where: dict[str, tuple[int, int]] = {}
+        self._undecoded: dict[int, object] = {}
+        for ci, corpus in enumerate(self._corpora):
+            for row, image_id in enumerate(corpus["image_id"]):
+                self._where.setdefault(image_id, (ci, row))
+
+    def __contains__(self, image_id: str) -> bool:
+        return image_id in self._where
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def check(self, image_ids, what: str = "images") -> None:
+        missing = [i for i in dict.fromkeys(image_ids) if i not in self._where]
+        if missing:
+            raise ValueError(
+                f"{len(missing)} {what} are not in the corpus (first: {missing[:5]}); the corpus config of the "
+                "dataset must list every image its triplets use."
+            )
+
+    def images(self, image_ids: Sequence[str]):
+        """PIL RGB images, in the order of `image_ids`."""
+        self.check(image_ids)
+        out = []
+        for image_id in image_ids:
+            ci, row = self._where[image_id]
+            image = self._corpora[ci][row]["image"]
+            out.append(image if image.mode == "RGB" else image.convert("RGB"))
+        return out
+
+    def raw(self, image_id: str) -> tuple[bytes, str | None]:
+        """The stored (encoded) bytes of an image and its file name, without decoding it."""
+        import datasets
+
+        ci, row = self._where[image_id]
+        if ci not in self._undecoded:
+            self._undecoded[ci] = self._corpora[ci].cast_column("image", datasets.Image(decode=False))
+        value = self._undecoded[ci][row]["image"]
+        if value.get("bytes") is not None:
+            return value["bytes"], value.get("path")
+        with open(value["path"], "rb") as f:
+            return f.read(), value["path"]
+
+    def raw_bytes(self, image_id: str) -> bytes:
+        """The stored (encoded) bytes of an image, for content fingerprints without decoding."""
+        return self.raw(image_id)[0]
+
+
+class _ProcessedImages(torch.utils.data.Dataset):
+    """`image_ids[i]` -> its `pixel_values` `[3, S, S]`; decoding and preprocessing run in DataLoader workers."""
+
+    def __init__(self, images: ImageStore, image_ids: Sequence[str], image_processor):
+        self.images, self.image_ids, self.image_processor = images, list(image_ids), image_processor
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        image = self.images.images([self.image_ids[i]])
+        return self.image_processor(image, return_tensors="pt")["pixel_values"][0]
+
+
+def encode_images(
+    encode: Callable[[torch.Tensor], torch.Tensor | tuple[torch.Tensor, ...]],
+    images: ImageStore,
+    image_ids: Sequence[str],
+    image_processor,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = torch.float32,
+    desc: str = "images",
+    show_progress_bar: bool = True,
+) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    """
+    Encode `image_ids` in batches without gradient, keeping the results on the CPU.
+
+    Args:
+        encode: `pixel_values [B, 3, S, S] -> tensor [B, ...]` or a tuple of such tensors, e.g. a CIR model's
+            `get_target_embeds_and_reference_features` or `get_target_embeds`.
+        images: where the images are ([`ImageStore`]); unknown ids are an error naming them.
+        image_processor: PIL images -> `pixel_values`.
+        num_workers: DataLoader workers that decode and preprocess images in parallel.
+        device: where `encode` runs (default: the CPU).
+        dtype: storage dtype of the results (None keeps `encode`'s).
+
+    Returns:
+        `[M, ...]` (or a tuple of them, as `encode` returns), rows in the order of `image_ids`.
+    """
+    image_ids = list(image_ids)
+    if not image_ids:
+        raise ValueError(f"No images to encode for the {desc}.")
+    images.check(image_ids, desc)
+    loader = torch.utils.data.DataLoader(_ProcessedImages(images, image_ids, image_processor),
+                                         batch_size=batch_size, num_workers=num_workers)
+    outputs: list[tuple[torch.Tensor, ...]] = []
+    single = False
+    for pixels in tqdm(loader, desc=f"Encoding {desc}", disable=not show_progress_bar):
+        with torch.no_grad():
+            out = encode(pixels.to(device) if device is not None else pixels)
+        single = isinstance(out, torch.Tensor)
+        out = (out,) if single else tuple(out)
+        outputs.append(tuple(o.detach().to("cpu", dtype=dtype or o.dtype) for o in out))
+    stacked = tuple(torch.cat(parts) for parts in zip(*outputs))
+    return stacked[0] if single else stacked
+
+
+__all__ = ["ImageStore", "encode_images"]
