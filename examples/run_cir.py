@@ -116,7 +116,7 @@ def main(argv=None):
     if args.do_eval or args.eval_strategy != "no":
         evaluator = CIREvaluator(
             data.corpus[data_args.eval_split], data.triplets[data_args.eval_split], processor.image_processor,
-            processor.tokenizer, protocol=data.protocol, remove_reference=data_args.remove_reference,
+            processor, protocol=data.protocol, remove_reference=data_args.remove_reference,
             batch_size=args.per_device_eval_batch_size, submission_dir=data_args.submission_dir,
             show_progress_bar=not args.disable_tqdm,
         )

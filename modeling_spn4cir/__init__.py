@@ -4,6 +4,7 @@ without this package."""
 
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoProcessor
 
+from .blip4cir import BLIP4CIRConfig, BLIP4CIRModel, BLIP4CIROutput, BLIP4CIRPreTrainedModel, BLIP4CIRProcessor
 from .cir_contract import CIRModelMixin, CIRModelOutput, dot_similarity, max_token_similarity
 from .clip4cir import (
     CLIP4CIRConfig,
@@ -15,6 +16,8 @@ from .clip4cir import (
     CLIP4CIRResNetConfig,
     Combiner,
 )
+from .sprc import SPRCConfig, SPRCModel, SPRCOutput, SPRCPreTrainedModel, SPRCProcessor
+from .tgcir import TGCIRConfig, TGCIRModel, TGCIROutput, TGCIRPreTrainedModel, TGCIRProcessor
 
 
 def register_family(config_class, model_class, processor_class=None, image_processor_class=None, sub_configs=()):
@@ -36,6 +39,10 @@ def register_family(config_class, model_class, processor_class=None, image_proce
 
 register_family(CLIP4CIRConfig, CLIP4CIRModel, CLIP4CIRProcessor, CLIP4CIRImageProcessor,
                 sub_configs=(CLIP4CIRResNetConfig,))
+# The other families preprocess images like CLIP4Cir (TargetPad / resize, their own mean, std and size).
+register_family(TGCIRConfig, TGCIRModel, TGCIRProcessor, CLIP4CIRImageProcessor)
+register_family(BLIP4CIRConfig, BLIP4CIRModel, BLIP4CIRProcessor, CLIP4CIRImageProcessor)
+register_family(SPRCConfig, SPRCModel, SPRCProcessor, CLIP4CIRImageProcessor)
 
 __all__ = [
     "CIRModelMixin",
@@ -51,4 +58,20 @@ __all__ = [
     "CLIP4CIRImageProcessor",
     "CLIP4CIRProcessor",
     "Combiner",
+    "TGCIRConfig",
+    "TGCIRModel",
+    "TGCIROutput",
+    "TGCIRPreTrainedModel",
+    "TGCIRProcessor",
+    "BLIP4CIRConfig",
+    "BLIP4CIRModel",
+    "BLIP4CIROutput",
+    "BLIP4CIRPreTrainedModel",
+    "BLIP4CIRProcessor",
+    "SPRCConfig",
+    "SPRCModel",
+    "SPRCOutput",
+    "SPRCPreTrainedModel",
+    "SPRCProcessor",
 ]
+

@@ -7,6 +7,7 @@ from pathlib import Path
 import datasets
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from modeling_spn4cir.loading import load_cir_model_and_processor
 from trainers.cir_trainer import CIRTrainer, CIRTrainingArguments
@@ -101,6 +102,13 @@ def test_run_cir_end_to_end(tiny_cir_dataset, tiny_model_dir, tmp_path, stage):
     ])
     saved = json.loads((out / "all_results.json").read_text())
     assert set(saved) == set(results)
+    before = load_file(tiny_model_dir / "model.safetensors")
+    after = load_file(out / "model.safetensors")
+    moved = {k.split(".")[0] for k in before if not torch.equal(before[k], after[k])}
+    if stage == "in_batch":  # stage 1 trains both towers
+        assert {"text_model", "text_projection", "vision_model", "visual_projection"} <= moved
+    else:  # stage 2 trains the query side only
+        assert moved == {"text_model", "text_projection"}
     for k in ("eval_recall@1", "eval_recall@5", "eval_recall@10", "eval_recall@50"):
         assert 0.0 <= saved[k] <= 100.0
     assert "reference removed" in saved["eval_protocol"] and saved["train_loss"] > 0
@@ -125,3 +133,12 @@ def test_run_cir_reads_a_json_config(tmp_path):
     assert args.stage == "candidate_bank" and args.num_negatives == 100 and not args.remove_unused_columns
     with pytest.raises(ValueError, match="stage must be one of"):
         run_cir.parse_args(["--dataset", "x", "--stage", "stage3"])
+
+
+def test_run_cir_help_shows_both_modes(capsys):
+    assert run_cir.main(["--help"]) is None
+    text = capsys.readouterr().out
+    for training_flag in ("--model_name_or_path", "--dataset", "--stage", "--bank_dir", "--num_negatives",
+                          "--learning_rate"):
+        assert training_flag in text
+    assert "without `--dataset`" in text and "--oracle_captions" in text and "--size" in text

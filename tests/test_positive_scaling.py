@@ -1,8 +1,6 @@
 """Positive scaling: MLLM captioner on a tiny LLaVA (real processor + generate), retrieval and column
 captioners, exact rank-window pairing, templates, resumable captioning, the scaled-triplets dataset."""
 
-import sys
-from pathlib import Path
 
 import datasets
 import numpy as np
@@ -70,7 +68,25 @@ def test_mllm_captioner_end_to_end(tiny_llava):
     images = [Image.new("RGB", (40, 30), (255, 0, 0)), Image.new("RGB", (30, 50), (0, 0, 255)),
               Image.new("L", (30, 30), 128)]
     batch = {"image": images, "category": ["dress", "shirt", "dress"]}
+    prompts = []
+    generate = captioner.model.generate
+
+    def recording_generate(**inputs):
+        prompts.extend(captioner.processor.batch_decode(inputs["input_ids"], skip_special_tokens=False))
+        return generate(**inputs)
+
+    captioner.model.generate = recording_generate
     captions = captioner(batch)
+    # The prompt, with each image's category, reaches the model through the chat template: "user :" before the
+    # image tokens and "assistant :" after the text (both outside this tiny vocabulary, hence <unk> <unk>).
+    assert len(prompts) == 3
+    for prompt, category in zip(prompts, ["dress", "shirt", "dress"]):
+        words = [w for w in prompt.split() if w != "<pad>"]
+        first_text = words.index("please")
+        assert words[:2] == ["<unk>", "<unk>"] and set(words[2:first_text]) == {"<image>"}
+        assert words[first_text:] == ["please", "briefly", "describe", "the", category, "in", "<unk>", "words",
+                                      "<unk>", "<unk>"]
+    captioner.model.generate = generate
     assert len(captions) == 3
     assert all(isinstance(c, str) and len(c.split()) <= 3 for c in captions)
     assert any(c for c in captions)  # the random model does generate words
@@ -247,11 +263,35 @@ def test_scaled_triplets_dataset(tmp_path):
                                                np.asarray(corpus[int(first["image_id"][1:])]["image"]))
 
 
-def test_generate_triplets_cli_help():
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+def test_generate_triplets_end_to_end(tiny_cir_dataset, tiny_model_dir, tmp_path):
+    """The CLI on a tiny corpus: retrieval captions from a CIR model, rank-window pairs among the annotated
+    references, CIRR's two templates; the written dataset is checked row by row."""
+    import datasets
     import generate_triplets
 
-    text = generate_triplets.build_parser().format_help()
-    for flag in ("--rank_min", "--references_only", "--templates", "--random_pairs", "--caption_cache_dir"):
-        assert flag in text
-    assert "FashionIQ" in text and "CIRR" in text and "10000" in text
+    help_text = generate_triplets.build_parser().format_help()
+    assert "FashionIQ" in help_text and "CIRR" in help_text and "--references_only" in help_text
+    phrases = tmp_path / "phrases.txt"
+    phrases.write_text("red circle\nblue square\ngreen triangle\n")
+    out = tmp_path / "generated"
+    generate_triplets.main([
+        "--dataset", str(tiny_cir_dataset), "--output_dir", str(out), "--captioner", "retrieval",
+        "--encoder", str(tiny_model_dir), "--phrases", str(phrases), "--top_k_phrases", "1",
+        "--rank_min", "2", "--rank_max", "8", "--k", "2", "--references_only", "--templates", "0", "1",
+        "--caption_cache_dir", str(tmp_path / "captions"),
+    ])
+    corpus = datasets.load_dataset(str(tiny_cir_dataset), "corpus", split="train")
+    annotated = datasets.load_dataset(str(tiny_cir_dataset), "triplets", split="train")
+    generated = datasets.load_dataset(str(out), "triplets", split="train")
+    generated_corpus = datasets.load_dataset(str(out), "corpus", split="train")
+    captions = dict(zip(generated_corpus["image_id"], generated_corpus["caption"]))
+    references = set(annotated["reference_id"])
+    assert len(generated) == 2 * len(references)  # k targets per annotated reference
+    assert set(generated["reference_id"]) == references
+    assert set(generated["target_id"]) <= set(corpus["image_id"])
+    assert all(r != t for r, t in zip(generated["reference_id"], generated["target_id"]))
+    assert set(generated["source"]) == {"generated"}
+    for row in generated:
+        ref, tgt = captions[row["reference_id"]], captions[row["target_id"]]
+        assert ref in ("red circle", "blue square", "green triangle")
+        assert row["modification_texts"] == [f"{tgt} instead of {ref}", f"Unlike {ref}, I want {tgt}"]

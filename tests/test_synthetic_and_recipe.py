@@ -4,9 +4,11 @@ import json
 
 import datasets
 import pytest
+import torch
+from safetensors.torch import load_file
+from spn_recipe import ROWS, RecipeConfig, run_default_recipe
 
 from datasets_scripts.synthetic import MODIFICATIONS, build_synthetic
-from spn_recipe import ROWS, RecipeConfig, run_default_recipe
 
 
 def _objects(scene_json):
@@ -96,6 +98,17 @@ def test_miniature_recipe(tmp_path):
     assert saved["results"] == summary["results"] and "reference removed" in saved["protocol"]
     assert (tmp_path / "run" / "recall_at_k.png").stat().st_size > 0
     assert saved["generated_triplets"] == 2 * 120 and 0 <= saved["caption_accuracy"]["phrase_precision"] <= 100
+    # each stage changes what it trains, and stage 2 nothing else
+    run = tmp_path / "run"
+
+    def changed(before, after):
+        a, b = load_file(run / before / "model.safetensors"), load_file(run / after / "model.safetensors")
+        return {k.split(".")[0] for k in a if not torch.equal(a[k], b[k])}
+
+    for start, stage1 in (("stage0", "stage1"), ("stage0", "stage1_P")):
+        assert {"text_model", "text_projection", "vision_model", "visual_projection"} <= changed(start, stage1)
+    for stage1, stage2 in (("stage1", "stage2_N"), ("stage1_P", "stage2_PN")):
+        assert changed(stage1, stage2) == {"text_model", "text_projection"}
     # same seed, same numbers (the benchmark is reused from the first run's cache)
     again = run_default_recipe(RecipeConfig.tiny(str(tmp_path / "run"), show_progress_bar=False))
     assert again["results"] == summary["results"]

@@ -87,7 +87,7 @@ def frozen_tower_state(model) -> dict[str, torch.Tensor]:
 def compute_fingerprint(model, image_ids: Sequence[str], images: ImageStore, image_processor, dtype: str) -> dict:
     state = frozen_tower_state(model)
     towers = _sha256(
-        name.encode() + str(tuple(t.shape)).encode() + t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
+        name.encode() + str(tuple(t.shape)).encode() + t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
         for name, t in sorted(state.items())
     )
     processor = image_processor.to_json_string() if hasattr(image_processor, "to_json_string") else repr(image_processor)

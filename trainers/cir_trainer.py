@@ -24,7 +24,8 @@ from datasets_scripts.image_store import ImageStore
 from .candidate_bank import CandidateBank, bank_image_ids, load_or_build_candidate_bank
 from .data import CIRCollator
 from .evaluation import PROTOCOLS
-from .losses import CandidateBankLoss, stage1_loss_for
+from .losses import CandidateBankLoss
+from .stage1_losses import stage1_loss_for
 
 logger = logging.getLogger(__name__)
 STAGES = ("in_batch", "candidate_bank")
@@ -111,7 +112,7 @@ class CIRTrainer(Trainer):
             self.bank = None
             self.loss_fn = stage1_loss_for(model, self.temperature, similarity=model.similarity)
         collator = CIRCollator(
-            processor.tokenizer, args.stage, image_processor=processor.image_processor, images=self.images,
+            processor, args.stage, image_processor=processor.image_processor, images=self.images,
             bank=self.bank, join_annotated_captions=join_annotated_captions, max_length=args.max_text_length,
             dedup_map=dedup_map, seed=args.seed,
         )

@@ -9,7 +9,7 @@ import torch
 
 from datasets_scripts.image_store import ImageStore
 
-from .text import compose_text
+from .text import compose_text, tokenize
 
 
 def image_key(image_id: str) -> int:
@@ -66,9 +66,7 @@ class CIRCollator:
                          self._rng(r))
             for r in rows
         ]
-        batch = dict(self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length,
-                                    return_tensors="pt"))
-        batch = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        batch = tokenize(self.tokenizer, texts, self.max_length)
         references = [r["reference_id"] for r in rows]
         targets = [r["target_id"] for r in rows]
         if any(t is None for t in targets):

@@ -22,7 +22,7 @@ from .evaluation import (
     write_circo_submission,
     write_cirr_submission,
 )
-from .text import compose_text
+from .text import compose_text, tokenize
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +38,8 @@ class CIREvaluator:
         triplets: an HF `datasets.Dataset` in the project schema (`reference_id`, `target_id`,
             `modification_texts`, optional `target_ids`, `group_members`, `query_id`, `category`).
         image_processor: maps a list of PIL images to `pixel_values`.
-        tokenizer: a transformers tokenizer for the modification texts.
+        tokenizer: the modification texts' tokenizer, or better the model's processor (called with `text=`, so
+            that a family's own text handling applies, e.g. SPRC's caption cleaning, BLIP4CIR's `[ENC]`).
         protocol: `"fashioniq"`, `"cirr"`, `"circo"` or `"recall"` (generic Recall@1/5/10/50, reference removed).
         remove_reference: FashionIQ only; `True` is SPN4CIR's CLIP4CIR protocol (see `trainers.evaluation`).
         text_mode: `"join"` or `"choice"` (see `trainers.text`); default `"join"` for FashionIQ.
@@ -97,10 +98,7 @@ class CIREvaluator:
         out = []
         for start in tqdm(range(0, len(texts), self.batch_size), desc="Encoding queries",
                           disable=not self.show_progress_bar):
-            tokens = self.tokenizer(
-                texts[start : start + self.batch_size], padding=True, truncation=True,
-                max_length=self.max_length, return_tensors="pt",
-            )
+            tokens = tokenize(self.tokenizer, texts[start : start + self.batch_size], self.max_length)
             with torch.no_grad():
                 q = model.get_query_embeds(
                     tokens["input_ids"].to(device),

@@ -56,6 +56,14 @@ def gather_no_grad(tensor: torch.Tensor, sizes: list[int]) -> torch.Tensor:
     return torch.cat([o[:n] for o, n in zip(out, sizes)])
 
 
+def _fp32_scores(similarity: Similarity, queries: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Scores in fp32 with autocast off: under fp16 autocast, logits / tau overflow and a learnable tau's gradient
+    becomes NaN (GradScaler then skips steps); the scores are a small matmul, so fp32 costs little."""
+    dtype = torch.promote_types(queries.dtype, torch.float32)  # never below fp32, never lower a float64 query
+    with torch.autocast(queries.device.type, enabled=False):
+        return similarity(queries.to(dtype), targets.to(dtype))
+
+
 class InBatchInfoNCELoss(nn.Module):
     """
     Stage 1 of SPN (and CLIP4Cir's fine-tuning): InfoNCE of each composed query against the targets of the
@@ -91,7 +99,7 @@ class InBatchInfoNCELoss(nn.Module):
         offset = sum(sizes[:rank])
         labels = torch.arange(query_embeds.shape[0], device=query_embeds.device) + offset
         tau = self.temperature if temperature is None else temperature
-        logits = self.similarity(query_embeds, all_targets) / tau
+        logits = _fp32_scores(self.similarity, query_embeds, all_targets) / tau
         if target_keys is not None:
             all_keys = gather_no_grad(target_keys, sizes)
             same_image = target_keys[:, None] == all_keys[None, :]
@@ -152,7 +160,7 @@ class CandidateBankLoss(nn.Module):
             self.bank = self.bank.to(query_embeds.device)
         target_index = target_index.to(query_embeds.device)
         tau = self.temperature if temperature is None else temperature
-        scores = self.similarity(query_embeds, self.bank) / tau  # [B, K]
+        scores = _fp32_scores(self.similarity, query_embeds, self.bank) / tau  # [B, K]
         if self.num_negatives is None:
             return F.cross_entropy(scores, target_index)
         candidates = torch.cat([target_index[:, None], self.sample_negatives(target_index)], dim=1)  # positive first
@@ -165,20 +173,3 @@ class CandidateBankLoss(nn.Module):
     @property
     def citation(self) -> str:
         return _SPN_CITATION
-
-
-STAGE1_LOSSES: dict[str, type[nn.Module]] = {"in_batch_infonce": InBatchInfoNCELoss}
-
-
-def stage1_loss_for(model, temperature, similarity: Similarity | None = None) -> nn.Module:
-    """The stage-1 objective a model's family asks for (`config.stage1_loss`; plain in-batch InfoNCE by
-    default): TG-CIR, SPRC and Bi-BLIP4CIR bring their own."""
-    name = getattr(model.config, "stage1_loss", None) or "in_batch_infonce"
-    if name not in STAGE1_LOSSES:
-        raise ValueError(f"{type(model).__name__} asks for stage-1 loss {name!r}; known: {sorted(STAGE1_LOSSES)}.")
-    cls = STAGE1_LOSSES[name]
-    if cls is InBatchInfoNCELoss:
-        return cls(temperature, similarity)
-    return cls.from_config(model.config, temperature) if hasattr(cls, "from_config") else cls(temperature=temperature)
-
-

@@ -7,9 +7,10 @@ Cuberick-Orion/Bi-Blip4CIR), whose training loss is `loss_forward + 0.4 * loss_r
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+
+from modeling_spn4cir.distributed import world
 
 from .losses import gather_no_grad, gather_with_grad
 
@@ -21,19 +22,19 @@ _BI_BLIP4CIR_CITATION = """@inproceedings{liu2024bi,
 }"""
 
 
-def _rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
 def in_batch_infonce(query_embeds: torch.Tensor, candidate_embeds: torch.Tensor, temperature,
                      candidate_keys: torch.Tensor | None = None) -> torch.Tensor:
     """`mean_i CE(q_i . [c_1 .. c_B_global]^T / tau, i)`: candidates gathered across processes with autograd,
     labels offset by the rank's position; a candidate image equal to the positive (same key) is masked, not
-    counted as a negative. `temperature` may be a tensor (learnable)."""
+    counted as a negative. `temperature` may be a tensor (learnable).
+
+    The logits are computed in fp32 outside autocast: in fp16, d loss / d tau (~ scores / tau^2, times the
+    GradScaler's scale) overflows, and every step would be skipped until the scale has dropped."""
     all_candidates, sizes = gather_with_grad(candidate_embeds)
-    offset = sum(sizes[: _rank()])
+    offset = sum(sizes[: world()[0]])
     labels = torch.arange(query_embeds.shape[0], device=query_embeds.device) + offset
-    logits = query_embeds @ all_candidates.to(query_embeds.dtype).T / temperature
+    with torch.autocast(device_type=query_embeds.device.type, enabled=False):
+        logits = query_embeds.float() @ all_candidates.float().T / temperature
     if candidate_keys is not None:
         all_keys = gather_no_grad(candidate_keys, sizes)
         same_image = candidate_keys[:, None] == all_keys[None, :]
@@ -75,6 +76,16 @@ class BLIP4CIRBidirectionalLoss(nn.Module):
         self.reverse_weight = reverse_weight
         self.bidirectional = bidirectional
         self.use_model_temperature = use_model_temperature
+
+    @classmethod
+    def from_config(cls, config, temperature: float | None = None, **options) -> BLIP4CIRBidirectionalLoss:
+        """The loss for a `BLIP4CIRConfig` (what `trainers.stage1_losses.stage1_loss_for` calls): the reverse term
+        follows `config.bidirectional`; the temperature is the model's learnable `tau` (carried by the forward
+        output), `temperature` (else `config.temperature`) only where an output carries none."""
+        options.setdefault("bidirectional", bool(getattr(config, "bidirectional", False)))
+        if temperature is None:
+            temperature = getattr(config, "temperature", 0.03)
+        return cls(temperature=temperature, **options)
 
     @property
     def model_kwargs(self) -> dict:

@@ -44,3 +44,21 @@ def compose_text(texts: Sequence[str], mode: str, training: bool, rng: random.Ra
     if mode == "join":
         return fashioniq_train_caption(texts, rng or random) if training else fashioniq_eval_caption(texts)
     return (rng or random).choice(list(texts)) if training else texts[0]
+
+
+def tokenize(text_processor, texts: Sequence[str], max_length: int | None = None) -> dict:
+    """`input_ids`, `attention_mask` `[B, L]` for `texts`.
+
+    `text_processor` is a family's processor or a bare tokenizer, called with `text=`. A processor applies the
+    family's own text handling and padding (SPRC's caption cleaning, BLIP4CIR's `[ENC]` token, TG-CIR's padding to
+    the context length, which its text tower averages over); a bare tokenizer pads to the longest text.
+    """
+    from transformers.processing_utils import ProcessorMixin
+
+    kwargs = {"return_tensors": "pt"}
+    if not isinstance(text_processor, ProcessorMixin):
+        kwargs |= {"padding": True, "truncation": True}
+    if max_length is not None:
+        kwargs["max_length"] = max_length
+    out = text_processor(text=list(texts), **kwargs)
+    return {"input_ids": out["input_ids"], "attention_mask": out["attention_mask"]}

@@ -24,24 +24,25 @@ def target_pad(image: Image.Image, target_ratio: float) -> Image.Image:
     scaled_max_wh = max(w, h) / target_ratio
     hp = max(int((scaled_max_wh - w) / 2), 0)
     vp = max(int((scaled_max_wh - h) / 2), 0)
-    return _pad(image, hp, vp)
+    return _pad(image, hp, vp, hp, vp)
 
 
 def square_pad(image: Image.Image) -> Image.Image:
     """CLIP4Cir's SquarePad: black-pad the short side up to the long side (evenly, truncated to ints)."""
     w, h = image.size
     max_wh = max(w, h)
-    return _pad(image, int((max_wh - w) / 2), int((max_wh - h) / 2))
+    horizontal, vertical = int((max_wh - w) / 2), int((max_wh - h) / 2)
+    return _pad(image, horizontal, vertical, horizontal, vertical)
 
 
-def _pad(image: Image.Image, horizontal: int, vertical: int) -> Image.Image:
-    """Pad `horizontal` pixels left and right and `vertical` top and bottom with value 0 (palette kept)."""
-    if horizontal == 0 and vertical == 0:
+def _pad(image: Image.Image, left: int, top: int, right: int, bottom: int) -> Image.Image:
+    """Pad with value 0 on each side by the given number of pixels (palette kept)."""
+    if left == top == right == bottom == 0:
         return image
-    padded = Image.new(image.mode, (image.width + 2 * horizontal, image.height + 2 * vertical), 0)
+    padded = Image.new(image.mode, (image.width + left + right, image.height + top + bottom), 0)
     if image.mode == "P":
         padded.putpalette(image.getpalette())
-    padded.paste(image, (horizontal, vertical))
+    padded.paste(image, (left, top))
     return padded
 
 
@@ -63,11 +64,8 @@ def center_crop(image: Image.Image, size: int) -> Image.Image:
     w, h = image.size
     if w < size or h < size:
         pad_w, pad_h = max(size - w, 0), max(size - h, 0)
-        padded = Image.new(image.mode, (w + pad_w, h + pad_h), 0)
-        if image.mode == "P":
-            padded.putpalette(image.getpalette())
-        padded.paste(image, (pad_w // 2, pad_h // 2))
-        image, (w, h) = padded, padded.size
+        image = _pad(image, pad_w // 2, pad_h // 2, pad_w - pad_w // 2, pad_h - pad_h // 2)
+        w, h = image.size
     top = int(round((h - size) / 2.0))
     left = int(round((w - size) / 2.0))
     return image.crop((left, top, left + size, top + size))

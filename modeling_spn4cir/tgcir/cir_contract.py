@@ -1,0 +1,1 @@
+../cir_contract.py
