@@ -142,3 +142,20 @@ def test_run_cir_help_shows_both_modes(capsys):
                           "--learning_rate"):
         assert training_flag in text
     assert "without `--dataset`" in text and "--oracle_captions" in text and "--size" in text
+
+
+def test_stage2_gradient_accumulation_2x4_equals_batch_8(tiny_cir_dataset, tiny_model_dir, tmp_path):
+    train = datasets.load_dataset(str(tiny_cir_dataset), "triplets", split="train")
+    corpus = datasets.load_dataset(str(tiny_cir_dataset), "corpus", split="train")
+    weights = []
+    for batch, accumulation in ((8, 1), (4, 2)):
+        model, processor = load_cir_model_and_processor(str(tiny_model_dir))
+        args = _args(tmp_path, "candidate_bank", output_dir=str(tmp_path / f"acc{accumulation}"), max_steps=1,
+                     per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation, optim="sgd",
+                     learning_rate=0.5, bank_dir=str(tmp_path / "bank"))
+        CIRTrainer(model, args, train_dataset=train, corpus=corpus, processor=processor).train()
+        weights.append({k: v.clone() for k, v in model.state_dict().items()})
+    start, _ = load_cir_model_and_processor(str(tiny_model_dir))
+    assert not torch.equal(weights[0]["text_projection.weight"], start.state_dict()["text_projection.weight"])
+    for k in weights[0]:
+        torch.testing.assert_close(weights[1][k], weights[0][k], atol=1e-6, rtol=1e-5, msg=k)

@@ -46,6 +46,21 @@ def gather_with_grad(tensor: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
     return torch.cat([piece[:n] for piece, n in zip(pieces, sizes)]), sizes
 
 
+def ddp_mean_correction(local_size: int, sizes: list[int] | None = None) -> float:
+    """Factor that turns this rank's mean loss into its share of the *global* mean under DDP, which averages
+    gradients over ranks: `B_local * W / B_global` (1 with even batches or one process). Without it, a rank with
+    3 rows would weigh as much as one with 5."""
+    _, world_size = world()
+    if world_size == 1:
+        return 1.0
+    if sizes is None:
+        size = torch.tensor([local_size])
+        gathered = [torch.zeros_like(size) for _ in range(world_size)]
+        dist.all_gather(gathered, size)
+        sizes = [int(s) for s in gathered]
+    return local_size * world_size / sum(sizes)
+
+
 def gather_no_grad(tensor: torch.Tensor, sizes: list[int]) -> torch.Tensor:
     """All-gather a tensor without gradient (e.g. target keys), given the per-rank sizes."""
     if len(sizes) == 1:
@@ -105,7 +120,7 @@ class InBatchInfoNCELoss(nn.Module):
             same_image = target_keys[:, None] == all_keys[None, :]
             same_image[torch.arange(len(labels), device=labels.device), labels] = False
             logits = logits.masked_fill(same_image, float("-inf"))
-        return F.cross_entropy(logits, labels)
+        return F.cross_entropy(logits, labels) * ddp_mean_correction(len(labels), sizes)
 
     def loss_from_outputs(self, outputs, target_keys: torch.Tensor | None = None) -> torch.Tensor:
         """The trainer's entry: a model's forward output (`query_embeds`, `target_embeds`, optional
@@ -161,10 +176,11 @@ class CandidateBankLoss(nn.Module):
         target_index = target_index.to(query_embeds.device)
         tau = self.temperature if temperature is None else temperature
         scores = _fp32_scores(self.similarity, query_embeds, self.bank) / tau  # [B, K]
+        correction = ddp_mean_correction(len(target_index))
         if self.num_negatives is None:
-            return F.cross_entropy(scores, target_index)
+            return F.cross_entropy(scores, target_index) * correction
         candidates = torch.cat([target_index[:, None], self.sample_negatives(target_index)], dim=1)  # positive first
-        return F.cross_entropy(scores.gather(1, candidates), torch.zeros_like(target_index))
+        return F.cross_entropy(scores.gather(1, candidates), torch.zeros_like(target_index)) * correction
 
     def get_config_dict(self) -> dict:
         return {"temperature": float(self.temperature), "bank_size": int(self.bank.shape[0]),

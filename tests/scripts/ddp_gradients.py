@@ -17,18 +17,20 @@ def main(out):
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     grads = {}
-    for stage in ("in_batch", "candidate_bank"):
+    for stage, split in (("in_batch", "even"), ("candidate_bank", "even"), ("in_batch", "uneven"),
+                         ("candidate_bank", "uneven")):
         model = tiny_model("vit", "combiner", seed=0)
         model.eval()  # no dropout: both runs must see the same function
         if stage == "candidate_bank":
             model.freeze_target_side()
         batch = global_batch(model)
-        local = {k: v.chunk(world)[rank] if k != "bank" else v
-                 for k, v in batch.items()}
+        # even: 4 + 4 rows; uneven: 3 + 5 rows (the global batch is the same 8 rows)
+        bounds = (0, 4, 8) if split == "even" else (0, 3, 8)
+        local = {k: v[bounds[rank]:bounds[rank + 1]] if k != "bank" else v for k, v in batch.items()}
         ddp = DistributedDataParallel(model)
         loss = stage_loss(ddp, model, local, stage)
         loss.backward()
-        grads[stage] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        grads[f"{stage}-{split}"] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     if rank == 0:
         torch.save(grads, out)
     dist.barrier()
