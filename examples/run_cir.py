@@ -39,7 +39,11 @@ TRIPLET_COLUMNS = list(TRIPLET_FEATURES)  # the schema's core columns, shared by
 
 @dataclass
 class ModelArguments:
-    model_name_or_path: str | None = field(default=None, metadata={"help": "a CIR checkpoint, or a CLIP to wrap"})
+    model_name_or_path: str | None = field(default=None, metadata={
+        "help": "a CIR checkpoint of any family, or a base checkpoint to start stage 1 from (CLIP, BLIP, BLIP-2)"})
+    model_type: str | None = field(default=None, metadata={
+        "help": "family to build on a base checkpoint: clip4cir (default for CLIP) or tgcir; blip4cir (BLIP); "
+                "sprc (BLIP-2)"})
     fusion: str = field(default="sum", metadata={"help": "sum or combiner (when wrapping a CLIP)"})
     preprocessing: str = field(default="targetpad", metadata={"help": "targetpad, squarepad or resize"})
 
@@ -97,7 +101,8 @@ def main(argv=None):
     if data_args.dataset is None or model_args.model_name_or_path is None:
         raise SystemExit("Pass --dataset and --model_name_or_path (or no arguments for the built-in recipe).")
     model, processor = load_cir_model_and_processor(
-        model_args.model_name_or_path, model_args.fusion, model_args.preprocessing, args.temperature
+        model_args.model_name_or_path, model_args.fusion, model_args.preprocessing, args.temperature,
+        model_type=model_args.model_type,
     )
     data = load_cir_data(data_args.dataset, data_args.data_dir, protocol=data_args.protocol)
     dedup_map = json.loads(Path(data_args.dedup_map).read_text()) if data_args.dedup_map else None

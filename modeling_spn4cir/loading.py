@@ -1,4 +1,4 @@
-"""Load any CIR model and its processor, or wrap a plain CLIP checkpoint as CLIP4CIR."""
+"""Load any CIR model and its processor, or wrap a plain CLIP / BLIP / BLIP-2 checkpoint as a CIR family."""
 
 from __future__ import annotations
 
@@ -7,29 +7,74 @@ from transformers import AutoConfig, AutoModel, AutoProcessor, AutoTokenizer
 from .cir_contract import CIRModelMixin
 from .clip4cir import CLIP4CIRImageProcessor, CLIP4CIRModel, CLIP4CIRProcessor
 
+# Which CIR families can start from which base checkpoint (`model_type` of its config), the first one by default.
+BASE_FAMILIES = {"clip": ("clip4cir", "tgcir"), "blip": ("blip4cir",), "blip-2": ("sprc",)}
+
+
+def _wrap_base(name_or_path: str, family: str, fusion: str, preprocessing: str, temperature: float | None):
+    """A CIR model of `family` built on a base checkpoint, with the family's processor (the original's preprocessing:
+    TargetPad 1.25 for CLIP4CIR / BLIP4CIR / SPRC, CLIP's resize + center crop for TG-CIR)."""
+    tau = {} if temperature is None else {"temperature": temperature}
+    if family == "clip4cir":
+        model = CLIP4CIRModel.from_clip(name_or_path, fusion=fusion, temperature=temperature or 0.02)
+        image_processor = CLIP4CIRImageProcessor(preprocessing=preprocessing, size=model.config.image_size)
+        return model, CLIP4CIRProcessor(image_processor=image_processor,
+                                        tokenizer=AutoTokenizer.from_pretrained(name_or_path))
+    if family == "tgcir":
+        from .tgcir import TGCIRModel, TGCIRProcessor
+
+        model = TGCIRModel.from_clip(name_or_path, **tau)
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        tokenizer.model_max_length = model.config.text_config.max_position_embeddings
+        image_processor = CLIP4CIRImageProcessor(preprocessing="resize", size=model.config.image_size)
+        return model, TGCIRProcessor(image_processor=image_processor, tokenizer=tokenizer)
+    if family == "blip4cir":
+        from .blip4cir import BLIP4CIRModel, BLIP4CIRProcessor
+        from .blip4cir.processing_blip4cir import add_blip_special_tokens
+
+        model = BLIP4CIRModel.from_blip(name_or_path, **tau)
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        add_blip_special_tokens(tokenizer)
+        image_processor = CLIP4CIRImageProcessor(preprocessing=preprocessing, size=model.config.image_size)
+        return model, BLIP4CIRProcessor(image_processor=image_processor, tokenizer=tokenizer)
+    if family == "sprc":
+        from .sprc import SPRCModel, SPRCProcessor
+        from .sprc.convert_sprc_original_checkpoint import build_tokenizer
+
+        model = SPRCModel.from_blip2(name_or_path, **tau)
+        image_processor = CLIP4CIRImageProcessor(preprocessing=preprocessing, size=model.config.image_size)
+        return model, SPRCProcessor(image_processor=image_processor, tokenizer=build_tokenizer(name_or_path))
+    raise ValueError(f"unknown CIR family {family!r}")
+
 
 def load_cir_model_and_processor(name_or_path: str, fusion: str = "sum", preprocessing: str = "targetpad",
-                                 temperature: float | None = None):
+                                 temperature: float | None = None, model_type: str | None = None):
     """-> (model, processor).
 
     - a CIR checkpoint of any family (`clip4cir`, `tgcir`, `blip4cir`, `sprc`; a converted original checkpoint or
       a CIRTrainer output): loaded as saved, with its processor;
-    - a CLIP checkpoint (`model_type` `clip`, e.g. `openai/clip-vit-base-patch32`): wrapped with
-      `CLIP4CIRModel.from_clip(fusion=...)`, with its tokenizer and a CLIP4Cir image processor
-      (`preprocessing`, at the tower's resolution).
+    - a base checkpoint to start stage 1 from: a CLIP (`model_type` `clip`, e.g. `openai/clip-vit-base-patch32`)
+      as CLIP4CIR (`fusion`) or, with `model_type="tgcir"`, TG-CIR; a BLIP retrieval checkpoint (`blip`) as
+      BLIP4CIR; a BLIP-2 (`blip-2`) as SPRC — with the family's processor (`preprocessing` where the family's
+      original offers a choice).
     """
     config = AutoConfig.from_pretrained(name_or_path)
-    if config.model_type == "clip":
-        model = CLIP4CIRModel.from_clip(name_or_path, fusion=fusion, temperature=temperature or 0.02)
-        image_processor = CLIP4CIRImageProcessor(preprocessing=preprocessing, size=model.config.image_size)
-        processor = CLIP4CIRProcessor(image_processor=image_processor, tokenizer=AutoTokenizer.from_pretrained(name_or_path))
+    if config.model_type in BASE_FAMILIES:
+        families = BASE_FAMILIES[config.model_type]
+        family = model_type or families[0]
+        if family not in families:
+            raise ValueError(f"--model_type {family} cannot start from a {config.model_type!r} checkpoint "
+                             f"({name_or_path}); it starts from: {', '.join(families)}.")
+        model, processor = _wrap_base(name_or_path, family, fusion, preprocessing, temperature)
     else:
         model = AutoModel.from_pretrained(name_or_path)
         if not isinstance(model, CIRModelMixin):
             raise ValueError(
                 f"{name_or_path} is a {config.model_type!r} checkpoint; expected a CIR checkpoint (clip4cir, tgcir, "
-                "blip4cir, sprc) or a CLIP checkpoint to wrap."
+                "blip4cir, sprc) or a base checkpoint to wrap (clip, blip, blip-2)."
             )
+        if model_type is not None and config.model_type != model_type:
+            raise ValueError(f"{name_or_path} is a {config.model_type!r} model, not {model_type!r}.")
         processor = AutoProcessor.from_pretrained(name_or_path)
     if temperature is not None:
         model.config.temperature = temperature

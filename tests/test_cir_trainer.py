@@ -159,3 +159,26 @@ def test_stage2_gradient_accumulation_2x4_equals_batch_8(tiny_cir_dataset, tiny_
     assert not torch.equal(weights[0]["text_projection.weight"], start.state_dict()["text_projection.weight"])
     for k in weights[0]:
         torch.testing.assert_close(weights[1][k], weights[0][k], atol=1e-6, rtol=1e-5, msg=k)
+
+
+# SPN4CIR README stage-2 commands (REFERENCE.md 4.1): batch, epochs, lr, tau per family and dataset.
+PAPER_STAGE2 = {
+    "clip4cir_fiq": (256, 3, 2e-5, 0.02), "clip4cir_cirr": (256, 3, 2e-5, 0.02),
+    "tgcir_fiq": (256, 5, 2e-5, 0.02), "tgcir_cirr": (256, 5, 2e-5, 0.01),
+    "blip4cir_fiq": (128, 10, 5e-6, 0.03), "blip4cir_cirr": (128, 3, 6e-6, 0.02),
+    "sprc_fiq": (32, 3, 1e-5, 0.05), "sprc_cirr": (32, 3, 1e-5, 0.05),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_STAGE2))
+def test_paper_stage2_configs(name):
+    path = Path(run_cir.__file__).parent / "configs" / f"{name}_stage2.json"
+    model_args, data_args, args = run_cir.parse_args([str(path)])
+    batch, epochs, lr, tau = PAPER_STAGE2[name]
+    assert (args.per_device_train_batch_size, args.num_train_epochs, args.learning_rate, args.temperature) == \
+        (batch, epochs, lr, tau)
+    assert args.stage == "candidate_bank" and args.adam_epsilon == 1e-7 and args.weight_decay == 0.01
+    assert args.lr_scheduler_type == "constant" and args.dataloader_drop_last and args.seed == 42
+    assert args.load_best_model_at_end and args.metric_for_best_model == "average" and args.greater_is_better
+    assert data_args.dataset == ("fashioniq" if name.endswith("fiq") else "cirr") and data_args.extra_triplets
+    assert data_args.remove_reference == (name == "clip4cir_fiq")  # SPN4CIR's CLIP4CIR FashionIQ protocol

@@ -65,3 +65,38 @@ def test_family_trains_both_stages_through_run_cir(family, tiny_cir_dataset, tmp
     after2 = load_file(tmp_path / "stage2" / "model.safetensors")
     moved2 = {k for k in start2 if k in after2 and not torch.equal(start2[k], after2[k])}
     assert moved2 and moved2 <= query_side, sorted(moved2 - query_side)[:5]
+
+
+@pytest.fixture
+def tiny_clip_dir(tmp_path):
+    """A tiny `transformers.CLIPModel` with a tokenizer, saved like a Hub checkpoint."""
+    from conftest import TINY_TEXT, TINY_VIT
+    from transformers import CLIPConfig, CLIPModel
+
+    torch.manual_seed(0)
+    tokenizer = tiny_tokenizer(["make it blue", "red circle", "and more"])
+    text = dict(TINY_TEXT, vocab_size=len(tokenizer), pad_token_id=0, bos_token_id=2, eos_token_id=3)
+    clip = CLIPModel(CLIPConfig(text_config=text, vision_config={k: v for k, v in TINY_VIT.items() if k != "model_type"},
+                                projection_dim=16))
+    clip.save_pretrained(tmp_path / "clip")
+    tokenizer.save_pretrained(tmp_path / "clip")
+    return tmp_path / "clip"
+
+
+def test_run_cir_builds_a_family_on_a_base_checkpoint(tiny_clip_dir, tiny_cir_dataset, tmp_path):
+    from modeling_spn4cir import CLIP4CIRModel, TGCIRModel
+    from modeling_spn4cir.loading import load_cir_model_and_processor
+
+    assert isinstance(load_cir_model_and_processor(str(tiny_clip_dir))[0], CLIP4CIRModel)
+    model, processor = load_cir_model_and_processor(str(tiny_clip_dir), model_type="tgcir")
+    assert isinstance(model, TGCIRModel) and type(processor).__name__ == "TGCIRProcessor"
+    with pytest.raises(ValueError, match="sprc cannot start from a 'clip' checkpoint"):
+        load_cir_model_and_processor(str(tiny_clip_dir), model_type="sprc")
+    args = ["--model_name_or_path", str(tiny_clip_dir), "--model_type", "tgcir", "--dataset", str(tiny_cir_dataset),
+            "--stage", "in_batch", "--do_train", "--output_dir", str(tmp_path / "tg"), "--max_steps", "2",
+            "--per_device_train_batch_size", "4", "--report_to", "none", "--use_cpu", "--disable_tqdm", "true",
+            "--save_strategy", "no"]
+    results = run_cir.main(args)
+    assert results["train_loss"] > 0
+    saved, _ = load_cir_model_and_processor(str(tmp_path / "tg"))
+    assert isinstance(saved, TGCIRModel) and saved.config.stage1_loss == "tgcir"

@@ -1,11 +1,31 @@
 """The candidate bank of SPN's stage 2: every unique training image encoded once by the frozen towers.
 
 Two tensors per image: the target embedding (`get_target_embeds`, the negatives and positives of the loss)
-and the reference features (`get_reference_features`, what the query side consumes). Stored as safetensors
-plus a JSON fingerprint of everything that determines them — the frozen towers' weights, the image ids,
-the images' bytes, the image processor and the dtype. A stored bank is reused only when the fingerprint
-matches; otherwise it is rebuilt and the log says why. (The original reuses any file at `--bank_path`,
-even one built by another model.)
+and the reference features (`get_reference_features`, what the query side consumes). A stored bank carries a
+JSON fingerprint of everything that determines it — the frozen towers' weights, the image ids, the images'
+bytes, the image processor, the storage dtype and the shard size. A stored bank is reused only when the
+fingerprint matches; otherwise it is rebuilt and the log says why. (The original reuses any file at
+`--bank_path`, even one built by another model.)
+
+Token-level reference features are large (BLIP4CIR: 577 x 768 per image, 20k images = 17.7 GB in fp16), so a
+bank stored in `bank_dir` is a set of shards, each a contiguous block of `shard_size` images:
+
+    bank_dir/
+        bank-00000.safetensors   {"target_embeds": [n0, ...], "reference_features": [n0, ...]}
+        bank-00000.json          the shard's manifest: its fingerprint, rows [start, stop), byte size, sha256
+        bank-00001.safetensors
+        bank-00001.json
+        ...
+        bank.json                the bank's fingerprint, image ids and shard list; written last
+
+Every file is written atomically, a shard before its manifest and `bank.json` after every shard, so a killed
+build leaves only complete shards behind; the next build reuses each shard whose manifest fingerprint matches
+(and whose bytes still hash to the manifest's sha256) and encodes only the others. A shard's fingerprint
+covers only its own images, so a changed image re-encodes the shard that holds it, not the bank.
+
+Loaded, the target embeddings are one in-memory tensor (they are small, and the loss keeps them as a buffer);
+the reference features stay on disk behind a read-only memory-mapped view ([`ShardedRows`]) that reads the
+rows a batch asks for.
 """
 
 from __future__ import annotations
@@ -13,20 +33,124 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save
+from safetensors import safe_open
+from safetensors.torch import save
 
 from datasets_scripts.image_store import ImageStore, encode_images
 from modeling_spn4cir.atomic import atomic_write_bytes, atomic_write_json
 
 logger = logging.getLogger(__name__)
 
-BANK_FORMAT = 1
+BANK_FORMAT = 2
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DEFAULT_SHARD_SIZE = 1024
+KEYS = ("target_embeds", "reference_features")
+_BANK_FILE = re.compile(r"(bank-\d+\.(safetensors|json)|bank\.safetensors|\.bank[-.].*)")
+
+
+def shard_name(k: int) -> str:
+    return f"bank-{k:05d}.safetensors"
+
+
+class ShardedRows:
+    """Read-only rows of one tensor stored across safetensors shards (row blocks), memory-mapped.
+
+    `view[rows]` with a list / 1-D tensor of row indices (any order, repeats allowed), an int or a slice returns
+    a tensor `[len(rows), ...]` in the order given; `.shape`, `.dtype`, `.ndim` and `len()` are those of the
+    whole tensor; `to_tensor()` reads every row (the whole tensor in memory: mind its size). Only the requested
+    rows are read. The shards are opened (mapped) when the view is made, so a later rebuild that replaces
+    them does not change what the view reads; forked DataLoader workers share the maps, and a pickled view
+    (spawned workers) reopens the files where it is unpickled.
+    """
+
+    def __init__(self, files: Sequence[str | Path], row_counts: Sequence[int], name: str,
+                 row_shape: Sequence[int], dtype: torch.dtype):
+        if len(files) != len(row_counts) or not files:
+            raise ValueError("ShardedRows needs one row count per shard file, and at least one shard.")
+        self.files = [str(f) for f in files]
+        self.name = name
+        self.dtype = dtype
+        self.row_shape = tuple(int(s) for s in row_shape)
+        self._starts = [0]
+        for count in row_counts:
+            self._starts.append(self._starts[-1] + int(count))
+        # opened now: the maps keep reading these files even if a later build replaces them in the directory
+        self._handles: dict[int, object] = {}
+        for k in range(len(self.files)):
+            self._slice(k)
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self._starts[-1], *self.row_shape))
+
+    @property
+    def ndim(self) -> int:
+        return 1 + len(self.row_shape)
+
+    def __len__(self) -> int:
+        return self._starts[-1]
+
+    def __repr__(self) -> str:
+        return f"ShardedRows({self.name!r}, shape={tuple(self.shape)}, dtype={self.dtype}, shards={len(self.files)})"
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_handles"] = {}
+        return state
+
+    def _slice(self, k: int):
+        handle = self._handles.get(k)
+        if handle is None:
+            try:
+                handle = safe_open(self.files[k], framework="pt")
+            except Exception as error:
+                raise RuntimeError(f"cannot read candidate bank shard {self.files[k]}: {error}. Delete the bank's "
+                                   "bank.json to rebuild the bad shards.") from error
+            self._handles[k] = handle
+        return handle.get_slice(self.name)
+
+    def _rows(self, index) -> torch.Tensor:
+        n = len(self)
+        if isinstance(index, slice):
+            return torch.arange(n)[index]
+        rows = torch.as_tensor(index)
+        if rows.dtype == torch.bool or rows.is_floating_point() or rows.ndim > 1:
+            raise TypeError(f"ShardedRows is indexed by row indices (int, slice, list or 1-D integer tensor), got {index!r}.")
+        rows = rows.reshape(-1).long()
+        if rows.numel() and (rows.min() < -n or rows.max() >= n):
+            raise IndexError(f"row index out of range for a bank of {n} rows")
+        return torch.where(rows < 0, rows + n, rows)
+
+    def __getitem__(self, index) -> torch.Tensor:
+        if isinstance(index, tuple):
+            raise TypeError("ShardedRows supports row indexing only; index the returned tensor further.")
+        single = isinstance(index, int) or (isinstance(index, torch.Tensor) and index.ndim == 0)
+        rows = self._rows(index)
+        out = torch.empty((rows.numel(), *self.row_shape), dtype=self.dtype)
+        if rows.numel():
+            starts = torch.tensor(self._starts)
+            shard_of = torch.searchsorted(starts, rows, right=True) - 1
+            for k in shard_of.unique().tolist():
+                where = (shard_of == k).nonzero().squeeze(1)
+                local = rows[where] - self._starts[k]
+                wanted, inverse = local.unique(sorted=True, return_inverse=True)
+                sl = self._slice(k)
+                # contiguous runs of the wanted rows, each one read from the map
+                breaks = ((wanted[1:] - wanted[:-1]) != 1).nonzero().squeeze(1) + 1
+                bounds = [0, *breaks.tolist(), wanted.numel()]
+                read = torch.cat([sl[int(wanted[a]):int(wanted[b - 1]) + 1] for a, b in zip(bounds, bounds[1:])])
+                out[where] = read[inverse].to(self.dtype)
+        return out[0] if single else out
+
+    def to_tensor(self) -> torch.Tensor:
+        """Every row, in memory."""
+        return self[:]
 
 
 @dataclass
@@ -34,11 +158,12 @@ class CandidateBank:
     """`image_ids[i]` has target embedding `target_embeds[i]` (`[K, D]`, or `[K, Q, D]` for multi-vector
     families) and reference features `reference_features[i]` (whatever shape the family's
     `get_reference_features` returns per image: `[K, D]`, `[K, T, H]`, ...); `dedup_map` sends duplicate ids to
-    their canonical id."""
+    their canonical id. `reference_features` is an in-memory tensor for a bank built without a directory and a
+    memory-mapped [`ShardedRows`] view for a stored one; both give `reference_features[list_of_rows] -> Tensor`."""
 
     image_ids: list[str]
     target_embeds: torch.Tensor
-    reference_features: torch.Tensor
+    reference_features: torch.Tensor | ShardedRows
     fingerprint: dict
     dedup_map: dict[str, str] = field(default_factory=dict)
 
@@ -77,6 +202,11 @@ def _sha256(chunks: Iterable[bytes]) -> str:
     return digest.hexdigest()
 
 
+def _file_sha256(path: Path, chunk: int = 1 << 24) -> str:
+    with open(path, "rb") as f:
+        return _sha256(iter(lambda: f.read(chunk), b""))
+
+
 def frozen_tower_state(model) -> dict[str, torch.Tensor]:
     """Parameters and buffers outside `query_side_parameters()`: what produces the bank."""
     query_side = {id(p) for p in model.query_side_parameters()}
@@ -84,23 +214,103 @@ def frozen_tower_state(model) -> dict[str, torch.Tensor]:
     return {k: v for k, v in model.state_dict().items() if k not in names}
 
 
-def compute_fingerprint(model, image_ids: Sequence[str], images: ImageStore, image_processor, dtype: str) -> dict:
+def _fingerprints(model, image_ids: Sequence[str], images: ImageStore, image_processor, dtype: str,
+                  shard_size: int) -> tuple[dict, list[dict]]:
+    """The bank's fingerprint and one per shard (the same model fields, the shard's own ids and image bytes)."""
     state = frozen_tower_state(model)
     towers = _sha256(
         name.encode() + str(tuple(t.shape)).encode() + t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
         for name, t in sorted(state.items())
     )
     processor = image_processor.to_json_string() if hasattr(image_processor, "to_json_string") else repr(image_processor)
-    return {
+    common = {
         "format": BANK_FORMAT,
         "model_class": type(model).__name__,
         "frozen_tower_weights": towers,
-        "image_ids": _sha256(i.encode() + b"\0" for i in image_ids),
-        "image_content": _sha256(hashlib.sha256(images.raw_bytes(i)).digest() for i in image_ids),
         "image_processor": _sha256([processor.encode()]),
         "dtype": dtype,
+        "shard_size": shard_size,
+    }
+    digests = [hashlib.sha256(images.raw_bytes(i)).digest() for i in image_ids]
+    fingerprint = {
+        **common,
+        "image_ids": _sha256(i.encode() + b"\0" for i in image_ids),
+        "image_content": _sha256(digests),
         "num_images": len(image_ids),
     }
+    shards = []
+    for k, start in enumerate(range(0, len(image_ids), shard_size)):
+        stop = min(start + shard_size, len(image_ids))
+        shards.append({**common, "shard": k, "start": start, "stop": stop,
+                       "image_ids": _sha256(i.encode() + b"\0" for i in image_ids[start:stop]),
+                       "image_content": _sha256(digests[start:stop])})
+    return fingerprint, shards
+
+
+def compute_fingerprint(model, image_ids: Sequence[str], images: ImageStore, image_processor, dtype: str,
+                        shard_size: int = DEFAULT_SHARD_SIZE) -> dict:
+    return _fingerprints(model, list(image_ids), images, image_processor, dtype, shard_size)[0]
+
+
+def _check_shard(path: Path, entry: dict, dtype: str, full: bool) -> str | None:
+    """Why the stored shard `path` does not hold rows `[entry.start, entry.stop)` as `entry` says, or None.
+    Cheap checks (size, header, shapes, dtype) always; the sha256 of its bytes with `full`."""
+    if not path.exists():
+        return "it is missing"
+    size = path.stat().st_size
+    if size != entry.get("bytes"):
+        return f"it has {size} bytes, its manifest says {entry.get('bytes')} (truncated or overwritten)"
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            if set(f.keys()) != set(KEYS):
+                return f"it holds {sorted(f.keys())}, not {list(KEYS)}"
+            for key in KEYS:
+                sl = f.get_slice(key)
+                if sl.get_shape()[:1] != [entry["stop"] - entry["start"]]:
+                    return f"its {key} have shape {sl.get_shape()}, not {entry['stop'] - entry['start']} rows"
+                if list(sl.get_shape()[1:]) != list(entry.get(f"{key}_row_shape", sl.get_shape()[1:])):
+                    return f"its {key} rows have shape {sl.get_shape()[1:]}, not {entry[f'{key}_row_shape']}"
+                if _dtype_name(sl.get_dtype()) != dtype:
+                    return f"its {key} are {sl.get_dtype()}, not {dtype}"
+    except Exception as error:  # safetensors' header errors
+        return f"it cannot be read ({error})"
+    if full and _file_sha256(path) != entry.get("sha256"):
+        return "its bytes do not match its sha256 (corrupt)"
+    return None
+
+
+_SAFETENSORS_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+
+
+def _dtype_name(safetensors_dtype: str) -> str:
+    return _SAFETENSORS_DTYPES.get(safetensors_dtype, safetensors_dtype)
+
+
+def _load_sharded(bank_dir: Path, shards: list[dict], image_ids: list[str], fingerprint: dict, dtype: str,
+                  dedup_map: dict[str, str] | None) -> CandidateBank:
+    files = [bank_dir / s["file"] for s in shards]
+    targets = []
+    for path in files:
+        with safe_open(str(path), framework="pt") as f:
+            targets.append(f.get_tensor("target_embeds"))
+    reference = ShardedRows(files, [s["stop"] - s["start"] for s in shards], "reference_features",
+                            shards[0]["reference_features_row_shape"], DTYPES[dtype])
+    return CandidateBank(image_ids, torch.cat(targets), reference, fingerprint, dict(dedup_map or {}))
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _encode(model, images, image_ids, image_processor, batch_size, num_workers, dtype, show_progress_bar, desc):
+    return encode_images(
+        model.get_target_embeds_and_reference_features, images, image_ids, image_processor, batch_size,
+        num_workers, device=next(model.parameters()).device, dtype=DTYPES[dtype],
+        show_progress_bar=show_progress_bar, desc=desc,
+    )
 
 
 def load_or_build_candidate_bank(
@@ -114,41 +324,106 @@ def load_or_build_candidate_bank(
     dedup_map: dict[str, str] | None = None,
     show_progress_bar: bool = True,
     num_workers: int = 0,
+    shard_size: int = DEFAULT_SHARD_SIZE,
 ) -> CandidateBank:
-    """Load the bank from `bank_dir` if its fingerprint matches, else encode `image_ids` with the frozen towers
-    (eval mode, no grad, batched, progress bar) and store it there (atomically)."""
+    """Encode `image_ids` with the frozen towers (eval mode, no grad, batched, progress bar), or load them.
+
+    Without `bank_dir` the bank is two in-memory tensors. With it, the bank is stored there as shards of
+    `shard_size` images (see the module docstring): a bank whose fingerprint matches is loaded (target
+    embeddings in memory, reference features memory-mapped), an interrupted or outdated build is resumed,
+    encoding only the shards that are missing, corrupt or built from something else.
+    """
     if dtype not in DTYPES:
         raise ValueError(f"bank dtype must be one of {sorted(DTYPES)}, got {dtype!r}.")
+    if int(shard_size) < 1:
+        raise ValueError(f"shard_size must be a positive number of images, got {shard_size!r}.")
+    shard_size = int(shard_size)
     image_ids = list(image_ids)
+    if not image_ids:
+        raise ValueError("No images for the candidate bank: the training triplets name none.")
     images.check(image_ids, "bank images")
-    fingerprint = compute_fingerprint(model, image_ids, images, image_processor, dtype)
-    if bank_dir is not None:
-        bank_dir = Path(bank_dir)
-        meta_path, tensor_path = bank_dir / "bank.json", bank_dir / "bank.safetensors"
-        if meta_path.exists() and tensor_path.exists():
-            stored = json.loads(meta_path.read_text())
-            changed = [k for k in fingerprint if stored.get("fingerprint", {}).get(k) != fingerprint[k]]
-            if not changed and stored.get("image_ids") == image_ids:
-                tensors = load_file(tensor_path)
-                logger.info("Loaded candidate bank of %d images from %s", len(image_ids), bank_dir)
-                return CandidateBank(image_ids, tensors["target_embeds"], tensors["reference_features"], fingerprint,
-                                     dict(dedup_map or {}))
+    fingerprint, shard_fps = _fingerprints(model, image_ids, images, image_processor, dtype, shard_size)
+    if bank_dir is None:
+        was_training = model.training
+        model.eval()
+        try:
+            target, reference = _encode(model, images, image_ids, image_processor, batch_size, num_workers, dtype,
+                                        show_progress_bar, "candidate bank")
+        finally:
+            model.train(was_training)
+        return CandidateBank(image_ids, target, reference, fingerprint, dict(dedup_map or {}))
+
+    bank_dir = Path(bank_dir)
+    meta_path = bank_dir / "bank.json"
+    stored = _read_json(meta_path) if meta_path.exists() else None
+    if stored is not None:
+        changed = [k for k in fingerprint if stored.get("fingerprint", {}).get(k) != fingerprint[k]]
+        if not changed and stored.get("image_ids") != image_ids:
+            changed = ["image id order"]
+        shards = stored.get("shards") or []
+        if not changed:
+            bad = next(((s.get("file"), why) for s in shards
+                        if (why := _check_shard(bank_dir / str(s.get("file")), s, dtype, full=False))), None)
+            if bad is None and len(shards) == len(shard_fps):
+                logger.info("Loaded candidate bank of %d images (%d shards) from %s", len(image_ids), len(shards),
+                            bank_dir)
+                return _load_sharded(bank_dir, shards, image_ids, fingerprint, dtype, dedup_map)
+            reason = f"shard {bad[0]} is unusable: {bad[1]}" if bad else "its shard list is incomplete"
+            logger.warning("Rebuilding the candidate bank in %s: %s.", bank_dir, reason)
+        else:
             logger.warning("Rebuilding the candidate bank in %s: %s changed since it was built.", bank_dir,
-                           ", ".join(changed) or "image id order")
-    was_training = model.training
-    model.eval()
-    try:
-        target, reference = encode_images(
-            model.get_target_embeds_and_reference_features, images, image_ids, image_processor, batch_size,
-            num_workers, device=next(model.parameters()).device, dtype=DTYPES[dtype],
-            show_progress_bar=show_progress_bar, desc="candidate bank",
-        )
-    finally:
-        model.train(was_training)
-    if bank_dir is not None:
-        # The fingerprint goes last and the old one first: a crash in between leaves no valid pair behind.
-        (bank_dir / "bank.json").unlink(missing_ok=True)
-        atomic_write_bytes(bank_dir / "bank.safetensors",
-                           save({"target_embeds": target.contiguous(), "reference_features": reference.contiguous()}))
-        atomic_write_json(bank_dir / "bank.json", {"fingerprint": fingerprint, "image_ids": image_ids})
-    return CandidateBank(image_ids, target, reference, fingerprint, dict(dedup_map or {}))
+                           ", ".join(changed))
+    elif meta_path.exists():
+        logger.warning("Rebuilding the candidate bank in %s: %s cannot be read.", bank_dir, meta_path)
+
+    # bank.json goes first and comes back last: a crash in between leaves no valid bank behind, only shards,
+    # each complete (atomic) and described by its manifest, which the next build reuses.
+    meta_path.unlink(missing_ok=True)
+    bank_dir.mkdir(parents=True, exist_ok=True)
+    entries: list[dict] = []
+    todo: list[int] = []
+    for k, shard_fp in enumerate(shard_fps):
+        manifest = _read_json(bank_dir / f"bank-{k:05d}.json")
+        if manifest is not None and manifest.get("fingerprint") == shard_fp:
+            why = _check_shard(bank_dir / shard_name(k), manifest, dtype, full=True)
+            if why is None:
+                entries.append(manifest)
+                continue
+            logger.warning("Candidate bank shard %s is unusable (%s); encoding it again.", bank_dir / shard_name(k), why)
+        entries.append(None)
+        todo.append(k)
+    if todo and len(todo) < len(shard_fps):
+        logger.info("Resuming the candidate bank build in %s: %d of %d shards are done, encoding the other %d.",
+                    bank_dir, len(shard_fps) - len(todo), len(shard_fps), len(todo))
+
+    if todo:
+        was_training = model.training
+        model.eval()
+        try:
+            for n, k in enumerate(todo):
+                fp = shard_fps[k]
+                target, reference = _encode(model, images, image_ids[fp["start"]:fp["stop"]], image_processor,
+                                            batch_size, num_workers, dtype, show_progress_bar,
+                                            f"candidate bank shard {n + 1}/{len(todo)}")
+                data = save({"target_embeds": target.contiguous(), "reference_features": reference.contiguous()})
+                entry = {"file": shard_name(k), "start": fp["start"], "stop": fp["stop"], "bytes": len(data),
+                         "sha256": hashlib.sha256(data).hexdigest(),
+                         "target_embeds_row_shape": list(target.shape[1:]),
+                         "reference_features_row_shape": list(reference.shape[1:]), "fingerprint": fp}
+                del target, reference
+                (bank_dir / f"bank-{k:05d}.json").unlink(missing_ok=True)
+                atomic_write_bytes(bank_dir / shard_name(k), data)
+                del data
+                atomic_write_json(bank_dir / f"bank-{k:05d}.json", entry)
+                entries[k] = entry
+        finally:
+            model.train(was_training)
+
+    # stale files of earlier builds: shards beyond this bank's count, the single-file format, orphaned temps
+    keep = {shard_name(k) for k in range(len(entries))} | {f"bank-{k:05d}.json" for k in range(len(entries))}
+    for path in bank_dir.iterdir():
+        if path.is_file() and path.name not in keep and _BANK_FILE.fullmatch(path.name):
+            path.unlink(missing_ok=True)
+    atomic_write_json(meta_path, {"fingerprint": fingerprint, "image_ids": image_ids,
+                                  "shards": [{k: v for k, v in e.items() if k != "fingerprint"} for e in entries]})
+    return _load_sharded(bank_dir, entries, image_ids, fingerprint, dtype, dedup_map)

@@ -90,7 +90,9 @@ class CIRTrainer(Trainer):
         if args.temperature is not None:
             model.config.temperature = args.temperature  # one tau: the loss's is the one the checkpoint records
         self.temperature = model.config.temperature
-        if evaluator is not None and args.metric_for_best_model is None:
+        # The evaluator computes no eval loss: "loss" (TrainingArguments' default with load_best_model_at_end) would
+        # select nothing; pick checkpoints by the dataset's headline metric, as the original's best.pt.
+        if evaluator is not None and args.metric_for_best_model in (None, "loss", "eval_loss"):
             args.metric_for_best_model = evaluator.primary_metric  # the dataset's headline number
             args.greater_is_better = True
         if args.stage == "candidate_bank":

@@ -12,7 +12,7 @@ from torch import nn
 
 from modeling_spn4cir.distributed import world
 
-from .losses import gather_no_grad, gather_with_grad
+from .losses import ddp_mean_correction, gather_no_grad, gather_with_grad
 
 _BI_BLIP4CIR_CITATION = """@inproceedings{liu2024bi,
   title     = {Bi-directional Training for Composed Image Retrieval via Text Prompt Learning},
@@ -99,6 +99,10 @@ class BLIP4CIRBidirectionalLoss(nn.Module):
         return self.temperature
 
     def forward(self, outputs, target_keys: torch.Tensor | None = None) -> torch.Tensor:
+        # Each term is a mean over this rank's rows: weigh it by its share of the global batch under DDP.
+        return self._loss(outputs, target_keys) * ddp_mean_correction(len(outputs.query_embeds))
+
+    def _loss(self, outputs, target_keys: torch.Tensor | None = None) -> torch.Tensor:
         if outputs.target_embeds is None:
             raise ValueError("BLIP4CIRBidirectionalLoss needs the targets: call the model with target_pixel_values.")
         temperature = self._temperature(outputs)

@@ -8,7 +8,7 @@ from torch import nn
 
 from modeling_spn4cir.distributed import world
 
-from .losses import gather_no_grad, gather_with_grad
+from .losses import ddp_mean_correction, gather_no_grad, gather_with_grad
 
 _SPRC_CITATION = """@inproceedings{bai2024sprc,
   title     = {Sentence-level Prompts Benefit Composed Image Retrieval},
@@ -98,7 +98,8 @@ class SPRCStage1Loss(nn.Module):
 
     def forward(self, outputs, target_keys: torch.Tensor | None = None) -> torch.Tensor:
         terms = self.terms(outputs, target_keys)
-        return terms["loss_itc"] + self.rtc_weight * terms["loss_rtc"] + self.align_weight * terms["loss_align"]
+        total = terms["loss_itc"] + self.rtc_weight * terms["loss_rtc"] + self.align_weight * terms["loss_align"]
+        return total * ddp_mean_correction(len(outputs.query_embeds))  # this rank's share of the global mean
 
     def get_config_dict(self) -> dict:
         return {"temperature": self.temperature if self.temperature is not None else "learnable (model.temp)",

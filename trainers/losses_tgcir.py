@@ -13,7 +13,7 @@ from torch import nn
 
 from modeling_spn4cir.distributed import world
 
-from .losses import gather_no_grad, gather_with_grad
+from .losses import ddp_mean_correction, gather_no_grad, gather_with_grad
 
 _TGCIR_CITATION = """@inproceedings{wen2023tgcir,
   title     = {Target-Guided Composed Image Retrieval},
@@ -132,7 +132,8 @@ class TGCIRStage1Loss(nn.Module):
     def forward(self, outputs, target_keys: torch.Tensor | None = None) -> torch.Tensor:
         terms = self.compute_terms(outputs, target_keys)
         self.last_terms = {name: float(value.detach()) for name, value in terms.items()}
-        return sum(self.weights[name] * value for name, value in terms.items())
+        total = sum(self.weights[name] * value for name, value in terms.items())
+        return total * ddp_mean_correction(len(outputs.query_embeds))  # this rank's share of the global mean
 
     def get_config_dict(self) -> dict:
         return {
