@@ -5,16 +5,18 @@ Every model family (`clip4cir/`, `tgcir/`, `blip4cir/`, `sprc/`) mixes [`CIRMode
 
 | method | returns |
 |---|---|
-| `get_target_embeds(pixel_values)` | `[N, D]` or `[N, Q, D]` (multi-vector targets, e.g. SPRC's Q-Former tokens), L2-normalized |
 | `get_reference_features(pixel_values)` | what the query side consumes, any shape `[N, ...]`: a vector `[N, D]` (CLIP4CIR), tokens `[N, T, H]` (TG-CIR, BLIP4CIR), ... |
+| `target_embeds_from_reference_features(reference_features)` | the target embeddings of the same images: `[N, D]` or `[N, Q, D]` (multi-vector targets, e.g. SPRC's Q-Former tokens), L2-normalized |
 | `get_query_embeds(input_ids, attention_mask, reference_features=None, pixel_values=None)` | `[B, D]`, L2-normalized |
 | `similarity(query_embeds, target_embeds)` | `[B, N]`: the one scoring rule of training (both stages), the bank, evaluation, pairing and retrieval |
 | `query_side_modules()` | `{name: module}` that SPN's stage 2 trains (the original's stage-2 optimizer, restricted to what gets gradient) |
 | `forward(...)` | a [`CIRModelOutput`]: embeddings and `logits`; the losses live in `trainers.losses` |
 
-The mixin derives the rest from those: `query_side_parameters()`, `freeze_target_side()` (stage 2: no gradient and
-eval mode outside the query side), `get_target_embeds_and_reference_features()` (one image pass when a family can
-share it), `get_temperature()` and `similarity` (dot product; SPRC overrides it with a max over target tokens).
+The mixin derives the rest from those: `get_target_embeds(pixel_values)` and
+`get_target_embeds_and_reference_features(pixel_values)` (one image pass for both roles: in every family the target
+embedding is a function of the image's reference features), `query_side_parameters()`, `freeze_target_side()`
+(stage 2: no gradient and eval mode outside the query side), `get_temperature()` and `similarity` (dot product, or
+the max over target tokens for `[N, Q, D]` targets).
 
 Families import this module as `from .cir_contract import ...` and their folder holds a link to this file: so it
 lives once in the repository, and `save_pretrained` still copies it beside the family's code for
@@ -82,11 +84,19 @@ class CIRModelMixin:
         """InfoNCE temperature: `config.temperature`, or a learnable tensor where the family trains it."""
         return self.config.temperature
 
+    def target_embeds_from_reference_features(self, reference_features: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} must map reference features to target embeddings.")
+
     # ---------------------------------------------------------------------------------- derived
+    def get_target_embeds(self, pixel_values: torch.FloatTensor) -> torch.Tensor:
+        """`pixel_values` `[N, 3, S, S]` -> L2-normalized target embeddings `[N, D]` or `[N, Q, D]`."""
+        return self.target_embeds_from_reference_features(self.get_reference_features(pixel_values))
+
     def get_target_embeds_and_reference_features(self, pixel_values: torch.FloatTensor):
-        """Both image-side outputs of `pixel_values` `[N, 3, S, S]`: (`get_target_embeds`,
-        `get_reference_features`). Families whose two roles share an image pass override this to run it once."""
-        return self.get_target_embeds(pixel_values), self.get_reference_features(pixel_values)
+        """Both image-side outputs of `pixel_values` `[N, 3, S, S]` from one image pass: (target embeddings,
+        reference features) — what the candidate bank and the evaluator store."""
+        reference_features = self.get_reference_features(pixel_values)
+        return self.target_embeds_from_reference_features(reference_features), reference_features
 
     def query_side_parameters(self) -> list[nn.Parameter]:
         """Parameters stage 2 trains (never the target side), each once."""

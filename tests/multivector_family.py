@@ -41,12 +41,11 @@ class MultiVectorModel(CIRModelMixin, PreTrainedModel):
     def _tokens(self, pixel_values):
         return self.patchify(pixel_values).flatten(2).transpose(1, 2)  # [N, T, H]
 
-    def get_target_embeds(self, pixel_values):
-        tokens = self._tokens(pixel_values)[:, : self.config.num_target_tokens]
-        return F.normalize(self.target_proj(tokens), dim=-1)
-
     def get_reference_features(self, pixel_values):
         return self._tokens(pixel_values)
+
+    def target_embeds_from_reference_features(self, reference_features):
+        return F.normalize(self.target_proj(reference_features[:, : self.config.num_target_tokens]), dim=-1)
 
     def get_query_embeds(self, input_ids, attention_mask=None, reference_features=None, pixel_values=None):
         if reference_features is None:

@@ -131,18 +131,13 @@ class BLIP4CIRModel(CIRModelMixin, BLIP4CIRPreTrainedModel):
         )
 
     # -------------------------------------------------------------------------------- model contract
-    def get_target_embeds(self, pixel_values: torch.FloatTensor) -> torch.FloatTensor:
-        """`pixel_values` `[N, 3, S, S]` -> L2-normalized target embeddings `[N, E]`."""
-        return self.project_image_tokens(self.get_image_tokens(pixel_values))
-
     def get_reference_features(self, pixel_values: torch.FloatTensor) -> torch.FloatTensor:
         """`pixel_values` `[N, 3, S, S]` -> what the query side consumes: ViT token states `[N, T, Hv]`."""
         return self.get_image_tokens(pixel_values)
 
-    def get_target_embeds_and_reference_features(self, pixel_values: torch.FloatTensor):
-        """One ViT pass for both roles: (`[N, E]` normalized target embeds, `[N, T, Hv]` ViT tokens)."""
-        tokens = self.get_image_tokens(pixel_values)
-        return self.project_image_tokens(tokens), tokens
+    def target_embeds_from_reference_features(self, reference_features: torch.Tensor) -> torch.FloatTensor:
+        """ViT token states `[N, T, Hv]` -> L2-normalized target embeddings `[N, E]`."""
+        return self.project_image_tokens(reference_features)
 
     def get_query_embeds(
         self,

@@ -123,20 +123,13 @@ class CLIP4CIRModel(CIRModelMixin, CLIP4CIRPreTrainedModel):
         return self.visual_projection(pooled)
 
     # -------------------------------------------------------------------------------- model contract
-    def get_target_embeds(self, pixel_values: torch.FloatTensor) -> torch.FloatTensor:
-        """`pixel_values`: `[N, 3, S, S]` -> L2-normalized target embeddings `[N, D]`."""
-        return F.normalize(self.get_image_features(pixel_values), dim=-1)
-
     def get_reference_features(self, pixel_values: torch.FloatTensor) -> torch.FloatTensor:
         """`pixel_values`: `[N, 3, S, S]` -> what the fusion consumes: unnormalized image features `[N, D]`."""
         return self.get_image_features(pixel_values)
 
-    def get_target_embeds_and_reference_features(
-        self, pixel_values: torch.FloatTensor
-    ) -> tuple[torch.FloatTensor, torch.FloatTensor]:
-        """One image-tower pass for both roles: `([N, D]` normalized target embeds, `[N, D]` reference features)."""
-        features = self.get_image_features(pixel_values)
-        return F.normalize(features, dim=-1), features
+    def target_embeds_from_reference_features(self, reference_features: torch.Tensor) -> torch.FloatTensor:
+        """Unnormalized image features `[N, D]` -> L2-normalized target embeddings `[N, D]`."""
+        return F.normalize(reference_features, dim=-1)
 
     def combine(self, reference_features: torch.Tensor, text_features: torch.Tensor) -> torch.FloatTensor:
         """Fuse `[B, D]` reference features with `[B, D]` text features -> L2-normalized queries `[B, D]`."""

@@ -173,18 +173,13 @@ class SPRCModel(CIRModelMixin, SPRCPreTrainedModel):
         """`image_embeds` `[N, T, W]` -> L2-normalized target token sets `[N, Q, D]`."""
         return F.normalize(self.vision_projection(self.get_image_query_output(image_embeds)), dim=-1)
 
-    def get_target_embeds(self, pixel_values: torch.FloatTensor) -> torch.FloatTensor:
-        """`pixel_values` `[N, 3, S, S]` -> L2-normalized target token sets `[N, Q, D]` (`Q` = 32)."""
-        return self.target_embeds_from_image_embeds(self.get_image_embeds(pixel_values))
-
     def get_reference_features(self, pixel_values: torch.FloatTensor) -> torch.FloatTensor:
         """`pixel_values` `[N, 3, S, S]` -> `ln_vision`'ed ViT tokens `[N, T, W]`, what pass 1 cross-attends."""
         return self.get_image_embeds(pixel_values)
 
-    def get_target_embeds_and_reference_features(self, pixel_values: torch.FloatTensor):
-        """One ViT pass for both roles: (`[N, Q, D]` target token sets, `[N, T, W]` reference features)."""
-        image_embeds = self.get_image_embeds(pixel_values)
-        return self.target_embeds_from_image_embeds(image_embeds), image_embeds
+    def target_embeds_from_reference_features(self, reference_features: torch.Tensor) -> torch.FloatTensor:
+        """`ln_vision`'ed ViT tokens `[N, T, W]` -> L2-normalized target token sets `[N, Q, D]` (`Q` = 32)."""
+        return self.target_embeds_from_image_embeds(reference_features)
 
     # ------------------------------------------------------------------------------------------ query side
     def _joint_attention_mask(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None) -> torch.Tensor:

@@ -202,18 +202,13 @@ class TGCIRModel(CIRModelMixin, TGCIRPreTrainedModel):
         return self.pool_tokens(remain * reference_tokens + (1 - remain) * text_tokens)
 
     # -------------------------------------------------------------------------------- model contract
-    def get_target_embeds(self, pixel_values: torch.FloatTensor) -> torch.FloatTensor:
-        """`pixel_values` `[N, 3, S, S]` -> L2-normalized target embeddings `[N, D]` (pooled image tokens)."""
-        return self.pool_tokens(self.encode_image(pixel_values))
-
     def get_reference_features(self, pixel_values: torch.FloatTensor) -> torch.FloatTensor:
         """`pixel_values` `[N, 3, S, S]` -> the reference tokens the fusion consumes, `[N, P + Q, D]`."""
         return self.encode_image(pixel_values)
 
-    def get_target_embeds_and_reference_features(self, pixel_values: torch.FloatTensor):
-        """One image pass for both roles: (`[N, D]` target embeddings, `[N, P + Q, D]` reference tokens)."""
-        tokens = self.encode_image(pixel_values)
-        return self.pool_tokens(tokens), tokens
+    def target_embeds_from_reference_features(self, reference_features: torch.Tensor) -> torch.FloatTensor:
+        """Image tokens `[N, P + Q, D]` -> L2-normalized target embeddings `[N, D]` (pooled tokens)."""
+        return self.pool_tokens(reference_features)
 
     def get_query_embeds(
         self,
