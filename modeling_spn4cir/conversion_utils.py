@@ -71,3 +71,49 @@ def write_converted(model, processor, model_card: str, output_dir: str | os.Path
 
         upload_file(path_or_fileobj=str(output_dir / "README.md"), path_in_repo="README.md", repo_id=push_to_hub)
     return output_dir
+
+
+def parse_num_heads(values, towers: tuple[str, ...]) -> dict[str, int]:
+    """`["text=8", "vision=12"]` (`--num_heads`, repeatable) or `{"text": 8}` -> `{"text": 8, "vision": 12}`.
+
+    Attention heads are the one geometry the weights do not determine; errors name the bad entry."""
+    if values is None:
+        return {}
+    if isinstance(values, Mapping):
+        items = [(str(k), str(v)) for k, v in values.items()]
+    else:
+        items = []
+        for value in values:
+            tower, sep, number = str(value).partition("=")
+            if not sep:
+                raise ValueError(f"--num_heads {value!r}: expected TOWER=N with TOWER in {towers}.")
+            items.append((tower.strip(), number.strip()))
+    heads = {}
+    for tower, number in items:
+        if tower not in towers:
+            raise ValueError(f"--num_heads {tower}={number}: unknown tower {tower!r}, expected one of {towers} "
+                             "(TOWER=N).")
+        if not number.isdigit() or int(number) < 1:
+            raise ValueError(f"--num_heads {tower}={number}: expected TOWER=N with N a positive integer.")
+        heads[tower] = int(number)
+    return heads
+
+
+def converter_parser(description: str, checkpoint_help: str, tokenizer_help: str, towers: tuple[str, ...] = (),
+                     temperature_help: str = "stage-2 tau stored in the config"):
+    """The options every family's converter CLI shares (`--checkpoint`, `--output_dir`, `--tokenizer`,
+    `--num_heads TOWER=N` when the family has towers, `--temperature`, `--image_size`, `--push_to_hub`)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help=checkpoint_help)
+    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--tokenizer", help=tokenizer_help)
+    if towers:
+        parser.add_argument("--num_heads", action="append", metavar="TOWER=N",
+                            help=f"attention heads of a tower ({' or '.join(towers)}); default: the released "
+                                 "models' rule. Repeatable.")
+    parser.add_argument("--temperature", type=float, help=temperature_help)
+    parser.add_argument("--image_size", type=int, help="assert the checkpoint's input resolution")
+    parser.add_argument("--push_to_hub", metavar="REPO_ID")
+    return parser

@@ -40,7 +40,7 @@ def detect_family(path: str) -> str:
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(add_help=False)
-    parser.add_argument("--family", choices=sorted(FAMILIES))
+    parser.add_argument("--family", "--model_type", dest="family", choices=sorted(FAMILIES))
     parser.add_argument("--checkpoint")
     known, rest = parser.parse_known_args(argv)
     family = known.family or (detect_family(known.checkpoint) if known.checkpoint else "clip4cir")

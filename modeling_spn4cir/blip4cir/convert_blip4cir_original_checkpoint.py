@@ -15,7 +15,6 @@ which the weights do not determine, default to width // 64 (BLIP's ViT-B/L and B
         --tokenizer bert-base-uncased
 """
 
-import argparse
 import os
 import re
 from dataclasses import dataclass
@@ -26,9 +25,11 @@ import torch
 from ..conversion_utils import (
     CheckpointMismatchError,
     check_state_dict,
+    converter_parser,
     load_checkpoint,
     write_converted,
 )
+from ..conversion_utils import parse_num_heads as _parse_num_heads
 from .configuration_blip4cir import BLIP_VIT_LAYER_NORM_EPS, BLIP4CIRConfig
 from .modeling_blip4cir import BLIP4CIRModel
 
@@ -109,24 +110,8 @@ def _count_blocks(state: dict, prefix: str) -> int:
 
 
 def parse_num_heads(values) -> dict[str, int]:
-    """`["text=12", "vision=16"]` (or a dict) -> `{"text": 12, "vision": 16}`."""
-    if values is None:
-        return {}
-    if isinstance(values, dict):
-        items = values.items()
-    else:
-        items = []
-        for value in values:
-            tower, sep, number = str(value).partition("=")
-            if not sep or not number.strip().isdigit():
-                raise ValueError(f"--num_heads expects TOWER=N (TOWER in {TOWERS}), got {value!r}.")
-            items.append((tower.strip(), int(number)))
-    heads = {}
-    for tower, number in items:
-        if tower not in TOWERS:
-            raise ValueError(f"--num_heads: unknown tower {tower!r}; use one of {TOWERS}.")
-        heads[tower] = int(number)
-    return heads
+    """`--num_heads` values for this family's towers {TOWERS}: see `conversion_utils.parse_num_heads`."""
+    return _parse_num_heads(values, TOWERS)
 
 
 def infer_config(
@@ -335,27 +320,13 @@ Reference features (what stage 2 banks) are the reference image's ViT tokens `[N
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="SPN4CIR best.pt (stage 2) or BLIP4CIR stage-1 .pt")
-    parser.add_argument("--output_dir", required=True)
-    parser.add_argument("--model_type", choices=["blip4cir"], default="blip4cir")
-    parser.add_argument("--tokenizer", help="BERT tokenizer (Hub id, directory or vocab.txt), e.g. bert-base-uncased")
-    parser.add_argument("--num_heads", action="append", metavar="TOWER=N",
-                        help="attention heads of a tower (text or vision); default width // 64. Repeatable.")
-    parser.add_argument("--temperature", type=float,
-                        help="tau; default: the checkpoint's tau (stage 2), else 0.03")
-    parser.add_argument("--image_size", type=int, help="assert the checkpoint's input resolution")
-    parser.add_argument("--push_to_hub", metavar="REPO_ID")
+    parser = converter_parser(__doc__, "SPN4CIR best.pt (stage 2) or BLIP4CIR stage-1 .pt",
+                              "BERT tokenizer (Hub id, directory or vocab.txt), e.g. bert-base-uncased", TOWERS,
+                              "tau; default: the checkpoint's tau (stage 2), else 0.03")
     args = parser.parse_args(argv)
-    out = convert_original_checkpoint(
-        args.checkpoint,
-        args.output_dir,
-        tokenizer=args.tokenizer,
-        push_to_hub=args.push_to_hub,
-        num_heads=args.num_heads,
-        temperature=args.temperature,
-        image_size=args.image_size,
-    )
+    out = convert_original_checkpoint(args.checkpoint, args.output_dir, tokenizer=args.tokenizer,
+                                      push_to_hub=args.push_to_hub, num_heads=args.num_heads,
+                                      temperature=args.temperature, image_size=args.image_size)
     print(f"wrote {out}")
 
 

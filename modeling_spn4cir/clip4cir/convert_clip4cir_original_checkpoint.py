@@ -13,7 +13,6 @@ mapped explicitly, and any unmapped, missing or mis-shaped key is an error that 
         --tokenizer openai/clip-vit-base-patch32
 """
 
-import argparse
 import os
 import re
 from dataclasses import dataclass, field
@@ -21,7 +20,13 @@ from pathlib import Path
 
 import torch
 
-from ..conversion_utils import CheckpointMismatchError, check_state_dict, load_checkpoint, write_converted
+from ..conversion_utils import (
+    CheckpointMismatchError,
+    check_state_dict,
+    converter_parser,
+    load_checkpoint,
+    write_converted,
+)
 from .configuration_clip4cir import CLIP4CIRConfig
 from .image_processing_clip4cir import CLIP4CIRImageProcessor
 from .modeling_clip4cir import CLIP4CIRModel
@@ -318,24 +323,14 @@ Text features are pooled at the highest token id of each row (OpenAI CLIP's EOT 
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="SPN4CIR best.pt, CLIP4Cir stage-1 .pt, or OpenAI CLIP .pt")
-    parser.add_argument("--output_dir", required=True)
+    parser = converter_parser(__doc__, "SPN4CIR best.pt, CLIP4Cir stage-1 .pt, or OpenAI CLIP .pt",
+                              "tokenizer to save with the model, e.g. openai/clip-vit-base-patch32")
     parser.add_argument("--combiner_checkpoint", help="CLIP4Cir Combiner .pt -> fusion 'combiner'")
-    parser.add_argument("--tokenizer", help="tokenizer to save with the model, e.g. openai/clip-vit-base-patch32")
-    parser.add_argument("--image_size", type=int, help="assert the checkpoint's input resolution")
-    parser.add_argument("--temperature", type=float, default=0.02)
-    parser.add_argument("--push_to_hub", metavar="REPO_ID")
+    parser.set_defaults(temperature=0.02)
     args = parser.parse_args(argv)
-    out = convert_original_checkpoint(
-        args.checkpoint,
-        args.output_dir,
-        combiner_checkpoint=args.combiner_checkpoint,
-        tokenizer=args.tokenizer,
-        image_size=args.image_size,
-        temperature=args.temperature,
-        push_to_hub=args.push_to_hub,
-    )
+    out = convert_original_checkpoint(args.checkpoint, args.output_dir, combiner_checkpoint=args.combiner_checkpoint,
+                                      tokenizer=args.tokenizer, image_size=args.image_size,
+                                      temperature=args.temperature, push_to_hub=args.push_to_hub)
     print(f"wrote {out}")
 
 

@@ -18,7 +18,6 @@ ViT-g's width 1408, else width // 64; Q-Former width // 64) unless given with `-
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 from dataclasses import dataclass
@@ -26,7 +25,14 @@ from pathlib import Path
 
 import torch
 
-from ..conversion_utils import CheckpointMismatchError, check_state_dict, load_checkpoint, write_converted
+from ..conversion_utils import (
+    CheckpointMismatchError,
+    check_state_dict,
+    converter_parser,
+    load_checkpoint,
+    write_converted,
+)
+from ..conversion_utils import parse_num_heads as _parse_num_heads
 from .configuration_sprc import SPRCConfig
 from .modeling_sprc import SPRCModel
 
@@ -93,14 +99,8 @@ def read_original_checkpoint(path: str | os.PathLike) -> OriginalCheckpoint:
 
 
 def parse_num_heads(values) -> dict[str, int]:
-    """`["vision=16", "qformer=12"]` -> `{"vision": 16, "qformer": 12}`."""
-    heads = {}
-    for value in values or []:
-        tower, _, number = str(value).partition("=")
-        if tower not in TOWERS or not number.isdigit() or int(number) < 1:
-            raise ValueError(f"--num_heads expects TOWER=N with TOWER in {TOWERS}, got {value!r}.")
-        heads[tower] = int(number)
-    return heads
+    """`--num_heads` values for this family's towers {TOWERS}: see `conversion_utils.parse_num_heads`."""
+    return _parse_num_heads(values, TOWERS)
 
 
 def default_num_heads(tower: str, width: int) -> int:
@@ -362,15 +362,9 @@ Scores are `max_q query . target[q]` over the 32 target tokens (`model.similarit
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="SPN4CIR stage-2 best.pt, or SPRC stage-1 .pt")
-    parser.add_argument("--output_dir", required=True)
-    parser.add_argument("--tokenizer", help="bert-base-uncased (Hub id or directory) or a vocab.txt; [DEC] is added")
-    parser.add_argument("--num_heads", action="append", default=[], metavar="TOWER=N",
-                        help="attention heads of 'vision' or 'qformer' (repeatable); default: released models' rule")
-    parser.add_argument("--temperature", type=float, help="stage-2 tau; default: the stage-2 checkpoint's temp, or 0.05")
-    parser.add_argument("--image_size", type=int, help="assert the checkpoint's input resolution")
-    parser.add_argument("--push_to_hub", metavar="REPO_ID")
+    parser = converter_parser(__doc__, "SPN4CIR stage-2 best.pt, or SPRC stage-1 .pt",
+                              "bert-base-uncased (Hub id or directory) or a vocab.txt; [DEC] is added", TOWERS,
+                              "stage-2 tau; default: the stage-2 checkpoint's temp, or 0.05")
     args = parser.parse_args(argv)
     out = convert_original_checkpoint(args.checkpoint, args.output_dir, tokenizer=args.tokenizer,
                                       push_to_hub=args.push_to_hub, num_heads=args.num_heads,

@@ -23,7 +23,6 @@ which the weights do not determine, default to OpenAI's `width // 64` per tower;
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 from collections.abc import Iterable, Mapping
@@ -35,9 +34,11 @@ import torch
 from ..conversion_utils import (
     CheckpointMismatchError,
     check_state_dict,
+    converter_parser,
     load_checkpoint,
     write_converted,
 )
+from ..conversion_utils import parse_num_heads as _parse_num_heads
 from .configuration_tgcir import TGCIRConfig
 from .modeling_tgcir import TGCIRModel
 
@@ -117,27 +118,9 @@ def read_original_checkpoint(path: str | os.PathLike) -> OriginalCheckpoint:
     return OriginalCheckpoint(state, "spn4cir_stage2" if has_copies else "tgcir_stage1", epoch)
 
 
-def parse_num_heads(values: Iterable[str] | Mapping[str, int] | None) -> dict[str, int]:
-    """`["text=8", "vision=12"]` or `{"text": 8}` -> `{"text": 8, "vision": 12}` (errors name bad entries)."""
-    if values is None:
-        return {}
-    if isinstance(values, Mapping):
-        items = [(str(k), v) for k, v in values.items()]
-    else:
-        items = []
-        for value in values:
-            tower, sep, number = str(value).partition("=")
-            if not sep:
-                raise ValueError(f"--num_heads {value!r}: expected TOWER=N with TOWER in {TOWERS}.")
-            items.append((tower.strip(), number))
-    heads = {}
-    for tower, number in items:
-        if tower not in TOWERS:
-            raise ValueError(f"--num_heads {tower}={number}: unknown tower {tower!r}, expected one of {TOWERS}.")
-        heads[tower] = int(number)
-        if heads[tower] < 1:
-            raise ValueError(f"--num_heads {tower}={number}: must be a positive integer.")
-    return heads
+def parse_num_heads(values) -> dict[str, int]:
+    """`--num_heads` values for this family's towers {TOWERS}: see `conversion_utils.parse_num_heads`."""
+    return _parse_num_heads(values, TOWERS)
 
 
 def _count_blocks(state: Mapping, prefix: str) -> int:
@@ -387,27 +370,14 @@ padded to {config.text_config.max_position_embeddings} tokens as the original `c
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="SPN4CIR TG-CIR best.pt or TG-CIR stage-1 .pt")
-    parser.add_argument("--output_dir", required=True)
-    parser.add_argument("--tokenizer", help="tokenizer to save with the model, e.g. openai/clip-vit-base-patch16")
-    parser.add_argument("--num_heads", action="append", metavar="TOWER=N",
-                        help="attention heads of a tower (text or vision); default width // 64; repeatable")
-    parser.add_argument("--image_size", type=int, help="assert the checkpoint's input resolution")
-    parser.add_argument("--temperature", type=float, default=0.02,
-                        help="stage-2 tau stored in the config (paper: 0.02 FashionIQ, 0.01 CIRR)")
-    parser.add_argument("--push_to_hub", metavar="REPO_ID")
-    parser.add_argument("--model_type", choices=["tgcir"], help="accepted for symmetry with the dispatcher")
+    parser = converter_parser(__doc__, "SPN4CIR TG-CIR best.pt or TG-CIR stage-1 .pt",
+                              "tokenizer to save with the model, e.g. openai/clip-vit-base-patch16", TOWERS,
+                              "stage-2 tau stored in the config (paper: 0.02 FashionIQ, 0.01 CIRR)")
+    parser.set_defaults(temperature=0.02)
     args = parser.parse_args(argv)
-    out = convert_original_checkpoint(
-        args.checkpoint,
-        args.output_dir,
-        tokenizer=args.tokenizer,
-        push_to_hub=args.push_to_hub,
-        num_heads=args.num_heads,
-        image_size=args.image_size,
-        temperature=args.temperature,
-    )
+    out = convert_original_checkpoint(args.checkpoint, args.output_dir, tokenizer=args.tokenizer,
+                                      push_to_hub=args.push_to_hub, num_heads=args.num_heads,
+                                      temperature=args.temperature, image_size=args.image_size)
     print(f"wrote {out}")
 
 
