@@ -36,10 +36,11 @@ import logging
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from itertools import pairwise
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
 from datasets_scripts.image_store import ImageStore, encode_images
@@ -118,8 +119,8 @@ class ShardedRows:
     def _rows(self, index) -> torch.Tensor:
         n = len(self)
         if isinstance(index, slice):
-            return torch.arange(n)[index]
-        rows = torch.as_tensor(index)
+            return torch.arange(n)[index].contiguous()
+        rows = torch.as_tensor(index) if not (isinstance(index, list) and not index) else torch.empty(0, dtype=torch.long)
         if rows.dtype == torch.bool or rows.is_floating_point() or rows.ndim > 1:
             raise TypeError(f"ShardedRows is indexed by row indices (int, slice, list or 1-D integer tensor), got {index!r}.")
         rows = rows.reshape(-1).long()
@@ -130,7 +131,7 @@ class ShardedRows:
     def __getitem__(self, index) -> torch.Tensor:
         if isinstance(index, tuple):
             raise TypeError("ShardedRows supports row indexing only; index the returned tensor further.")
-        single = isinstance(index, int) or (isinstance(index, torch.Tensor) and index.ndim == 0)
+        single = not isinstance(index, (slice, list)) and torch.as_tensor(index).ndim == 0
         rows = self._rows(index)
         out = torch.empty((rows.numel(), *self.row_shape), dtype=self.dtype)
         if rows.numel():
@@ -144,7 +145,7 @@ class ShardedRows:
                 # contiguous runs of the wanted rows, each one read from the map
                 breaks = ((wanted[1:] - wanted[:-1]) != 1).nonzero().squeeze(1) + 1
                 bounds = [0, *breaks.tolist(), wanted.numel()]
-                read = torch.cat([sl[int(wanted[a]):int(wanted[b - 1]) + 1] for a, b in zip(bounds, bounds[1:])])
+                read = torch.cat([sl[int(wanted[a]):int(wanted[b - 1]) + 1] for a, b in pairwise(bounds)])
                 out[where] = read[inverse].to(self.dtype)
         return out[0] if single else out
 
@@ -272,7 +273,7 @@ def _check_shard(path: Path, entry: dict, dtype: str, full: bool) -> str | None:
                     return f"its {key} rows have shape {sl.get_shape()[1:]}, not {entry[f'{key}_row_shape']}"
                 if _dtype_name(sl.get_dtype()) != dtype:
                     return f"its {key} are {sl.get_dtype()}, not {dtype}"
-    except Exception as error:  # safetensors' header errors
+    except (SafetensorError, OSError, ValueError) as error:  # a bad header, an unreadable file
         return f"it cannot be read ({error})"
     if full and _file_sha256(path) != entry.get("sha256"):
         return "its bytes do not match its sha256 (corrupt)"

@@ -41,6 +41,9 @@ class CIRTrainingArguments(TrainingArguments):
                 "checkpoint records the tau it was trained with"})
     bank_dir: str | None = field(default=None, metadata={"help": "where the stage-2 bank is cached (fingerprinted)"})
     bank_dtype: str = field(default="float32", metadata={"help": "float32, float16 or bfloat16"})
+    bank_shard_size: int = field(default=1024, metadata={
+        "help": "images per bank shard in --bank_dir (memory-mapped; a killed build resumes at the first missing "
+                "shard)"})
     num_negatives: int | None = field(default=None, metadata={"help": "stage 2: sampled negatives (default: whole bank)"})
     max_text_length: int | None = field(default=None, metadata={"help": "truncate modification texts (tokens)"})
     remove_unused_columns: bool = field(default=False, metadata={"help": "kept False: the collator needs the ids"})
@@ -105,7 +108,7 @@ class CIRTrainer(Trainer):
                         model, self.images, bank_image_ids([train_dataset], dedup_map), processor.image_processor,
                         bank_dir=args.bank_dir, dtype=args.bank_dtype, batch_size=args.per_device_eval_batch_size,
                         dedup_map=dedup_map, show_progress_bar=not args.disable_tqdm,
-                        num_workers=args.dataloader_num_workers,
+                        num_workers=args.dataloader_num_workers, shard_size=args.bank_shard_size,
                     )
             self.bank = bank
             self.loss_fn = (CandidateBankLoss(bank.target_embeds, self.temperature, args.num_negatives,
