@@ -45,6 +45,8 @@ class ModelArguments:
         "help": "family to build on a base checkpoint: clip4cir (default for CLIP) or tgcir; blip4cir (BLIP); "
                 "sprc (BLIP-2)"})
     fusion: str = field(default="sum", metadata={"help": "sum or combiner (when wrapping a CLIP)"})
+    bidirectional: bool = field(default=False, metadata={
+        "help": "BLIP4CIR stage 1: add Bi-BLIP4CIR's reversed-query objective (+Bi, weight 0.4)"})
     preprocessing: str = field(default="targetpad", metadata={"help": "targetpad, squarepad or resize"})
 
 
@@ -102,7 +104,7 @@ def main(argv=None):
         raise SystemExit("Pass --dataset and --model_name_or_path (or no arguments for the built-in recipe).")
     model, processor = load_cir_model_and_processor(
         model_args.model_name_or_path, model_args.fusion, model_args.preprocessing, args.temperature,
-        model_type=model_args.model_type,
+        model_type=model_args.model_type, bidirectional=model_args.bidirectional,
     )
     data = load_cir_data(data_args.dataset, data_args.data_dir, protocol=data_args.protocol)
     dedup_map = json.loads(Path(data_args.dedup_map).read_text()) if data_args.dedup_map else None

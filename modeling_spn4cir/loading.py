@@ -11,7 +11,8 @@ from .clip4cir import CLIP4CIRImageProcessor, CLIP4CIRModel, CLIP4CIRProcessor
 BASE_FAMILIES = {"clip": ("clip4cir", "tgcir"), "blip": ("blip4cir",), "blip-2": ("sprc",)}
 
 
-def _wrap_base(name_or_path: str, family: str, fusion: str, preprocessing: str, temperature: float | None):
+def _wrap_base(name_or_path: str, family: str, fusion: str, preprocessing: str, temperature: float | None,
+               bidirectional: bool = False):
     """A CIR model of `family` built on a base checkpoint, with the family's processor (the original's preprocessing:
     TargetPad 1.25 for CLIP4CIR / BLIP4CIR / SPRC, CLIP's resize + center crop for TG-CIR)."""
     tau = {} if temperature is None else {"temperature": temperature}
@@ -32,7 +33,7 @@ def _wrap_base(name_or_path: str, family: str, fusion: str, preprocessing: str, 
         from .blip4cir import BLIP4CIRModel, BLIP4CIRProcessor
         from .blip4cir.processing_blip4cir import add_blip_special_tokens
 
-        model = BLIP4CIRModel.from_blip(name_or_path, **tau)
+        model = BLIP4CIRModel.from_blip(name_or_path, bidirectional=bidirectional, **tau)
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
         add_blip_special_tokens(tokenizer)
         image_processor = CLIP4CIRImageProcessor(preprocessing=preprocessing, size=model.config.image_size)
@@ -48,7 +49,8 @@ def _wrap_base(name_or_path: str, family: str, fusion: str, preprocessing: str, 
 
 
 def load_cir_model_and_processor(name_or_path: str, fusion: str = "sum", preprocessing: str = "targetpad",
-                                 temperature: float | None = None, model_type: str | None = None):
+                                 temperature: float | None = None, model_type: str | None = None,
+                                 bidirectional: bool = False):
     """-> (model, processor).
 
     - a CIR checkpoint of any family (`clip4cir`, `tgcir`, `blip4cir`, `sprc`; a converted original checkpoint or
@@ -57,6 +59,9 @@ def load_cir_model_and_processor(name_or_path: str, fusion: str = "sum", preproc
       as CLIP4CIR (`fusion`) or, with `model_type="tgcir"`, TG-CIR; a BLIP retrieval checkpoint (`blip`) as
       BLIP4CIR; a BLIP-2 (`blip-2`) as SPRC — with the family's processor (`preprocessing` where the family's
       original offers a choice).
+
+    `bidirectional=True` (BLIP4CIR only) adds Bi-BLIP4CIR's "+Bi" stage-1 objective and its learnable reversal
+    token (a new parameter when the checkpoint has none).
     """
     config = AutoConfig.from_pretrained(name_or_path)
     if config.model_type in BASE_FAMILIES:
@@ -65,9 +70,15 @@ def load_cir_model_and_processor(name_or_path: str, fusion: str = "sum", preproc
         if family not in families:
             raise ValueError(f"--model_type {family} cannot start from a {config.model_type!r} checkpoint "
                              f"({name_or_path}); it starts from: {', '.join(families)}.")
-        model, processor = _wrap_base(name_or_path, family, fusion, preprocessing, temperature)
+        if bidirectional and family != "blip4cir":
+            raise ValueError("bidirectional (+Bi) training exists for BLIP4CIR only.")
+        model, processor = _wrap_base(name_or_path, family, fusion, preprocessing, temperature, bidirectional)
     else:
-        model = AutoModel.from_pretrained(name_or_path)
+        if bidirectional and config.model_type != "blip4cir":
+            raise ValueError(f"bidirectional (+Bi) training exists for BLIP4CIR only; {name_or_path} is "
+                             f"{config.model_type!r}.")
+        overrides = {"bidirectional": True, "stage1_loss": "blip4cir_bidirectional"} if bidirectional else {}
+        model = AutoModel.from_pretrained(name_or_path, **overrides)
         if not isinstance(model, CIRModelMixin):
             raise ValueError(
                 f"{name_or_path} is a {config.model_type!r} checkpoint; expected a CIR checkpoint (clip4cir, tgcir, "

@@ -35,12 +35,12 @@ def _convert(family, tmp_path):
                                                  num_heads=heads(meta))
 
 
-def _run(model_dir, dataset, out, stage, bank=None):
+def _run(model_dir, dataset, out, stage, bank=None, extra=()):
     args = ["--model_name_or_path", str(model_dir), "--dataset", str(dataset), "--stage", stage, "--do_train",
             "--do_eval", "--output_dir", str(out), "--per_device_train_batch_size", "4", "--max_steps", "2",
             "--learning_rate", "1e-3", "--report_to", "none", "--use_cpu", "--disable_tqdm", "true",
             "--save_strategy", "no", "--per_device_eval_batch_size", "8"]
-    return run_cir.main(args + (["--bank_dir", str(bank)] if bank else []))
+    return run_cir.main(args + (["--bank_dir", str(bank)] if bank else []) + list(extra))
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
@@ -100,3 +100,13 @@ def test_run_cir_builds_a_family_on_a_base_checkpoint(tiny_clip_dir, tiny_cir_da
     assert results["train_loss"] > 0
     saved, _ = load_cir_model_and_processor(str(tmp_path / "tg"))
     assert isinstance(saved, TGCIRModel) and saved.config.stage1_loss == "tgcir"
+
+
+def test_blip4cir_plus_bi_stage1_through_run_cir(tiny_cir_dataset, tmp_path):
+    """+Bi (Bi-BLIP4CIR): the reversed-query objective trains the new reversal token along with the towers."""
+    start = _convert("blip4cir", tmp_path)
+    _run(start, tiny_cir_dataset, tmp_path / "bi", "in_batch", extra=["--bidirectional"])
+    config = json.loads((tmp_path / "bi" / "config.json").read_text())
+    assert config["bidirectional"] and config["stage1_loss"] == "blip4cir_bidirectional"
+    assert any("reversal" in k for k in load_file(tmp_path / "bi" / "model.safetensors"))
+    assert '"reverse_weight": 0.4' in (tmp_path / "bi" / "README.md").read_text()  # the +Bi objective trained it
