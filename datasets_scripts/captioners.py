@@ -5,7 +5,8 @@
 `batch` is a dict of columns for B images: `image` (PIL images) and, where the corpus has them, `image_id`,
 `category`, ... Three implementations:
 - `MLLMCaptioner`: a multimodal LLM (`AutoModelForImageTextToText` + `AutoProcessor`, e.g. LLaVA-1.5
-  `llava-hf/llava-1.5-7b-hf` or Qwen2-VL) prompted like the paper, greedy decoding, word limit;
+  `llava-hf/llava-1.5-7b-hf` or Qwen2-VL) prompted like the paper, greedy decoding, the full answer (a word
+  limit as an option);
 - `RetrievalCaptioner`: zero-shot captioning with any image/text embedding model: the best phrases of a given
   vocabulary for each image (no generation model needed);
 - `ColumnCaptioner`: captions that already exist (a corpus column or an id -> caption mapping).
@@ -20,6 +21,8 @@ import torch.nn.functional as F
 
 FASHIONIQ_PROMPT = "please briefly describe the {category} in {n} words"
 IMAGE_PROMPT = "please briefly describe the image in {n} words"
+ORIGINAL_PROMPT_PREFIX = "user: "  # captioner_llava.py: inp = f"user: {prompt}"
+ORIGINAL_MAX_NEW_TOKENS = 1024
 
 
 def limit_words(text: str, n: int) -> str:
@@ -30,30 +33,36 @@ def limit_words(text: str, n: int) -> str:
 
 class MLLMCaptioner:
     """
-    Caption images with a multimodal LLM, as the paper does with LLaVA.
+    Caption images with a multimodal LLM, as the paper does with LLaVA (`zscir/captioner_llava.py`).
 
     Args:
         model_name_or_path: any `AutoModelForImageTextToText` checkpoint with a chat-template processor.
         prompt: `{n}` words, `{category}` (FashionIQ: `FASHIONIQ_PROMPT`; CIRR/CC: `IMAGE_PROMPT`).
-        num_words: the word limit `n` (the paper: 5 for FashionIQ, 10 for CIRR); outputs are cut to it.
-        max_new_tokens: generation budget (defaults to 4 tokens per word).
+        num_words: `n` in the prompt (the paper: 5 for FashionIQ, 10 for CIRR).
+        max_new_tokens: generation budget; default 1024 (the original's), or `4 * word_limit + 4` with a limit.
+        word_limit: `None` (the original) keeps the model's whole answer, only stripped of surrounding white
+            space; an integer cuts it to that many words and strips trailing punctuation (`limit_words`).
+        prompt_prefix: put before the prompt inside the user turn; `"user: "` is the original's form
+            (`inp = f"user: {prompt}"` after the image token).
         device, dtype: where and how to run the model.
 
     Decoding is greedy (`do_sample=False`): deterministic, matching the paper's temperature 0.01 / top-p 0.01.
+    The conversation template is the checkpoint's own chat template (the original used LLaVA's `llava_v1`).
     """
 
     def __init__(self, model_name_or_path: str, prompt: str = IMAGE_PROMPT, num_words: int = 10,
-                 max_new_tokens: int | None = None, device: str | torch.device = "cpu", dtype=None):
+                 max_new_tokens: int | None = None, device: str | torch.device = "cpu", dtype=None,
+                 word_limit: int | None = None, prompt_prefix: str = ORIGINAL_PROMPT_PREFIX):
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         self.processor = AutoProcessor.from_pretrained(model_name_or_path)
         self.processor.tokenizer.padding_side = "left"  # batched generation continues every row at its end
         self.model = AutoModelForImageTextToText.from_pretrained(model_name_or_path, dtype=dtype).to(device).eval()
-        self.prompt, self.num_words = prompt, num_words
-        self.max_new_tokens = max_new_tokens or 4 * num_words + 4
+        self.prompt, self.num_words, self.word_limit, self.prompt_prefix = prompt, num_words, word_limit, prompt_prefix
+        self.max_new_tokens = max_new_tokens or (4 * word_limit + 4 if word_limit else ORIGINAL_MAX_NEW_TOKENS)
 
     def prompt_for(self, category: str | None) -> str:
-        return self.prompt.format(n=self.num_words, category=category or "image")
+        return self.prompt_prefix + self.prompt.format(n=self.num_words, category=category or "image")
 
     def __call__(self, batch: dict) -> list[str]:
         images = batch["image"]
@@ -71,7 +80,9 @@ class MLLMCaptioner:
             output = self.model.generate(**inputs, do_sample=False, max_new_tokens=self.max_new_tokens)
         new_tokens = output[:, inputs["input_ids"].shape[1]:]
         decoded = self.processor.batch_decode(new_tokens, skip_special_tokens=True)
-        return [limit_words(text, self.num_words) for text in decoded]
+        if self.word_limit is None:
+            return [text.strip() for text in decoded]
+        return [limit_words(text, self.word_limit) for text in decoded]
 
 
 class EmbeddingAdapter:

@@ -27,7 +27,8 @@ def _barrier():
 
 def captioner_key(captioner) -> str:
     """What identifies a captioner's output in the cache (class and its prompt settings)."""
-    fields = {k: getattr(captioner, k) for k in ("prompt", "num_words", "phrases", "top_k", "column") if hasattr(captioner, k)}
+    names = ("prompt", "prompt_prefix", "num_words", "word_limit", "max_new_tokens", "phrases", "top_k", "column")
+    fields = {k: getattr(captioner, k) for k in names if hasattr(captioner, k)}
     return json.dumps({"class": type(captioner).__name__, **fields}, sort_keys=True, default=str)
 
 

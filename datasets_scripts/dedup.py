@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -45,6 +46,33 @@ def canonical_map(groups: list[list[str]]) -> dict[str, str]:
     """`{duplicate id: canonical id}` — the canonical id of a group is its first member; ids without
     duplicates are absent (they map to themselves)."""
     return {image_id: group[0] for group in groups for image_id in group[1:]}
+
+
+def dedup_map_for(images, image_ids, cache_file: str | Path | None = None,
+                  show_progress_bar: bool = True) -> dict[str, str]:
+    """`{duplicate id: canonical id}` among `image_ids` (an `ImageStore` holds them): images with identical pixels
+    map to the first of them in `image_ids` order, as the original's `optimized_images.json` keeps one name per
+    group. Pixel hashes are cached in `cache_file` (JSON `{image_id: [sha256 of the stored bytes, pixel hash]}`,
+    written atomically): a later run decodes only images that are new or whose file changed."""
+    cache_file = Path(cache_file) if cache_file else None
+    cached = {}
+    if cache_file is not None and cache_file.exists():
+        cached = json.loads(cache_file.read_text())
+    ids = list(dict.fromkeys(image_ids))
+    hashes, changed = {}, False
+    for image_id in tqdm(ids, desc="De-duplication hashes", disable=not show_progress_bar):
+        stored = hashlib.sha256(images.raw_bytes(image_id)).hexdigest()
+        entry = cached.get(image_id)
+        if entry is None or entry[0] != stored:
+            entry = [stored, pixel_hash(images.images([image_id])[0])]
+            cached[image_id], changed = entry, True
+        hashes[image_id] = entry[1]
+    if cache_file is not None and changed:
+        atomic_write_json(cache_file, cached)
+    by_hash: dict[str, list[str]] = {}
+    for image_id in ids:
+        by_hash.setdefault(hashes[image_id], []).append(image_id)
+    return canonical_map([group for group in by_hash.values() if len(group) > 1])
 
 
 def _iter_dataset(path: str, split: str):

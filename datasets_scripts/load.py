@@ -22,6 +22,7 @@ class CIRData:
     corpus: datasets.DatasetDict
     protocol: str
     join_annotated_captions: bool
+    path: str | None = None  # the (converted) dataset directory or Hub id
 
 
 def _tree_fingerprint(root: Path) -> str:
@@ -62,4 +63,5 @@ def load_cir_data(dataset: str, data_dir: str | None = None, cache_dir: str | No
         path = dataset
     triplets = datasets.load_dataset(path, "triplets")
     corpus = datasets.load_dataset(path, "corpus")
-    return CIRData(dataset, triplets, corpus, protocol or PROTOCOL_OF.get(dataset, "recall"), dataset == "fashioniq")
+    return CIRData(dataset, triplets, corpus, protocol or PROTOCOL_OF.get(dataset, "recall"), dataset == "fashioniq",
+                   path)

@@ -7,6 +7,7 @@ with a `caption` column). `examples/run_cir.py --extra_triplets DIR_OR_ID` adds 
 
 from __future__ import annotations
 
+import random
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,6 +21,31 @@ from .pairing import random_pairs, rank_window_pairs
 from .templates import compose_modification_texts, resolve_templates
 
 
+POOLS = ("triplet_images", "corpus")
+
+
+def pairing_pool(corpus, triplets, pool: str = "triplet_images", dedup_map: dict[str, str] | None = None):
+    """The images positive scaling captions and pairs.
+
+    `pool="triplet_images"` (the original: `get_cir_data.py` pairs within `CIRDataset(..., 'train').imagenames`,
+    the references and targets of the annotated train triplets, ~25k images on FashionIQ) keeps the rows of
+    `corpus` whose image a triplet uses; `"corpus"` keeps the whole split (46.6k on FashionIQ, which moves the rank
+    window 10k-20k from the 40-80 % band to 22-43 %). `dedup_map` (`{duplicate: canonical}`) drops duplicates, as
+    the original's `optimized_images.json` does. Rows keep the corpus order.
+    """
+    if pool not in POOLS:
+        raise ValueError(f"pool must be one of {POOLS}, got {pool!r}.")
+    dedup_map = dedup_map or {}
+    keep = None
+    if pool == "triplet_images":
+        keep = {i for column in ("reference_id", "target_id") for i in triplets[column] if i is not None}
+    rows = [row for row, image_id in enumerate(corpus["image_id"])
+            if (keep is None or image_id in keep) and image_id not in dedup_map]
+    if not rows:
+        raise ValueError(f"The {pool!r} pairing pool is empty: no corpus image is used by the triplets.")
+    return corpus if len(rows) == len(corpus) else corpus.select(rows)
+
+
 def generate_scaled_triplets(
     corpus,
     captioner,
@@ -31,6 +57,7 @@ def generate_scaled_triplets(
     k: int = 1,
     templates: Sequence[int | str] | None = None,
     seed: int = 42,
+    num_triplets: int | None = None,
     tokenizer=None,
     max_length: int | None = 77,
     caption_cache_dir: str | Path | None = None,
@@ -49,6 +76,8 @@ def generate_scaled_triplets(
         reference_ids: restrict references to these images (`references_only`: the annotated references).
         rank_window: `(rank_min, rank_max)`; None pairs at random.
         k: targets per reference.
+        num_triplets: keep a random subset of this many generated triplets (the original's `--K`: 3000 for BLIP4CIR,
+            6000 for SPRC on FashionIQ; with k=1 that is K references); None keeps all.
         templates: indices into `TEMPLATES` and/or template strings.
         tokenizer, max_length: the fallback to `"{1}"` for texts longer than `max_length` tokens.
         caption_cache_dir: where caption shards are kept (resume after a crash); a temporary dir by default.
@@ -79,6 +108,13 @@ def generate_scaled_triplets(
         pairs = rank_window_pairs(embeddings, references, rank_window[0], rank_window[1], k, seed,
                                   backend=backend, show_progress_bar=show_progress_bar)
 
+    if num_triplets is not None:
+        if not 0 < num_triplets <= len(pairs):
+            raise ValueError(f"num_triplets={num_triplets} but {len(pairs)} triplets were generated; pass at most "
+                             f"{len(pairs)} (or None for all).")
+        chosen = sorted(random.Random(seed).sample(range(len(pairs)), num_triplets))
+        pairs = [pairs[i] for i in chosen]
+
     category = dict(zip(corpus["image_id"], corpus["category"])) if "category" in corpus.column_names else {}
     triplets = []
     for pair in pairs:
@@ -102,10 +138,11 @@ def generate_scaled_triplets(
                             "caption": captions[image_id], "category": category.get(image_id)})
     split = {"train": SplitData(corpus=corpus_rows, triplets=triplets)}
     pairing = "random pairs" if rank_window is None else f"rank window [{rank_window[0]}, {rank_window[1]})"
+    subset = "" if num_triplets is None else f", a random subset of {num_triplets} triplets"
     card = f"""# Scaled triplets (SPN positive scaling)
 
 Generated with `spn4cir` (`datasets_scripts.positive_scaling`): captions by `{type(captioner).__name__}`,
-{pairing}, k={k}, seed={seed}, templates {template_strings}. `source` = "generated".
+{pairing}, k={k}, seed={seed}, templates {template_strings}{subset}. `source` = "generated".
 
 {counts_table(split)}"""
     return write_cir_dataset(

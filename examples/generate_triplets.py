@@ -4,19 +4,26 @@ images whose similarity rank falls in a middle window, and turn the two captions
 Full recipes (the paper's settings; the caption cache makes a crashed run resumable, and under
 `accelerate launch` / `torchrun` the captioning is split across processes):
 
-  FashionIQ (CLIP4CIR / TG-CIR: references only, ranks 10000-20000, template "{1}", 5-word captions):
+  FashionIQ (CLIP4CIR / TG-CIR: references only, ranks 10000-20000 of the ~25k train-triplet images, template
+  "{1}", prompt "... in 5 words"):
     accelerate launch examples/generate_triplets.py --dataset fashioniq --data_dir fashionIQ_dataset \\
         --captioner llava-hf/llava-1.5-7b-hf --num_words 5 \\
         --encoder openai/clip-vit-large-patch14 --rank_min 10000 --rank_max 20000 --references_only \\
-        --templates 2 --tokenizer openai/clip-vit-base-patch32 --output_dir fiq-scaled --caption_cache_dir fiq-captions
+        --templates 2 --output_dir fiq-scaled --caption_cache_dir fiq-captions
 
-  CIRR (all train images, ranks 10000-15000, templates 0 and 1, 10-word captions):
+  CIRR (every train-triplet image a reference, ranks 10000-15000, templates 0 and 1, prompt "... in 10 words"):
     accelerate launch examples/generate_triplets.py --dataset cirr --data_dir CIRR \\
         --captioner llava-hf/llava-1.5-7b-hf --num_words 10 \\
         --encoder openai/clip-vit-large-patch14 --rank_min 10000 --rank_max 15000 \\
-        --templates 0 1 --tokenizer openai/clip-vit-base-patch32 --output_dir cirr-scaled --caption_cache_dir cirr-captions
+        --templates 0 1 --output_dir cirr-scaled --caption_cache_dir cirr-captions
 
-  BLIP-family models / zero-shot: add --random_pairs (no encoder needed).
+  BLIP-family models / zero-shot: add --random_pairs (no encoder needed); BLIP4CIR on FashionIQ --K 3000,
+  SPRC on FashionIQ --K 6000.
+
+As the original (defaults): the pool is the images of the split's annotated triplets (--pool corpus: the whole
+split), the MLLM's whole answer is the caption (--word_limit N cuts it to N words), max_new_tokens 1024, the user
+turn is "user: " + prompt, and a composed text over 77 tokens falls back to "{1}" (counted with --tokenizer, by
+default the --encoder's tokenizer, else OpenAI CLIP's, openai/clip-vit-base-patch32; --tokenizer none: no fallback).
   Without an MLLM: --captioner retrieval --encoder <CLIP or CIR model> --phrases phrases.txt (zero-shot
   captioning from a phrase vocabulary), or --captioner column --caption_column <column>.
 
@@ -25,6 +32,7 @@ The paper used Unicom ViT-L/14 for pairing; any CLIP (or CIR) image tower works 
 """
 
 import argparse
+import json
 from pathlib import Path
 
 from datasets_scripts.captioners import (
@@ -36,7 +44,10 @@ from datasets_scripts.captioners import (
     RetrievalCaptioner,
 )
 from datasets_scripts.load import load_cir_data
-from datasets_scripts.positive_scaling import generate_scaled_triplets
+from datasets_scripts.positive_scaling import generate_scaled_triplets, pairing_pool
+
+# The original counts tokens with `clip.tokenize` (OpenAI CLIP's BPE, 77 with start and end tokens).
+CLIP_TOKENIZER = "openai/clip-vit-base-patch32"
 
 
 def build_parser():
@@ -46,7 +57,10 @@ def build_parser():
     p.add_argument("--split", default="train")
     p.add_argument("--output_dir", required=True)
     p.add_argument("--captioner", required=True, help="an MLLM name or path, 'retrieval', or 'column'")
-    p.add_argument("--num_words", type=int, default=None, help="caption word limit (FashionIQ 5, CIRR 10)")
+    p.add_argument("--num_words", type=int, default=None, help="n in the prompt '... in n words' (FashionIQ 5, CIRR 10)")
+    p.add_argument("--word_limit", type=int, default=None,
+                   help="cut MLLM captions to this many words (default: the whole answer, as the original)")
+    p.add_argument("--max_new_tokens", type=int, default=None, help="MLLM budget (default 1024, the original's)")
     p.add_argument("--prompt", help="default: the paper's prompt for the dataset")
     p.add_argument("--phrases", help="retrieval captioner: a text file, one phrase per line")
     p.add_argument("--top_k_phrases", type=int, default=2)
@@ -56,9 +70,16 @@ def build_parser():
     p.add_argument("--rank_max", type=int, default=20000)
     p.add_argument("--random_pairs", action="store_true", help="pair at random (BLIP-family / zero-shot)")
     p.add_argument("--references_only", action="store_true", help="only annotated references are references")
+    p.add_argument("--pool", default="triplet_images", choices=["triplet_images", "corpus"],
+                   help="images to caption and pair: those of the split's annotated triplets (the original) or the "
+                        "whole split's corpus")
+    p.add_argument("--dedup_map", help="JSON {duplicate id: canonical id}: duplicates leave the pool")
+    p.add_argument("--K", type=int, default=None, help="keep a random subset of K generated triplets (BLIP 3000, "
+                                                       "BLIP-2 6000 on FashionIQ)")
     p.add_argument("--k", type=int, default=1, help="targets per reference")
     p.add_argument("--templates", nargs="+", help="template indices (0, 1, 2) or strings with {0} and {1}")
-    p.add_argument("--tokenizer", help="tokenizer for the too-long fallback to '{1}'")
+    p.add_argument("--tokenizer", help="tokenizer for the too-long fallback to '{1}' (default: the --encoder's, "
+                                      "else openai/clip-vit-base-patch32; 'none' turns the fallback off)")
     p.add_argument("--max_length", type=int, default=77)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--caption_cache_dir", help="caption shards (resume); default: a temporary directory")
@@ -71,7 +92,8 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     data = load_cir_data(args.dataset, args.data_dir)
-    corpus = data.corpus[args.split]
+    dedup_map = json.loads(Path(args.dedup_map).read_text()) if args.dedup_map else None
+    corpus = pairing_pool(data.corpus[args.split], data.triplets[args.split], args.pool, dedup_map)
     encoder = None
     if args.encoder:
         from modeling_spn4cir.loading import load_cir_model_and_processor
@@ -89,17 +111,21 @@ def main(argv=None):
         default_words = 5 if args.dataset == "fashioniq" else 10
         prompt = args.prompt or (FASHIONIQ_PROMPT if args.dataset == "fashioniq" else IMAGE_PROMPT)
         captioner = MLLMCaptioner(args.captioner, prompt=prompt, num_words=args.num_words or default_words,
-                                  device=args.device)
+                                  max_new_tokens=args.max_new_tokens, word_limit=args.word_limit, device=args.device)
     tokenizer = None
-    if args.tokenizer:
+    if args.tokenizer and args.tokenizer.lower() == "none":
+        pass
+    elif args.tokenizer or encoder is None:
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or CLIP_TOKENIZER)
+    else:
+        tokenizer = encoder.tokenizer
     references = list(data.triplets[args.split]["reference_id"]) if args.references_only else None
     out = generate_scaled_triplets(
         corpus, captioner, args.output_dir, encoder=encoder, dataset=data.name, reference_ids=references,
         rank_window=None if args.random_pairs else (args.rank_min, args.rank_max), k=args.k,
-        templates=args.templates, seed=args.seed, tokenizer=tokenizer, max_length=args.max_length,
+        templates=args.templates, seed=args.seed, num_triplets=args.K, tokenizer=tokenizer, max_length=args.max_length,
         caption_cache_dir=args.caption_cache_dir, batch_size=args.batch_size, backend=args.backend,
     )
     print(f"wrote {out}")

@@ -9,6 +9,8 @@
         --extra_triplets <generated triplets dir or Hub id> --stage candidate_bank --do_train --do_eval \\
         --learning_rate 2e-5 --per_device_train_batch_size 256 --num_train_epochs 3 --output_dir out/stage2
     python examples/run_cir.py config.json                    # the same arguments from a JSON or YAML file
+    python examples/run_cir.py examples/configs/clip4cir_fiq_stage2.json --data_dir D --model_name_or_path M
+                                                              # a paper config; later flags override its values
 
 Two modes:
 - with `--dataset` (and `--model_name_or_path`): train (`--stage in_batch` = SPN stage 1, `--stage candidate_bank` =
@@ -28,13 +30,19 @@ import datasets
 from transformers import HfArgumentParser
 
 from datasets_scripts.common import TRIPLET_FEATURES
+from datasets_scripts.dedup import dedup_map_for
+from datasets_scripts.image_store import ImageStore
 from datasets_scripts.load import load_cir_data
 from modeling_spn4cir.loading import load_cir_model_and_processor
 from modeling_spn4cir.atomic import atomic_write_json
+from trainers.candidate_bank import bank_image_ids
 from trainers.cir_trainer import CIRTrainer, CIRTrainingArguments
 from trainers.evaluator import CIREvaluator
+from trainers.lora import merge_lora
 
 TRIPLET_COLUMNS = list(TRIPLET_FEATURES)  # the schema's core columns, shared by every source
+CONFIG_SUFFIXES = (".json", ".yaml", ".yml")
+CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
 
 
 @dataclass
@@ -58,10 +66,19 @@ class DataArguments:
     train_split: str = "train"
     eval_split: str = "val"
     protocol: str | None = field(default=None, metadata={"help": "override: fashioniq, cirr, circo, recall"})
-    remove_reference: bool = field(default=False, metadata={"help": "FashionIQ: SPN4CIR CLIP4CIR protocol"})
-    dedup_map: str | None = field(default=None, metadata={"help": "JSON {duplicate id: canonical id}"})
+    remove_reference: bool = field(default=False, metadata={
+        "help": "delete the reference from each ranking: FashionIQ (SPN4CIR's CLIP4CIR protocol) and CIRCO (the "
+                "authors' code keeps it); CIRR always removes it"})
+    dedup: bool = field(default=True, metadata={
+        "help": "stage 2: map identical training images to one id so the bank holds each picture once (the "
+                "original's optimized_images.json); pixel hashes cached in dedup_hashes.<split>.json next to the "
+                "converted dataset. --no_dedup turns it off"})
+    dedup_map: str | None = field(default=None, metadata={"help": "JSON {duplicate id: canonical id} to use instead"})
     max_train_samples: int | None = None
     submission_dir: str | None = field(default=None, metadata={"help": "where test-server files go (test splits)"})
+    report_queries: int = field(default=0, metadata={
+        "help": "write a retrieval report of this many eval queries (HTML + PNG contact sheet) into "
+                "OUTPUT_DIR/retrieval_report after each evaluation"})
 
 
 def build_parser() -> HfArgumentParser:
@@ -74,15 +91,42 @@ def build_parser() -> HfArgumentParser:
     return HfArgumentParser(
         (ModelArguments, DataArguments, CIRTrainingArguments), description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="options of the built-in recipe (no --dataset):" + recipe_options,
+        epilog=paper_configs_help() + "\noptions of the built-in recipe (no --dataset):" + recipe_options,
     )
+
+
+def paper_configs_help() -> str:
+    """One line per ready config in examples/configs/ (README: the table of values and their sources)."""
+    lines = ["paper configs (examples/configs/; `run_cir.py CONFIG.json [--flag value ...]`, flags override; set "
+             "--data_dir, --model_name_or_path and --extra_triplets to your paths):"]
+    for path in sorted(CONFIGS_DIR.glob("*.json")):
+        c = json.loads(path.read_text())
+        lines.append(f"  {path.name:28s} {c['stage']}, batch {c['per_device_train_batch_size']}, "
+                     f"{c['num_train_epochs']} epochs, lr {c['learning_rate']:g}, tau {c['temperature']:g}")
+    return "\n".join(lines) + "\n"
+
+
+def _parse_config_file(parser, path: str, overrides: list[str]):
+    """A JSON / YAML config as the defaults, then `overrides` (command-line flags) on top."""
+    text = Path(path).read_text()
+    if path.endswith(".json"):
+        config = json.loads(text)
+    else:
+        import yaml
+
+        config = yaml.safe_load(text)
+    known = {action.dest for action in parser._actions}
+    unknown = sorted(set(config) - known)
+    if unknown:
+        raise ValueError(f"{path}: unknown keys {unknown}; `python examples/run_cir.py --help` lists the arguments.")
+    parser.set_defaults(**config)
+    return parser.parse_args_into_dataclasses(overrides)
 
 
 def parse_args(argv):
     parser = build_parser()
-    if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):
-        load = parser.parse_json_file if argv[0].endswith(".json") else parser.parse_yaml_file
-        return load(argv[0])
+    if argv and argv[0].endswith(CONFIG_SUFFIXES):
+        return _parse_config_file(parser, argv[0], argv[1:])
     if not any(a.startswith("--output_dir") for a in argv):
         argv = [*argv, "--output_dir", "outputs/run_cir"]
     return parser.parse_args_into_dataclasses(argv)
@@ -90,7 +134,7 @@ def parse_args(argv):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    config_file = len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml"))
+    config_file = bool(argv) and argv[0].endswith(CONFIG_SUFFIXES)
     if any(a in ("-h", "--help") for a in argv):
         build_parser().print_help()
         return None
@@ -107,7 +151,6 @@ def main(argv=None):
         model_type=model_args.model_type, bidirectional=model_args.bidirectional,
     )
     data = load_cir_data(data_args.dataset, data_args.data_dir, protocol=data_args.protocol)
-    dedup_map = json.loads(Path(data_args.dedup_map).read_text()) if data_args.dedup_map else None
 
     train, corpora = None, [data.corpus[data_args.train_split]] if data_args.train_split in data.corpus else []
     if args.do_train:
@@ -118,6 +161,15 @@ def main(argv=None):
             corpora.append(datasets.load_dataset(data_args.extra_triplets, "corpus", split="train"))
         if data_args.max_train_samples:
             train = train.select(range(min(data_args.max_train_samples, len(train))))
+    dedup_map = None
+    if data_args.dedup_map:
+        dedup_map = json.loads(Path(data_args.dedup_map).read_text())
+    elif train is not None and args.stage == "candidate_bank" and data_args.dedup:
+        local = data.path and Path(data.path).is_dir()
+        cache = (Path(data.path) if local else Path(args.output_dir)) / f"dedup_hashes.{data_args.train_split}.json"
+        dedup_map = dedup_map_for(ImageStore(*corpora), bank_image_ids([train]), cache,
+                                  show_progress_bar=not args.disable_tqdm)
+        print(f"de-duplication: {len(dedup_map)} training images are copies of another ({cache})")
 
     evaluator = None
     if args.do_eval or args.eval_strategy != "no":
@@ -126,6 +178,8 @@ def main(argv=None):
             processor, protocol=data.protocol, remove_reference=data_args.remove_reference,
             batch_size=args.per_device_eval_batch_size, submission_dir=data_args.submission_dir,
             show_progress_bar=not args.disable_tqdm,
+            report_dir=str(Path(args.output_dir) / "retrieval_report") if data_args.report_queries > 0 else None,
+            report_queries=data_args.report_queries,
         )
     trainer = CIRTrainer(
         model, args, train_dataset=train, corpus=corpora, processor=processor, evaluator=evaluator,
@@ -143,6 +197,8 @@ def main(argv=None):
     if evaluator is not None:
         results["eval_protocol"] = evaluator.protocol_description
     if trainer.is_world_process_zero():
+        if args.do_train and args.merge_lora:
+            results["merged_checkpoint"] = str(merge_lora(args.output_dir, Path(args.output_dir) / "merged"))
         atomic_write_json(Path(args.output_dir) / "all_results.json", results, indent=2)
         print(json.dumps(results, indent=2))
     return results

@@ -17,6 +17,7 @@ from .clip4cir import (
     Combiner,
 )
 from .sprc import SPRCConfig, SPRCModel, SPRCOutput, SPRCPreTrainedModel, SPRCProcessor
+from .pipeline_cir import ComposedImageRetrievalPipeline  # registers the "composed-image-retrieval" task
 from .tgcir import TGCIRConfig, TGCIRModel, TGCIROutput, TGCIRPreTrainedModel, TGCIRProcessor
 
 
@@ -50,6 +51,7 @@ __all__ = [
     "dot_similarity",
     "max_token_similarity",
     "register_family",
+    "ComposedImageRetrievalPipeline",
     "CLIP4CIRConfig",
     "CLIP4CIRResNetConfig",
     "CLIP4CIRModel",

@@ -108,6 +108,13 @@ class CIRModelMixin:
                     out.append(parameter)
         return out
 
+    def target_side_state_dict(self) -> dict[str, torch.Tensor]:
+        """Parameters and buffers outside `query_side_parameters()`: what produces target embeddings and reference
+        features, so what a candidate bank's or a gallery index's fingerprint must cover."""
+        query_side = {id(p) for p in self.query_side_parameters()}
+        names = {name for name, p in self.named_parameters() if id(p) in query_side}
+        return {k: v for k, v in self.state_dict().items() if k not in names}
+
     def freeze_target_side(self) -> None:
         """Stage 2: stop gradients into everything but `query_side_parameters()`, and keep every module that
         holds no query-side parameter in eval mode, so that BatchNorm statistics and dropout of the frozen

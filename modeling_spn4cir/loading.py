@@ -9,6 +9,41 @@ from .clip4cir import CLIP4CIRImageProcessor, CLIP4CIRModel, CLIP4CIRProcessor
 
 # Which CIR families can start from which base checkpoint (`model_type` of its config), the first one by default.
 BASE_FAMILIES = {"clip": ("clip4cir", "tgcir"), "blip": ("blip4cir",), "blip-2": ("sprc",)}
+# Written beside a LoRA adapter (`trainers.lora`): the base and how to rebuild it.
+LORA_METADATA = "spn4cir_lora.json"
+
+
+def _load_lora_adapter(adapter_dir: str, merge: bool):
+    """A LoRA adapter directory: its base rebuilt as it was trained (stage 2: after `freeze_target_side()`), the
+    adapter applied and, unless `merge=False` (then a `peft.PeftModel`), merged into a plain CIR model whose
+    parameters train as the base's did; with the processor saved beside the adapter."""
+    import json
+    from pathlib import Path
+
+    from peft import PeftModel
+
+    meta = json.loads((Path(adapter_dir) / LORA_METADATA).read_text())
+    try:
+        model, _ = load_cir_model_and_processor(
+            meta["base_model"], meta["fusion"], meta["preprocessing"], meta["temperature"],
+            model_type=meta["model_type"], bidirectional=meta["bidirectional"])
+    except OSError as error:
+        raise OSError(f"The LoRA adapter {adapter_dir} was trained on {meta['base_model']!r} ({LORA_METADATA}), "
+                      f"which cannot be loaded: {error}. Put the base there, or edit base_model in "
+                      f"{Path(adapter_dir) / LORA_METADATA}.") from error
+    trainable = {name: p.requires_grad for name, p in model.named_parameters()}
+    if meta["stage"] == "candidate_bank":
+        model.freeze_target_side()  # the stage-2 preparation the adapter was trained on (SPRC, TG-CIR change here)
+    model = PeftModel.from_pretrained(model, adapter_dir).eval()
+    processor = AutoProcessor.from_pretrained(adapter_dir)
+    if not merge:
+        return model, processor
+    model = model.merge_and_unload()
+    model.name_or_path = model.config._name_or_path = str(adapter_dir)  # an adapter trained on it names this dir
+    model._target_side_frozen = False
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(trainable.get(name, True))
+    return model, processor
 
 
 def _wrap_base(name_or_path: str, family: str, fusion: str, preprocessing: str, temperature: float | None,
@@ -50,7 +85,7 @@ def _wrap_base(name_or_path: str, family: str, fusion: str, preprocessing: str, 
 
 def load_cir_model_and_processor(name_or_path: str, fusion: str = "sum", preprocessing: str = "targetpad",
                                  temperature: float | None = None, model_type: str | None = None,
-                                 bidirectional: bool = False):
+                                 bidirectional: bool = False, merge_lora: bool = True):
     """-> (model, processor).
 
     - a CIR checkpoint of any family (`clip4cir`, `tgcir`, `blip4cir`, `sprc`; a converted original checkpoint or
@@ -62,7 +97,14 @@ def load_cir_model_and_processor(name_or_path: str, fusion: str = "sum", preproc
 
     `bidirectional=True` (BLIP4CIR only) adds Bi-BLIP4CIR's "+Bi" stage-1 objective and its learnable reversal
     token (a new parameter when the checkpoint has none).
+
+    A LoRA adapter directory written by `CIRTrainer` (`--lora_r`; needs `peft`) loads its base and applies the
+    adapter, merged into the weights (`merge_lora=False`: a `peft.PeftModel`); the other arguments are ignored.
     """
+    from pathlib import Path
+
+    if Path(name_or_path, LORA_METADATA).is_file():
+        return _load_lora_adapter(name_or_path, merge_lora)
     config = AutoConfig.from_pretrained(name_or_path)
     if config.model_type in BASE_FAMILIES:
         families = BASE_FAMILIES[config.model_type]

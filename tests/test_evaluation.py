@@ -10,11 +10,13 @@ import torch
 
 import trainers
 from trainers.evaluation import (
+    PROTOCOLS,
     circo_metrics,
     cirr_metrics,
     fashioniq_average,
     fashioniq_metrics,
     map_from_rankings,
+    protocol_name,
     rank_gallery,
     recall_from_rankings,
     write_circo_submission,
@@ -99,7 +101,7 @@ def test_circo_multi_target_hand_computed():
     gallery = one_hot_gallery(60)
     # reference img00 first (removed). Ranking after removal: img01(gt) img02 img03(gt) img04 ... img09(gt at 8)
     q = ranked_query([0, 1, 2, 3, 4, 5, 6, 7, 8, 9], 60)
-    m = circo_metrics(q[None], gallery, IDS, ["img00"], [["img01", "img03", "img09", "img59"]])
+    m = circo_metrics(q[None], gallery, IDS, ["img00"], [["img01", "img03", "img09", "img59"]], remove_reference=True)
     # P@1 = 1, P@3 = 2/3, P@9 = 3/9; |GT| = 4
     ap5 = (1 + 2 / 3) / 4
     ap10 = (1 + 2 / 3 + 3 / 9) / 4
@@ -107,8 +109,21 @@ def test_circo_multi_target_hand_computed():
     assert m["map@10"] == pytest.approx(ap10 * 100, abs=1e-5)
     assert m["map@25"] == pytest.approx(ap10 * 100, abs=1e-5)  # img59 is last: ranks 58 > 50
     # one GT only and K=5: divide by min(1, 5) = 1
-    m1 = circo_metrics(q[None], gallery, IDS, ["img00"], [["img03"]])
+    m1 = circo_metrics(q[None], gallery, IDS, ["img00"], [["img03"]], remove_reference=True)
     assert m1["map@5"] == pytest.approx(100 / 3, abs=1e-5)
+
+
+def test_circo_reference_removal_is_a_switch_defaulting_to_the_authors_protocol():
+    """The reference ranks first: the CIRCO authors' code (default) keeps it, so every GT moves one rank down."""
+    gallery = one_hot_gallery(60)
+    q = ranked_query([0, 1, 2, 3], 60)  # reference img00 first, then GT img01, img02, GT img03
+    kept = circo_metrics(q[None], gallery, IDS, ["img00"], [["img01", "img03"]])
+    removed = circo_metrics(q[None], gallery, IDS, ["img00"], [["img01", "img03"]], remove_reference=True)
+    assert kept["map@5"] == pytest.approx((1 / 2 + 2 / 4) / 2 * 100, abs=1e-5)  # GTs at ranks 2 and 4
+    assert removed["map@5"] == pytest.approx((1 / 1 + 2 / 3) / 2 * 100, abs=1e-5)  # GTs at ranks 1 and 3
+    assert protocol_name("circo") == "circo" and "kept" in PROTOCOLS["circo"]
+    assert protocol_name("circo", remove_reference=True) == "circo_remove_reference"
+    assert "removed" in PROTOCOLS["circo_remove_reference"]
 
 
 # ------------------------------------------------------------------- randomized vs reference code
@@ -173,9 +188,11 @@ def test_random_against_reference_implementation(n, m, d, seed):
     for k in (1, 2, 3):
         assert cirr[f"recall_subset@{k}"] == reference_subset_recall(removed, tgts, members, k)
     gts = [[t] + mem[2:2 + i % 4] for i, (t, mem) in enumerate(zip(tgts, members))]
-    circo = circo_metrics(queries, gallery, ids, refs, gts, chunk_size=5)
+    circo = circo_metrics(queries, gallery, ids, refs, gts, chunk_size=5, remove_reference=True)
+    circo_kept = circo_metrics(queries, gallery, ids, refs, gts, chunk_size=5)
     for k in (5, 10, 25, 50):
         assert circo[f"map@{k}"] == pytest.approx(reference_map(removed[:, :50], gts, k), rel=1e-6)
+        assert circo_kept[f"map@{k}"] == pytest.approx(reference_map(kept[:, :50], gts, k), rel=1e-6)
     # the top-k lists themselves equal the reference ranking's head
     top = rank_gallery(queries, gallery, 50, chunk_size=9)
     assert (np.array(ids)[top] == kept[:, : top.shape[1]]).all()
@@ -221,10 +238,13 @@ def test_cirr_submission_structure(tmp_path):
 def test_circo_submission_structure(tmp_path):
     gallery = one_hot_gallery(60)
     q = torch.stack([ranked_query([0, 5, 4], 60), ranked_query([1, 2], 60)])
-    path = write_circo_submission(q, gallery, IDS, ["img00", "img01"], [0, 1], tmp_path / "circo.json")
+    path = write_circo_submission(q, gallery, IDS, ["img00", "img01"], [0, 1], tmp_path / "circo.json",
+                                  remove_reference=True)
     sub = json.loads(path.read_text())
     assert set(sub) == {"0", "1"} and all(len(v) == 50 for v in sub.values())
     assert sub["0"][:2] == ["img05", "img04"] and "img00" not in sub["0"] and sub["1"][0] == "img02"
+    kept = json.loads(write_circo_submission(q, gallery, IDS, ["img00", "img01"], [0, 1], tmp_path / "k.json").read_text())
+    assert kept["0"][:3] == ["img00", "img05", "img04"] and kept["1"][:2] == ["img01", "img02"]
 
 
 # --------------------------------------------------------------------------------- evaluate modules
@@ -248,7 +268,7 @@ def test_evaluate_modules_equal_functions():
                        remove_reference=True) == fashioniq_metrics(queries, gallery, ids, refs, tgts, True)
     gts = [[t, ids[50]] for t in tgts]
     circo = evaluate.load(trainers.metric_path("circo")).compute(predictions=removed[:, :50].tolist(), references=gts)
-    assert circo == pytest.approx(circo_metrics(queries, gallery, ids, refs, gts), rel=1e-9)
+    assert circo == pytest.approx(circo_metrics(queries, gallery, ids, refs, gts, remove_reference=True), rel=1e-9)
     assert recall_from_rankings([["a", "b"]], ["b"], (1, 2)) == {"recall@1": 0.0, "recall@2": 100.0}
     assert map_from_rankings([["a", "b"]], [["b", "zz"]])["map@5"] == pytest.approx(25.0)
     with pytest.raises(ValueError, match="No bundled metric"):

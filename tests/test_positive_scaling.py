@@ -63,7 +63,8 @@ def tiny_llava(tmp_path_factory):
 
 
 def test_mllm_captioner_end_to_end(tiny_llava):
-    captioner = MLLMCaptioner(str(tiny_llava), prompt=FASHIONIQ_PROMPT, num_words=3, max_new_tokens=12)
+    captioner = MLLMCaptioner(str(tiny_llava), prompt=FASHIONIQ_PROMPT, num_words=3, max_new_tokens=12,
+                              word_limit=3, prompt_prefix="")
     assert captioner.prompt_for("dress") == "please briefly describe the dress in 3 words"
     images = [Image.new("RGB", (40, 30), (255, 0, 0)), Image.new("RGB", (30, 50), (0, 0, 255)),
               Image.new("L", (30, 30), 128)]
@@ -92,6 +93,21 @@ def test_mllm_captioner_end_to_end(tiny_llava):
     assert any(c for c in captions)  # the random model does generate words
     assert captioner(batch) == captions  # greedy decoding is deterministic
     assert set(" ".join(captions).split()) <= set(WORDS)
+
+
+def test_mllm_captioner_original_form_keeps_the_whole_answer(tiny_llava):
+    """The original's settings by default: "user: " before the prompt, max_new_tokens 1024, the whole answer; the
+    word limit is an option that only cuts that answer."""
+    original = MLLMCaptioner(str(tiny_llava), prompt=FASHIONIQ_PROMPT, num_words=5)
+    assert original.prompt_for("dress") == "user: please briefly describe the dress in 5 words"
+    assert original.max_new_tokens == 1024 and original.word_limit is None
+    original.max_new_tokens = 12  # keep the tiny model's generation short
+    limited = MLLMCaptioner(str(tiny_llava), prompt=FASHIONIQ_PROMPT, num_words=5, max_new_tokens=12, word_limit=2)
+    batch = {"image": [Image.new("RGB", (40, 30), (255, 0, 0)), Image.new("RGB", (30, 50), (0, 0, 255))],
+             "category": ["dress", "shirt"]}
+    full, cut = original(batch), limited(batch)
+    assert any(len(c.split()) > 2 for c in full)  # not cut
+    assert cut == [limit_words(c, 2) for c in full]
 
 
 def test_limit_words():

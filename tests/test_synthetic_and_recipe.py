@@ -98,6 +98,8 @@ def test_miniature_recipe(tmp_path):
     assert saved["results"] == summary["results"] and "reference removed" in saved["protocol"]
     assert (tmp_path / "run" / "recall_at_k.png").stat().st_size > 0
     assert saved["generated_triplets"] == 2 * 120 and 0 <= saved["caption_accuracy"]["phrase_precision"] <= 100
+    html = (tmp_path / "run" / "retrieval_report" / "retrieval_report.html").read_text()
+    assert saved["retrieval_report"]["model"] in ROWS and html.count("<img") >= 8 * 9  # 8 queries: reference + top 8
     # each stage changes what it trains, and stage 2 nothing else
     run = tmp_path / "run"
 

@@ -208,17 +208,10 @@ def _file_sha256(path: Path, chunk: int = 1 << 24) -> str:
         return _sha256(iter(lambda: f.read(chunk), b""))
 
 
-def frozen_tower_state(model) -> dict[str, torch.Tensor]:
-    """Parameters and buffers outside `query_side_parameters()`: what produces the bank."""
-    query_side = {id(p) for p in model.query_side_parameters()}
-    names = {name for name, p in model.named_parameters() if id(p) in query_side}
-    return {k: v for k, v in model.state_dict().items() if k not in names}
-
-
 def _fingerprints(model, image_ids: Sequence[str], images: ImageStore, image_processor, dtype: str,
                   shard_size: int) -> tuple[dict, list[dict]]:
     """The bank's fingerprint and one per shard (the same model fields, the shard's own ids and image bytes)."""
-    state = frozen_tower_state(model)
+    state = model.target_side_state_dict()
     towers = _sha256(
         name.encode() + str(tuple(t.shape)).encode() + t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
         for name, t in sorted(state.items())

@@ -24,6 +24,8 @@ from datasets_scripts.image_store import ImageStore
 from .candidate_bank import CandidateBank, bank_image_ids, load_or_build_candidate_bank
 from .data import CIRCollator
 from .evaluation import PROTOCOLS
+from .lora import (LoRAArguments, apply_lora, check_lora_optimizer_scope, is_lora_model, lora_card_rows,
+                   write_lora_metadata)
 from .losses import CandidateBankLoss
 from .stage1_losses import stage1_loss_for
 
@@ -32,8 +34,8 @@ STAGES = ("in_batch", "candidate_bank")
 
 
 @dataclass
-class CIRTrainingArguments(TrainingArguments):
-    """`TrainingArguments` plus SPN's knobs."""
+class CIRTrainingArguments(LoRAArguments, TrainingArguments):
+    """`TrainingArguments` plus SPN's knobs (and the LoRA options of `trainers.lora.LoRAArguments`)."""
 
     stage: str = field(default="in_batch", metadata={"help": "in_batch (stage 1) or candidate_bank (stage 2)"})
     temperature: float | None = field(default=None, metadata={
@@ -116,6 +118,9 @@ class CIRTrainer(Trainer):
         else:
             self.bank = None
             self.loss_fn = stage1_loss_for(model, self.temperature, similarity=model.similarity)
+        if args.lora_r is not None and not is_lora_model(model):
+            model = apply_lora(model, args, args.stage)  # after the bank: stage 2's is built from the frozen base
+            self.model_card_info.setdefault("base_model", model.peft_config["default"].base_model_name_or_path)
         collator = CIRCollator(
             processor, args.stage, image_processor=processor.image_processor, images=self.images,
             bank=self.bank, join_annotated_captions=join_annotated_captions, max_length=args.max_text_length,
@@ -135,7 +140,9 @@ class CIRTrainer(Trainer):
 
     # ------------------------------------------------------------------------------------- training
     def create_optimizer(self, model=None):
-        if self.args.stage == "candidate_bank" and self.optimizer is None:
+        if self.optimizer is None and is_lora_model(self.model):
+            check_lora_optimizer_scope(self.model, self.args.stage)  # adapters + modules_to_save, nothing else
+        elif self.args.stage == "candidate_bank" and self.optimizer is None:
             query_side = {id(p) for p in self.model.query_side_parameters()}
             extra = [n for n, p in self.model.named_parameters() if p.requires_grad and id(p) not in query_side]
             if extra:
@@ -169,6 +176,8 @@ class CIRTrainer(Trainer):
         super()._save(output_dir, state_dict)
         output_dir = Path(output_dir or self.args.output_dir)
         (output_dir / "README.md").write_text(self.model_card())
+        if is_lora_model(self.model):
+            write_lora_metadata(self.model, output_dir, self.processing_class)
 
     def create_model_card(self, *args, **kwargs) -> None:
         """`push_to_hub` calls this: publish our CIR card (stage, protocol, metrics) instead of the generic one."""
@@ -200,7 +209,7 @@ Trained with `spn4cir` (SPN: Feng et al., ACM MM 2024) — {stage[self.args.stag
 | stage | {stage[self.args.stage]} |
 | loss | {loss_config} |
 | steps / epochs | {self.state.global_step} / {self.state.epoch or 0:.2f} |
-| evaluation protocol | {protocol} |
+{lora_card_rows(self.model)}| evaluation protocol | {protocol} |
 
 ## Metrics (latest evaluation, percent)
 

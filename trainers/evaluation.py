@@ -1,8 +1,17 @@
 """Exact CIR evaluation: FashionIQ, CIRR and CIRCO metrics, chunked ranking, test-server submissions.
 
-Every number equals the reference implementations' (CLIP4Cir `validate.py`, SPN4CIR `validate.py`, CIRR's
-evaluation server, CIRCO `evaluation.py`), including their float arithmetic: a recall is computed as
-`(hits_tensor / n_queries).item() * 100` (a float32 ratio, as the reference code does).
+What is exact: the ranking (the top-K lists of the reference code, for the same scores and without exact ties)
+and therefore every hit count and the set of hits at each rank. The arithmetic on those counts is the reference
+code's in some cases and close to it in the others:
+- recalls are `(hits_tensor / n_queries).item() * 100` (a float32 ratio), bit-for-bit CLIP4Cir's `validate.py`,
+  the TG-CIR / BLIP4CIR / SPRC code and SPN4CIR's CIRR code; SPN4CIR's CLIP4CIR FashionIQ code computes
+  `hits / N * 100` in Python doubles, so its numbers can differ in the float32 rounding of the ratio (below
+  1e-5 in percent);
+- the FashionIQ averages use `statistics.mean`, as CLIP4Cir and SPN4CIR;
+- CIRCO's AP@K is computed in float32 torch tensors, as the CIRCO authors' validation code (SEARLE
+  `circo_compute_val_metrics`), and averaged with a Python sum where that code uses `np.mean`; the CIRCO
+  `evaluation.py` (the test server's) computes in numpy float64: mAP values can differ by float rounding
+  (relative 1e-6), never by a hit.
 
 Ranking (`rank_gallery`, on `modeling_spn4cir.ranking.rank_topk`) is exact, computed in query chunks with
 `torch.topk`, in memory O(chunk * M + N * k); no N x M argsort and no N x M array of strings. Scores are cosine
@@ -17,7 +26,9 @@ Protocols (say which one with every number you publish):
   `remove_reference=True` is SPN4CIR's CLIP4CIR code (the reference is deleted before the top K).
 - `cirr`: gallery = every image of the split file; the reference is deleted from each ranking; the subset
   ranking is the full ranking restricted to the query's group members minus the reference (5 images).
-- `circo`: mAP@K = mean over queries of sum_{i<=K} P@i * rel(i) / min(|GT|, K); the reference is deleted.
+- `circo`: mAP@K = mean over queries of sum_{i<=K} P@i * rel(i) / min(|GT|, K); `remove_reference=False` (the
+  default, protocol `circo`) ranks the whole gallery as the CIRCO authors' code does; `True`
+  (`circo_remove_reference`) deletes the reference first.
 """
 
 from __future__ import annotations
@@ -46,15 +57,17 @@ PROTOCOLS = {
     "cirr": "CIRR rc2, gallery = all images of the split, reference removed; subset = group members minus "
     "the reference",
     "circo": "CIRCO, gallery = COCO unlabeled2017, mAP@K with AP@K = sum P@i rel(i) / min(|GT|, K), "
-    "reference removed",
+    "reference kept in the ranking (the CIRCO authors' code)",
+    "circo_remove_reference": "CIRCO, gallery = COCO unlabeled2017, mAP@K with AP@K = sum P@i rel(i) / min(|GT|, K), "
+    "reference removed from the ranking",
     "recall": "Recall@K over the split's gallery, reference removed",
 }
 
 
 def protocol_name(dataset: str, remove_reference: bool = False) -> str:
     """The key of `PROTOCOLS` used for `dataset` (`fashioniq`, `cirr`, `circo`, or anything else)."""
-    if dataset == "fashioniq":
-        return "fashioniq_remove_reference" if remove_reference else "fashioniq"
+    if dataset in ("fashioniq", "circo"):
+        return f"{dataset}_remove_reference" if remove_reference else dataset
     return dataset if dataset in PROTOCOLS else "recall"
 
 
@@ -233,7 +246,7 @@ def cirr_metrics(
 
 
 def _mean_average_precision(ranked: torch.Tensor, positives: Sequence[torch.Tensor]) -> dict[str, float]:
-    """CIRCO's AP@K on ranked indices `[N, k]`, with the reference code's float32 tensor arithmetic."""
+    """CIRCO's AP@K on ranked indices `[N, k]`, with SEARLE's validation float32 tensor arithmetic."""
     aps: dict[int, list[float]] = {k: [] for k in CIRCO_KS}
     arange = torch.arange(1, ranked.shape[1] + 1)
     for row, gt in zip(ranked, positives):
@@ -252,9 +265,12 @@ def circo_metrics(
     target_ids_list: Sequence[Sequence[str]],
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     similarity: Similarity | None = None,
+    remove_reference: bool = False,
 ) -> dict[str, float]:
-    """CIRCO `map@5/10/25/50` (percent), reference deleted from the ranking; `target_ids_list[i]` are the
-    ground truths of query i (`gt_img_ids`)."""
+    """CIRCO `map@5/10/25/50` (percent); `target_ids_list[i]` are the ground truths of query i (`gt_img_ids`).
+    `remove_reference=False` (protocol `circo`) ranks the whole gallery as the CIRCO authors' code does (SEARLE's
+    `circo_compute_val_metrics` and test submission: top-50 of `predicted @ index.T`); `True` (protocol
+    `circo_remove_reference`) deletes the reference image from each ranking first."""
     _check_embeddings(query_embeds, gallery_embeds, gallery_ids, len(target_ids_list))
     if len(reference_ids) != len(target_ids_list):
         raise ValueError(f"{len(reference_ids)} reference_ids for {len(target_ids_list)} queries.")
@@ -262,7 +278,7 @@ def circo_metrics(
     positives = [_lookup(index, list(dict.fromkeys(t)), "target") for t in target_ids_list]
     if any(len(p) == 0 for p in positives):
         raise ValueError("Every CIRCO query needs at least one ground-truth id in target_ids_list.")
-    references = _lookup(index, reference_ids, "reference")
+    references = _lookup(index, reference_ids, "reference") if remove_reference else None
     ranked = rank_gallery(query_embeds, gallery_embeds, max(CIRCO_KS), references, chunk_size, similarity)
     return _mean_average_precision(ranked, positives)
 
@@ -312,7 +328,8 @@ def recall_from_rankings(
 def map_from_rankings(
     ranked_ids: Sequence[Sequence[str]], target_ids_list: Sequence[Sequence[str]]
 ) -> dict[str, float]:
-    """CIRCO `map@K` (percent) from ranked id lists (best first, reference already removed)."""
+    """CIRCO `map@K` (percent) from ranked id lists (best first, as ranked: remove the reference beforehand for the
+    `circo_remove_reference` protocol)."""
     vocabulary = {i: n for n, i in enumerate(dict.fromkeys(x for r in ranked_ids for x in r))}
     depth = max((len(r) for r in ranked_ids), default=0)
     # Ids outside every ranking map to -1 (never matched); short rankings are padded with -2.
@@ -380,11 +397,13 @@ def write_circo_submission(
     query_ids: Sequence[int | str],
     path: str | os.PathLike,
     similarity: Similarity | None = None,
+    remove_reference: bool = False,
 ) -> Path:
-    """Write the CIRCO test-server file `{"<query id>": [top-50 gallery ids]}` (reference excluded)."""
+    """Write the CIRCO test-server file `{"<query id>": [top-50 gallery ids]}`; the reference stays in the ranking
+    as in the CIRCO authors' submission code unless `remove_reference`."""
     _check_embeddings(query_embeds, gallery_embeds, gallery_ids, len(query_ids))
     index = _gallery_index(gallery_ids)
-    references = _lookup(index, reference_ids, "reference")
+    references = _lookup(index, reference_ids, "reference") if remove_reference else None
     ranked = rank_gallery(query_embeds, gallery_embeds, 50, references, similarity=similarity)
     ids = list(gallery_ids)
     return atomic_write_json(Path(path), {str(q): [ids[i] for i in row] for q, row in zip(query_ids, ranked.tolist())}, sort_keys=True)

@@ -41,10 +41,14 @@ class CIREvaluator:
         tokenizer: the modification texts' tokenizer, or better the model's processor (called with `text=`, so
             that a family's own text handling applies, e.g. SPRC's caption cleaning, BLIP4CIR's `[ENC]`).
         protocol: `"fashioniq"`, `"cirr"`, `"circo"` or `"recall"` (generic Recall@1/5/10/50, reference removed).
-        remove_reference: FashionIQ only; `True` is SPN4CIR's CLIP4CIR protocol (see `trainers.evaluation`).
+        remove_reference: FashionIQ and CIRCO: delete the reference from each ranking (FashionIQ: SPN4CIR's CLIP4CIR
+            protocol; CIRCO: the authors' code keeps it); CIRR always removes it (see `trainers.evaluation`).
         text_mode: `"join"` or `"choice"` (see `trainers.text`); default `"join"` for FashionIQ.
         name: prefix of the returned metric names (`"{name}_{metric}"`; no prefix when empty).
         submission_dir: for CIRR / CIRCO splits without targets, where to write test-server files.
+        report_dir: where to write a retrieval report after each evaluation (`trainers.report`: an HTML page with
+            embedded thumbnails and a PNG contact sheet of `report_queries` queries spread over the split, their
+            `report_top_k` results, the targets marked and their rank); None writes none.
 
     `evaluator(model)` puts the model in eval mode, encodes every gallery image once (features kept on the
     CPU between batches), builds the queries from the cached reference features, ranks with the model's own
@@ -66,6 +70,9 @@ class CIREvaluator:
         max_length: int | None = None,
         submission_dir: str | None = None,
         show_progress_bar: bool = True,
+        report_dir: str | None = None,
+        report_queries: int = 8,
+        report_top_k: int = 8,
     ):
         if protocol not in HEADLINE:
             raise ValueError(f"protocol must be one of {sorted(HEADLINE)}, got {protocol!r}.")
@@ -80,6 +87,7 @@ class CIREvaluator:
         self.max_length = max_length
         self.submission_dir = submission_dir
         self.show_progress_bar = show_progress_bar
+        self.report_dir, self.report_queries, self.report_top_k = report_dir, report_queries, report_top_k
         self.images = ImageStore(corpus)
 
     @property
@@ -130,6 +138,8 @@ class CIREvaluator:
         texts = [compose_text(t, self.text_mode, training=False) for t in triplets["modification_texts"]]
         queries = self._query_embeds(model, texts, references[[position[r] for r in reference_ids]])
         has_targets = "target_id" in triplets.column_names and all(t is not None for t in triplets["target_id"])
+        if self.report_dir is not None and self.report_queries > 0:
+            self._write_report(model, queries, gallery, gallery_ids, reference_ids, texts)
 
         if self.protocol == "fashioniq":
             return self._fashioniq(queries, gallery, position, reference_ids, list(triplets["target_id"]),
@@ -141,7 +151,7 @@ class CIREvaluator:
                                    list(triplets["group_members"]), similarity=model.similarity)
         elif self.protocol == "circo":
             metrics = circo_metrics(queries, gallery, gallery_ids, reference_ids, list(triplets["target_ids"]),
-                                    similarity=model.similarity)
+                                    similarity=model.similarity, remove_reference=self.remove_reference)
         else:
             metrics = recall_metrics(queries, gallery, gallery_ids, reference_ids, list(triplets["target_id"]),
                                      similarity=model.similarity)
@@ -172,6 +182,33 @@ class CIREvaluator:
         results |= {self._key(k): v for k, v in fashioniq_average(per_category).items()}
         return results
 
+    def _write_report(self, model, queries, gallery, gallery_ids, reference_ids, texts) -> None:
+        from .report import evaluation_rows, spread, write_report
+
+        triplets, allowed = self.triplets, None
+        if self.protocol == "circo" and "target_ids" in triplets.column_names:
+            targets = [list(t or []) for t in triplets["target_ids"]]
+        else:
+            targets = [[t] if t else [] for t in (triplets["target_id"] if "target_id" in triplets.column_names
+                                                   else [None] * len(triplets))]
+        if self.protocol == "fashioniq":  # each query is ranked against its category's gallery
+            categories = self.corpus["category"]
+            position = {image_id: i for i, image_id in enumerate(gallery_ids)}
+            rows_of = {}
+            for image_id, category in zip(self.corpus["image_id"], categories):
+                rows_of.setdefault(category, {}).setdefault(position[image_id], None)
+            allowed = [list(rows_of.get(c, {})) for c in triplets["category"]]
+        remove = self.protocol in ("cirr", "recall") or self.remove_reference
+        rows = evaluation_rows(queries, gallery, gallery_ids, reference_ids, targets, texts, self.images.images,
+                               model.similarity, spread(len(triplets), self.report_queries), self.report_top_k,
+                               remove, allowed,
+                               list(triplets["query_id"]) if "query_id" in triplets.column_names else None)
+        model_name = getattr(model, "name_or_path", "") or type(model).__name__
+        paths = write_report(self.report_dir, rows, f"Retrieval report: {model_name}",
+                             f"{self.protocol_description}; {len(rows)} of {len(triplets)} queries (spread evenly), "
+                             f"top {self.report_top_k}; reference framed blue, ground-truth targets green.")
+        logger.info("wrote the retrieval report %s and %s", paths["html"], paths["png"])
+
     def _write_submission(self, queries, gallery, gallery_ids, reference_ids, similarity) -> dict[str, float]:
         if self.submission_dir is None:
             raise ValueError(
@@ -185,7 +222,7 @@ class CIREvaluator:
         elif self.protocol == "circo":
             paths = (write_circo_submission(queries, gallery, gallery_ids, reference_ids,
                                             list(self.triplets["query_id"]), out / f"circo_{self.name or 'test'}.json",
-                                            similarity),)
+                                            similarity, remove_reference=self.remove_reference),)
         else:
             raise ValueError(f"No test-server format for protocol {self.protocol!r}.")
         logger.info("wrote submission files %s", ", ".join(map(str, paths)))

@@ -83,6 +83,12 @@ class CLIP4CIRConfig(PreTrainedConfig):
         Dropout inside the Combiner (active in training only).
     temperature (`float`, defaults to 0.02):
         InfoNCE temperature tau; logits = query . target / tau.
+    clip_train_mode (`bool`, defaults to `False`):
+        Whether `model.train()` also puts the CLIP towers (text and image, with their projections) in training
+        mode. `False` is the original: CLIP4Cir fine-tunes with `clip_model.eval()` and SPN4CIR never calls
+        `.train()` on its CLIP, so the ModifiedResNet's BatchNorm keeps its running statistics (a training step
+        neither updates nor uses batch statistics) and the towers' dropout (0 in every CLIP) stays off. The
+        Combiner still follows `train()` (CLIP4Cir trains it with dropout).
     """
 
     model_type = "clip4cir"
@@ -96,6 +102,7 @@ class CLIP4CIRConfig(PreTrainedConfig):
     combiner_hidden_dim: int | None = None
     combiner_dropout: float = 0.5
     temperature: float = 0.02
+    clip_train_mode: bool = False
     initializer_factor: float = 1.0
     initializer_range: float = 0.02
 

@@ -204,6 +204,17 @@ class CLIP4CIRModel(CIRModelMixin, CLIP4CIRPreTrainedModel):
             target_embeds = self.get_target_embeds(target_pixel_values)
         return self.cir_output(query_embeds, target_embeds)
 
+    def train(self, mode: bool = True):
+        """As `nn.Module.train`, but the CLIP towers stay in eval mode unless `config.clip_train_mode`: CLIP4Cir
+        and SPN4CIR train the CLIP in eval mode, so BatchNorm (ModifiedResNet) uses and keeps its running
+        statistics. The Combiner follows `mode`."""
+        super().train(mode)
+        if mode and not self.config.clip_train_mode:
+            for tower in (self.text_model, self.text_projection, self.vision_model, self.visual_projection):
+                if tower is not None:
+                    tower.eval()
+        return self
+
     # --------------------------------------------------------------------------------- construction
     @classmethod
     def from_clip(

@@ -3,7 +3,8 @@
     metric = evaluate.load(trainers.metric_path("circo"))
     metric.compute(predictions=ranked_ids, references=gt_ids_lists)
 
-`predictions[i]`: gallery ids ranked best first, reference removed, 50 deep; `references[i]`: `gt_img_ids`.
+`predictions[i]`: gallery ids ranked best first, 50 deep, as ranked (the CIRCO authors' protocol keeps the
+reference; delete it beforehand for `circo_remove_reference`); `references[i]`: `gt_img_ids`.
 """
 
 import datasets

@@ -1,0 +1,408 @@
+"""`CIRIndex`: a gallery of images encoded once by a CIR model's target side, searched with composed queries.
+
+    index = CIRIndex.build(model, processor.image_processor, "my_images/")      # a folder, a list of paths, or a
+    index.save("my_images.idx")                                                 #   corpus (`image_id`, `image`)
+    index = CIRIndex.load("my_images.idx")
+    hits = index.search(query_embeds, top_k=10, similarity=model.similarity)   # [[{"image_id", "score", "path"}]]
+
+On disk an index is a directory: `embeddings.safetensors` (the target embeddings, `[N, D]` or `[N, Q, D]`) and
+`index.json` (format, image ids, file paths, where the images came from, and the fingerprint of the model side that
+produced the embeddings). The fingerprint covers the target side only — the weights outside
+`query_side_parameters()` and the image preprocessing — so an SPN stage-2 model (whose target side is frozen) reuses
+the index of its stage-1 model, while any other model is refused with an error naming both fingerprints.
+
+Images are encoded with the project's one image-encoding loop (`datasets_scripts.image_store.encode_images`) and
+ranked with its one exact top-k ranker (`modeling_spn4cir.ranking.rank_topk`, ties to the image listed first).
+An optional FAISS backend (`pip install .[faiss]`, inner-product models only) trades exactness for speed on
+galleries of millions of images.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import weakref
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from modeling_spn4cir.atomic import atomic_directory
+from modeling_spn4cir.ranking import rank_topk
+
+from .common import IMAGE_EXTENSIONS
+from .image_store import ImageStore, encode_images
+
+INDEX_FORMAT = "spn4cir-gallery-index/1"
+EMBEDDINGS_FILE = "embeddings.safetensors"
+INDEX_FILE = "index.json"
+# Scores held at once by an exact search: query chunk x gallery size (128 MiB of float32).
+SCORE_BUDGET = 2**25
+# Keys of an image processor's dict that name classes rather than change pixels.
+_PROCESSOR_NAME_KEYS = {"image_processor_type", "processor_class", "_processor_class", "auto_map"}
+
+
+class ModelMismatchError(ValueError):
+    """The index was built by another model (target side or image preprocessing) than the one querying it."""
+
+
+def _sha256(chunks) -> str:
+    digest = hashlib.sha256()
+    for chunk in chunks:
+        digest.update(chunk)
+    return digest.hexdigest()
+
+
+_FINGERPRINTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def model_fingerprint(model, image_processor) -> dict:
+    """What determines a gallery's embeddings: the model class, the target side's weights (names, shapes, dtypes,
+    bytes), and the image preprocessing. `digest` is what indexes compare; `model` is for messages only.
+
+    Hashing reads every target-side weight, so the result is cached per model object (a model changed in place
+    after its first fingerprint keeps the old one)."""
+    cached = _FINGERPRINTS.get(model)
+    if cached is None:
+        state = model.target_side_state_dict()
+        weights = _sha256(
+            name.encode() + str((tuple(t.shape), str(t.dtype))).encode()
+            + t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+            for name, t in sorted(state.items())
+        )
+        cached = {"model_class": type(model).__name__, "target_side_weights": weights}
+        _FINGERPRINTS[model] = cached
+    config = image_processor.to_dict() if hasattr(image_processor, "to_dict") else {"repr": repr(image_processor)}
+    preprocessing = json.dumps({k: v for k, v in config.items() if k not in _PROCESSOR_NAME_KEYS}, sort_keys=True,
+                               default=str)
+    fingerprint = {**cached, "image_processor": _sha256([preprocessing.encode()])}
+    fingerprint["digest"] = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()
+    fingerprint["model"] = getattr(model, "name_or_path", "") or getattr(model.config, "_name_or_path", "") or "?"
+    return fingerprint
+
+
+def describe_fingerprint(fingerprint: dict) -> str:
+    return (f"{fingerprint.get('model_class')} '{fingerprint.get('model') or '?'}' (target side "
+            f"{fingerprint.get('target_side_weights', '?')[:12]}, image processor "
+            f"{fingerprint.get('image_processor', '?')[:12]})")
+
+
+def _corpus_from_paths(paths: Sequence[Path], ids: Sequence[str]):
+    import datasets
+
+    return datasets.Dataset.from_dict({"image_id": list(ids), "image": [str(p) for p in paths]},
+                                      features=datasets.Features({"image_id": datasets.Value("string"),
+                                                                  "image": datasets.Image()}))
+
+
+def _resolve_images(images, ids: Sequence[str] | None, dataset: dict | None = None):
+    """-> (ImageStore, ids, paths, source) for a folder, a list of image files or a corpus dataset (`dataset`:
+    how to load that corpus again, `{"path", "name", "split"}` for `datasets.load_dataset`, or None)."""
+    import datasets
+
+    if isinstance(images, datasets.Dataset):
+        missing = {"image_id", "image"} - set(images.column_names)
+        if missing:
+            raise ValueError(f"The corpus has no {sorted(missing)} column; a gallery corpus has `image_id` and `image` "
+                             f"(the project schema), it has {images.column_names}.")
+        if ids is not None:
+            raise ValueError("A corpus brings its own `image_id` column; do not pass ids.")
+        corpus_ids = list(images["image_id"])
+        undecoded = images.cast_column("image", datasets.Image(decode=False))["image"]
+        paths = [v.get("path") if v.get("bytes") is None and v.get("path") and os.path.exists(v["path"]) else None
+                 for v in undecoded]
+        return ImageStore(images), corpus_ids, paths, {"type": "corpus", "dataset": dataset}
+    if isinstance(images, (str, os.PathLike)):
+        root = Path(images)
+        if not root.is_dir():
+            raise FileNotFoundError(f"{root} is not a folder of images; pass a folder, a list of image files or a "
+                                    "corpus dataset.")
+        files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        if not files:
+            raise ValueError(f"No images ({', '.join(IMAGE_EXTENSIONS)}) under {root}.")
+        ids = ids if ids is not None else [p.relative_to(root).as_posix() for p in files]
+        source = {"type": "folder", "root": str(root.resolve())}
+    else:
+        files = [Path(p) for p in images]
+        missing = [str(p) for p in files if not p.is_file()]
+        if missing:
+            raise FileNotFoundError(f"{len(missing)} image files do not exist (first: {missing[:5]}).")
+        ids = ids if ids is not None else [str(p) for p in files]
+        source = {"type": "files"}
+    ids = list(ids)
+    if len(ids) != len(files):
+        raise ValueError(f"{len(ids)} ids for {len(files)} images; pass one id per image.")
+    paths = [str(p.resolve()) for p in files]
+    return ImageStore(_corpus_from_paths(paths, ids)), ids, paths, source
+
+
+class CIRIndex:
+    """
+    Target embeddings of a gallery, with their image ids, file paths and the model fingerprint.
+
+    Args:
+        embeddings: `[N, D]` or `[N, Q, D]` target embeddings (`model.get_target_embeds`), rows in `image_ids` order.
+        image_ids: one unique string id per row.
+        paths: the image file of each row, or None where the image lives only inside a dataset.
+        fingerprint: [`model_fingerprint`] of the model and image processor that produced `embeddings`.
+        sources: where the images came from (folders, file lists, corpora), in the order they were added.
+    """
+
+    def __init__(self, embeddings: torch.Tensor, image_ids: Sequence[str], paths: Sequence[str | None],
+                 fingerprint: dict, sources: Sequence[dict] = ()):
+        image_ids = list(image_ids)
+        if embeddings.shape[0] != len(image_ids) or len(paths) != len(image_ids):
+            raise ValueError(f"{embeddings.shape[0]} embeddings, {len(image_ids)} ids and {len(paths)} paths; "
+                             "they must describe the same rows.")
+        duplicates = [i for i, n in _counts(image_ids).items() if n > 1]
+        if duplicates:
+            raise ValueError(f"{len(duplicates)} image ids occur more than once in the gallery (first: "
+                             f"{duplicates[:5]}); image ids must be unique.")
+        self.embeddings, self.image_ids, self.paths = embeddings, image_ids, list(paths)
+        self.fingerprint, self.sources = dict(fingerprint), list(sources)
+        self._position = {image_id: i for i, image_id in enumerate(image_ids)}
+        self._faiss = None
+        self._stores: dict[str, ImageStore] = {}
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def __repr__(self) -> str:
+        return (f"CIRIndex({len(self)} images, embeddings {tuple(self.embeddings.shape)} {self.embeddings.dtype}, "
+                f"model {describe_fingerprint(self.fingerprint)})")
+
+    # ------------------------------------------------------------------------------------------- building
+    @staticmethod
+    def _encode(model, image_processor, images, ids, dataset, batch_size, num_workers, device, dtype,
+                show_progress_bar):
+        store, ids, paths, source = _resolve_images(images, ids, dataset)
+        was_training = model.training
+        model.eval()
+        try:
+            embeddings = encode_images(model.get_target_embeds, store, ids, image_processor, batch_size, num_workers,
+                                       device=device if device is not None else next(model.parameters()).device,
+                                       dtype=dtype, desc="gallery", show_progress_bar=show_progress_bar)
+        finally:
+            model.train(was_training)
+        return embeddings, ids, paths, source
+
+    @classmethod
+    def build(cls, model, image_processor, images, ids: Sequence[str] | None = None, dataset: dict | None = None,
+              batch_size: int = 64, num_workers: int = 0, device=None, dtype: torch.dtype = torch.float32,
+              show_progress_bar: bool = True) -> "CIRIndex":
+        """
+        Encode a gallery with `model.get_target_embeds`.
+
+        Args:
+            model: any CIR contract model.
+            image_processor: the model's image processor (`processor.image_processor`).
+            images: a folder (every image under it, ids = paths relative to it), a list of image files (ids = the
+                paths as given, or `ids`), or a `datasets.Dataset` corpus with `image_id` and `image`.
+            dataset: for a corpus, how to load it again (`{"path": dir or Hub id, "name": "corpus", "split": ...}`,
+                the arguments of `datasets.load_dataset`), so that `open_image` finds images stored inside it.
+            batch_size, num_workers: encoding batch and DataLoader workers (decoding and preprocessing).
+            device: where the model runs (default: where its parameters are).
+            dtype: storage dtype of the embeddings (`torch.float16` halves the index).
+        """
+        embeddings, ids, paths, source = cls._encode(model, image_processor, images, ids, dataset, batch_size,
+                                                     num_workers, device, dtype, show_progress_bar)
+        source |= {"start": 0, "stop": len(ids)}
+        return cls(embeddings, ids, paths, model_fingerprint(model, image_processor), [source])
+
+    def add(self, model, image_processor, images, ids: Sequence[str] | None = None, dataset: dict | None = None,
+            batch_size: int = 64, num_workers: int = 0, device=None, show_progress_bar: bool = True) -> "CIRIndex":
+        """Encode more images (as [`build`]) with the same model and append them; ids must be new. Returns `self`."""
+        self.check_model(model, image_processor)
+        embeddings, ids, paths, source = self._encode(model, image_processor, images, ids, dataset, batch_size,
+                                                      num_workers, device, self.embeddings.dtype, show_progress_bar)
+        source |= {"start": len(self), "stop": len(self) + len(ids)}
+        clash = [i for i in ids if i in self._position]
+        if clash:
+            raise ValueError(f"{len(clash)} images are already in the index (first: {clash[:5]}); ids must be new.")
+        if embeddings.shape[1:] != self.embeddings.shape[1:]:
+            raise ValueError(f"new embeddings have rows of shape {tuple(embeddings.shape[1:])}, the index "
+                             f"{tuple(self.embeddings.shape[1:])}.")
+        merged = CIRIndex(torch.cat([self.embeddings, embeddings]), self.image_ids + ids, self.paths + paths,
+                          self.fingerprint, self.sources + [source])
+        self.__dict__.update(merged.__dict__)
+        return self
+
+    # ------------------------------------------------------------------------------------------ checking
+    def check_model(self, model, image_processor) -> None:
+        """Raise [`ModelMismatchError`] unless `model` and `image_processor` are what built this index."""
+        theirs = model_fingerprint(model, image_processor)
+        if theirs["digest"] != self.fingerprint.get("digest"):
+            raise ModelMismatchError(
+                f"This gallery index was built by {describe_fingerprint(self.fingerprint)}, but it is being used with "
+                f"{describe_fingerprint(theirs)}: their embeddings are not comparable. Rebuild the index with this "
+                "model (`python examples/retrieve.py index --model ...`) or query it with the model that built it."
+            )
+
+    # ------------------------------------------------------------------------------------------ searching
+    def topk(self, query_embeds: torch.Tensor, k: int, similarity=None, backend: str = "exact",
+             exclude: Sequence[str | None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """
+        Top-k gallery rows of each query.
+
+        Args:
+            query_embeds: `[B, D]` composed queries (`model.get_query_embeds`).
+            k: how many results per query (at most the gallery size).
+            similarity: the model's scoring rule, `model.similarity` (default: dot product; required for
+                multi-vector `[N, Q, D]` galleries).
+            backend: `"exact"` (chunked exact ranking, ties to the image listed first) or `"faiss"` (an HNSW graph
+                over inner products, approximate; single-vector galleries of dot-product models only).
+            exclude: per query, an image id to leave out of its ranking (e.g. the reference image), or None.
+
+        Returns:
+            `(indices, scores)`, both `[B, k]` on the CPU, best first.
+        """
+        if self.embeddings.ndim == 3 and similarity is None:
+            raise ValueError("This gallery holds multi-vector targets [N, Q, D]: pass similarity=model.similarity.")
+        queries = query_embeds.to(self.embeddings.device)
+        if similarity is None:
+            queries = queries.to(self.embeddings.dtype)
+        excluded = None
+        if exclude is not None:
+            if len(exclude) != queries.shape[0]:
+                raise ValueError(f"{len(exclude)} excluded ids for {queries.shape[0]} queries.")
+            if any(e is not None for e in exclude):
+                missing = [e for e in exclude if e is not None and e not in self._position]
+                if missing:
+                    raise KeyError(f"excluded images {missing[:5]} are not in the index.")
+                # An out-of-range index never matches a row: -1 would wrap, so use a row we then ignore.
+                excluded = torch.tensor([self._position[e] if e is not None else -1 for e in exclude])
+        if backend == "faiss":
+            return self._faiss_topk(queries, k, excluded)
+        if backend != "exact":
+            raise ValueError(f"backend must be 'exact' or 'faiss', got {backend!r}.")
+        chunk = max(1, min(512, SCORE_BUDGET // max(len(self), 1)))
+        if excluded is not None and (excluded < 0).any():
+            return self._topk_mixed_exclusion(queries, k, similarity, excluded, chunk)
+        indices = rank_topk(queries, self.embeddings, k, similarity=similarity, exclude=excluded, chunk_size=chunk)
+        return indices, self._scores(queries, indices, similarity)
+
+    def _topk_mixed_exclusion(self, queries, k, similarity, excluded, chunk):
+        """Some queries exclude an image and some do not: rank the two groups separately."""
+        k = min(k, len(self))
+        indices = torch.full((queries.shape[0], k), -1, dtype=torch.long)
+        scores = torch.full((queries.shape[0], k), float("nan"))
+        for rows, exclude in ((excluded < 0, None), (excluded >= 0, excluded[excluded >= 0])):
+            if rows.any():
+                got = rank_topk(queries[rows], self.embeddings, k, similarity=similarity, exclude=exclude,
+                                chunk_size=chunk)
+                indices[rows, : got.shape[1]] = got
+                scores[rows, : got.shape[1]] = self._scores(queries[rows], got, similarity)
+        return indices, scores
+
+    def _scores(self, queries, indices, similarity) -> torch.Tensor:
+        """The scores of the ranked rows (`similarity` of each query with its own top k)."""
+        similarity = similarity or (lambda q, g: q @ g.T)
+        scores = torch.empty(indices.shape, dtype=torch.float32)
+        with torch.no_grad():
+            for i in range(queries.shape[0]):
+                rows = self.embeddings[indices[i].to(self.embeddings.device)]
+                scores[i] = similarity(queries[i : i + 1], rows)[0].float().cpu()
+        return scores
+
+    def _faiss_topk(self, queries, k, excluded):
+        try:
+            import faiss
+        except ImportError as error:
+            raise ImportError("backend='faiss' needs faiss: pip install 'spn4cir[faiss]' (faiss-cpu).") from error
+        if self.embeddings.ndim != 2:
+            raise ValueError("backend='faiss' searches single-vector [N, D] galleries; this one is "
+                             f"{tuple(self.embeddings.shape)} (multi-vector targets): use backend='exact'.")
+        if self._faiss is None:
+            index = faiss.IndexHNSWFlat(self.embeddings.shape[1], 32, faiss.METRIC_INNER_PRODUCT)
+            index.hnsw.efConstruction = 80
+            index.add(self.embeddings.float().cpu().numpy())
+            self._faiss = index
+        self._faiss.hnsw.efSearch = max(128, 2 * k)
+        extra = 1 if excluded is not None else 0
+        scores, indices = self._faiss.search(queries.float().cpu().numpy(), min(k + extra, len(self)))
+        scores, indices = torch.from_numpy(scores), torch.from_numpy(indices).long()
+        if excluded is not None:
+            keep = indices != excluded[:, None]
+            # Drop the excluded row where present, else the last one, so every query keeps k results.
+            keep[keep.all(dim=1), -1] = False
+            indices = indices[keep].view(indices.shape[0], -1)
+            scores = scores[keep].view(scores.shape[0], -1)
+        return indices[:, :k], scores[:, :k]
+
+    def hits(self, indices: torch.Tensor, scores: torch.Tensor) -> list[list[dict]]:
+        """`[B, k]` indices and scores -> per query `[{"image_id", "score", "path"}, ...]`, best first."""
+        return [[{"image_id": self.image_ids[i], "score": float(s), "path": self.paths[i]}
+                 for i, s in zip(row.tolist(), score_row.tolist()) if i >= 0]
+                for row, score_row in zip(indices, scores)]
+
+    def search(self, query_embeds: torch.Tensor, top_k: int = 10, similarity=None, backend: str = "exact",
+               exclude: Sequence[str | None] | None = None) -> list[list[dict]]:
+        """[`topk`] as `[{"image_id", "score", "path"}, ...]` per query."""
+        return self.hits(*self.topk(query_embeds, top_k, similarity, backend, exclude))
+
+    def to(self, device) -> "CIRIndex":
+        """Move the embeddings (e.g. to the GPU the model runs on, so that queries are scored there)."""
+        self.embeddings = self.embeddings.to(device)
+        return self
+
+    def open_image(self, image_id: str):
+        """The PIL RGB image of `image_id`: from its file, or from the corpus it was encoded from when the index
+        knows how to load that corpus (`dataset=` of [`build`])."""
+        from PIL import Image
+
+        if image_id not in self._position:
+            raise KeyError(f"image {image_id!r} is not in the index.")
+        i = self._position[image_id]
+        if self.paths[i] is not None:
+            return Image.open(self.paths[i]).convert("RGB")
+        source = next((s for s in self.sources if s.get("start", 0) <= i < s.get("stop", len(self))), {})
+        if not source.get("dataset"):
+            raise FileNotFoundError(f"The index does not know where image {image_id!r} is stored (it was encoded from "
+                                    "an in-memory corpus); build it with dataset={'path', 'name', 'split'}.")
+        key = json.dumps(source["dataset"], sort_keys=True)
+        if key not in self._stores:
+            import datasets
+
+            self._stores[key] = ImageStore(datasets.load_dataset(**source["dataset"]))
+        return self._stores[key].images([image_id])[0]
+
+    # ------------------------------------------------------------------------------------------ saving
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write `embeddings.safetensors` and `index.json` into the directory `path`, atomically."""
+        with atomic_directory(path) as staging:
+            save_file({"embeddings": self.embeddings.detach().cpu().contiguous()}, str(staging / EMBEDDINGS_FILE))
+            payload = {"format": INDEX_FORMAT, "fingerprint": self.fingerprint, "num_images": len(self),
+                       "embedding_shape": list(self.embeddings.shape[1:]),
+                       "dtype": str(self.embeddings.dtype).removeprefix("torch."), "sources": self.sources,
+                       "image_ids": self.image_ids, "paths": self.paths}
+            (staging / INDEX_FILE).write_text(json.dumps(payload, indent=1))
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device=None) -> "CIRIndex":
+        path = Path(path)
+        meta_file, embeddings_file = path / INDEX_FILE, path / EMBEDDINGS_FILE
+        if not meta_file.exists() or not embeddings_file.exists():
+            raise FileNotFoundError(f"{path} is not a gallery index (it needs {INDEX_FILE} and {EMBEDDINGS_FILE}); "
+                                    "build one with `python examples/retrieve.py index` or CIRIndex.build(...).save().")
+        meta = json.loads(meta_file.read_text())
+        if meta.get("format") != INDEX_FORMAT:
+            raise ValueError(f"{meta_file} has format {meta.get('format')!r}, this code reads {INDEX_FORMAT!r}; "
+                             "rebuild the index.")
+        embeddings = load_file(str(embeddings_file), device=str(device or "cpu"))["embeddings"]
+        if embeddings.shape[0] != meta["num_images"]:
+            raise ValueError(f"{embeddings_file} holds {embeddings.shape[0]} rows, {meta_file} lists "
+                             f"{meta['num_images']} images (a partial copy?); rebuild the index.")
+        return cls(embeddings, meta["image_ids"], meta["paths"], meta["fingerprint"], meta.get("sources", []))
+
+
+def _counts(items) -> dict:
+    counts: dict = {}
+    for item in items:
+        counts[item] = counts.get(item, 0) + 1
+    return counts
+
+
+__all__ = ["CIRIndex", "ModelMismatchError", "model_fingerprint", "describe_fingerprint"]

@@ -1,0 +1,121 @@
+"""A web demo: upload or pick a reference image, type the modification, see the top-k gallery images with scores.
+
+    pip install -e ".[demo]"
+    python examples/demo.py --model out/stage2 --index my_images.idx      # an index from examples/retrieve.py
+    python examples/demo.py                                                # after `python examples/run_cir.py`:
+                                                                           # its best model on its test gallery
+
+With no `--model`, the demo reads the built-in recipe's `results.json` (`--recipe_dir`, default
+`outputs/spn_recipe`), takes its best model by test Recall@10 and indexes the synthetic benchmark's test gallery
+once (cached next to the recipe's outputs). Everything runs locally; nothing is downloaded.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from retrieve import build_pipeline, load_model
+
+from datasets_scripts.gallery_index import CIRIndex
+
+# The built-in recipe's result rows and the directories of their models (examples/spn_recipe/recipe.py).
+RECIPE_MODELS = {"stage 1": "stage1", "+N": "stage2_N", "+P": "stage1_P", "+P+N": "stage2_PN"}
+
+
+def recipe_best_model(recipe_dir: str | Path, metric: str = "recall@10") -> tuple[Path, str]:
+    """The built-in recipe's best model directory by test `metric`, and its row name."""
+    results_file = Path(recipe_dir) / "results.json"
+    if not results_file.exists():
+        raise SystemExit(f"{results_file} not found: run `python examples/run_cir.py` first (the built-in recipe), "
+                         "or pass --model and --index.")
+    results = json.loads(results_file.read_text())["results"]
+    row = max((r for r in RECIPE_MODELS if r in results), key=lambda r: results[r][metric])
+    return Path(recipe_dir) / RECIPE_MODELS[row], row
+
+
+class RetrievalDemo:
+    """The demo's logic without the UI: `query(reference, text, top_k)` is what the page calls."""
+
+    def __init__(self, pipe, index: CIRIndex):
+        self.pipe, self.index = pipe, index
+
+    def query(self, reference, text: str, top_k: int = 10) -> list[dict]:
+        """The pipeline's results (`[{"image_id", "score", "path"}, ...]`) for a reference image and/or a text."""
+        return self.pipe(reference, text or None, gallery=self.index, top_k=int(top_k))
+
+    def run(self, reference, text: str, top_k: int = 10):
+        """(gallery items `[(PIL image, caption)]`, results) — the outputs of the page."""
+        if reference is None and not text:
+            return [], {"error": "upload or pick a reference image, type a modification, or both"}
+        hits = self.query(reference, text, top_k)
+        items = [(self.index.open_image(h["image_id"]), f"#{rank} {h['score']:.3f} {h['image_id']}")
+                 for rank, h in enumerate(hits, 1)]
+        return items, hits
+
+    def examples(self, n: int = 6) -> list:
+        """A few gallery images to start from (the first of every len/n)."""
+        step = max(1, len(self.index) // n)
+        return [self.index.open_image(self.index.image_ids[i]) for i in range(0, len(self.index), step)][:n]
+
+
+def build_ui(demo: RetrievalDemo, title: str):
+    import gradio as gr
+
+    with gr.Blocks(title=title) as ui:
+        gr.Markdown(f"## {title}\nA reference image plus a modification text; the gallery's best matches, by the "
+                    f"model's own similarity ({len(demo.index)} images).")
+        with gr.Row():
+            with gr.Column(scale=1):
+                reference = gr.Image(type="pil", label="reference image", height=256)
+                text = gr.Textbox(label="modification", placeholder="e.g. make the red circle blue")
+                top_k = gr.Slider(1, 50, value=10, step=1, label="top k")
+                button = gr.Button("Search", variant="primary")
+                picks = gr.Gallery(value=demo.examples(), label="or pick a reference from the gallery", columns=6,
+                                   height=140, allow_preview=False)
+            with gr.Column(scale=2):
+                results = gr.Gallery(label="results", columns=5, height=520)
+                raw = gr.JSON(label="results (JSON)")
+
+        def pick(event: gr.SelectData):  # gradio passes the selection by this annotation (so no __future__ import)
+            return demo.examples()[event.index]
+
+        picks.select(pick, None, reference)
+        button.click(demo.run, [reference, text, top_k], [results, raw])
+        text.submit(demo.run, [reference, text, top_k], [results, raw])
+    return ui
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", help="a CIR checkpoint (default: the built-in recipe's best model)")
+    parser.add_argument("--index", help="a gallery index from examples/retrieve.py (default: the recipe's test "
+                                         "gallery)")
+    parser.add_argument("--recipe_dir", default="outputs/spn_recipe")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=7860)
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    title = "Composed image retrieval"
+    if args.model is None:
+        model_dir, row = recipe_best_model(args.recipe_dir)
+        args.model, title = str(model_dir), f"Composed image retrieval: the built-in recipe's {row} model"
+    model, processor = load_model(args.model, args.device)
+    if args.index is not None:
+        index = CIRIndex.load(args.index)
+    else:
+        cached = Path(args.recipe_dir) / f"test_gallery.{Path(args.model).name}.idx"
+        if cached.exists():
+            index = CIRIndex.load(cached)
+        else:
+            import datasets
+
+            dataset = {"path": str(Path(args.recipe_dir).resolve() / "benchmark"), "name": "corpus", "split": "test"}
+            index = CIRIndex.build(model, processor.image_processor, datasets.load_dataset(**dataset), dataset=dataset)
+            index.save(cached)
+    demo = RetrievalDemo(build_pipeline(model, processor, args.device), index.to(model.device))
+    build_ui(demo, title).launch(server_name=args.host, server_port=args.port)
+
+
+if __name__ == "__main__":
+    main()

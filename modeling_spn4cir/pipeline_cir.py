@@ -1,0 +1,138 @@
+"""The `"composed-image-retrieval"` pipeline: a reference image plus a modification text -> the best gallery images.
+
+    import modeling_spn4cir                                   # registers the task (and the model families)
+    from datasets_scripts.gallery_index import CIRIndex
+    from transformers import pipeline
+
+    pipe = pipeline("composed-image-retrieval", model="out/stage2")
+    gallery = CIRIndex.load("my_images.idx")                  # built by the same model's target side
+    pipe(image, "is red and sleeveless", gallery=gallery, top_k=10)
+    # [{"image_id": "dress/B00X.jpg", "score": 0.41, "path": "/data/dress/B00X.jpg"}, ...]
+    pipe([image1, image2], ["is red", "has no sleeves"], gallery=gallery, batch_size=2)   # a list per query
+
+Text-only queries (`pipe(text="a red dress", gallery=...)`) work where the fusion allows one (CLIP4CIR with sum
+fusion: the query is the normalized text feature); image-only queries (`pipe(image, gallery=...)`) rank the gallery
+by the reference's own target embedding (single-vector families).
+
+This file imports only torch and transformers, so `pipe.save_pretrained(dir)` / `pipe.push_to_hub(repo)` ship it
+beside the model code and `pipeline(model=dir_or_repo, trust_remote_code=True)` runs it without this package. The
+gallery is any object with the methods of `CIRIndex` used here: `check_model`, `topk` and `hits`.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoModel, Pipeline
+from transformers.image_utils import load_image
+from transformers.pipelines import PIPELINE_REGISTRY
+
+TASK = "composed-image-retrieval"
+
+
+class ComposedImageRetrievalPipeline(Pipeline):
+    """
+    `pipe(images=None, text=None, gallery=..., top_k=10)`.
+
+    Args:
+        images: a reference image (PIL image, path or URL), a list of them, or None (text-only queries).
+        text: the modification text, a list of them (one per image), or None (image-only queries).
+        gallery: a gallery index built by this model (`datasets_scripts.gallery_index.CIRIndex`); an index built by
+            another model is refused with an error naming both models.
+        top_k: results per query.
+        backend: `"exact"` (default) or `"faiss"` (approximate; see `CIRIndex.topk`).
+
+    Returns:
+        per query, `[{"image_id", "score", "path"}, ...]`, best first (a list of such lists for list inputs).
+    """
+
+    _load_processor = True
+    _load_tokenizer = False
+    _load_image_processor = False
+    _load_feature_extractor = False
+
+    def __call__(self, images=None, text=None, **kwargs):
+        listed = isinstance(images, (list, tuple)) or isinstance(text, (list, tuple))
+        if listed:
+            n = len(images) if isinstance(images, (list, tuple)) else len(text)
+            images = list(images) if isinstance(images, (list, tuple)) else [images] * n
+            texts = list(text) if isinstance(text, (list, tuple)) else [text] * n
+            if len(images) != len(texts):
+                raise ValueError(f"{len(images)} reference images for {len(texts)} modification texts; pass one text "
+                                 "per image (or None for image-only queries).")
+            inputs = [{"image": i, "text": t} for i, t in zip(images, texts)]
+        else:
+            inputs = {"image": images, "text": text}
+        gallery = kwargs.get("gallery", self._forward_params.get("gallery"))
+        if gallery is None:
+            raise ValueError("Pass gallery=... : a gallery index built with this model (CIRIndex.build / .load).")
+        gallery.check_model(self.model, self.image_processor)
+        return super().__call__(inputs, **kwargs)
+
+    def _sanitize_parameters(self, gallery=None, top_k=None, backend=None, **kwargs):
+        forward, postprocess = {}, {}
+        if gallery is not None:
+            forward["gallery"] = postprocess["gallery"] = gallery
+        if top_k is not None:
+            forward["top_k"] = top_k
+        if backend is not None:
+            forward["backend"] = backend
+        return {}, forward, postprocess
+
+    def preprocess(self, inputs):
+        image, text = inputs.get("image"), inputs.get("text")
+        if image is None and not text:
+            raise ValueError("A query needs a reference image, a modification text, or both.")
+        tokens = self.processor(text=[text or ""], return_tensors="pt")
+        if image is not None:
+            pixels = self.image_processor([load_image(image)], return_tensors="pt")["pixel_values"]
+        else:
+            from PIL import Image
+
+            pixels = torch.zeros_like(self.image_processor([Image.new("RGB", (8, 8))],
+                                                           return_tensors="pt")["pixel_values"])
+        return {"input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"], "pixel_values": pixels,
+                "has_image": torch.tensor([image is not None]), "has_text": torch.tensor([bool(text)])}
+
+    def _forward(self, model_inputs, gallery=None, top_k=10, backend="exact"):
+        has_image, has_text = model_inputs["has_image"].bool(), model_inputs["has_text"].bool()
+        ids, mask, pixels = model_inputs["input_ids"], model_inputs["attention_mask"], model_inputs["pixel_values"]
+        # A batch may mix composed, image-only and text-only queries: each kind is encoded by its own rule.
+        kinds = ((has_image & has_text, lambda r: self.model.get_query_embeds(ids[r], mask[r], pixel_values=pixels[r])),
+                 (has_image & ~has_text, lambda r: self._image_only(pixels[r])),
+                 (has_text & ~has_image, lambda r: self._text_only(ids[r], mask[r])))
+        parts = [(rows, encode(rows)) for rows, encode in kinds if rows.any()]
+        queries = parts[0][1].new_empty(ids.shape[0], parts[0][1].shape[-1])
+        for rows, embeds in parts:
+            queries[rows] = embeds.to(queries.dtype)
+        indices, scores = gallery.topk(queries, top_k, similarity=self.model.similarity, backend=backend)
+        return {"indices": indices, "scores": scores}
+
+    def _image_only(self, pixel_values):
+        targets = self.model.get_target_embeds(pixel_values)
+        if targets.ndim != 2:
+            raise ValueError(f"{type(self.model).__name__} has multi-vector targets; image-only queries need a "
+                             "single-vector family. Add a modification text.")
+        return targets
+
+    def _text_only(self, input_ids, attention_mask):
+        config = self.model.config
+        if getattr(config, "fusion", None) != "sum" or not hasattr(self.model, "combine"):
+            raise ValueError(f"{type(self.model).__name__} (fusion {getattr(config, 'fusion', None)!r}) cannot "
+                             "compose a query without a reference image; text-only queries need a model whose fusion "
+                             "adds the text to the image (CLIP4CIR with fusion='sum'). Pass a reference image.")
+        no_image = torch.zeros(input_ids.shape[0], config.projection_dim, device=input_ids.device)
+        return self.model.get_query_embeds(input_ids, attention_mask, reference_features=no_image)
+
+    def postprocess(self, model_outputs, gallery=None):
+        return gallery.hits(model_outputs["indices"], model_outputs["scores"])[0]
+
+    def save_pretrained(self, save_directory, **kwargs):
+        """The model, its processor and this pipeline's code (`config.custom_pipelines`), for `trust_remote_code`."""
+        super().save_pretrained(save_directory, **kwargs)
+        self.processor.save_pretrained(save_directory)
+
+
+PIPELINE_REGISTRY.register_pipeline(TASK, pipeline_class=ComposedImageRetrievalPipeline, pt_model=AutoModel,
+                                    type="multimodal")
+
+__all__ = ["ComposedImageRetrievalPipeline", "TASK"]

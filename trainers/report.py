@@ -1,0 +1,278 @@
+"""Retrieval reports: for a few queries, the reference image, the modification text, the top-k gallery images with
+their scores, the ground-truth target(s) marked and the target's rank — as a static HTML page (thumbnails embedded,
+no server needed) and a PNG contact sheet of the same.
+
+`CIREvaluator(..., report_dir=DIR, report_queries=N)` writes one after each evaluation (`evaluation_rows` ranks
+exactly as the protocol does: the same gallery, the reference removed where the protocol removes it, ties to the
+image listed first); `examples/retrieve.py search --html` renders a single query with the same code.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from modeling_spn4cir.atomic import atomic_write_bytes
+from modeling_spn4cir.ranking import rank_topk
+
+HTML_FILE = "retrieval_report.html"
+SHEET_FILE = "retrieval_report.png"
+TARGET_COLOUR = (22, 163, 74)  # green: the ground truth
+REFERENCE_COLOUR = (37, 99, 235)  # blue: the query's reference
+
+
+@dataclass
+class ReportHit:
+    """One ranked gallery image."""
+
+    image_id: str
+    score: float
+    image: object  # PIL image
+    rank: int
+    is_target: bool = False
+
+
+@dataclass
+class ReportRow:
+    """One query: its reference (None for text-only queries), text, ranked hits and the ground truth."""
+
+    text: str
+    hits: list[ReportHit]
+    reference_id: str | None = None
+    reference_image: object | None = None
+    target_ids: list[str] = field(default_factory=list)
+    # 1-based rank of the best-ranked target in the protocol's ranking; None without targets.
+    target_rank: int | None = None
+    # Targets ranked below the shown top k, with their rank: (image_id, image, rank).
+    missed_targets: list[tuple[str, object, int]] = field(default_factory=list)
+    query_id: str | None = None
+
+
+def thumbnail(image, size: int = 128):
+    """`image` scaled (up or down) so that its longer side is `size`, RGB."""
+    image = image.convert("RGB")
+    scale = size / max(image.size)
+    from PIL import Image
+
+    return image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
+                        Image.Resampling.LANCZOS)
+
+
+def _data_uri(image, size: int) -> str:
+    buffer = io.BytesIO()
+    thumbnail(image, size).save(buffer, format="JPEG", quality=90)
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+_CSS = """
+body { font-family: system-ui, sans-serif; margin: 24px; color: #111; background: #fafafa; }
+h1 { font-size: 20px; margin: 0 0 4px; } p.notes { color: #555; margin: 0 0 16px; font-size: 13px; }
+section.query { background: #fff; border: 1px solid #ddd; border-radius: 6px; padding: 10px 12px; margin: 0 0 14px; }
+section.query h2 { font-size: 14px; margin: 0 0 8px; font-weight: 600; }
+.row { display: flex; gap: 8px; align-items: flex-start; overflow-x: auto; }
+figure, .text { flex: none; }
+figure { margin: 0; text-align: center; font-size: 11px; width: %(size)dpx; }
+figure img { width: %(size)dpx; height: %(size)dpx; object-fit: contain; background: #eee;
+  border: 3px solid transparent; border-radius: 4px; display: block; }
+figure.reference img { border-color: rgb%(ref)s; }
+figure.target img { border-color: rgb%(target)s; }
+figcaption { word-break: break-all; margin-top: 2px; }
+.text { width: 180px; font-size: 13px; padding: 6px; background: #f3f4f6; border-radius: 4px; align-self: stretch; }
+.sep { border-left: 1px dashed #aaa; align-self: stretch; }
+.rank { font-weight: 600; } .rank.hit { color: rgb%(target)s; } .rank.miss { color: #b91c1c; }
+"""
+
+
+def render_html(rows: Sequence[ReportRow], title: str, notes: str = "", thumb_size: int = 112) -> str:
+    """A self-contained HTML page: one section per query; the reference has a blue frame, targets a green one."""
+    css = _CSS % {"size": thumb_size, "ref": REFERENCE_COLOUR, "target": TARGET_COLOUR}
+    parts = [f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
+             f"<style>{css}</style></head><body>", f"<h1>{html.escape(title)}</h1>"]
+    if notes:
+        parts.append(f"<p class='notes'>{html.escape(notes)}</p>")
+    for n, row in enumerate(rows, 1):
+        if row.target_rank is None:
+            rank = "<span class='rank'>no ground truth</span>" if not row.target_ids else \
+                "<span class='rank miss'>target not rankable</span>"
+        else:
+            in_top = row.target_rank <= len(row.hits)
+            rank = f"<span class='rank {'hit' if in_top else 'miss'}'>target rank {row.target_rank}</span>"
+        label = html.escape(row.query_id) if row.query_id is not None else str(n)
+        parts.append(f"<section class='query' data-target-rank='{row.target_rank or ''}'>"
+                     f"<h2>Query {label} &middot; {rank}</h2><div class='row'>")
+        if row.reference_image is not None:
+            parts.append(f"<figure class='reference'><img src='{_data_uri(row.reference_image, thumb_size)}' "
+                         f"alt='reference {html.escape(row.reference_id or '')}'><figcaption>reference<br>"
+                         f"{html.escape(row.reference_id or '')}</figcaption></figure>")
+        parts.append(f"<div class='text'>&ldquo;{html.escape(row.text)}&rdquo;</div>")
+        for hit in row.hits:
+            css_class = "hit target" if hit.is_target else "hit"
+            parts.append(f"<figure class='{css_class}' data-image-id='{html.escape(hit.image_id)}'>"
+                         f"<img src='{_data_uri(hit.image, thumb_size)}' alt='{html.escape(hit.image_id)}'>"
+                         f"<figcaption>#{hit.rank} &middot; {hit.score:.3f}<br>{html.escape(hit.image_id)}"
+                         f"{' &#10003; target' if hit.is_target else ''}</figcaption></figure>")
+        for image_id, image, target_rank in row.missed_targets:
+            parts.append("<div class='sep'></div>"
+                         f"<figure class='target missed' data-image-id='{html.escape(image_id)}'>"
+                         f"<img src='{_data_uri(image, thumb_size)}' alt='target {html.escape(image_id)}'>"
+                         f"<figcaption>target, rank {target_rank}<br>{html.escape(image_id)}</figcaption></figure>")
+        parts.append("</div></section>")
+    parts.append("</body></html>\n")
+    return "\n".join(parts)
+
+
+def _font(size: int):
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow without FreeType: the fixed bitmap font
+        return ImageFont.load_default()
+
+
+def _wrap(draw, text: str, font, width: int) -> list[str]:
+    lines, line = [], ""
+    for word in text.split():
+        candidate = f"{line} {word}".strip()
+        if draw.textlength(candidate, font=font) <= width or not line:
+            line = candidate
+        else:
+            lines.append(line)
+            line = word
+    return lines + ([line] if line else [])
+
+
+def contact_sheet(rows: Sequence[ReportRow], thumb_size: int = 96, text_width: int = 160):
+    """One PIL image: per query, the reference (blue), the text, the top-k with scores (targets green), the rank."""
+    from PIL import Image, ImageDraw
+
+    pad, label_h, frame = 6, 26, 3
+    k = max((len(r.hits) for r in rows), default=0)
+    cell = thumb_size + 2 * frame
+    width = pad + (cell + pad) * (k + 1) + text_width + pad + 110
+    row_h = cell + label_h + pad
+    sheet = Image.new("RGB", (width, pad + row_h * max(len(rows), 1)), "white")
+    draw, font, small = ImageDraw.Draw(sheet), _font(12), _font(10)
+
+    def paste(image, x, y, colour):
+        if colour is not None:
+            draw.rectangle([x, y, x + cell - 1, y + cell - 1], fill=colour)
+        else:
+            draw.rectangle([x, y, x + cell - 1, y + cell - 1], fill=(235, 235, 235))
+        small_image = thumbnail(image, thumb_size)
+        sheet.paste(small_image, (x + frame + (thumb_size - small_image.width) // 2,
+                                  y + frame + (thumb_size - small_image.height) // 2))
+
+    for n, row in enumerate(rows):
+        y, x = pad + n * row_h, pad
+        if row.reference_image is not None:
+            paste(row.reference_image, x, y, REFERENCE_COLOUR)
+            draw.text((x, y + cell + 2), "reference", fill=REFERENCE_COLOUR, font=small)
+        x += cell + pad
+        for i, line in enumerate(_wrap(draw, f"\u201c{row.text}\u201d", font, text_width)[:7]):
+            draw.text((x, y + 4 + 15 * i), line, fill=(17, 17, 17), font=font)
+        x += text_width + pad
+        for hit in row.hits:
+            paste(hit.image, x, y, TARGET_COLOUR if hit.is_target else None)
+            draw.text((x, y + cell + 2), f"#{hit.rank} {hit.score:.3f}", fill=TARGET_COLOUR if hit.is_target else
+                      (60, 60, 60), font=small)
+            x += cell + pad
+        x = pad + (cell + pad) * (k + 1) + text_width + pad
+        if row.target_rank is not None:
+            colour = TARGET_COLOUR if row.target_rank <= len(row.hits) else (185, 28, 28)
+            draw.text((x, y + cell // 2 - 8), f"target rank\n{row.target_rank}", fill=colour, font=font)
+    return sheet
+
+
+def write_report(out_dir: str | os.PathLike, rows: Sequence[ReportRow], title: str, notes: str = "",
+                 thumb_size: int = 112) -> dict[str, Path]:
+    """Write `retrieval_report.html` and `retrieval_report.png` into `out_dir` (each atomically)."""
+    out_dir = Path(out_dir)
+    page = atomic_write_bytes(out_dir / HTML_FILE, render_html(rows, title, notes, thumb_size).encode())
+    buffer = io.BytesIO()
+    contact_sheet(rows, thumb_size=min(thumb_size, 96)).save(buffer, format="PNG", optimize=True)
+    sheet = atomic_write_bytes(out_dir / SHEET_FILE, buffer.getvalue())
+    return {"html": page, "png": sheet}
+
+
+def spread(n: int, count: int) -> list[int]:
+    """`count` row numbers spread evenly over `range(n)` (all of them when `count >= n`), first and last included."""
+    if count >= n:
+        return list(range(n))
+    if count <= 1:
+        return [0][:count]
+    return sorted({round(i * (n - 1) / (count - 1)) for i in range(count)})
+
+
+def evaluation_rows(
+    queries: torch.Tensor,
+    gallery: torch.Tensor,
+    gallery_ids: Sequence[str],
+    reference_ids: Sequence[str],
+    target_ids: Sequence[Sequence[str]],
+    texts: Sequence[str],
+    open_images,
+    similarity,
+    rows: Sequence[int],
+    top_k: int = 10,
+    remove_reference: bool = True,
+    allowed: Sequence[Sequence[int]] | None = None,
+    query_ids: Sequence[str] | None = None,
+) -> list[ReportRow]:
+    """
+    The report rows of the queries `rows`.
+
+    Args:
+        queries: `[N, D]` composed queries; gallery: `[M, ...]` target embeddings of `gallery_ids`.
+        target_ids: per query, its ground-truth target ids (empty on test splits).
+        open_images: `ids -> PIL images` (e.g. `ImageStore.images`).
+        similarity: the model's scoring rule.
+        rows: which queries to show.
+        remove_reference: leave each query's reference out of its ranking (as the protocol does).
+        allowed: per query, the gallery rows it is ranked against (FashionIQ's category galleries), or None (all).
+    """
+    position = {image_id: i for i, image_id in enumerate(gallery_ids)}
+    out = []
+    for row in rows:
+        candidates = torch.as_tensor(allowed[row] if allowed is not None else range(len(gallery_ids)),
+                                     dtype=torch.long)
+        local = {int(g): j for j, g in enumerate(candidates.tolist())}
+        reference = position.get(reference_ids[row])
+        excluded = local.get(reference) if remove_reference and reference is not None else None
+        query, subset = queries[row : row + 1], gallery[candidates]
+        ranked = rank_topk(query, subset, top_k, similarity=similarity,
+                           exclude=None if excluded is None else torch.tensor([excluded]))[0]
+        with torch.no_grad():
+            scores = similarity(query, subset)[0].float().cpu()
+        if excluded is not None:
+            scores[excluded] = float("-inf")
+        targets = [t for t in target_ids[row] if t is not None]
+        target_local = {t: local[position[t]] for t in targets if t in position and position[t] in local
+                        and local[position[t]] != excluded}
+        # Rank = 1 + better scores + equal scores listed earlier (rank_topk's tie rule).
+        ranks = {t: 1 + int((scores > scores[j]).sum()) + int((scores[:j] == scores[j]).sum())
+                 for t, j in target_local.items()}
+        shown = [int(candidates[j]) for j in ranked.tolist()]
+        images = open_images([gallery_ids[g] for g in shown])
+        hits = [ReportHit(gallery_ids[g], float(scores[j]), image, r + 1, gallery_ids[g] in target_local)
+                for r, (g, j, image) in enumerate(zip(shown, ranked.tolist(), images))]
+        missed = [(t, open_images([t])[0], rank) for t, rank in sorted(ranks.items(), key=lambda x: x[1])
+                  if rank > len(hits)]
+        out.append(ReportRow(
+            text=texts[row], hits=hits, reference_id=reference_ids[row],
+            reference_image=open_images([reference_ids[row]])[0], target_ids=targets,
+            target_rank=min(ranks.values()) if ranks else None, missed_targets=missed,
+            query_id=query_ids[row] if query_ids is not None else None,
+        ))
+    return out
+
+
+__all__ = ["ReportHit", "ReportRow", "render_html", "contact_sheet", "write_report", "evaluation_rows", "spread",
+           "thumbnail"]
