@@ -16,7 +16,6 @@ from benchmarks._measure import measure
 from trainers.evaluation import fashioniq_metrics
 
 
-
 def make_data(n_queries, n_gallery, dim, seed=0):
     g = torch.Generator().manual_seed(seed)
     gallery = torch.nn.functional.normalize(torch.randn(n_gallery, dim, generator=g), dim=-1)

@@ -14,7 +14,16 @@ from pathlib import Path
 
 import datasets
 
-from .common import AnnotationError, SplitData, converter_main, counts_table, read_json, require, select_splits, write_cir_dataset
+from .common import (
+    AnnotationError,
+    SplitData,
+    converter_main,
+    counts_table,
+    read_json,
+    require,
+    select_splits,
+    write_cir_dataset,
+)
 
 CIRCO_SPLITS = ("val", "test")
 

@@ -20,7 +20,6 @@ from .image_store import ImageStore, encode_images
 from .pairing import random_pairs, rank_window_pairs
 from .templates import compose_modification_texts, resolve_templates
 
-
 POOLS = ("triplet_images", "corpus")
 
 

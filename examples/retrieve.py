@@ -34,8 +34,9 @@ def load_model(name_or_path: str, device: str | None = None):
 
 
 def build_pipeline(model, processor, device: str | None = None):
-    import modeling_spn4cir  # noqa: F401  (registers the "composed-image-retrieval" task)
     from transformers import pipeline
+
+    import modeling_spn4cir  # noqa: F401  (registers the "composed-image-retrieval" task)
 
     return pipeline("composed-image-retrieval", model=model, processor=processor,
                     device=device if device is not None else -1)

@@ -33,8 +33,8 @@ from datasets_scripts.common import TRIPLET_FEATURES
 from datasets_scripts.dedup import dedup_map_for
 from datasets_scripts.image_store import ImageStore
 from datasets_scripts.load import load_cir_data
-from modeling_spn4cir.loading import load_cir_model_and_processor
 from modeling_spn4cir.atomic import atomic_write_json
+from modeling_spn4cir.loading import load_cir_model_and_processor
 from trainers.candidate_bank import bank_image_ids
 from trainers.cir_trainer import CIRTrainer, CIRTrainingArguments
 from trainers.evaluator import CIREvaluator

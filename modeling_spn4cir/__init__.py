@@ -16,8 +16,8 @@ from .clip4cir import (
     CLIP4CIRResNetConfig,
     Combiner,
 )
-from .sprc import SPRCConfig, SPRCModel, SPRCOutput, SPRCPreTrainedModel, SPRCProcessor
 from .pipeline_cir import ComposedImageRetrievalPipeline  # registers the "composed-image-retrieval" task
+from .sprc import SPRCConfig, SPRCModel, SPRCOutput, SPRCPreTrainedModel, SPRCProcessor
 from .tgcir import TGCIRConfig, TGCIRModel, TGCIROutput, TGCIRPreTrainedModel, TGCIRProcessor
 
 

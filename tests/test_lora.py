@@ -114,6 +114,7 @@ def test_lora_training_changes_only_adapters_and_reloads(stage, tiny_cir_dataset
     torch.testing.assert_close(_query(merged, inputs), trained, atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_merged_checkpoint_loads_without_peft(tiny_cir_dataset, tiny_model_dir, tmp_path):
     import run_cir
 
@@ -149,6 +150,7 @@ print("OK", type(model).__name__)
     assert result.returncode == 0 and "OK CLIP4CIRModel" in result.stdout, result.stdout + result.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_two_process_lora_gradients_equal_one_process(tmp_path):
     out = tmp_path / "grads.pt"
     script = Path(__file__).parent / "scripts" / "ddp_lora_gradients.py"

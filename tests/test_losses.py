@@ -116,6 +116,7 @@ def stage_loss(forward_model, model, batch, stage):
     return CandidateBankLoss(batch["bank"], model.config.temperature)(out.query_embeds, batch["target_index"])
 
 
+@pytest.mark.slow
 def test_two_process_gradients_equal_one_process(tmp_path):
     out = tmp_path / "grads.pt"
     script = Path(__file__).parent / "scripts" / "ddp_gradients.py"

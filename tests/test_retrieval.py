@@ -161,6 +161,7 @@ def test_pipeline_ranks_as_model_similarity(saved, image_dir):
     assert mixed[1][0]["image_id"] == "sub/im04.png"
 
 
+@pytest.mark.slow
 def test_pipeline_ships_with_the_model_for_trust_remote_code(saved, image_dir, tmp_path):
     _, model, processor = saved
     index = CIRIndex.build(model, processor.image_processor, image_dir, show_progress_bar=False)

@@ -89,6 +89,7 @@ def test_generator_is_deterministic(bench, tmp_path):
         assert a.to_list() != c.to_list()
 
 
+@pytest.mark.slow
 def test_miniature_recipe(tmp_path):
     summary = run_default_recipe(RecipeConfig.tiny(str(tmp_path / "run"), show_progress_bar=False))
     assert set(summary["results"]) == set(ROWS)

@@ -24,8 +24,14 @@ from datasets_scripts.image_store import ImageStore
 from .candidate_bank import CandidateBank, bank_image_ids, load_or_build_candidate_bank
 from .data import CIRCollator
 from .evaluation import PROTOCOLS
-from .lora import (LoRAArguments, apply_lora, check_lora_optimizer_scope, is_lora_model, lora_card_rows,
-                   write_lora_metadata)
+from .lora import (
+    LoRAArguments,
+    apply_lora,
+    check_lora_optimizer_scope,
+    is_lora_model,
+    lora_card_rows,
+    write_lora_metadata,
+)
 from .losses import CandidateBankLoss
 from .stage1_losses import stage1_loss_for
 

@@ -19,7 +19,6 @@ from .cir_contract import CIRModelMixin, CIRModelOutput
 from .configuration_clip4cir import CLIP4CIRConfig
 from .modeling_clip_resnet import AttentionPool2d, ModifiedResNet
 
-
 # CLIP4CIR returns the shared CIR output type.
 CLIP4CIROutput = CIRModelOutput
 

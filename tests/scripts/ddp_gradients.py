@@ -15,7 +15,7 @@ from test_losses import global_batch, stage_loss  # noqa: E402
 
 def main(out):
     dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank = dist.get_rank()
     grads = {}
     for stage, split in (("in_batch", "even"), ("candidate_bank", "even"), ("in_batch", "uneven"),
                          ("candidate_bank", "uneven")):
