@@ -112,6 +112,11 @@ def test_miniature_recipe(tmp_path):
         assert {"text_model", "text_projection", "vision_model", "visual_projection"} <= changed(start, stage1)
     for stage1, stage2 in (("stage1", "stage2_N"), ("stage1_P", "stage2_PN")):
         assert changed(stage1, stage2) == {"text_model", "text_projection"}
+    # the LoRA row saves an adapter of the text side only, never a full model
+    assert (run / "stage2_N_lora" / "adapter_model.safetensors").exists()
+    assert not (run / "stage2_N_lora" / "model.safetensors").exists()
+    adapter = load_file(run / "stage2_N_lora" / "adapter_model.safetensors")
+    assert adapter and not any("vision_model" in k or "visual_projection" in k for k in adapter)
     # same seed, same numbers (the benchmark is reused from the first run's cache)
     again = run_default_recipe(RecipeConfig.tiny(str(tmp_path / "run"), show_progress_bar=False))
     assert again["results"] == summary["results"]

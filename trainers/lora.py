@@ -26,6 +26,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from modeling_spn4cir.atomic import atomic_write_json
@@ -150,7 +151,11 @@ def apply_lora(model: nn.Module, args: LoRAArguments, stage: str):
     if (getattr(args, "gradient_checkpointing_kwargs", None) or {}).get("use_reentrant"):
         raise ValueError("LoRA with reentrant gradient checkpointing leaves the adapters inside checkpointed layers "
                          "without gradient; drop use_reentrant from --gradient_checkpointing_kwargs.")
-    peft_model = get_peft_model(model, lora_config_for(model, args, stage))
+    # The adapters' initial weights come from a generator seeded with the run's seed, not from whatever state the
+    # global RNG is in (which depends on what ran before): the same seed gives the same adapters and results.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(getattr(args, "seed", 0))
+        peft_model = get_peft_model(model, lora_config_for(model, args, stage))
     peft_model.cir_lora_stage = stage
     # Non-reentrant checkpointing (transformers' default, enforced above) needs no gradient on the embeddings'
     # output; the hook transformers adds for it turns that output into a leaf that BLIP's in-place position-embedding
