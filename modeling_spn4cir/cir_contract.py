@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers import BatchFeature
 from transformers.utils import ModelOutput
 
 
@@ -151,4 +152,26 @@ class CIRModelMixin:
         return CIRModelOutput(logits=logits, query_embeds=query_embeds, target_embeds=target_embeds)
 
 
-__all__ = ["CIRModelMixin", "CIRModelOutput", "dot_similarity", "max_token_similarity"]
+class CIRProcessorMixin:
+    """The call every family's processor shares: `processor(images=..., text=...)` -> `pixel_values` `[N, 3, S, S]`
+    and/or `input_ids`, `attention_mask` `[B, L]`. A family sets `text_defaults` (tokenizer keyword defaults:
+    its padding, truncation) and overrides `encode_text` for its own text handling (SPRC's caption cleaning,
+    BLIP4CIR's `[ENC]`)."""
+
+    text_defaults: dict = {"padding": True, "truncation": True}
+
+    def encode_text(self, text, return_tensors, **kwargs):
+        return self.tokenizer(text, return_tensors=return_tensors, **{**self.text_defaults, **kwargs})
+
+    def __call__(self, images=None, text=None, return_tensors: str = "pt", **kwargs):
+        if images is None and text is None:
+            raise ValueError("Pass `images`, `text` or both.")
+        data = {}
+        if text is not None:
+            data.update(self.encode_text(text, return_tensors, **kwargs))
+        if images is not None:
+            data.update(self.image_processor(images, return_tensors=return_tensors))
+        return BatchFeature(data=data, tensor_type=return_tensors)
+
+
+__all__ = ["CIRModelMixin", "CIRModelOutput", "CIRProcessorMixin", "dot_similarity", "max_token_similarity"]

@@ -5,8 +5,10 @@ The image processor is the project's `CLIP4CIRImageProcessor` configured with BL
 is referenced by its registered class name, not imported: saved directories carry its own code file.
 """
 
-from transformers import BatchFeature, BertTokenizer
+from transformers import BertTokenizer
 from transformers.processing_utils import ProcessorMixin
+
+from .cir_contract import CIRProcessorMixin
 
 DEC_TOKEN = "[DEC]"
 ENC_TOKEN = "[ENC]"
@@ -33,7 +35,7 @@ def build_blip_tokenizer(name_or_path: str = "bert-base-uncased", **kwargs):
     return add_blip_special_tokens(tokenizer)
 
 
-class BLIP4CIRProcessor(ProcessorMixin):
+class BLIP4CIRProcessor(CIRProcessorMixin, ProcessorMixin):
     r"""
     `processor(images=..., text=...)` -> `pixel_values` `[N, 3, S, S]` and/or `input_ids`, `attention_mask`
     `[B, L]`: tokenized with padding to the longest caption, then `[ENC]` written at position 0 in place of
@@ -53,24 +55,19 @@ class BLIP4CIRProcessor(ProcessorMixin):
     def enc_token_id(self) -> int:
         return self.tokenizer.convert_tokens_to_ids(ENC_TOKEN)
 
-    def __call__(self, images=None, text=None, return_tensors: str = "pt", **kwargs):
-        if images is None and text is None:
-            raise ValueError("Pass `images`, `text` or both.")
-        data = {}
-        if text is not None:
-            kwargs.setdefault("padding", "longest")
-            encoded = self.tokenizer(text, return_tensors=return_tensors, **kwargs)
-            input_ids = encoded["input_ids"]
-            if return_tensors == "pt":
-                input_ids = input_ids.clone()
-                input_ids[:, 0] = self.enc_token_id
-            else:
-                input_ids = [[self.enc_token_id, *row[1:]] for row in input_ids]
-            encoded["input_ids"] = input_ids
-            data.update(encoded)
-        if images is not None:
-            data.update(self.image_processor(images, return_tensors=return_tensors))
-        return BatchFeature(data=data, tensor_type=return_tensors)
+    text_defaults = {"padding": "longest"}  # no truncation, as the original
+
+    def encode_text(self, text, return_tensors, **kwargs):
+        """Tokenize, then put `[ENC]` in place of `[CLS]` at position 0 (the mask is unchanged)."""
+        encoded = super().encode_text(text, return_tensors, **kwargs)
+        input_ids = encoded["input_ids"]
+        if return_tensors == "pt":
+            input_ids = input_ids.clone()
+            input_ids[:, 0] = self.enc_token_id
+        else:
+            input_ids = [[self.enc_token_id, *row[1:]] for row in input_ids]
+        encoded["input_ids"] = input_ids
+        return encoded
 
 
 __all__ = ["BLIP4CIRProcessor", "add_blip_special_tokens", "build_blip_tokenizer"]

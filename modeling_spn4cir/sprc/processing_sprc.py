@@ -9,8 +9,9 @@ checkpoints), so this file imports nothing from the other families.
 
 import re
 
-from transformers import BatchFeature
 from transformers.processing_utils import ProcessorMixin
+
+from .cir_contract import CIRProcessorMixin
 
 
 def pre_caption(caption: str, max_words: int = 50) -> str:
@@ -25,7 +26,7 @@ def pre_caption(caption: str, max_words: int = 50) -> str:
     return caption
 
 
-class SPRCProcessor(ProcessorMixin):
+class SPRCProcessor(CIRProcessorMixin, ProcessorMixin):
     r"""
     `processor(images=..., text=...)` -> `pixel_values` `[N, 3, S, S]` and/or `input_ids`, `attention_mask` `[B, L]`.
 
@@ -50,18 +51,12 @@ class SPRCProcessor(ProcessorMixin):
             return pre_caption(text, self.max_words)
         return [pre_caption(t, self.max_words) for t in text]
 
-    def __call__(self, images=None, text=None, return_tensors: str = "pt", **kwargs):
-        if images is None and text is None:
-            raise ValueError("Pass `images`, `text` or both.")
-        data = {}
-        if text is not None:
-            kwargs.setdefault("padding", "max_length")
-            kwargs.setdefault("truncation", True)
-            kwargs.setdefault("max_length", self.max_txt_len)
-            data.update(self.tokenizer(self.preprocess_text(text), return_tensors=return_tensors, **kwargs))
-        if images is not None:
-            data.update(self.image_processor(images, return_tensors=return_tensors))
-        return BatchFeature(data=data, tensor_type=return_tensors)
+    text_defaults = {"padding": "max_length", "truncation": True}
+
+    def encode_text(self, text, return_tensors, **kwargs):
+        """The original's caption cleaning, then BERT tokens padded to `max_txt_len` (32)."""
+        kwargs.setdefault("max_length", self.max_txt_len)
+        return super().encode_text(self.preprocess_text(text), return_tensors, **kwargs)
 
 
 __all__ = ["SPRCProcessor", "pre_caption"]

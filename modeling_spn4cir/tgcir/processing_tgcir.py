@@ -5,11 +5,12 @@ The image processor class is referenced by name only (registered for the TG-CIR 
 with its own `auto_map`), so this file imports nothing from other families.
 """
 
-from transformers import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 
+from .cir_contract import CIRProcessorMixin
 
-class TGCIRProcessor(ProcessorMixin):
+
+class TGCIRProcessor(CIRProcessorMixin, ProcessorMixin):
     r"""
     `processor(images=..., text=...)` -> `pixel_values` `[N, 3, S, S]` and/or `input_ids` `[B, L]`.
 
@@ -21,20 +22,11 @@ class TGCIRProcessor(ProcessorMixin):
         tokenizer (`CLIPTokenizer` or any tokenizer): text tokenization.
     """
 
+    # The text tower averages over padding (no attention mask): pad to the context length, as the original.
+    text_defaults = {"padding": "max_length", "truncation": True}
+
     def __init__(self, image_processor=None, tokenizer=None, **kwargs):
         super().__init__(image_processor, tokenizer)
-
-    def __call__(self, images=None, text=None, return_tensors: str = "pt", **kwargs):
-        if images is None and text is None:
-            raise ValueError("Pass `images`, `text` or both.")
-        data = {}
-        if text is not None:
-            kwargs.setdefault("padding", "max_length")
-            kwargs.setdefault("truncation", True)
-            data.update(self.tokenizer(text, return_tensors=return_tensors, **kwargs))
-        if images is not None:
-            data.update(self.image_processor(images, return_tensors=return_tensors))
-        return BatchFeature(data=data, tensor_type=return_tensors)
 
 
 __all__ = ["TGCIRProcessor"]
