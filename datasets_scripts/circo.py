@@ -14,18 +14,24 @@ from pathlib import Path
 
 import datasets
 
+from modeling_spn4cir.atomic import check_output_dir
+
 from .common import (
     AnnotationError,
     SplitData,
+    bad_images_error,
     converter_main,
     counts_table,
-    read_json,
+    find_bad_images,
+    read_records,
     require,
+    resolve_inside,
     select_splits,
     write_cir_dataset,
 )
 
 CIRCO_SPLITS = ("val", "test")
+TOOL = "datasets_scripts.circo"
 
 
 def _gallery(data_dir: Path) -> list[dict]:
@@ -34,28 +40,46 @@ def _gallery(data_dir: Path) -> list[dict]:
         raise FileNotFoundError(f"COCO unlabeled2017 images not found at {directory}; download COCO 2017 unlabeled.")
     rows = []
     for path in sorted(directory.glob("*.jpg")):
-        if not path.stem.isdigit():
+        if not (path.stem.isascii() and path.stem.isdigit()):
             raise AnnotationError(f"{path}: expected a COCO file name of digits (e.g. 000000085932.jpg).")
-        rows.append({"image_id": str(int(path.stem)), "path": path})
+        # a symbolic link leaving the gallery directory is refused (the converted dataset may be published)
+        rows.append({"image_id": str(int(path.stem)), "path": resolve_inside(directory, path.name, str(path))})
+    if not rows:
+        raise FileNotFoundError(f"No COCO images (*.jpg) in {directory}; download COCO 2017 unlabeled.")
     return rows
 
 
-def _read_split(data_dir: Path, split: str, gallery: list[dict], skip_missing_images: bool) -> SplitData:
+def _coco_id(value, path: Path, index: int, name: str) -> str:
+    """A COCO image id (an int, or a string of digits) as the unpadded string the gallery uses."""
+    if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, str) and value.isascii() and value.isdigit())):
+        raise AnnotationError(f"{path}: record {index} field {name!r} is {value!r:.80}, expected a COCO image id "
+                              "(an integer such as 85932); fix the record.")
+    return str(int(value))
+
+
+def _read_split(data_dir: Path, split: str, gallery: list[dict], skip_missing_images: bool,
+                bad: set[str] = frozenset()) -> SplitData:
     path = data_dir / "annotations" / f"{split}.json"
-    records = read_json(path)
-    if not isinstance(records, list):
-        raise AnnotationError(f"{path}: expected a JSON list of records.")
+    records = read_records(path)
     known = {row["image_id"] for row in gallery}
     fields = ["id", "reference_img_id", "relative_caption", "shared_concept"]
     if split == "val":
         fields += ["target_img_id", "gt_img_ids"]
     data = SplitData(corpus=gallery)
     for index, record in enumerate(records):
-        require(record, fields, path, index, {"relative_caption": str, "gt_img_ids": list})
-        reference = str(record["reference_img_id"])
-        gts = [str(g) for g in record.get("gt_img_ids") or []]
-        target = str(record["target_img_id"]) if split == "val" else None
-        absent = [i for i in [reference] + gts if i not in known]
+        require(record, fields, path, index, {"relative_caption": str, "shared_concept": str, "gt_img_ids": list})
+        _coco_id(record["id"], path, index, "id")
+        reference = _coco_id(record["reference_img_id"], path, index, "reference_img_id")
+        gts = [_coco_id(g, path, index, "gt_img_ids") for g in record.get("gt_img_ids") or []]
+        target = _coco_id(record["target_img_id"], path, index, "target_img_id") if split == "val" else None
+        if split == "val" and not gts:
+            raise AnnotationError(f"{path}: record {index} field 'gt_img_ids' is empty; a val query needs its "
+                                  "ground truths.")
+        needed = list(dict.fromkeys([reference] + ([target] if target else []) + gts))
+        if any(i in bad for i in needed):  # images that do not decode, left out with --skip_bad_images
+            data.skipped_triplets += 1
+            continue
+        absent = [i for i in needed if i not in known]
         if absent and skip_missing_images:
             data.missing_images += [i for i in absent if i not in data.missing_images]
             data.skipped_triplets += 1
@@ -77,12 +101,26 @@ def _read_split(data_dir: Path, split: str, gallery: list[dict], skip_missing_im
     return data
 
 
-def build_circo(data_dir: str | Path, output_dir: str | Path, splits=None, skip_missing_images: bool = False) -> Path:
-    """Convert CIRCO under `data_dir` into `output_dir`; the gallery is written once, for the first split."""
+def build_circo(data_dir: str | Path, output_dir: str | Path, splits=None, skip_missing_images: bool = False,
+                skip_bad_images: bool = False, overwrite_output_dir: bool = False) -> Path:
+    """Convert CIRCO under `data_dir` into `output_dir`; the gallery is written once, for the first split.
+    `output_dir` must be new, empty, or (with `overwrite_output_dir`) a previous CIRCO conversion, and outside
+    `data_dir`."""
     data_dir = Path(data_dir)
+    check_output_dir(output_dir, TOOL, overwrite_output_dir, [data_dir])  # before the work, not after it
     gallery = _gallery(data_dir)
+    problems = find_bad_images(row["path"] for row in gallery)
+    if problems and not skip_bad_images:
+        raise bad_images_error(problems)
+    bad = [row["image_id"] for row in gallery if row["path"] in problems]
+    if bad:
+        gallery = [row for row in gallery if row["path"] not in problems]
+        print(f"{len(bad)} gallery images do not decode, left out (--skip_bad_images): {bad[:20]}"
+              f"{' ...' if len(bad) > 20 else ''}")
     names = select_splits(splits, CIRCO_SPLITS)
-    chosen = {s: _read_split(data_dir, s, gallery, skip_missing_images) for s in names}
+    chosen = {s: _read_split(data_dir, s, gallery, skip_missing_images, set(bad)) for s in names}
+    if bad:
+        chosen[names[0]].bad_images = bad
     shared = {s: names[0] for s in names[1:]}
     print(counts_table(chosen, shared))
     card = f"""# CIRCO in the spn4cir schema
@@ -100,7 +138,7 @@ unlabeled images, CC BY 4.0 per COCO's terms). `target_ids` = `gt_img_ids` (mult
             "query_id": datasets.Value("string"),
         },
         card=card,
-        shared_corpus=shared,
+        shared_corpus=shared, tool=TOOL, overwrite=overwrite_output_dir, protect=[data_dir],
     )
 
 

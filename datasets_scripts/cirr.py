@@ -15,6 +15,8 @@ from pathlib import Path
 
 import datasets
 
+from modeling_spn4cir.atomic import check_output_dir
+
 from .common import (
     SPLITS,
     AnnotationError,
@@ -23,14 +25,17 @@ from .common import (
     converter_main,
     counts_table,
     read_json,
+    read_records,
     require,
     require_listed,
+    require_strings,
     resolve_inside,
     select_splits,
     write_cir_dataset,
 )
 
 FILE_SPLIT = {"train": "train", "val": "val", "test": "test1"}
+TOOL = "datasets_scripts.cirr"
 
 
 def _read_split(data_dir: Path, split: str) -> SplitData:
@@ -39,6 +44,9 @@ def _read_split(data_dir: Path, split: str) -> SplitData:
     mapping = read_json(split_file)
     if not isinstance(mapping, dict):
         raise AnnotationError(f"{split_file}: expected a JSON object mapping image names to relative paths.")
+    if not mapping:
+        raise AnnotationError(f"{split_file}: no images (an empty object); restore the file, or leave the split out "
+                              "with --splits.")
     data = SplitData()
     for image_id, relative in mapping.items():
         if not isinstance(relative, str):
@@ -47,15 +55,14 @@ def _read_split(data_dir: Path, split: str) -> SplitData:
         data.corpus.append({"image_id": image_id, "path": path})
 
     caption_file = data_dir / "cirr" / "captions" / f"cap.rc2.{name}.json"
-    records = read_json(caption_file)
-    if not isinstance(records, list):
-        raise AnnotationError(f"{caption_file}: expected a JSON list of records.")
+    records = read_records(caption_file)
     fields = ["pairid", "reference", "caption", "img_set"] + ([] if split == "test" else ["target_hard"])
     for index, record in enumerate(records):
-        require(record, fields, caption_file, index, {"reference": str, "caption": str, "img_set": dict})
-        members = record["img_set"].get("members")
-        if not isinstance(members, list) or not members:
+        require(record, fields, caption_file, index, {"pairid": (int, str), "reference": str, "caption": str,
+                                                      "img_set": dict, "target_hard": str})
+        if not isinstance(record["img_set"].get("members"), list) or not record["img_set"]["members"]:
             raise AnnotationError(f"{caption_file}: record {index} has no field 'img_set.members'.")
+        members = require_strings(record["img_set"], "members", caption_file, index)
         target = record.get("target_hard") if split != "test" else None
         require_listed([("reference", record["reference"]), ("target_hard", target)]
                        + [("img_set.members", m) for m in members], mapping, caption_file, index, split_file)
@@ -70,11 +77,14 @@ def _read_split(data_dir: Path, split: str) -> SplitData:
     return data
 
 
-def build_cirr(data_dir: str | Path, output_dir: str | Path, splits=None, skip_missing_images: bool = False) -> Path:
-    """Convert CIRR under `data_dir` into `output_dir` (configs `corpus` and `triplets`)."""
+def build_cirr(data_dir: str | Path, output_dir: str | Path, splits=None, skip_missing_images: bool = False,
+               skip_bad_images: bool = False, overwrite_output_dir: bool = False) -> Path:
+    """Convert CIRR under `data_dir` into `output_dir` (configs `corpus` and `triplets`); `output_dir` must be
+    new, empty, or (with `overwrite_output_dir`) a previous CIRR conversion, and outside `data_dir`."""
     data_dir = Path(data_dir)
+    check_output_dir(output_dir, TOOL, overwrite_output_dir, [data_dir])  # before the work, not after it
     chosen = {s: _read_split(data_dir, s) for s in select_splits(splits, SPLITS)}
-    check_images(chosen, skip_missing_images, str(data_dir))
+    check_images(chosen, skip_missing_images, str(data_dir), skip_bad_images=skip_bad_images)
     print(counts_table(chosen))
     card = f"""# CIRR (rc2) in the spn4cir schema
 
@@ -88,7 +98,7 @@ The corpus of a split is every image of its split file.
     return write_cir_dataset(
         output_dir, chosen,
         triplet_extra={"group_members": datasets.List(datasets.Value("string")), "query_id": datasets.Value("string")},
-        card=card,
+        card=card, tool=TOOL, overwrite=overwrite_output_dir, protect=[data_dir],
     )
 
 

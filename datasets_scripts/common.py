@@ -37,25 +37,86 @@ class AnnotationError(ValueError):
 
 # ------------------------------------------------------------------------------------------- reading
 def resolve_inside(root: str | os.PathLike, relative: str, source: str) -> Path:
-    """`root / relative`, refusing absolute paths and `..` escapes (annotation files are untrusted)."""
+    """`root / relative` with symbolic links resolved, refusing absolute paths, `..` escapes and links that
+    leave `root` (annotation files and downloaded trees are untrusted: a converted dataset may be published)."""
     root = Path(root).resolve()
+    if not isinstance(relative, str):
+        raise AnnotationError(f"{source}: the image name is a {type(relative).__name__}, expected a string.")
     if os.path.isabs(relative) or Path(relative).is_absolute():
         raise AnnotationError(f"{source}: absolute path {relative!r} is not allowed; paths must be relative to {root}.")
-    path = (root / relative).resolve()
+    try:
+        path = (root / relative).resolve()
+    except (ValueError, OSError) as error:  # e.g. an embedded NUL byte
+        raise AnnotationError(f"{source}: {relative!r} is not a usable path ({error}).") from error
     if path != root and root not in path.parents:
-        raise AnnotationError(f"{source}: path {relative!r} escapes the data directory {root}.")
+        link = " through a symbolic link" if os.path.normpath(root / relative).startswith(str(root) + os.sep) else ""
+        raise AnnotationError(f"{source}: path {relative!r} escapes the data directory {root}{link} (it resolves to "
+                              f"{path}); only files inside the data directory are converted. Copy the file in, or "
+                              "fix the annotation.")
     return path
 
 
-def read_json(path: Path):
-    """Parse a JSON annotation file; a missing or malformed file names itself and the fix."""
+def read_text(path: Path) -> str:
+    """A UTF-8 annotation file's text (a BOM is accepted); other encodings are an error naming the file, the
+    line and the fix."""
     if not path.exists():
         raise FileNotFoundError(f"Annotation file {path} not found; check --data_dir and the dataset's layout.")
+    if path.is_dir():
+        raise AnnotationError(f"{path} is a directory, expected an annotation file.")
+    raw = path.read_bytes()
     try:
-        with open(path) as f:
-            return json.load(f)
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = raw[: error.start].count(b"\n") + 1
+        raise AnnotationError(
+            f"{path}: not valid UTF-8 (byte {error.start}, line {line}: {raw[error.start:error.start + 4]!r}); "
+            "save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)."
+        ) from None
+
+
+def check_text(value, path: Path, where: str) -> None:
+    """Every string in `value` must be encodable as UTF-8: JSON escapes such as "\\ud800" give lone surrogates
+    that fail only when the dataset is written."""
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+        return
+    except UnicodeEncodeError:
+        pass
+    stack = [(where, value)]
+    while stack:
+        name, item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                raise AnnotationError(f"{path}: {name} holds {item!r}, which has a lone surrogate (an invalid "
+                                      "\\uXXXX escape); fix the text.") from None
+        elif isinstance(item, dict):
+            prefix = f"{name} " if name else ""
+            stack += [(f"{prefix}key {k!r}", k) for k in item] + [(f"{prefix}field {k!r}", v) for k, v in item.items()]
+        elif isinstance(item, list):
+            stack += [(f"{name}[{i}]" if name else f"record {i}", v) for i, v in enumerate(item)]
+
+
+def read_json(path: Path):
+    """Parse a JSON annotation file; a missing, non-UTF-8 or malformed file names itself and the fix."""
+    try:
+        data = json.loads(read_text(path))
     except json.JSONDecodeError as error:
         raise AnnotationError(f"{path}: malformed JSON at line {error.lineno} column {error.colno}: {error.msg}.") from error
+    check_text(data, path, "")
+    return data
+
+
+def read_records(path: Path) -> list:
+    """A JSON annotation file that must be a non-empty list of records."""
+    records = read_json(path)
+    if not isinstance(records, list):
+        raise AnnotationError(f"{path}: expected a JSON list of records.")
+    if not records:
+        raise AnnotationError(f"{path}: no records (an empty list); restore the file, or leave its split out "
+                              "with --splits.")
+    return records
 
 
 def require(record, fields: Sequence[str], path: Path, index: int, types: dict | None = None) -> None:
@@ -67,10 +128,20 @@ def require(record, fields: Sequence[str], path: Path, index: int, types: dict |
             raise AnnotationError(f"{path}: record {index} has no field {name!r}.")
         expected = (types or {}).get(name)
         if expected and not isinstance(record[name], expected):
+            names = " or ".join(t.__name__ for t in (expected if isinstance(expected, tuple) else (expected,)))
             raise AnnotationError(
-                f"{path}: record {index} field {name!r} is a {type(record[name]).__name__}, expected "
-                f"{expected.__name__ if isinstance(expected, type) else expected}."
+                f"{path}: record {index} field {name!r} is a {type(record[name]).__name__} ({record[name]!r:.80}), "
+                f"expected a {names}; fix the record."
             )
+
+
+def require_strings(record: dict, name: str, path: Path, index: int) -> list[str]:
+    """Field `name` of record `index` must be a non-empty list of strings."""
+    value = record.get(name)
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+        raise AnnotationError(f"{path}: record {index} field {name!r} must be a non-empty list of strings, got "
+                              f"{value!r:.80}.")
+    return value
 
 
 def require_listed(roles_and_ids, listed, path: Path, index: int, split_file: Path) -> None:
@@ -80,12 +151,15 @@ def require_listed(roles_and_ids, listed, path: Path, index: int, split_file: Pa
             raise AnnotationError(f"{path}: record {index} {role} {image_id!r} is not listed in {split_file.name}.")
 
 
-def find_image(directory: Path, stem: str) -> Path | None:
-    """`directory/stem.<ext>` for the first known image extension that exists."""
+def find_image(directory: Path, stem: str, source: str | None = None) -> Path | None:
+    """`directory/stem.<ext>` for the first known image extension that exists (symbolic links resolved); with
+    `source` (untrusted ids), a path leaving `directory` is an error naming `source`."""
+    if source is not None:
+        resolve_inside(directory, stem, source)
     for ext in IMAGE_EXTENSIONS:
         path = directory / f"{stem}{ext}"
         if path.exists():
-            return path
+            return resolve_inside(directory, f"{stem}{ext}", source) if source is not None else path
     return None
 
 
@@ -99,14 +173,78 @@ class SplitData:
     triplets: list[dict] = field(default_factory=list)
     skipped_triplets: int = 0
     missing_images: list[str] = field(default_factory=list)
+    bad_images: list[str] = field(default_factory=list)
+
+
+class BadImageError(ValueError):
+    """Image files that do not decode (truncated, empty, not an image, a directory); the message names them."""
+
+
+def image_problem(path: str | os.PathLike) -> str | None:
+    """Why `path` is not a usable image, or None. PNGs are checked with PIL's `verify()` (every chunk and its
+    CRC: truncation shows, several times cheaper than decoding); other formats are decoded, JPEG at 1/8 scale
+    (the whole entropy-coded stream is still read, so a truncated file fails). benchmarks/bench_image_check.py
+    measures the cost against the conversion itself."""
+    from PIL import Image
+
+    path = Path(path)
+    if path.is_dir():
+        return "is a directory, not an image file"
+    try:
+        if path.stat().st_size == 0:
+            return "is empty (0 bytes)"
+        with Image.open(path) as image:
+            if image.format == "PNG":
+                image.verify()
+            else:
+                image.draft(image.mode, (1, 1))
+                image.load()
+    except Exception as error:  # PIL raises OSError, SyntaxError, ValueError, zlib/struct errors, ...
+        return f"does not decode ({type(error).__name__}: {error})"
+    return None
+
+
+def find_bad_images(paths: Iterable[str | os.PathLike]) -> dict[Path, str]:
+    """`{path: problem}` for the images of `paths` that do not decode (checked in threads: PIL decodes without
+    the GIL)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    unique = list(dict.fromkeys(Path(p) for p in paths))
+    if not unique:
+        return {}
+    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+        problems = list(tqdm(pool.map(image_problem, unique), total=len(unique), desc="checking images", leave=False))
+    return {path: problem for path, problem in zip(unique, problems) if problem}
+
+
+def bad_images_error(bad: dict[Path, str]) -> BadImageError:
+    shown = "; ".join(f"{path} {problem}" for path, problem in list(bad.items())[:5])
+    return BadImageError(
+        f"{len(bad)} image file(s) cannot be used: {shown}{' ...' if len(bad) > 5 else ''}. Replace or remove them, "
+        "or pass --skip_bad_images to leave them out and drop the triplets that use them (counted in the card)."
+    )
+
+
+def drop_images(data: SplitData, gone: set[str]) -> int:
+    """Remove the images `gone` from the corpus of `data` and the triplets that use them; return how many
+    triplets were dropped (added to `skipped_triplets`)."""
+    data.corpus = [row for row in data.corpus if row["image_id"] not in gone]
+    kept = [t for t in data.triplets if not (_triplet_images(t) & gone)]
+    dropped = len(data.triplets) - len(kept)
+    data.skipped_triplets += dropped
+    data.triplets = kept
+    return dropped
 
 
 def check_images(
-    splits: dict[str, SplitData], skip_missing_images: bool, where: str, image_key=lambda t: ()
+    splits: dict[str, SplitData], skip_missing_images: bool, where: str, image_key=lambda t: (),
+    skip_bad_images: bool = False,
 ) -> dict[str, SplitData]:
-    """Make sure every image the corpus lists exists. Without `skip_missing_images` a missing image is an
-    error naming how many and the first ones; with it, the images leave the corpus and the triplets that use
-    them are dropped, counted in `SplitData.skipped_triplets` / `missing_images`."""
+    """Make sure every image the corpus lists exists and decodes. Without `skip_missing_images` a missing
+    image is an error naming how many and the first ones; with it, the images leave the corpus and the
+    triplets that use them are dropped, counted in `SplitData.skipped_triplets` / `missing_images`. Images
+    that do not decode (or are directories) are an error naming the files, or with `skip_bad_images` leave
+    the same way, counted in `SplitData.bad_images`."""
     missing_all = {}
     for split, data in splits.items():
         missing = [row["image_id"] for row in data.corpus if row["path"] is None or not Path(row["path"]).exists()]
@@ -121,14 +259,19 @@ def check_images(
         )
     for split, missing in missing_all.items():
         data = splits[split]
-        gone = set(missing)
         data.missing_images = missing
-        data.corpus = [row for row in data.corpus if row["image_id"] not in gone]
-        kept = [t for t in data.triplets if not (_triplet_images(t) & gone)]
-        data.skipped_triplets = len(data.triplets) - len(kept)
-        data.triplets = kept
-        print(f"[{split}] {len(missing)} images missing: dropped {data.skipped_triplets} triplets "
-              f"({len(kept)} kept).")
+        dropped = drop_images(data, set(missing))
+        print(f"[{split}] {len(missing)} images missing: dropped {dropped} triplets ({len(data.triplets)} kept).")
+    bad = find_bad_images(row["path"] for data in splits.values() for row in data.corpus)
+    if bad and not skip_bad_images:
+        raise bad_images_error(bad)
+    for split, data in splits.items():
+        ids = list(dict.fromkeys(row["image_id"] for row in data.corpus if Path(row["path"]) in bad))
+        if ids:
+            data.bad_images = ids
+            dropped = drop_images(data, set(ids))
+            print(f"[{split}] {len(ids)} images do not decode, left out (--skip_bad_images): dropped {dropped} "
+                  f"triplets ({len(data.triplets)} kept); images: {ids[:20]}{' ...' if len(ids) > 20 else ''}")
     return splits
 
 
@@ -196,18 +339,34 @@ def write_cir_dataset(
     triplet_extra: dict[str, datasets.FeatureType] | None = None,
     card: str = "",
     shared_corpus: dict[str, str] | None = None,
+    tool: str = "datasets_scripts",
+    overwrite: bool = False,
+    protect: Iterable[str | os.PathLike | None] = (),
 ) -> Path:
     """Write `output_dir` with configs `corpus` and `triplets` (one Parquet split per `splits` key) and a
     README whose YAML `configs:` lets `load_dataset(output_dir, "triplets", split=...)` find them.
 
     `shared_corpus` maps a split to another split whose corpus files it reuses (CIRCO's val and test share
     one gallery, stored once). The directory is built aside and moved into place: complete or absent.
+    `output_dir` must be new, empty, or (with `overwrite`) a previous output of `tool`, and must not be or
+    contain any of `protect` (the input data); see `modeling_spn4cir.atomic.atomic_directory`.
     """
     output_dir = Path(output_dir)
     corpus_features = datasets.Features({**CORPUS_FEATURES, **(corpus_extra or {})})
     triplet_features = datasets.Features({**TRIPLET_FEATURES, **(triplet_extra or {})})
     shared_corpus = shared_corpus or {}
-    with atomic_directory(output_dir) as staging:
+    # `datasets` cannot load a config without data files, nor an empty split
+    if not splits:
+        raise ValueError(f"Nothing to write to {output_dir}: the annotations hold no split with records.")
+    empty = [split for split, data in splits.items() if split not in shared_corpus and not data.corpus]
+    if empty:
+        raise ValueError(f"Split(s) {empty} have no images (left) for {output_dir}; a dataset with an empty split "
+                         "cannot be loaded. Check the annotations and images, or leave the split out.")
+    if not any(data.triplets for data in splits.values()):
+        dropped = sum(data.skipped_triplets for data in splits.values())
+        raise ValueError(f"No triplets to write to {output_dir}" + (f" ({dropped} dropped for missing or bad images)"
+                         if dropped else "") + "; a dataset without triplets cannot be loaded. Check the annotations.")
+    with atomic_directory(output_dir, tool=tool, overwrite=overwrite, protect=protect) as staging:
         data_files = {"corpus": {}, "triplets": {}}
         for split, data in splits.items():
             if split not in shared_corpus:
@@ -249,7 +408,11 @@ def counts_table(splits: dict[str, SplitData], shared_corpus: dict[str, str] | N
         triplets = len(data.triplets) if data.triplets else "0 (split not written)"
         rows.append(f"| {split} | {triplets} | {len(corpus)} | {data.skipped_triplets} | "
                     f"{len(data.missing_images)} |")
-    return "\n".join(rows) + "\n"
+    bad = [f"{split}: {len(data.bad_images)} ({', '.join(data.bad_images[:10])}{', ...' if len(data.bad_images) > 10 else ''})"
+           for split, data in splits.items() if data.bad_images]
+    note = f"\nImages that do not decode, left out with --skip_bad_images (their triplets are counted as dropped): " \
+           f"{'; '.join(bad)}.\n" if bad else ""
+    return "\n".join(rows) + "\n" + note
 
 
 def select_splits(requested: Sequence[str] | None, available: Sequence[str]) -> list[str]:
@@ -261,8 +424,8 @@ def select_splits(requested: Sequence[str] | None, available: Sequence[str]) -> 
 
 
 def converter_main(build, doc: str, splits: Sequence[str], argv=None, extra=None) -> None:
-    """The command line of a benchmark converter: `--data_dir --output_dir [--splits ...] [--skip_missing_images]`
-    (plus `extra(parser)` options, passed to `build` by name)."""
+    """The command line of a benchmark converter: `--data_dir --output_dir [--splits ...] [--skip_missing_images]
+    [--skip_bad_images] [--overwrite_output_dir]` (plus `extra(parser)` options, passed to `build` by name)."""
     import argparse
 
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -271,6 +434,10 @@ def converter_main(build, doc: str, splits: Sequence[str], argv=None, extra=None
     parser.add_argument("--splits", nargs="+", choices=list(splits))
     parser.add_argument("--skip_missing_images", action="store_true",
                         help="drop triplets whose images are missing (counted in the card) instead of failing")
+    parser.add_argument("--skip_bad_images", action="store_true",
+                        help="leave out images that do not decode and drop their triplets (counted) instead of failing")
+    parser.add_argument("--overwrite_output_dir", action="store_true",
+                        help="replace --output_dir when it holds a previous output of this converter (never other files)")
     if extra is not None:
         extra(parser)
     args = vars(parser.parse_args(argv))

@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 from pathlib import Path
+
+from modeling_spn4cir.atomic import check_output_dir
 
 from .common import (
     IMAGE_EXTENSIONS,
@@ -21,39 +24,73 @@ from .common import (
     AnnotationError,
     SplitData,
     check_images,
+    check_text,
     counts_table,
+    read_text,
     resolve_inside,
     write_cir_dataset,
 )
 
+TOOL = "datasets_scripts.custom"
+
 
 def _records(path: Path) -> list[dict]:
-    if not path.exists():
-        raise FileNotFoundError(f"Annotation file {path} not found.")
-    if path.suffix == ".csv":
-        with open(path, newline="") as f:
-            return list(csv.DictReader(f))
-    if path.suffix in (".jsonl", ".json"):
+    """The records of a UTF-8 .csv (a BOM, as Excel writes it, is accepted), .jsonl or .json (JSON lines, or one
+    JSON list of records) file."""
+    if path.suffix.lower() not in (".csv", ".jsonl", ".json"):
+        raise ValueError(f"{path}: annotations must be .csv or .jsonl.")
+    text = read_text(path)  # names the file and line of a non-UTF-8 byte
+    if path.suffix.lower() == ".csv":
+        try:
+            records = list(csv.DictReader(io.StringIO(text, newline="")))
+        except csv.Error as error:
+            raise AnnotationError(f"{path}: malformed CSV ({error}).") from error
+        for index, record in enumerate(records):
+            if None in record:
+                raise AnnotationError(f"{path}: record {index} has more values than the header has columns "
+                                      f"({list(record)[:-1]}); fix the CSV (quote texts that hold commas).")
+    elif path.suffix.lower() == ".json" and text.lstrip().startswith("["):  # one JSON list of records
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise AnnotationError(f"{path}: malformed JSON at line {error.lineno} column {error.colno}: "
+                                  f"{error.msg}.") from error
+    else:
         records = []
-        with open(path) as f:
-            for line_number, line in enumerate(f):
-                if line.strip():
-                    try:
-                        records.append(json.loads(line))
-                    except json.JSONDecodeError as error:
-                        raise AnnotationError(f"{path}: malformed JSON on line {line_number + 1}: {error.msg}.") from error
-        return records
-    raise ValueError(f"{path}: annotations must be .csv or .jsonl.")
+        for line_number, line in enumerate(text.splitlines()):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as error:
+                    raise AnnotationError(f"{path}: malformed JSON on line {line_number + 1}: {error.msg}.") from error
+    if not records:
+        raise AnnotationError(f"{path}: no records; add (reference, text, target) rows (see --help).")
+    return records
 
 
 def _image_path(data_dir: Path, name: str, source: str) -> Path:
+    """The image file `name` (with or without its extension) under `data_dir`, symbolic links resolved and
+    kept inside `data_dir`."""
     path = resolve_inside(data_dir, name, source)
     if path.suffix.lower() in IMAGE_EXTENSIONS or path.exists():
         return path
     for ext in IMAGE_EXTENSIONS:
-        if path.with_name(path.name + ext).exists():
-            return path.with_name(path.name + ext)
+        if (data_dir / f"{name}{ext}").exists():
+            return resolve_inside(data_dir, f"{name}{ext}", source)
     return path
+
+
+def _id(record: dict, name: str, path: Path, index: int, required: bool) -> str | None:
+    """Field `name` of a record as a string (CSV cells are strings, JSONL may hold numbers)."""
+    value = record.get(name)
+    if value is None or value == "":
+        if required:
+            raise AnnotationError(f"{path}: record {index} has no field {name!r}.")
+        return None
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise AnnotationError(f"{path}: record {index} field {name!r} is a {type(value).__name__} ({value!r:.80}), "
+                              "expected a string (an image name); fix the record.")
+    return str(value)
 
 
 def build_custom(
@@ -63,24 +100,34 @@ def build_custom(
     split: str = "train",
     all_images_in_corpus: bool = False,
     skip_missing_images: bool = False,
+    skip_bad_images: bool = False,
+    overwrite_output_dir: bool = False,
 ) -> Path:
+    """Convert an image folder + annotations into `output_dir`, which must be new, empty, or (with
+    `overwrite_output_dir`) a previous output of this converter, and must not be or contain `data_dir` or
+    `annotations`."""
     data_dir, annotations = Path(data_dir), Path(annotations)
+    check_output_dir(output_dir, TOOL, overwrite_output_dir, [data_dir, annotations])  # before the work
     splits: dict[str, SplitData] = {}
     for index, record in enumerate(_records(annotations)):
         if not isinstance(record, dict):
-            raise AnnotationError(f"{annotations}: record {index} is not an object.")
-        text = record.get("text") or record.get("modification_text")
-        for name, value in (("reference", record.get("reference")), ("text", text)):
-            if not value:
-                raise AnnotationError(f"{annotations}: record {index} has no field {name!r}.")
+            raise AnnotationError(f"{annotations}: record {index} is a {type(record).__name__}, expected an object.")
+        check_text(record, annotations, f"record {index}")
+        text_field = "text" if record.get("text") not in (None, "") else "modification_text"
+        text = record.get(text_field)
+        reference = _id(record, "reference", annotations, index, required=True)
+        if text is None or text == "":
+            raise AnnotationError(f"{annotations}: record {index} has no field 'text'.")
+        if not isinstance(text, str):
+            raise AnnotationError(f"{annotations}: record {index} field {text_field!r} is a {type(text).__name__} "
+                                  f"({text!r:.80}), expected one string; write one record per text.")
         record_split = record.get("split") or split
         if record_split not in SPLITS:
             raise AnnotationError(f"{annotations}: record {index} split {record_split!r} is not one of {SPLITS}.")
         data = splits.setdefault(record_split, SplitData())
-        target = record.get("target") or None
         data.triplets.append({
-            "reference_id": str(record["reference"]),
-            "target_id": str(target) if target is not None else None,
+            "reference_id": reference,
+            "target_id": _id(record, "target", annotations, index, required=False),
             "modification_texts": [text],
             "source": "annotated",
         })
@@ -91,15 +138,16 @@ def build_custom(
         ids = [t["reference_id"] for t in data.triplets] + [t["target_id"] for t in data.triplets if t["target_id"]]
         paths = {i: _image_path(data_dir, i, f"{annotations} image {i!r}") for i in dict.fromkeys(ids)}
         for image in folder_images:
-            path = data_dir / image
+            path = resolve_inside(data_dir, image, f"{data_dir} file {image!r}")
             if path not in paths.values():
                 paths[image] = path
         data.corpus = [{"image_id": i, "path": p} for i, p in paths.items()]
-    check_images(splits, skip_missing_images, str(data_dir))
+    check_images(splits, skip_missing_images, str(data_dir), skip_bad_images=skip_bad_images)
     print(counts_table(splits))
     card = f"# Custom CIR data in the spn4cir schema\n\nConverted with `python -m datasets_scripts.custom` from " \
            f"`{annotations.name}`.\n\n{counts_table(splits)}"
-    return write_cir_dataset(output_dir, splits, card=card)
+    return write_cir_dataset(output_dir, splits, card=card, tool=TOOL, overwrite=overwrite_output_dir,
+                             protect=[data_dir, annotations])
 
 
 def main(argv=None):
@@ -110,9 +158,13 @@ def main(argv=None):
     parser.add_argument("--split", default="train", choices=SPLITS, help="split of records without a 'split' column")
     parser.add_argument("--all_images_in_corpus", action="store_true")
     parser.add_argument("--skip_missing_images", action="store_true")
+    parser.add_argument("--skip_bad_images", action="store_true",
+                        help="leave out images that do not decode and drop their triplets (counted) instead of failing")
+    parser.add_argument("--overwrite_output_dir", action="store_true",
+                        help="replace --output_dir when it holds a previous output of this converter (never other files)")
     args = parser.parse_args(argv)
     out = build_custom(args.data_dir, args.annotations, args.output_dir, args.split, args.all_images_in_corpus,
-                       args.skip_missing_images)
+                       args.skip_missing_images, args.skip_bad_images, args.overwrite_output_dir)
     print(f"wrote {out}")
 
 

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import datasets
 
+from modeling_spn4cir.atomic import check_output_dir
+
 from .common import (
     SPLITS,
     AnnotationError,
@@ -26,11 +28,13 @@ from .common import (
     read_json,
     require,
     require_listed,
+    require_strings,
     select_splits,
     write_cir_dataset,
 )
 
 CATEGORIES = ("dress", "shirt", "toptee")
+TOOL = "datasets_scripts.fashioniq"
 
 
 def _read_split(data_dir: Path, split: str, categories) -> SplitData:
@@ -40,19 +44,22 @@ def _read_split(data_dir: Path, split: str, categories) -> SplitData:
         split_file = data_dir / "image_splits" / f"split.{category}.{split}.json"
         asins = read_json(split_file)
         if not isinstance(asins, list) or not all(isinstance(a, str) for a in asins):
-            raise AnnotationError(f"{split_file}: expected a JSON list of ASIN strings.")
+            bad = next((a for a in asins if not isinstance(a, str)), None) if isinstance(asins, list) else None
+            raise AnnotationError(f"{split_file}: expected a JSON list of ASIN strings"
+                                  + (f", found {bad!r}" if bad is not None else "") + ".")
         in_split = set(asins)
         for asin in dict.fromkeys(asins):
-            data.corpus.append({"image_id": asin, "path": find_image(images, asin), "category": category})
+            # ids are untrusted: `../../x` or an absolute id must not pull in files from outside images/
+            path = find_image(images, asin, f"{split_file} image {asin!r}")
+            data.corpus.append({"image_id": asin, "path": path, "category": category})
         caption_file = data_dir / "captions" / f"cap.{category}.{split}.json"
         records = read_json(caption_file)
         if not isinstance(records, list):
             raise AnnotationError(f"{caption_file}: expected a JSON list of records.")
         fields = ["candidate", "captions"] + ([] if split == "test" else ["target"])
         for index, record in enumerate(records):
-            require(record, fields, caption_file, index, {"candidate": str, "captions": list})
-            if not record["captions"] or not all(isinstance(c, str) for c in record["captions"]):
-                raise AnnotationError(f"{caption_file}: record {index} field 'captions' must be a non-empty list of strings.")
+            require(record, fields, caption_file, index, {"candidate": str, "target": str, "captions": list})
+            require_strings(record, "captions", caption_file, index)
             target = record.get("target") if split != "test" else None
             require_listed((("candidate", record["candidate"]), ("target", target)), in_split, caption_file, index,
                            split_file)
@@ -63,6 +70,10 @@ def _read_split(data_dir: Path, split: str, categories) -> SplitData:
                 "category": category,
                 "source": "annotated",
             })
+    if not data.triplets or not data.corpus:  # `datasets` cannot load an empty split
+        files = "captions/cap" if not data.triplets else "image_splits/split"
+        raise AnnotationError(f"{data_dir}: the {split!r} split is empty ({files}.{{{','.join(categories)}}}.{split}.json "
+                              "hold no records); restore the files, or leave the split out with --splits.")
     return data
 
 
@@ -72,18 +83,24 @@ def build_fashioniq(
     splits=None,
     categories=CATEGORIES,
     skip_missing_images: bool = False,
+    skip_bad_images: bool = False,
+    overwrite_output_dir: bool = False,
 ) -> Path:
-    """Convert FashionIQ under `data_dir` into `output_dir` (configs `corpus` and `triplets`)."""
+    """Convert FashionIQ under `data_dir` into `output_dir` (configs `corpus` and `triplets`).
+
+    `output_dir` must be new, empty, or (with `overwrite_output_dir`) a previous FashionIQ conversion, and
+    outside `data_dir`."""
     data_dir = Path(data_dir)
+    check_output_dir(output_dir, TOOL, overwrite_output_dir, [data_dir])  # before the work, not after it
     chosen = {s: _read_split(data_dir, s, categories) for s in select_splits(splits, SPLITS)}
-    check_images(chosen, skip_missing_images, str(data_dir / "images"))
+    check_images(chosen, skip_missing_images, str(data_dir / "images"), skip_bad_images=skip_bad_images)
     card = _card(chosen, categories)
     print(counts_table(chosen))
     return write_cir_dataset(
         output_dir, chosen,
         corpus_extra={"category": datasets.Value("string")},
         triplet_extra={"category": datasets.Value("string")},
-        card=card,
+        card=card, tool=TOOL, overwrite=overwrite_output_dir, protect=[data_dir],
     )
 
 

@@ -369,9 +369,10 @@ class CIRIndex:
         return self._stores[key].images([image_id])[0]
 
     # ------------------------------------------------------------------------------------------ saving
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write `embeddings.safetensors` and `index.json` into the directory `path`, atomically."""
-        with atomic_directory(path) as staging:
+    def save(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
+        """Write `embeddings.safetensors` and `index.json` into the directory `path`, atomically. `path` must be
+        new, empty, or (with `overwrite`, e.g. after [`add`]) a previously saved index; never other files."""
+        with atomic_directory(path, tool="CIRIndex", overwrite=overwrite, protect=self._image_roots()) as staging:
             save_file({"embeddings": self.embeddings.detach().cpu().contiguous()}, str(staging / EMBEDDINGS_FILE))
             payload = {"format": INDEX_FORMAT, "fingerprint": self.fingerprint, "num_images": len(self),
                        "embedding_shape": list(self.embeddings.shape[1:]),
@@ -379,6 +380,10 @@ class CIRIndex:
                        "image_ids": self.image_ids, "paths": self.paths}
             (staging / INDEX_FILE).write_text(json.dumps(payload, indent=1))
         return Path(path)
+
+    def _image_roots(self) -> list[str]:
+        """The folders of the indexed image files (a saved index must not replace them)."""
+        return sorted({os.path.dirname(p) or "." for p in self.paths if p is not None})
 
     @classmethod
     def load(cls, path: str | os.PathLike, device=None) -> "CIRIndex":

@@ -44,10 +44,19 @@ def _converted_dir(name: str, data_dir: str, cache_dir: str | None) -> Path:
     root = Path(cache_dir or os.environ.get("SPN4CIR_CACHE", Path.home() / ".cache" / "spn4cir"))
     out = root / f"{name}-{key}"
     if not (out / "README.md").exists():
+        from modeling_spn4cir.atomic import OutputDirError, OutputLockedError, wait_for_unlock
+
         from . import circo, cirr, fashioniq
 
         builder = {"fashioniq": fashioniq.build_fashioniq, "cirr": cirr.build_cirr, "circo": circo.build_circo}[name]
-        builder(data_dir, out)
+        try:
+            builder(data_dir, out)
+        except (OutputLockedError, OutputDirError):
+            # another process (e.g. another rank of this run) converts or converted the same tree: use its result
+            print(f"waiting for another process converting {data_dir} into {out} ...")
+            wait_for_unlock(out)
+            if not (out / "README.md").exists():
+                raise
     return out
 
 

@@ -56,6 +56,8 @@ def build_parser():
     p.add_argument("--data_dir", help="official layout (or converted dir) for fashioniq / cirr")
     p.add_argument("--split", default="train")
     p.add_argument("--output_dir", required=True)
+    p.add_argument("--overwrite_output_dir", action="store_true",
+                   help="replace --output_dir when it holds a previous output of this script (never other files)")
     p.add_argument("--captioner", required=True, help="an MLLM name or path, 'retrieval', or 'column'")
     p.add_argument("--num_words", type=int, default=None, help="n in the prompt '... in n words' (FashionIQ 5, CIRR 10)")
     p.add_argument("--word_limit", type=int, default=None,
@@ -83,6 +85,8 @@ def build_parser():
     p.add_argument("--max_length", type=int, default=77)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--caption_cache_dir", help="caption shards (resume); default: a temporary directory")
+    p.add_argument("--skip_empty_captions", action="store_true",
+                   help="leave images with an empty caption out of pairing (counted) instead of stopping")
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--backend", default="torch", choices=["torch", "faiss"])
     p.add_argument("--device", default="cpu")
@@ -127,6 +131,7 @@ def main(argv=None):
         rank_window=None if args.random_pairs else (args.rank_min, args.rank_max), k=args.k,
         templates=args.templates, seed=args.seed, num_triplets=args.K, tokenizer=tokenizer, max_length=args.max_length,
         caption_cache_dir=args.caption_cache_dir, batch_size=args.batch_size, backend=args.backend,
+        overwrite=args.overwrite_output_dir, skip_empty_captions=args.skip_empty_captions,
     )
     print(f"wrote {out}")
 

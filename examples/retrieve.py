@@ -59,7 +59,7 @@ def index_command(args) -> CIRIndex:
         index = CIRIndex.load(args.output).add(model, processor.image_processor, images, **kwargs)
     else:
         index = CIRIndex.build(model, processor.image_processor, images, dtype=getattr(torch, args.dtype), **kwargs)
-    index.save(args.output)
+    index.save(args.output, overwrite=args.add or args.overwrite_output_dir)
     print(f"wrote {args.output}: {index}")
     return index
 
@@ -113,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     index.add_argument("--split", default="test", help="the dataset split whose corpus is the gallery")
     index.add_argument("--output", required=True, help="the index directory to write")
     index.add_argument("--add", action="store_true", help="append the images to the existing index --output")
+    index.add_argument("--overwrite_output_dir", action="store_true",
+                       help="replace --output when it holds a previously saved index (never other files)")
     index.add_argument("--batch_size", type=int, default=64)
     index.add_argument("--num_workers", type=int, default=0, help="DataLoader workers decoding the images")
     index.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])

@@ -59,7 +59,7 @@ def test_index_round_trip_and_add_equal_a_fresh_index(saved, image_dir, tmp_path
     grown = CIRIndex.load(tmp_path / "idx").add(model, processor.image_processor, files[7:],
                                                 ids=[f.relative_to(image_dir).as_posix() for f in files[7:]],
                                                 show_progress_bar=False)
-    grown.save(tmp_path / "idx")
+    grown.save(tmp_path / "idx", overwrite=True)
     loaded = CIRIndex.load(tmp_path / "idx")
     order = [loaded.image_ids.index(i) for i in fresh.image_ids]
     torch.testing.assert_close(loaded.embeddings[order], fresh.embeddings, rtol=0, atol=1e-6)

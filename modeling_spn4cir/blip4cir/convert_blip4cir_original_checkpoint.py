@@ -251,6 +251,7 @@ def convert_original_checkpoint(
     num_heads=None,
     temperature: float | None = None,
     image_size: int | None = None,
+    overwrite_output_dir: bool = False,
 ) -> Path:
     """Convert and write `output_dir` (model.safetensors, config, code, processor or image processor, model
     card); the directory appears complete or not at all. `tokenizer`: a BERT tokenizer (Hub id, directory,
@@ -284,7 +285,8 @@ def convert_original_checkpoint(
         tok.model_max_length = model.config.text_config.max_position_embeddings
         processor = BLIP4CIRProcessor(image_processor=image_processor, tokenizer=tok)
     card = _model_card(model, original, Path(checkpoint).name, tokenizer)
-    return write_converted(model, processor, card, output_dir, push_to_hub)
+    return write_converted(model, processor, card, output_dir, push_to_hub,
+                           overwrite=overwrite_output_dir, protect=[checkpoint])
 
 
 def _model_card(model, original, checkpoint_name, tokenizer) -> str:
@@ -326,7 +328,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     out = convert_original_checkpoint(args.checkpoint, args.output_dir, tokenizer=args.tokenizer,
                                       push_to_hub=args.push_to_hub, num_heads=args.num_heads,
-                                      temperature=args.temperature, image_size=args.image_size)
+                                      temperature=args.temperature, image_size=args.image_size,
+                                      overwrite_output_dir=args.overwrite_output_dir)
     print(f"wrote {out}")
 
 

@@ -262,6 +262,7 @@ def convert_original_checkpoint(
     image_size: int | None = None,
     temperature: float = 0.02,
     push_to_hub: str | None = None,
+    overwrite_output_dir: bool = False,
 ) -> Path:
     """Convert and write `output_dir` (model.safetensors, config, code, image processor, tokenizer if given,
     model card); the directory appears complete or not at all. Returns its path."""
@@ -284,7 +285,8 @@ def convert_original_checkpoint(
         processor = CLIP4CIRProcessor(image_processor=image_processor, tokenizer=tok)
 
     card = _model_card(model, original, Path(checkpoint).name, combiner_checkpoint, tokenizer)
-    return write_converted(model, processor or image_processor, card, output_dir, push_to_hub)
+    return write_converted(model, processor or image_processor, card, output_dir, push_to_hub,
+                           overwrite=overwrite_output_dir, protect=[checkpoint, combiner_checkpoint])
 
 
 def _model_card(model, original, checkpoint_name, combiner_checkpoint, tokenizer) -> str:
@@ -330,7 +332,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     out = convert_original_checkpoint(args.checkpoint, args.output_dir, combiner_checkpoint=args.combiner_checkpoint,
                                       tokenizer=args.tokenizer, image_size=args.image_size,
-                                      temperature=args.temperature, push_to_hub=args.push_to_hub)
+                                      temperature=args.temperature, push_to_hub=args.push_to_hub,
+                                      overwrite_output_dir=args.overwrite_output_dir)
     print(f"wrote {out}")
 
 

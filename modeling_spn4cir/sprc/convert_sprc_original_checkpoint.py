@@ -306,6 +306,7 @@ def convert_original_checkpoint(
     num_heads: dict[str, int] | list[str] | None = None,
     temperature: float | None = None,
     image_size: int | None = None,
+    overwrite_output_dir: bool = False,
 ) -> Path:
     """Convert and write `output_dir` (model.safetensors, config, code, processor or image processor, model card);
     the directory appears complete or not at all. Returns its path."""
@@ -325,7 +326,8 @@ def convert_original_checkpoint(
             raise ValueError(f"tokenizer {tokenizer!r} has {len(tok)} tokens, the Q-Former's word embeddings {vocab}.")
         processor = SPRCProcessor(image_processor=image_processor, tokenizer=tok)
     card = _model_card(model, original, Path(checkpoint).name, tokenizer, ignored_keys(original.state_dict))
-    return write_converted(model, processor, card, output_dir, push_to_hub)
+    return write_converted(model, processor, card, output_dir, push_to_hub,
+                           overwrite=overwrite_output_dir, protect=[checkpoint])
 
 
 def _model_card(model, original, checkpoint_name, tokenizer, ignored) -> str:
@@ -368,7 +370,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     out = convert_original_checkpoint(args.checkpoint, args.output_dir, tokenizer=args.tokenizer,
                                       push_to_hub=args.push_to_hub, num_heads=args.num_heads,
-                                      temperature=args.temperature, image_size=args.image_size)
+                                      temperature=args.temperature, image_size=args.image_size,
+                                      overwrite_output_dir=args.overwrite_output_dir)
     print(f"wrote {out}")
 
 
