@@ -3,10 +3,15 @@
 Captioning a real training set with an MLLM takes hours: results are written shard by shard
 (`captions-00000.jsonl`, ...) as they finish, a restarted run skips finished shards, and under
 `torchrun` / `accelerate launch` process r takes shards r, r + W, r + 2W, ...
+
+Each cached caption is keyed by its image's id **and the sha256 of its stored bytes**: an image whose content
+changed, or a renamed id, is captioned again (only that image; the rest of its shard is reused), never served a
+stale caption. The manifest records the captioner and the shard size; a different one is refused.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -15,7 +20,10 @@ from tqdm.auto import tqdm
 from modeling_spn4cir.atomic import atomic_write_bytes, atomic_write_json
 from modeling_spn4cir.distributed import world
 
+from .image_store import ImageStore
+
 MANIFEST = "manifest.json"
+CACHE_FORMAT = 2  # 2: records carry the image's sha256
 
 
 def _barrier():
@@ -41,8 +49,7 @@ def caption_corpus(corpus, captioner, cache_dir: str | Path, shard_size: int = 1
         first_row.setdefault(image_id, row)
     ids = list(first_row)
     shards = [ids[i:i + shard_size] for i in range(0, len(ids), shard_size)]
-    manifest = {"num_images": len(ids), "shard_size": shard_size, "first_ids": ids[:3], "last_ids": ids[-3:],
-                "captioner": captioner_key(captioner)}
+    manifest = {"format": CACHE_FORMAT, "shard_size": shard_size, "captioner": captioner_key(captioner)}
     rank, world_size = world(from_env=True)
     manifest_path = cache_dir / MANIFEST
     if manifest_path.exists():
@@ -56,31 +63,56 @@ def caption_corpus(corpus, captioner, cache_dir: str | Path, shard_size: int = 1
     elif rank == 0:
         atomic_write_json(manifest_path, manifest, indent=1)
     columns = [c for c in corpus.column_names if c in ("image", "image_id", "category") or c == getattr(captioner, "column", None)]
+    images = ImageStore(corpus)
     mine = [i for i in range(len(shards)) if i % world_size == rank]
-    todo = [i for i in mine if not (cache_dir / f"captions-{i:05d}.jsonl").exists()]
-    with tqdm(total=sum(len(shards[i]) for i in todo), desc=f"Captioning (rank {rank})",
+    # Per shard: the cached captions still valid (same id, same bytes) and the images to caption again.
+    plan = {}
+    for shard in mine:
+        digests = {i: hashlib.sha256(images.raw_bytes(i)).hexdigest() for i in shards[shard]}
+        cached = {(r.get("image_id"), r.get("sha256")): r.get("caption")
+                  for r in _read_shard(cache_dir / f"captions-{shard:05d}.jsonl")}
+        valid = {i: cached[(i, d)] for i, d in digests.items() if (i, d) in cached}
+        if len(valid) < len(digests):
+            plan[shard] = (digests, valid)
+    with tqdm(total=sum(len(d) - len(v) for d, v in plan.values()), desc=f"Captioning (rank {rank})",
               disable=not show_progress_bar) as bar:
-        for shard in todo:
-            lines = []
-            for start in range(0, len(shards[shard]), batch_size):
-                batch_ids = shards[shard][start:start + batch_size]
+        for shard, (digests, done) in plan.items():
+            todo = [i for i in shards[shard] if i not in done]
+            for start in range(0, len(todo), batch_size):
+                batch_ids = todo[start:start + batch_size]
                 batch = corpus.select([first_row[i] for i in batch_ids]).select_columns(columns)[:]
                 captions = captioner(batch)
                 if len(captions) != len(batch_ids):
                     raise RuntimeError(f"The captioner returned {len(captions)} captions for {len(batch_ids)} images.")
-                lines += [json.dumps({"image_id": i, "caption": c}) for i, c in zip(batch_ids, captions)]
+                done.update(zip(batch_ids, captions))
                 bar.update(len(batch_ids))
+            lines = [json.dumps({"image_id": i, "sha256": digests[i], "caption": done[i]}) for i in shards[shard]]
             atomic_write_bytes(cache_dir / f"captions-{shard:05d}.jsonl", ("\n".join(lines) + "\n").encode())
     _barrier()
-    missing = [i for i in range(len(shards)) if not (cache_dir / f"captions-{i:05d}.jsonl").exists()]
+    captions, missing = {}, []
+    for i, shard_ids in enumerate(shards):
+        records = {r.get("image_id"): r.get("caption") for r in _read_shard(cache_dir / f"captions-{i:05d}.jsonl")}
+        if any(image_id not in records for image_id in shard_ids):
+            missing.append(i)
+        captions.update((image_id, records.get(image_id)) for image_id in shard_ids)
     if missing:
         raise RuntimeError(
-            f"Caption shards {missing[:10]} are missing in {cache_dir} (another process has not finished or "
-            "crashed); run again to resume."
+            f"Caption shards {missing[:10]} are missing or incomplete in {cache_dir} (another process has not "
+            "finished or crashed); run again to resume."
         )
-    captions = {}
-    for i in range(len(shards)):
-        for line in (cache_dir / f"captions-{i:05d}.jsonl").read_text().splitlines():
-            record = json.loads(line)
-            captions[record["image_id"]] = record["caption"]
     return captions
+
+
+def _read_shard(path: Path) -> list[dict]:
+    """The records of a caption shard; none when it does not exist yet."""
+    if not path.exists():
+        return []
+    try:
+        records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"Caption cache shard {path} is not valid JSON lines ({error}); delete it to caption its "
+                         "images again.") from error
+    if not all(isinstance(r, dict) for r in records):
+        raise ValueError(f"Caption cache shard {path} holds non-object records; delete it to caption its images "
+                         "again.")
+    return records

@@ -7,6 +7,7 @@ with a `caption` column). `examples/run_cir.py --extra_triplets DIR_OR_ID` adds 
 
 from __future__ import annotations
 
+import logging
 import random
 import tempfile
 from collections.abc import Sequence
@@ -14,13 +15,18 @@ from pathlib import Path
 
 import datasets
 
+from modeling_spn4cir.atomic import check_output_dir
+
 from .captioning import caption_corpus
 from .common import SplitData, counts_table, write_cir_dataset
 from .image_store import ImageStore, encode_images
 from .pairing import random_pairs, rank_window_pairs
 from .templates import compose_modification_texts, resolve_templates
 
+logger = logging.getLogger(__name__)
 POOLS = ("triplet_images", "corpus")
+
+TOOL = "datasets_scripts.positive_scaling"
 
 
 def pairing_pool(corpus, triplets, pool: str = "triplet_images", dedup_map: dict[str, str] | None = None):
@@ -64,10 +70,13 @@ def generate_scaled_triplets(
     shard_size: int = 1000,
     backend: str = "torch",
     show_progress_bar: bool = True,
+    overwrite: bool = False,
+    skip_empty_captions: bool = False,
 ) -> Path:
     """
     Args:
         corpus: the training images (HF dataset with `image_id`, `image`, optional `category`).
+        output_dir: must be new, empty, or (with `overwrite`) a previous output of this function.
         captioner: a captioner (`datasets_scripts.captioners`).
         encoder: an object with `encode_pixels`, `image_processor` and `device` for rank-window pairing (the paper: Unicom ViT-L/14; any
             `EmbeddingAdapter`); unused when `rank_window` is None (random pairs).
@@ -80,7 +89,13 @@ def generate_scaled_triplets(
         templates: indices into `TEMPLATES` and/or template strings.
         tokenizer, max_length: the fallback to `"{1}"` for texts longer than `max_length` tokens.
         caption_cache_dir: where caption shards are kept (resume after a crash); a temporary dir by default.
+        skip_empty_captions: an empty caption would make a garbage modification text (`" instead of "`), so it is
+            an error naming the images; True drops those images from pairing instead (counted in the log).
     """
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k (targets per reference) must be a positive integer, got {k!r}: k=0 generates no "
+                         "triplet.")
+    check_output_dir(output_dir, TOOL, overwrite, [caption_cache_dir])  # before captioning, not after it
     images = ImageStore(corpus)
     image_ids = list(dict.fromkeys(corpus["image_id"]))
     position = {image_id: i for i, image_id in enumerate(image_ids)}
@@ -96,6 +111,22 @@ def generate_scaled_triplets(
     with tempfile.TemporaryDirectory() as scratch:
         captions = caption_corpus(corpus, captioner, caption_cache_dir or scratch, shard_size, batch_size,
                                   show_progress_bar)
+    empty = [i for i in image_ids if not isinstance(captions.get(i), str) or not captions[i].strip()]
+    if empty and not skip_empty_captions:
+        raise ValueError(
+            f"The captioner returned an empty caption for {len(empty)} of {len(image_ids)} images (first: "
+            f"{empty[:5]}); their modification texts would be garbage (' instead of '). Fix the captioner (prompt, "
+            "max_new_tokens) and rerun (the cache keeps the other captions), or pass skip_empty_captions=True "
+            "(--skip_empty_captions) to leave these images out of pairing."
+        )
+    if empty:
+        logger.warning("Skipping %d images with empty captions (first: %s): they are left out of pairing.",
+                       len(empty), empty[:5])
+        dropped = set(empty)
+        image_ids = [i for i in image_ids if i not in dropped]
+        position = {image_id: i for i, image_id in enumerate(image_ids)}
+        if references is not None:
+            references = [position[r] for r in dict.fromkeys(reference_ids) if r in position]
     if rank_window is None:
         pairs = random_pairs(len(image_ids), references, k, seed)
     else:
@@ -107,6 +138,10 @@ def generate_scaled_triplets(
         pairs = rank_window_pairs(embeddings, references, rank_window[0], rank_window[1], k, seed,
                                   backend=backend, show_progress_bar=show_progress_bar)
 
+    if not pairs:
+        how = "random pairs" if rank_window is None else f"rank window {rank_window}"
+        raise ValueError(f"No triplet was generated from {len(image_ids)} images ({how}, k={k}); use a larger "
+                         "corpus, or a rank window inside it.")
     if num_triplets is not None:
         if not 0 < num_triplets <= len(pairs):
             raise ValueError(f"num_triplets={num_triplets} but {len(pairs)} triplets were generated; pass at most "
@@ -153,5 +188,5 @@ Generated with `spn4cir` (`datasets_scripts.positive_scaling`): captions by `{ty
             "pair_rank": datasets.Value("int64"),
             "category": datasets.Value("string"),
         },
-        card=card,
+        card=card, tool=TOOL, overwrite=overwrite, protect=[caption_cache_dir],
     )

@@ -37,6 +37,10 @@ def compose_modification_texts(reference_caption: str, target_caption: str, temp
     """One text per template; a text longer than `max_length` tokens (with `tokenizer`) becomes `"{1}"`."""
     texts = []
     for template in templates:
+        for placeholder, caption, which in (("{0}", reference_caption, "reference"), ("{1}", target_caption, "target")):
+            if placeholder in template and (not isinstance(caption, str) or not caption.strip()):
+                raise ValueError(f"The {which} caption is empty ({caption!r}): template {template!r} would give a "
+                                 "meaningless modification text.")
         text = template.format(reference_caption, target_caption)
         if tokenizer is not None and max_length is not None and len(tokenizer(text)["input_ids"]) > max_length:
             text = TARGET_ONLY.format(reference_caption, target_caption)

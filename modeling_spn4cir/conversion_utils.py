@@ -6,6 +6,9 @@ Converters are not shipped with `trust_remote_code` checkpoints, so they may imp
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -14,9 +17,44 @@ import torch
 
 from .atomic import atomic_directory
 
+logger = logging.getLogger(__name__)
+_ALLOW_NONFINITE = contextvars.ContextVar("allow_nonfinite_weights", default=False)
+
 
 class CheckpointMismatchError(ValueError):
     """A checkpoint key has no place in the model, a model weight has no key, or shapes differ."""
+
+
+class NonFiniteWeightsError(ValueError):
+    """A checkpoint weight contains NaN or inf (a diverged training run or a corrupt file)."""
+
+
+@contextlib.contextmanager
+def allow_nonfinite_weights(allow: bool = True):
+    """Within this block, converting a checkpoint with NaN/inf weights only warns (naming the keys) instead of
+    raising `NonFiniteWeightsError`; the CLI's `--allow_nonfinite_weights`."""
+    token = _ALLOW_NONFINITE.set(allow)
+    try:
+        yield
+    finally:
+        _ALLOW_NONFINITE.reset(token)
+
+
+def check_finite(state: Mapping[str, torch.Tensor], source: str = "checkpoint") -> None:
+    """Refuse floating-point tensors with NaN/inf, naming the keys (a warning under `allow_nonfinite_weights()`)."""
+    bad = [k for k, v in state.items()
+           if isinstance(v, torch.Tensor) and v.is_floating_point() and not torch.isfinite(v).all()]
+    if not bad:
+        return
+    message = (f"{source}: {len(bad)} weights contain NaN or inf (first: {bad[:5]}); the original training "
+               "diverged or the file is corrupt")
+    if _ALLOW_NONFINITE.get():
+        logger.warning("%s; converting anyway (allow_nonfinite_weights).", message)
+        return
+    raise NonFiniteWeightsError(
+        f"{message}. Convert another checkpoint (e.g. an earlier epoch), or pass --allow_nonfinite_weights "
+        "(python -m modeling_spn4cir.convert_original_checkpoint) to convert it anyway."
+    )
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
@@ -52,15 +90,22 @@ def check_state_dict(converted: Mapping[str, torch.Tensor], model: torch.nn.Modu
     ]
     if mismatched:
         raise CheckpointMismatchError("Shape mismatch: " + "; ".join(mismatched))
+    check_finite(converted, f"{what} checkpoint")
     return {k: converted[k].to(expected[k].dtype) for k in expected}
 
 
+CONVERTER_TOOL = "modeling_spn4cir.convert_original_checkpoint"
+
+
 def write_converted(model, processor, model_card: str, output_dir: str | os.PathLike,
-                    push_to_hub: str | None = None) -> Path:
+                    push_to_hub: str | None = None, overwrite: bool = False, protect=()) -> Path:
     """Write `model` (safetensors + config + code), its processor (or image processor) and the model card into
-    `output_dir`, which appears complete or not at all; optionally push all three to the Hub repo `push_to_hub`."""
+    `output_dir`, which appears complete or not at all; optionally push all three to the Hub repo `push_to_hub`.
+
+    `output_dir` must be new, empty, or (with `overwrite`, `--overwrite_output_dir`) a previous converter output,
+    and must not be or contain any of `protect` (the checkpoint files); see `atomic.atomic_directory`."""
     output_dir = Path(output_dir)
-    with atomic_directory(output_dir) as staging:
+    with atomic_directory(output_dir, tool=CONVERTER_TOOL, overwrite=overwrite, protect=protect) as staging:
         model.save_pretrained(staging)
         processor.save_pretrained(staging)
         (staging / "README.md").write_text(model_card)
@@ -102,7 +147,8 @@ def parse_num_heads(values, towers: tuple[str, ...]) -> dict[str, int]:
 def converter_parser(description: str, checkpoint_help: str, tokenizer_help: str, towers: tuple[str, ...] = (),
                      temperature_help: str = "stage-2 tau stored in the config"):
     """The options every family's converter CLI shares (`--checkpoint`, `--output_dir`, `--tokenizer`,
-    `--num_heads TOWER=N` when the family has towers, `--temperature`, `--image_size`, `--push_to_hub`)."""
+    `--num_heads TOWER=N` when the family has towers, `--temperature`, `--image_size`, `--push_to_hub`,
+    `--overwrite_output_dir`)."""
     import argparse
 
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -116,4 +162,6 @@ def converter_parser(description: str, checkpoint_help: str, tokenizer_help: str
     parser.add_argument("--temperature", type=float, help=temperature_help)
     parser.add_argument("--image_size", type=int, help="assert the checkpoint's input resolution")
     parser.add_argument("--push_to_hub", metavar="REPO_ID")
+    parser.add_argument("--overwrite_output_dir", action="store_true",
+                        help="replace --output_dir when it holds a previous output of a converter (never other files)")
     return parser

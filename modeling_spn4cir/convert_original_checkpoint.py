@@ -4,6 +4,8 @@
 
 The family is detected from the checkpoint's keys when `--family` is not given; every other option goes to the
 family's converter (`python -m modeling_spn4cir.<family>.convert_<family>_original_checkpoint --help`).
+A checkpoint with NaN/inf weights is refused, naming the keys; `--allow_nonfinite_weights` converts it anyway
+with a warning.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import argparse
 import importlib
 import sys
 
-from .conversion_utils import load_checkpoint
+from .conversion_utils import allow_nonfinite_weights, load_checkpoint
 
 # family -> (converter module, top-level / state-dict key prefixes that identify its original checkpoints)
 FAMILIES = {
@@ -24,15 +26,25 @@ FAMILIES = {
 }
 
 
-def detect_family(path: str) -> str:
-    """The family whose original format `path` is in, from its keys (error naming the keys otherwise)."""
-    data = load_checkpoint(path)
-    keys = list(data)
+def family_from_checkpoint(data: dict) -> str | None:
+    """The family whose original format a loaded checkpoint dict is in, from its top-level and `state_dict` keys;
+    None when no family's prefixes match."""
+    keys = [str(k) for k in data]
     if isinstance(data.get("state_dict"), dict):
-        keys += list(data["state_dict"])
+        keys += [str(k) for k in data["state_dict"]]
     for family, (_, prefixes) in FAMILIES.items():
         if any(k.startswith(p) for k in keys for p in prefixes):
             return family
+    return None
+
+
+def detect_family(path: str) -> str:
+    """The family whose original format `path` is in, from its keys (error naming the keys otherwise)."""
+    data = load_checkpoint(path)
+    family = family_from_checkpoint(data)
+    if family is not None:
+        return family
+    keys = list(data) + (list(data["state_dict"]) if isinstance(data.get("state_dict"), dict) else [])
     raise ValueError(f"{path}: cannot tell the model family from its keys {keys[:8]}; pass --family "
                      f"({', '.join(FAMILIES)}).")
 
@@ -42,10 +54,12 @@ def main(argv=None):
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--family", "--model_type", dest="family", choices=sorted(FAMILIES))
     parser.add_argument("--checkpoint")
+    parser.add_argument("--allow_nonfinite_weights", action="store_true")
     known, rest = parser.parse_known_args(argv)
     family = known.family or (detect_family(known.checkpoint) if known.checkpoint else "clip4cir")
     module = importlib.import_module(FAMILIES[family][0])
-    module.main(rest + (["--checkpoint", known.checkpoint] if known.checkpoint else []))
+    with allow_nonfinite_weights(known.allow_nonfinite_weights):
+        module.main(rest + (["--checkpoint", known.checkpoint] if known.checkpoint else []))
 
 
 if __name__ == "__main__":

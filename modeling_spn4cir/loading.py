@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from pathlib import Path
+
 from transformers import AutoConfig, AutoModel, AutoProcessor, AutoTokenizer
 
 from .cir_contract import CIRModelMixin
@@ -13,12 +16,44 @@ BASE_FAMILIES = {"clip": ("clip4cir", "tgcir"), "blip": ("blip4cir",), "blip-2":
 LORA_METADATA = "spn4cir_lora.json"
 
 
+def _unreadable_weight_files(name_or_path: str) -> list[str]:
+    """The weight files of a local checkpoint directory that cannot be opened (truncated or corrupt)."""
+    from safetensors import safe_open
+
+    folder = Path(name_or_path)
+    if not folder.is_dir():
+        return []
+    bad = []
+    for path in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(path), "pt"):
+                pass
+        except Exception:  # any header error: truncated, empty, not safetensors
+            bad.append(str(path))
+    return bad
+
+
+@contextlib.contextmanager
+def _name_unreadable_weights(name_or_path: str):
+    """Re-raise a weight file's read error (safetensors' says no path) naming the file and what to do."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (SafetensorError, EOFError) as error:
+        files = _unreadable_weight_files(name_or_path) or [f"the weight files of {name_or_path}"]
+        raise OSError(
+            f"Cannot read {', '.join(files)}: {error}. The file is truncated or corrupt (an interrupted download, "
+            "copy or save): re-download it (e.g. `huggingface-cli download --force-download`), or re-convert / "
+            "re-save the checkpoint."
+        ) from error
+
+
 def _load_lora_adapter(adapter_dir: str, merge: bool):
     """A LoRA adapter directory: its base rebuilt as it was trained (stage 2: after `freeze_target_side()`), the
     adapter applied and, unless `merge=False` (then a `peft.PeftModel`), merged into a plain CIR model whose
     parameters train as the base's did; with the processor saved beside the adapter."""
     import json
-    from pathlib import Path
 
     from peft import PeftModel
 
@@ -34,7 +69,8 @@ def _load_lora_adapter(adapter_dir: str, merge: bool):
     trainable = {name: p.requires_grad for name, p in model.named_parameters()}
     if meta["stage"] == "candidate_bank":
         model.freeze_target_side()  # the stage-2 preparation the adapter was trained on (SPRC, TG-CIR change here)
-    model = PeftModel.from_pretrained(model, adapter_dir).eval()
+    with _name_unreadable_weights(adapter_dir):
+        model = PeftModel.from_pretrained(model, adapter_dir).eval()
     processor = AutoProcessor.from_pretrained(adapter_dir)
     if not merge:
         return model, processor
@@ -101,8 +137,6 @@ def load_cir_model_and_processor(name_or_path: str, fusion: str = "sum", preproc
     A LoRA adapter directory written by `CIRTrainer` (`--lora_r`; needs `peft`) loads its base and applies the
     adapter, merged into the weights (`merge_lora=False`: a `peft.PeftModel`); the other arguments are ignored.
     """
-    from pathlib import Path
-
     if Path(name_or_path, LORA_METADATA).is_file():
         return _load_lora_adapter(name_or_path, merge_lora)
     config = AutoConfig.from_pretrained(name_or_path)
@@ -114,13 +148,15 @@ def load_cir_model_and_processor(name_or_path: str, fusion: str = "sum", preproc
                              f"({name_or_path}); it starts from: {', '.join(families)}.")
         if bidirectional and family != "blip4cir":
             raise ValueError("bidirectional (+Bi) training exists for BLIP4CIR only.")
-        model, processor = _wrap_base(name_or_path, family, fusion, preprocessing, temperature, bidirectional)
+        with _name_unreadable_weights(name_or_path):
+            model, processor = _wrap_base(name_or_path, family, fusion, preprocessing, temperature, bidirectional)
     else:
         if bidirectional and config.model_type != "blip4cir":
             raise ValueError(f"bidirectional (+Bi) training exists for BLIP4CIR only; {name_or_path} is "
                              f"{config.model_type!r}.")
         overrides = {"bidirectional": True, "stage1_loss": "blip4cir_bidirectional"} if bidirectional else {}
-        model = AutoModel.from_pretrained(name_or_path, **overrides)
+        with _name_unreadable_weights(name_or_path):
+            model = AutoModel.from_pretrained(name_or_path, **overrides)
         if not isinstance(model, CIRModelMixin):
             raise ValueError(
                 f"{name_or_path} is a {config.model_type!r} checkpoint; expected a CIR checkpoint (clip4cir, tgcir, "

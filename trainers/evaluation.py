@@ -29,6 +29,14 @@ Protocols (say which one with every number you publish):
 - `circo`: mAP@K = mean over queries of sum_{i<=K} P@i * rel(i) / min(|GT|, K); `remove_reference=False` (the
   default, protocol `circo`) ranks the whole gallery as the CIRCO authors' code does; `True`
   (`circo_remove_reference`) deletes the reference first.
+
+Bad data is an error naming the query, never a number: a NaN/inf embedding (it would rank by gallery order and
+give finite, plausible metrics), an empty query set, a gallery left empty by `remove_reference`, a CIRR target
+that is not among its group members (the CIRR annotations always list it there; the reference code
+(CLIP4Cir `validate.py`) would count such a query as a silent subset miss, and the test server's code is not
+public), a CIRCO query without ground truths (NaN), an id listed twice in one ranking (CIRCO mAP above 100).
+A ranking shorter than K (a small gallery, or 50-deep id lists with the reference removed) counts an absent
+target as a **miss**, never a hit. Embeddings may be torch tensors or numpy arrays.
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ import statistics
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -48,6 +57,8 @@ CIRR_RECALL_KS = (1, 5, 10, 50)
 CIRR_SUBSET_KS = (1, 2, 3)
 FASHIONIQ_KS = (10, 50)
 CIRCO_KS = (5, 10, 25, 50)
+# Position of a target absent from its ranking: beyond any K, so a ranking shorter than K never counts it as a hit.
+_ABSENT = torch.iinfo(torch.long).max
 
 PROTOCOLS = {
     "fashioniq": "FashionIQ val, category gallery = split.{cat}.val.json, reference kept in the ranking "
@@ -98,7 +109,43 @@ def _lookup(index: dict[str, int], ids: Sequence[str], what: str) -> torch.Tenso
     return torch.tensor([index[i] for i in ids], dtype=torch.long)
 
 
-def _check_embeddings(query_embeds: torch.Tensor, gallery_embeds: torch.Tensor, gallery_ids, n_queries: int):
+def _as_tensor(x, what: str) -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        return x
+    if isinstance(x, np.ndarray):
+        return torch.from_numpy(x)
+    raise TypeError(f"{what} must be a torch.Tensor or a numpy array, got {type(x).__name__}.")
+
+
+def _query_name(i: int, reference_ids: Sequence[str] | None) -> str:
+    return f"query {i}" + (f" (reference {reference_ids[i]!r})" if reference_ids is not None else "")
+
+
+def _check_finite(query_embeds: torch.Tensor, gallery_embeds: torch.Tensor, gallery_ids, reference_ids) -> None:
+    """NaN/inf scores rank by gallery order and give finite, plausible metrics: refuse them, naming the culprit."""
+    bad_queries = ~torch.isfinite(query_embeds).flatten(1).all(dim=1)
+    if bad_queries.any():
+        rows = torch.nonzero(bad_queries).flatten().tolist()
+        raise ValueError(
+            f"{len(rows)} query embeddings contain NaN or inf (first: {_query_name(rows[0], reference_ids)}); the "
+            "model produced non-finite outputs (a diverged checkpoint, or fp16 overflow): check its weights."
+        )
+    bad_gallery = ~torch.isfinite(gallery_embeds).flatten(1).all(dim=1)
+    if bad_gallery.any():
+        rows = torch.nonzero(bad_gallery).flatten().tolist()
+        raise ValueError(
+            f"{len(rows)} gallery embeddings contain NaN or inf (first: image {list(gallery_ids)[rows[0]]!r}); the "
+            "model produced non-finite outputs (a diverged checkpoint, or fp16 overflow): check its weights."
+        )
+
+
+def _check_embeddings(query_embeds, gallery_embeds, gallery_ids, n_queries: int, reference_ids=None,
+                      remove_reference: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validate shapes, sizes and values; returns the embeddings as tensors (numpy arrays are accepted)."""
+    query_embeds = _as_tensor(query_embeds, "query_embeds")
+    gallery_embeds = _as_tensor(gallery_embeds, "gallery_embeds")
+    if n_queries == 0:
+        raise ValueError("There are no queries to evaluate (empty triplets / id lists): check the split's annotations.")
     if query_embeds.ndim != 2 or gallery_embeds.ndim not in (2, 3):
         raise ValueError(
             f"query_embeds must be [N, D] and gallery_embeds [M, D] (or [M, Q, D]); got {tuple(query_embeds.shape)} "
@@ -112,11 +159,20 @@ def _check_embeddings(query_embeds: torch.Tensor, gallery_embeds: torch.Tensor, 
         raise ValueError(f"{gallery_embeds.shape[0]} gallery embeddings but {len(gallery_ids)} gallery_ids.")
     if query_embeds.shape[0] != n_queries:
         raise ValueError(f"{query_embeds.shape[0]} query embeddings but {n_queries} queries in the id lists.")
+    if remove_reference and len(gallery_ids) < 2:
+        raise ValueError(
+            f"The gallery has {len(gallery_ids)} image(s): with the reference removed from each ranking nothing is "
+            "left to retrieve; evaluate on a gallery with at least 2 images (or keep the reference)."
+        )
+    _check_finite(query_embeds, gallery_embeds, gallery_ids, reference_ids)
+    return query_embeds, gallery_embeds
 
 
 # --------------------------------------------------------------------------------------------- ranking
 def _scoring(query_embeds, gallery_embeds, similarity):
     """Inputs and rule of the ranker: cosine (both sides normalized, float32) unless a similarity is given."""
+    query_embeds = _as_tensor(query_embeds, "query_embeds")
+    gallery_embeds = _as_tensor(gallery_embeds, "gallery_embeds")
     if similarity is None:
         queries = F.normalize(query_embeds.detach().float(), dim=-1)
         return queries, F.normalize(gallery_embeds.detach().float(), dim=-1).to(queries.device), None
@@ -159,11 +215,11 @@ def rank_subsets(
 
 
 def _target_positions(ranked: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """0-based position of each target in its ranked row `[N, k]`; `k` when absent."""
+    """0-based position of each target in its ranked row `[N, k]`; `_ABSENT` (a miss at every K) when absent."""
     hits = ranked == targets[:, None]
     found = hits.any(dim=1)
     positions = hits.int().argmax(dim=1)
-    return torch.where(found, positions, torch.full_like(positions, ranked.shape[1]))
+    return torch.where(found, positions, torch.full_like(positions, _ABSENT))
 
 
 def _recall(positions: torch.Tensor, k: int) -> float:
@@ -203,6 +259,9 @@ def _subset_without_reference(
 ) -> torch.Tensor:
     rows = []
     for i, (members, reference) in enumerate(zip(group_members, reference_ids)):
+        if isinstance(members, str):
+            raise ValueError(f"group_members of {_query_name(i, reference_ids)} is the string {members!r}; it must "
+                             "be a list of image ids (CIRR img_set.members).")
         row = [m for m in dict.fromkeys(members) if m != reference]
         rows.append(_lookup(index, row, "group member"))
     sizes = {len(r) for r in rows}
@@ -227,10 +286,20 @@ def cirr_metrics(
     """CIRR `recall@1/5/10/50`, `recall_subset@1/2/3` and `average` = (recall@5 + recall_subset@1) / 2, in
     percent. The reference is deleted from every ranking; the subset is the group minus the reference."""
     n = len(target_ids)
-    _check_embeddings(query_embeds, gallery_embeds, gallery_ids, n)
     if not len(reference_ids) == len(group_members) == n:
         raise ValueError(f"reference_ids ({len(reference_ids)}), group_members ({len(group_members)}) and "
                          f"target_ids ({n}) must have one entry per query.")
+    query_embeds, gallery_embeds = _check_embeddings(query_embeds, gallery_embeds, gallery_ids, n, reference_ids,
+                                                     remove_reference=True)
+    for i, (members, target) in enumerate(zip(group_members, target_ids)):
+        if members is None or isinstance(members, str):
+            raise ValueError(f"group_members of {_query_name(i, reference_ids)} is {members!r}; it must be a list "
+                             "of image ids (CIRR img_set.members).")
+        if target not in members:
+            raise ValueError(
+                f"The CIRR target {target!r} of {_query_name(i, reference_ids)} is not among its group members "
+                f"{list(members)}; the CIRR annotations always list it in img_set.members (fix the triplets)."
+            )
     index = _gallery_index(gallery_ids)
     targets = _lookup(index, target_ids, "target")
     references = _lookup(index, reference_ids, "reference")
@@ -243,6 +312,15 @@ def cirr_metrics(
     metrics |= {f"recall_subset@{k}": _recall(subset_positions, k) for k in CIRR_SUBSET_KS}
     metrics["average"] = (metrics["recall@5"] + metrics["recall_subset@1"]) / 2
     return metrics
+
+
+def _check_ground_truths(target_ids_list, reference_ids=None) -> None:
+    for i, ground_truths in enumerate(target_ids_list):
+        if isinstance(ground_truths, str) or ground_truths is None or len(ground_truths) == 0:
+            raise ValueError(
+                f"CIRCO {_query_name(i, reference_ids)} has no ground-truth list ({ground_truths!r}); AP@K is "
+                "undefined without one: every query needs a non-empty list of ids (gt_img_ids)."
+            )
 
 
 def _mean_average_precision(ranked: torch.Tensor, positives: Sequence[torch.Tensor]) -> dict[str, float]:
@@ -271,13 +349,13 @@ def circo_metrics(
     `remove_reference=False` (protocol `circo`) ranks the whole gallery as the CIRCO authors' code does (SEARLE's
     `circo_compute_val_metrics` and test submission: top-50 of `predicted @ index.T`); `True` (protocol
     `circo_remove_reference`) deletes the reference image from each ranking first."""
-    _check_embeddings(query_embeds, gallery_embeds, gallery_ids, len(target_ids_list))
     if len(reference_ids) != len(target_ids_list):
         raise ValueError(f"{len(reference_ids)} reference_ids for {len(target_ids_list)} queries.")
+    query_embeds, gallery_embeds = _check_embeddings(query_embeds, gallery_embeds, gallery_ids, len(target_ids_list),
+                                                     reference_ids, remove_reference)
+    _check_ground_truths(target_ids_list, reference_ids)
     index = _gallery_index(gallery_ids)
     positives = [_lookup(index, list(dict.fromkeys(t)), "target") for t in target_ids_list]
-    if any(len(p) == 0 for p in positives):
-        raise ValueError("Every CIRCO query needs at least one ground-truth id in target_ids_list.")
     references = _lookup(index, reference_ids, "reference") if remove_reference else None
     ranked = rank_gallery(query_embeds, gallery_embeds, max(CIRCO_KS), references, chunk_size, similarity)
     return _mean_average_precision(ranked, positives)
@@ -296,9 +374,10 @@ def recall_metrics(
 ) -> dict[str, float]:
     """`recall@K` (percent): hit if the target is in the top K. The FashionIQ metric, and the generic one for
     datasets without an official protocol (e.g. the synthetic benchmark)."""
-    _check_embeddings(query_embeds, gallery_embeds, gallery_ids, len(target_ids))
     if len(reference_ids) != len(target_ids):
         raise ValueError(f"{len(reference_ids)} reference_ids for {len(target_ids)} target_ids.")
+    query_embeds, gallery_embeds = _check_embeddings(query_embeds, gallery_embeds, gallery_ids, len(target_ids),
+                                                     reference_ids, remove_reference)
     index = _gallery_index(gallery_ids)
     targets = _lookup(index, target_ids, "target")
     exclude = _lookup(index, reference_ids, "reference") if remove_reference else None
@@ -308,19 +387,43 @@ def recall_metrics(
 
 
 # --------------------------------------------------------------------- metrics from ranked id lists
+def _check_rankings(ranked_ids, n_queries: int, what: str) -> list[list[str]]:
+    """Ranked id lists as plain lists; an id listed twice (it would count twice) is an error naming the query."""
+    if len(ranked_ids) != n_queries:
+        raise ValueError(f"{len(ranked_ids)} rankings for {n_queries} {what}.")
+    if n_queries == 0:
+        raise ValueError("There are no rankings to evaluate (empty predictions): check the inputs.")
+    rankings = []
+    for i, ranking in enumerate(ranked_ids):
+        if isinstance(ranking, str):
+            raise ValueError(f"The ranking of query {i} is the string {ranking!r}; it must be a list of ids.")
+        ranking = [str(x) for x in ranking]
+        if len(set(ranking)) != len(ranking):
+            seen, duplicate = set(), None
+            for x in ranking:
+                if x in seen:
+                    duplicate = x
+                    break
+                seen.add(x)
+            raise ValueError(
+                f"The ranking of query {i} lists {duplicate!r} more than once; each id must appear at most once per "
+                "ranking (a repeated hit would be counted twice): de-duplicate the predictions."
+            )
+        rankings.append(ranking)
+    return rankings
+
+
 def _positions_from_ranked_ids(ranked_ids: Sequence[Sequence[str]], target_ids: Sequence[str]) -> torch.Tensor:
-    if len(ranked_ids) != len(target_ids):
-        raise ValueError(f"{len(ranked_ids)} rankings for {len(target_ids)} targets.")
-    depth = max((len(r) for r in ranked_ids), default=0)
-    return torch.tensor(
-        [list(r).index(t) if t in r else depth for r, t in zip(ranked_ids, target_ids)], dtype=torch.long
-    )
+    rankings = _check_rankings(ranked_ids, len(target_ids), "targets")
+    targets = [str(t) for t in target_ids]
+    return torch.tensor([r.index(t) if t in r else _ABSENT for r, t in zip(rankings, targets)], dtype=torch.long)
 
 
 def recall_from_rankings(
     ranked_ids: Sequence[Sequence[str]], target_ids: Sequence[str], ks: Sequence[int]
 ) -> dict[str, float]:
-    """`recall@K` (percent) from ranked id lists (best first), with the same arithmetic as above."""
+    """`recall@K` (percent) from ranked id lists (best first), with the same arithmetic as above. A target absent
+    from a ranking shorter than K is a miss."""
     positions = _positions_from_ranked_ids(ranked_ids, target_ids)
     return {f"recall@{k}": _recall(positions, k) for k in ks}
 
@@ -330,11 +433,13 @@ def map_from_rankings(
 ) -> dict[str, float]:
     """CIRCO `map@K` (percent) from ranked id lists (best first, as ranked: remove the reference beforehand for the
     `circo_remove_reference` protocol)."""
+    ranked_ids = _check_rankings(ranked_ids, len(target_ids_list), "ground-truth lists")
+    _check_ground_truths(target_ids_list)
     vocabulary = {i: n for n, i in enumerate(dict.fromkeys(x for r in ranked_ids for x in r))}
     depth = max((len(r) for r in ranked_ids), default=0)
     # Ids outside every ranking map to -1 (never matched); short rankings are padded with -2.
     ranked = torch.tensor([[vocabulary[x] for x in r] + [-2] * (depth - len(r)) for r in ranked_ids])
-    positives = [torch.tensor([vocabulary.get(t, -1) for t in dict.fromkeys(ts)]) for ts in target_ids_list]
+    positives = [torch.tensor([vocabulary.get(str(t), -1) for t in dict.fromkeys(ts)]) for ts in target_ids_list]
     return _mean_average_precision(ranked.reshape(len(ranked_ids), depth), positives)
 
 
@@ -350,7 +455,8 @@ def cirr_predictions(
     similarity: Similarity | None = None,
 ) -> tuple[list[list[str]], list[list[str]]]:
     """Top-`k` gallery ids (reference removed) and the top-3 subset ids of each query."""
-    _check_embeddings(query_embeds, gallery_embeds, gallery_ids, len(reference_ids))
+    query_embeds, gallery_embeds = _check_embeddings(query_embeds, gallery_embeds, gallery_ids, len(reference_ids),
+                                                     reference_ids, remove_reference=True)
     index = _gallery_index(gallery_ids)
     references = _lookup(index, reference_ids, "reference")
     ranked = rank_gallery(query_embeds, gallery_embeds, k, references, chunk_size, similarity)
@@ -401,7 +507,8 @@ def write_circo_submission(
 ) -> Path:
     """Write the CIRCO test-server file `{"<query id>": [top-50 gallery ids]}`; the reference stays in the ranking
     as in the CIRCO authors' submission code unless `remove_reference`."""
-    _check_embeddings(query_embeds, gallery_embeds, gallery_ids, len(query_ids))
+    query_embeds, gallery_embeds = _check_embeddings(query_embeds, gallery_embeds, gallery_ids, len(query_ids),
+                                                     reference_ids, remove_reference)
     index = _gallery_index(gallery_ids)
     references = _lookup(index, reference_ids, "reference") if remove_reference else None
     ranked = rank_gallery(query_embeds, gallery_embeds, 50, references, similarity=similarity)

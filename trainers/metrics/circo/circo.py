@@ -5,6 +5,7 @@
 
 `predictions[i]`: gallery ids ranked best first, 50 deep, as ranked (the CIRCO authors' protocol keeps the
 reference; delete it beforehand for `circo_remove_reference`); `references[i]`: `gt_img_ids`.
+An id listed twice in a ranking, or an empty `references[i]`, is an error naming the query.
 """
 
 import datasets

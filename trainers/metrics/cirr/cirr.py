@@ -5,6 +5,7 @@
 
 `predictions[i]`: gallery ids ranked best first with the reference already removed (at least 50 deep);
 `subset_predictions[i]`: the query's group members minus the reference, ranked best first.
+A target absent from a ranking shorter than K counts as a miss; an id listed twice is an error.
 """
 
 import datasets

@@ -5,7 +5,8 @@
     metric.compute(predictions=ranked_ids, references=target_ids, reference_ids=refs,
                    remove_reference=True)                                            # SPN4CIR CLIP4CIR
 
-`predictions[i]`: the category gallery's ids ranked best first (at least 51 deep when removing references).
+`predictions[i]`: the category gallery's ids ranked best first (at least 51 deep when removing references:
+a target absent from a ranking shorter than K counts as a miss, and an id listed twice is an error).
 """
 
 import datasets
