@@ -19,6 +19,7 @@ class ImageStore:
         self._corpora = [c for c in corpora if c is not None]
         self._where: dict[str, tuple[int, int]] = {}
         self._undecoded: dict[int, object] = {}
+        self._layouts: dict[int, tuple] = {}
         for ci, corpus in enumerate(self._corpora):
             for row, image_id in enumerate(corpus["image_id"]):
                 self._where.setdefault(image_id, (ci, row))
@@ -63,6 +64,59 @@ class ImageStore:
     def raw_bytes(self, image_id: str) -> bytes:
         """The stored (encoded) bytes of an image, for content fingerprints without decoding."""
         return self.raw(image_id)[0]
+
+    def stamps(self, image_ids: Sequence[str]) -> list[str | None]:
+        """A cheap identity of each image's stored bytes, from file metadata only (no image byte is read): for an
+        image file, its path, size, mtime, ctime and inode; for bytes embedded in a dataset's Arrow files, those
+        files' metadata and the row. Any rewrite changes it (ctime and inode cannot be set back, unlike mtime),
+        so a content hash cached under it is valid while it is unchanged. None where there is no file (an
+        in-memory dataset): hash the bytes instead."""
+        import os
+
+        stat_cache: dict[str, str | None] = {}
+
+        def stat(path: str) -> str | None:
+            if path not in stat_cache:
+                try:
+                    s = os.stat(path)
+                    stat_cache[path] = f"{path}:{s.st_size}:{s.st_mtime_ns}:{s.st_ctime_ns}:{s.st_ino}"
+                except OSError:
+                    stat_cache[path] = None
+            return stat_cache[path]
+
+        out = []
+        for image_id in image_ids:
+            ci, row = self._where[image_id]
+            paths, embedded, rows, files = self._layout(ci)
+            if paths is None:
+                out.append(None)
+                continue
+            row = rows[row] if rows is not None else row
+            if embedded[row]:
+                file_stamps = [stat(f) for f in files]
+                out.append(None if not files or None in file_stamps else f"arrow:{'|'.join(file_stamps)}#{row}")
+            else:
+                path_stamp = stat(paths[row]) if paths[row] else None
+                out.append(None if path_stamp is None else f"file:{path_stamp}")
+        return out
+
+    def _layout(self, ci: int):
+        """(paths, embedded?, indices mapping, arrow files) of corpus `ci`'s image column, read from Arrow
+        metadata (the bytes are not touched)."""
+        if ci not in self._layouts:
+            corpus = self._corpora[ci]
+            try:
+                paths, embedded = [], []
+                for chunk in corpus.data.column("image").chunks:
+                    paths += chunk.field("path").to_pylist()
+                    embedded += [not null for null in chunk.field("bytes").is_null().to_pylist()]
+                indices = corpus._indices
+                rows = indices.column(0).to_pylist() if indices is not None else None
+                files = [f["filename"] for f in corpus.cache_files]
+                self._layouts[ci] = (paths, embedded, rows, files)
+            except (AttributeError, KeyError, TypeError, ValueError):  # not an Image column of (bytes, path)
+                self._layouts[ci] = (None, None, None, None)
+        return self._layouts[ci]
 
 
 class _ProcessedImages(torch.utils.data.Dataset):

@@ -13,6 +13,7 @@ bank stored in `bank_dir` is a set of shards, each a contiguous block of `shard_
     bank_dir/
         bank-00000.safetensors   {"target_embeds": [n0, ...], "reference_features": [n0, ...]}
         bank-00000.json          the shard's manifest: its fingerprint, rows [start, stop), byte size, sha256
+                                 and file metadata of the shard, its images' sha256 and their file metadata
         bank-00001.safetensors
         bank-00001.json
         ...
@@ -22,6 +23,17 @@ Every file is written atomically, a shard before its manifest and `bank.json` af
 build leaves only complete shards behind; the next build reuses each shard whose manifest fingerprint matches
 (and whose bytes still hash to the manifest's sha256) and encodes only the others. A shard's fingerprint
 covers only its own images, so a changed image re-encodes the shard that holds it, not the bank.
+
+A warm start reads no image byte and hashes no shard: each manifest keeps its images' sha256 under a stamp of
+their file metadata (`ImageStore.stamps`: size, mtime, ctime, inode), and its shard file's own metadata. An image
+whose stamp changed is hashed again (a touched file keeps its shard, a rewritten one re-encodes it); a shard file
+whose metadata changed is verified against its sha256 (a file copied in from another model's bank is refused). A
+missing, truncated, foreign or unreadable shard and a malformed `bank.json` or manifest are rebuilt, never a
+crash, and the log says why.
+
+Under `torch.distributed` every rank calls `load_or_build_candidate_bank`: rank 0 reads the stamps and decides
+what is reusable, the hashing and the encoding of the shards to build are split over the ranks (each writes its
+own shards), and every rank then maps the whole bank.
 
 Loaded, the target embeddings are one in-memory tensor (they are small, and the loss keeps them as a buffer);
 the reference features stay on disk behind a read-only memory-mapped view ([`ShardedRows`]) that reads the
@@ -40,11 +52,13 @@ from itertools import pairwise
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
 from datasets_scripts.image_store import ImageStore, encode_images
 from modeling_spn4cir.atomic import atomic_write_bytes, atomic_write_json
+from modeling_spn4cir.distributed import world
 
 logger = logging.getLogger(__name__)
 
@@ -167,6 +181,7 @@ class CandidateBank:
     reference_features: torch.Tensor | ShardedRows
     fingerprint: dict
     dedup_map: dict[str, str] = field(default_factory=dict)
+    image_digests: list[str] | None = None  # sha256 of each image's stored bytes (row order)
 
     def __post_init__(self):
         self._index = {image_id: i for i, image_id in enumerate(self.image_ids)}
@@ -208,69 +223,156 @@ def _file_sha256(path: Path, chunk: int = 1 << 24) -> str:
         return _sha256(iter(lambda: f.read(chunk), b""))
 
 
-def _fingerprints(model, image_ids: Sequence[str], images: ImageStore, image_processor, dtype: str,
-                  shard_size: int) -> tuple[dict, list[dict]]:
-    """The bank's fingerprint and one per shard (the same model fields, the shard's own ids and image bytes)."""
+def _file_stat(path: Path) -> list[int]:
+    """What changes whenever a file is rewritten, copied over or replaced (ctime and inode cannot be set back)."""
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+
+
+# ------------------------------------------------------------------------------------ processes
+def _broadcast(obj):
+    """Rank 0's `obj` on every rank."""
+    if world()[1] == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _all_gather(obj) -> list:
+    """Every rank's `obj`, in rank order."""
+    world_size = world()[1]
+    if world_size == 1:
+        return [obj]
+    out = [None] * world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+# ---------------------------------------------------------------------------------- fingerprints
+def tower_fingerprint(model) -> str:
+    """sha256 of the frozen target-side weights (`model.target_side_state_dict()`): what makes two banks' rows equal."""
     state = model.target_side_state_dict()
-    towers = _sha256(
+    return _sha256(
         name.encode() + str(tuple(t.shape)).encode() + t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
         for name, t in sorted(state.items())
     )
+
+
+def processor_fingerprint(image_processor) -> str:
     processor = image_processor.to_json_string() if hasattr(image_processor, "to_json_string") else repr(image_processor)
-    common = {
+    return _sha256([processor.encode()])
+
+
+def image_digests(images: ImageStore, image_ids: Sequence[str]) -> list[str]:
+    """sha256 (hex) of each image's stored bytes."""
+    return [hashlib.sha256(images.raw_bytes(i)).hexdigest() for i in image_ids]
+
+
+def _common(model, image_processor, dtype: str, shard_size: int) -> dict:
+    return {
         "format": BANK_FORMAT,
         "model_class": type(model).__name__,
-        "frozen_tower_weights": towers,
-        "image_processor": _sha256([processor.encode()]),
+        "frozen_tower_weights": tower_fingerprint(model),
+        "image_processor": processor_fingerprint(image_processor),
         "dtype": dtype,
         "shard_size": shard_size,
     }
-    digests = [hashlib.sha256(images.raw_bytes(i)).digest() for i in image_ids]
+
+
+def _ranges(n: int, shard_size: int) -> list[tuple[int, int]]:
+    return [(start, min(start + shard_size, n)) for start in range(0, n, shard_size)]
+
+
+def _fingerprints(common: dict, image_ids: list[str], digests: list[str],
+                  ranges: list[tuple[int, int]]) -> tuple[dict, list[dict]]:
+    """The bank's fingerprint and one per shard (the same model fields, the shard's own ids and image bytes)."""
+    raw = [bytes.fromhex(d) for d in digests]
     fingerprint = {
         **common,
         "image_ids": _sha256(i.encode() + b"\0" for i in image_ids),
-        "image_content": _sha256(digests),
+        "image_content": _sha256(raw),
         "num_images": len(image_ids),
     }
-    shards = []
-    for k, start in enumerate(range(0, len(image_ids), shard_size)):
-        stop = min(start + shard_size, len(image_ids))
-        shards.append({**common, "shard": k, "start": start, "stop": stop,
-                       "image_ids": _sha256(i.encode() + b"\0" for i in image_ids[start:stop]),
-                       "image_content": _sha256(digests[start:stop])})
+    shards = [{**common, "shard": k, "start": start, "stop": stop,
+               "image_ids": _sha256(i.encode() + b"\0" for i in image_ids[start:stop]),
+               "image_content": _sha256(raw[start:stop])}
+              for k, (start, stop) in enumerate(ranges)]
     return fingerprint, shards
+
+
+def _stamp(images: ImageStore, image_ids: Sequence[str]) -> str | None:
+    """A cheap key of a block of images (ids + file metadata, no byte read), or None when some image has none."""
+    stamps = images.stamps(image_ids)
+    if any(s is None for s in stamps):
+        return None
+    return _sha256(f"{i}\0{s}\0".encode() for i, s in zip(image_ids, stamps))
+
+
+def _shard_digests(images: ImageStore, image_ids: list[str], ranges, manifests: list[dict | None]):
+    """Every image's content digest, read from a shard manifest where the shard's images are unchanged (same
+    stamp: no byte is read on a warm start), else hashed from the images' bytes, with the hashing split over the
+    ranks. The stamps are computed on rank 0 and broadcast. Returns (digests per shard, stamp per shard)."""
+    rank, world_size = world()
+    plan = None
+    if rank == 0:
+        stamps = [_stamp(images, image_ids[a:b]) for a, b in ranges]
+        cached = {}
+        for k, manifest in enumerate(manifests):
+            if not manifest:
+                continue
+            digests = manifest.get("image_digests")
+            if (stamps[k] is not None and manifest.get("stamp") == stamps[k] and isinstance(digests, list)
+                    and len(digests) == ranges[k][1] - ranges[k][0]):
+                cached[k] = digests
+        plan = (stamps, cached)
+    stamps, cached = _broadcast(plan)
+    to_hash = [k for k in range(len(ranges)) if k not in cached]
+    mine = {k: image_digests(images, image_ids[slice(*ranges[k])]) for k in to_hash[rank::world_size]}
+    for part in _all_gather(mine):
+        cached.update(part)
+    return [cached[k] for k in range(len(ranges))], stamps
 
 
 def compute_fingerprint(model, image_ids: Sequence[str], images: ImageStore, image_processor, dtype: str,
                         shard_size: int = DEFAULT_SHARD_SIZE) -> dict:
-    return _fingerprints(model, list(image_ids), images, image_processor, dtype, shard_size)[0]
+    """The fingerprint of the bank of `image_ids` (reads every image's bytes; a stored bank caches them)."""
+    image_ids = list(image_ids)
+    return _fingerprints(_common(model, image_processor, dtype, shard_size), image_ids,
+                         image_digests(images, image_ids), _ranges(len(image_ids), shard_size))[0]
 
 
-def _check_shard(path: Path, entry: dict, dtype: str, full: bool) -> str | None:
-    """Why the stored shard `path` does not hold rows `[entry.start, entry.stop)` as `entry` says, or None.
-    Cheap checks (size, header, shapes, dtype) always; the sha256 of its bytes with `full`."""
-    if not path.exists():
-        return "it is missing"
-    size = path.stat().st_size
-    if size != entry.get("bytes"):
-        return f"it has {size} bytes, its manifest says {entry.get('bytes')} (truncated or overwritten)"
+# ---------------------------------------------------------------------------------------- shards
+def _check_shard(path: Path, entry: dict, dtype: str) -> tuple[str | None, bool]:
+    """(why the stored shard `path` does not hold rows `[entry.start, entry.stop)` as `entry` says, or None;
+    whether its file metadata changed since it was written). Cheap checks (size, header, shapes, dtype) always;
+    the sha256 of its bytes when the file is not the one written (its size, mtime, ctime or inode differ: copied
+    over, replaced, restored from a backup) — a bank file of another model is never used unverified."""
     try:
+        if not path.exists():
+            return "it is missing", False
+        size = path.stat().st_size
+        if size != entry.get("bytes"):
+            return f"it has {size} bytes, its manifest says {entry.get('bytes')} (truncated or overwritten)", False
+        rows = int(entry["stop"]) - int(entry["start"])
         with safe_open(str(path), framework="pt") as f:
             if set(f.keys()) != set(KEYS):
-                return f"it holds {sorted(f.keys())}, not {list(KEYS)}"
+                return f"it holds {sorted(f.keys())}, not {list(KEYS)}", False
             for key in KEYS:
                 sl = f.get_slice(key)
-                if sl.get_shape()[:1] != [entry["stop"] - entry["start"]]:
-                    return f"its {key} have shape {sl.get_shape()}, not {entry['stop'] - entry['start']} rows"
+                if sl.get_shape()[:1] != [rows]:
+                    return f"its {key} have shape {sl.get_shape()}, not {rows} rows", False
                 if list(sl.get_shape()[1:]) != list(entry.get(f"{key}_row_shape", sl.get_shape()[1:])):
-                    return f"its {key} rows have shape {sl.get_shape()[1:]}, not {entry[f'{key}_row_shape']}"
+                    return f"its {key} rows have shape {sl.get_shape()[1:]}, not {entry[f'{key}_row_shape']}", False
                 if _dtype_name(sl.get_dtype()) != dtype:
-                    return f"its {key} are {sl.get_dtype()}, not {dtype}"
-    except (SafetensorError, OSError, ValueError) as error:  # a bad header, an unreadable file
-        return f"it cannot be read ({error})"
-    if full and _file_sha256(path) != entry.get("sha256"):
-        return "its bytes do not match its sha256 (corrupt)"
-    return None
+                    return f"its {key} are {sl.get_dtype()}, not {dtype}", False
+        if entry.get("stat") == _file_stat(path):
+            return None, False
+        if _file_sha256(path) != entry.get("sha256"):
+            return "its bytes do not match the sha256 written with it (another bank's file, or corrupt)", True
+        return None, True
+    except (SafetensorError, OSError, ValueError, KeyError, TypeError) as error:  # a bad header or manifest
+        return f"it cannot be read or its manifest is malformed ({type(error).__name__}: {error})", False
 
 
 _SAFETENSORS_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
@@ -281,7 +383,7 @@ def _dtype_name(safetensors_dtype: str) -> str:
 
 
 def _load_sharded(bank_dir: Path, shards: list[dict], image_ids: list[str], fingerprint: dict, dtype: str,
-                  dedup_map: dict[str, str] | None) -> CandidateBank:
+                  dedup_map: dict[str, str] | None, digests: list[str]) -> CandidateBank:
     files = [bank_dir / s["file"] for s in shards]
     targets = []
     for path in files:
@@ -289,14 +391,25 @@ def _load_sharded(bank_dir: Path, shards: list[dict], image_ids: list[str], fing
             targets.append(f.get_tensor("target_embeds"))
     reference = ShardedRows(files, [s["stop"] - s["start"] for s in shards], "reference_features",
                             shards[0]["reference_features_row_shape"], DTYPES[dtype])
-    return CandidateBank(image_ids, torch.cat(targets), reference, fingerprint, dict(dedup_map or {}))
+    return CandidateBank(image_ids, torch.cat(targets), reference, fingerprint, dict(dedup_map or {}), digests)
 
 
 def _read_json(path: Path) -> dict | None:
+    """The JSON object in `path`, or None if it is missing, unreadable, not JSON or not an object."""
     try:
-        return json.loads(path.read_text())
+        value = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+    return value if isinstance(value, dict) else None
+
+
+def _manifest_name(k: int) -> str:
+    return f"bank-{k:05d}.json"
+
+
+def _summary(entry: dict) -> dict:
+    """A shard's entry in bank.json: its manifest without the fingerprint and the image digests."""
+    return {k: v for k, v in entry.items() if k not in ("fingerprint", "image_digests", "stamp")}
 
 
 def _encode(model, images, image_ids, image_processor, batch_size, num_workers, dtype, show_progress_bar, desc):
@@ -305,6 +418,45 @@ def _encode(model, images, image_ids, image_processor, batch_size, num_workers, 
         num_workers, device=next(model.parameters()).device, dtype=DTYPES[dtype],
         show_progress_bar=show_progress_bar, desc=desc,
     )
+
+
+def _usable_shards(bank_dir: Path, fingerprint: dict, shard_fps: list[dict], manifests: list[dict | None],
+                   image_ids: list[str], dtype: str) -> tuple[list[dict | None], list[int]]:
+    """(rank 0) The manifest of every stored shard that can be reused as it is (None for the others, which are
+    encoded again), and the shards whose file metadata changed but whose bytes verified (their stat is updated).
+    Logs why whatever is not reused is not."""
+    meta_path = bank_dir / "bank.json"
+    stored = _read_json(meta_path)
+    if stored is None and meta_path.exists():
+        logger.warning("Rebuilding the candidate bank in %s: %s cannot be read (not a JSON object).", bank_dir, meta_path)
+    elif stored is not None:
+        stored_fp = stored.get("fingerprint") if isinstance(stored.get("fingerprint"), dict) else {}
+        changed = [k for k in fingerprint if stored_fp.get(k) != fingerprint[k]]
+        if not changed and stored.get("image_ids") != image_ids:
+            changed = ["image id order"]
+        if changed:
+            logger.warning("Rebuilding the candidate bank in %s: %s changed since it was built.", bank_dir,
+                           ", ".join(changed))
+    entries: list[dict | None] = []
+    restamped: list[int] = []
+    for k, (shard_fp, manifest) in enumerate(zip(shard_fps, manifests)):
+        path = bank_dir / shard_name(k)
+        if manifest is None or manifest.get("fingerprint") != shard_fp:
+            if path.exists() or manifest is not None:
+                logger.info("Candidate bank shard %s was built from other images, towers or settings; encoding it "
+                            "again.", path)
+            entries.append(None)
+            continue
+        why, changed = _check_shard(path, manifest, dtype)
+        if why is not None:
+            logger.warning("Rebuilding candidate bank shard %s: %s.", path, why)
+            entries.append(None)
+            continue
+        if changed:
+            manifest = {**manifest, "stat": _file_stat(path)}
+            restamped.append(k)
+        entries.append(manifest)
+    return entries, restamped
 
 
 def load_or_build_candidate_bank(
@@ -326,6 +478,10 @@ def load_or_build_candidate_bank(
     `shard_size` images (see the module docstring): a bank whose fingerprint matches is loaded (target
     embeddings in memory, reference features memory-mapped), an interrupted or outdated build is resumed,
     encoding only the shards that are missing, corrupt or built from something else.
+
+    Under `torch.distributed`, every rank must call this: the work is split over the ranks (each hashes and
+    encodes its share of the shards, rank 0 decides what is reused), so W processes build about W times faster and
+    none waits idle in a barrier. With a `bank_dir`, the ranks must share its file system.
     """
     if dtype not in DTYPES:
         raise ValueError(f"bank dtype must be one of {sorted(DTYPES)}, got {dtype!r}.")
@@ -336,88 +492,90 @@ def load_or_build_candidate_bank(
     if not image_ids:
         raise ValueError("No images for the candidate bank: the training triplets name none.")
     images.check(image_ids, "bank images")
-    fingerprint, shard_fps = _fingerprints(model, image_ids, images, image_processor, dtype, shard_size)
+    rank, world_size = world()
+    bank_dir = Path(bank_dir) if bank_dir is not None else None
+    ranges = _ranges(len(image_ids), shard_size)
+    common = _broadcast(_common(model, image_processor, dtype, shard_size) if rank == 0 else None)
+    manifests: list[dict | None] = [None] * len(ranges)
+    if bank_dir is not None and rank == 0:
+        manifests = [_read_json(bank_dir / _manifest_name(k)) for k in range(len(ranges))]
+    digests, stamps = _shard_digests(images, image_ids, ranges, manifests)
+    fingerprint, shard_fps = _fingerprints(common, image_ids, [d for ds in digests for d in ds], ranges)
+    all_digests = [d for ds in digests for d in ds]
+
+    was_training = model.training
     if bank_dir is None:
-        was_training = model.training
+        start, stop = len(image_ids) * rank // world_size, len(image_ids) * (rank + 1) // world_size
         model.eval()
         try:
-            target, reference = _encode(model, images, image_ids, image_processor, batch_size, num_workers, dtype,
-                                        show_progress_bar, "candidate bank")
+            part = (_encode(model, images, image_ids[start:stop], image_processor, batch_size, num_workers, dtype,
+                            show_progress_bar and rank == 0, "candidate bank") if stop > start else None)
         finally:
             model.train(was_training)
-        return CandidateBank(image_ids, target, reference, fingerprint, dict(dedup_map or {}))
+        parts = [p for p in _all_gather(part) if p is not None]
+        target, reference = (torch.cat([p[i] for p in parts]) for i in range(2))
+        return CandidateBank(image_ids, target, reference, fingerprint, dict(dedup_map or {}), all_digests)
 
-    bank_dir = Path(bank_dir)
     meta_path = bank_dir / "bank.json"
-    stored = _read_json(meta_path) if meta_path.exists() else None
-    if stored is not None:
-        changed = [k for k in fingerprint if stored.get("fingerprint", {}).get(k) != fingerprint[k]]
-        if not changed and stored.get("image_ids") != image_ids:
-            changed = ["image id order"]
-        shards = stored.get("shards") or []
-        if not changed:
-            bad = next(((s.get("file"), why) for s in shards
-                        if (why := _check_shard(bank_dir / str(s.get("file")), s, dtype, full=False))), None)
-            if bad is None and len(shards) == len(shard_fps):
-                logger.info("Loaded candidate bank of %d images (%d shards) from %s", len(image_ids), len(shards),
-                            bank_dir)
-                return _load_sharded(bank_dir, shards, image_ids, fingerprint, dtype, dedup_map)
-            reason = f"shard {bad[0]} is unusable: {bad[1]}" if bad else "its shard list is incomplete"
-            logger.warning("Rebuilding the candidate bank in %s: %s.", bank_dir, reason)
-        else:
-            logger.warning("Rebuilding the candidate bank in %s: %s changed since it was built.", bank_dir,
-                           ", ".join(changed))
-    elif meta_path.exists():
-        logger.warning("Rebuilding the candidate bank in %s: %s cannot be read.", bank_dir, meta_path)
+    decision = None
+    if rank == 0:
+        entries, restamped = _usable_shards(bank_dir, fingerprint, shard_fps, manifests, image_ids, dtype)
+        decision = (entries, restamped)
+    entries, restamped = _broadcast(decision)
+    todo = [k for k, e in enumerate(entries) if e is None]
+    if rank == 0:
+        if todo and len(todo) < len(ranges):
+            logger.info("Resuming the candidate bank build in %s: %d of %d shards are usable, encoding the other %d%s.",
+                        bank_dir, len(ranges) - len(todo), len(ranges), len(todo),
+                        f" over {world_size} processes" if world_size > 1 else "")
+        for k, entry in enumerate(entries):  # image digests re-hashed under new stamps: remember them
+            if entry is not None and (k in restamped or (stamps[k] is not None and entry.get("stamp") != stamps[k])):
+                entries[k] = {**entry, "stamp": stamps[k], "image_digests": digests[k]}
+                atomic_write_json(bank_dir / _manifest_name(k), entries[k])
+        if todo:
+            # bank.json goes first and comes back last: a crash in between leaves no valid bank behind, only
+            # shards, each complete (atomic) and described by its manifest, which the next build reuses.
+            meta_path.unlink(missing_ok=True)
 
-    # bank.json goes first and comes back last: a crash in between leaves no valid bank behind, only shards,
-    # each complete (atomic) and described by its manifest, which the next build reuses.
-    meta_path.unlink(missing_ok=True)
-    bank_dir.mkdir(parents=True, exist_ok=True)
-    entries: list[dict] = []
-    todo: list[int] = []
-    for k, shard_fp in enumerate(shard_fps):
-        manifest = _read_json(bank_dir / f"bank-{k:05d}.json")
-        if manifest is not None and manifest.get("fingerprint") == shard_fp:
-            why = _check_shard(bank_dir / shard_name(k), manifest, dtype, full=True)
-            if why is None:
-                entries.append(manifest)
-                continue
-            logger.warning("Candidate bank shard %s is unusable (%s); encoding it again.", bank_dir / shard_name(k), why)
-        entries.append(None)
-        todo.append(k)
-    if todo and len(todo) < len(shard_fps):
-        logger.info("Resuming the candidate bank build in %s: %d of %d shards are done, encoding the other %d.",
-                    bank_dir, len(shard_fps) - len(todo), len(shard_fps), len(todo))
-
+    mine: dict[int, dict] = {}
     if todo:
-        was_training = model.training
+        bank_dir.mkdir(parents=True, exist_ok=True)
+        own = todo[rank::world_size]
         model.eval()
         try:
-            for n, k in enumerate(todo):
+            for n, k in enumerate(own):
                 fp = shard_fps[k]
+                where = f" (rank {rank} of {world_size})" if world_size > 1 else ""
                 target, reference = _encode(model, images, image_ids[fp["start"]:fp["stop"]], image_processor,
-                                            batch_size, num_workers, dtype, show_progress_bar,
-                                            f"candidate bank shard {n + 1}/{len(todo)}")
+                                            batch_size, num_workers, dtype, show_progress_bar and rank == 0,
+                                            f"candidate bank shard {n + 1}/{len(own)}{where}")
                 data = save({"target_embeds": target.contiguous(), "reference_features": reference.contiguous()})
                 entry = {"file": shard_name(k), "start": fp["start"], "stop": fp["stop"], "bytes": len(data),
                          "sha256": hashlib.sha256(data).hexdigest(),
                          "target_embeds_row_shape": list(target.shape[1:]),
                          "reference_features_row_shape": list(reference.shape[1:]), "fingerprint": fp}
                 del target, reference
-                (bank_dir / f"bank-{k:05d}.json").unlink(missing_ok=True)
+                (bank_dir / _manifest_name(k)).unlink(missing_ok=True)
                 atomic_write_bytes(bank_dir / shard_name(k), data)
                 del data
-                atomic_write_json(bank_dir / f"bank-{k:05d}.json", entry)
-                entries[k] = entry
+                entry |= {"stat": _file_stat(bank_dir / shard_name(k)), "stamp": stamps[k],
+                          "image_digests": digests[k]}
+                atomic_write_json(bank_dir / _manifest_name(k), entry)
+                mine[k] = entry
         finally:
             model.train(was_training)
+    for part in _all_gather(mine):
+        for k, entry in part.items():
+            entries[k] = entry
 
-    # stale files of earlier builds: shards beyond this bank's count, the single-file format, orphaned temps
-    keep = {shard_name(k) for k in range(len(entries))} | {f"bank-{k:05d}.json" for k in range(len(entries))}
-    for path in bank_dir.iterdir():
-        if path.is_file() and path.name not in keep and _BANK_FILE.fullmatch(path.name):
-            path.unlink(missing_ok=True)
-    atomic_write_json(meta_path, {"fingerprint": fingerprint, "image_ids": image_ids,
-                                  "shards": [{k: v for k, v in e.items() if k != "fingerprint"} for e in entries]})
-    return _load_sharded(bank_dir, entries, image_ids, fingerprint, dtype, dedup_map)
+    if rank == 0 and (todo or restamped or not meta_path.exists()):
+        # stale files of earlier builds: shards beyond this bank's count, the single-file format, orphaned temps
+        keep = {shard_name(k) for k in range(len(entries))} | {_manifest_name(k) for k in range(len(entries))}
+        for path in bank_dir.iterdir():
+            if path.is_file() and path.name not in keep and _BANK_FILE.fullmatch(path.name):
+                path.unlink(missing_ok=True)
+        atomic_write_json(meta_path, {"fingerprint": fingerprint, "image_ids": image_ids,
+                                      "shards": [_summary(e) for e in entries]})
+    elif rank == 0:
+        logger.info("Loaded candidate bank of %d images (%d shards) from %s", len(image_ids), len(entries), bank_dir)
+    return _load_sharded(bank_dir, entries, image_ids, fingerprint, dtype, dedup_map, all_digests)

@@ -17,7 +17,9 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_callback import ExportableState
 
 from datasets_scripts.image_store import ImageStore
 
@@ -32,7 +34,7 @@ from .lora import (
     lora_card_rows,
     write_lora_metadata,
 )
-from .losses import CandidateBankLoss
+from .losses import CandidateBankLoss, ShardedCandidateBankLoss, shard_bounds
 from .stage1_losses import stage1_loss_for
 
 logger = logging.getLogger(__name__)
@@ -53,8 +55,17 @@ class CIRTrainingArguments(LoRAArguments, TrainingArguments):
         "help": "images per bank shard in --bank_dir (memory-mapped; a killed build resumes at the first missing "
                 "shard)"})
     num_negatives: int | None = field(default=None, metadata={"help": "stage 2: sampled negatives (default: whole bank)"})
+    shard_bank: bool = field(default=False, metadata={
+        "help": "stage 2 under DDP: each rank holds 1/W of the bank's rows on its device; the full-bank loss is "
+                "computed exactly (distributed log-sum-exp), for banks that do not fit one device"})
     max_text_length: int | None = field(default=None, metadata={"help": "truncate modification texts (tokens)"})
     remove_unused_columns: bool = field(default=False, metadata={"help": "kept False: the collator needs the ids"})
+    max_consecutive_nonfinite_losses: int = field(default=1, metadata={
+        "help": "stop training with an error naming the step when this many consecutive steps have a NaN/inf "
+                "loss; below it, the gradients accumulated so far in that optimizer step are dropped"})
+    resume_without_optimizer_state: bool = field(default=False, metadata={
+        "help": "allow resuming from a checkpoint that lacks optimizer.pt or scheduler.pt (the optimizer and the "
+                "learning-rate schedule then restart from scratch); refused by default"})
 
     def __post_init__(self):
         super().__post_init__()
@@ -62,6 +73,25 @@ class CIRTrainingArguments(LoRAArguments, TrainingArguments):
             raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}.")
         if self.remove_unused_columns:
             raise ValueError("CIRTrainer needs remove_unused_columns=False (the collator reads image ids).")
+        if self.max_consecutive_nonfinite_losses < 1:
+            raise ValueError("max_consecutive_nonfinite_losses must be >= 1, got "
+                             f"{self.max_consecutive_nonfinite_losses}.")
+
+
+def candidate_bank_loss(bank: CandidateBank, args: CIRTrainingArguments, temperature: float, similarity):
+    """Stage 2's loss with the bank moved once to the training device (fp32): the whole bank, or with
+    `args.shard_bank` under DDP this rank's 1/W of its rows (`ShardedCandidateBankLoss`, the same loss)."""
+    from modeling_spn4cir.distributed import world
+
+    rank, world_size = world()
+    if args.shard_bank and world_size > 1:
+        if args.num_negatives is not None:
+            raise ValueError("--shard_bank computes the full-bank loss; it cannot be combined with --num_negatives.")
+        start, stop = shard_bounds(len(bank), rank, world_size)
+        return ShardedCandidateBankLoss(bank.target_embeds[start:stop], start, len(bank), temperature,
+                                        similarity=similarity, device=args.device)
+    return CandidateBankLoss(bank.target_embeds, temperature, args.num_negatives, similarity=similarity,
+                             device=args.device)
 
 
 class _CollatorEpoch(TrainerCallback):
@@ -72,6 +102,34 @@ class _CollatorEpoch(TrainerCallback):
 
     def on_epoch_begin(self, args, state, control, **kwargs):
         self.collator.epoch = int(state.epoch or 0)
+
+
+class _WholeRunLoss(TrainerCallback, ExportableState):
+    """Carries the sum of the training losses of every step so far through checkpoints (in `trainer_state.json`),
+    so that a resumed run reports the whole run's `train_loss`, not only the resumed steps' (the Trainer's)."""
+
+    def __init__(self, trainer=None):
+        self.trainer = trainer
+
+    def state(self) -> dict:
+        trainer = self.trainer
+        if trainer is None or not hasattr(trainer, "_tr_loss") or trainer._prior_loss_sum is None:
+            return {"args": {}, "attributes": {}}  # unknown: a later resume reports only its own steps
+        return {"args": {}, "attributes": {"loss_sum": trainer._whole_run_loss_sum()}}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.trainer is None:
+            return
+        saved = state.stateful_callbacks.get(type(self).__name__) if state.global_step > 0 else None
+        attributes = saved.get("attributes", {}) if isinstance(saved, dict) else {}
+        if state.global_step == 0:
+            self.trainer._prior_loss_sum = 0.0
+        elif "loss_sum" in attributes:
+            self.trainer._prior_loss_sum = float(attributes["loss_sum"])
+        else:
+            self.trainer._prior_loss_sum = None
+            logger.warning("The checkpoint records no loss sum (written by an older version): train_loss will average "
+                           "only the %d resumed steps.", state.max_steps - state.global_step)
 
 
 class CIRTrainer(Trainer):
@@ -110,17 +168,17 @@ class CIRTrainer(Trainer):
             model.freeze_target_side()
             if bank is None and train_dataset is not None:
                 model.to(args.device)
-                # With a bank_dir the main process builds and stores the bank; the others then load it.
-                with args.main_process_first(local=False, desc="candidate bank"):
-                    bank = load_or_build_candidate_bank(
-                        model, self.images, bank_image_ids([train_dataset], dedup_map), processor.image_processor,
-                        bank_dir=args.bank_dir, dtype=args.bank_dtype, batch_size=args.per_device_eval_batch_size,
-                        dedup_map=dedup_map, show_progress_bar=not args.disable_tqdm,
-                        num_workers=args.dataloader_num_workers, shard_size=args.bank_shard_size,
-                    )
+                # Every rank builds its share of the shards (no rank waits idle in a barrier); see the function.
+                bank = load_or_build_candidate_bank(
+                    model, self.images, bank_image_ids([train_dataset], dedup_map), processor.image_processor,
+                    bank_dir=args.bank_dir, dtype=args.bank_dtype, batch_size=args.per_device_eval_batch_size,
+                    dedup_map=dedup_map, show_progress_bar=not args.disable_tqdm,
+                    num_workers=args.dataloader_num_workers, shard_size=args.bank_shard_size,
+                )
             self.bank = bank
-            self.loss_fn = (CandidateBankLoss(bank.target_embeds, self.temperature, args.num_negatives,
-                                              similarity=model.similarity) if bank else None)
+            self.loss_fn = candidate_bank_loss(bank, args, self.temperature, model.similarity) if bank else None
+            if bank is not None and hasattr(evaluator, "use_bank"):
+                evaluator.use_bank(bank)  # gallery images the bank holds are not encoded again
         else:
             self.bank = None
             self.loss_fn = stage1_loss_for(model, self.temperature, similarity=model.similarity)
@@ -134,7 +192,9 @@ class CIRTrainer(Trainer):
         )
         if train_dataset is not None and "row_index" not in train_dataset.column_names:
             train_dataset = train_dataset.add_column("row_index", list(range(len(train_dataset))))
-        callbacks = list(kwargs.pop("callbacks", None) or []) + [_CollatorEpoch(collator)]
+        self._prior_loss_sum: float | None = None
+        self._nonfinite_streak = 0
+        callbacks = list(kwargs.pop("callbacks", None) or []) + [_CollatorEpoch(collator), _WholeRunLoss(self)]
         if evaluator is not None:
             # Trainer insists on an eval_dataset when eval_strategy is set; the evaluator owns the real one.
             kwargs.setdefault("eval_dataset", evaluator.triplets)
@@ -163,9 +223,89 @@ class CIRTrainer(Trainer):
             loss = getattr(self.loss_fn, "loss_from_outputs", self.loss_fn)(outputs, keys)
         else:
             target_index = inputs.pop("target_index")
+            # bank rows in the model's precision: a bf16/fp16 bank never lowers an fp32 query (or its loss)
+            dtype = next(model.parameters()).dtype
+            if inputs["reference_features"].is_floating_point() and inputs["reference_features"].dtype != dtype:
+                inputs["reference_features"] = inputs["reference_features"].to(dtype)
             outputs = model(**inputs)
             loss = self.loss_fn(outputs.query_embeds, target_index, getattr(outputs, "temperature", None))
         return (loss, outputs) if return_outputs else loss
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if torch.isfinite(loss).all():
+            self._nonfinite_streak = 0
+            return loss
+        self._nonfinite_streak += 1
+        step = self.state.global_step + 1
+        limit = self.args.max_consecutive_nonfinite_losses
+        if self._nonfinite_streak >= limit:
+            model.zero_grad(set_to_none=True)
+            raise RuntimeError(
+                f"Training loss is {loss.item()} at step {step} ({self._nonfinite_streak} consecutive non-finite "
+                f"step(s), max_consecutive_nonfinite_losses={limit}): the run diverged and was stopped before this "
+                "step's update. Lower the learning rate (or use bf16 instead of fp16), then resume from the last "
+                "checkpoint or restart."
+            )
+        logger.warning("Non-finite training loss (%s) at step %d: its gradients are dropped (%d of %d allowed "
+                       "consecutive).", loss.item(), step, self._nonfinite_streak, limit)
+        model.zero_grad(set_to_none=True)
+        return loss
+
+    def _load_callback_state(self) -> None:
+        super()._load_callback_state()
+        for callback in self.callback_handler.callbacks:  # restore_callback_states_from_checkpoint re-creates them
+            if isinstance(callback, _WholeRunLoss) and callback.trainer is None:
+                callback.trainer = self
+
+    def _whole_run_loss_sum(self) -> float:
+        """Sum of the losses of every step so far, including those before a resume (when the checkpoint says)."""
+        return self._prior_loss_sum + self._total_loss_scalar + self._tr_loss.item()
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        resumed = getattr(self, "_initial_global_step", 0) > 0
+        if "train_loss" in logs and resumed and self._prior_loss_sum is not None:
+            # The Trainer averages this train() call's steps only; report the whole run's mean, as without resume.
+            logs["train_loss"] = (self._prior_loss_sum + self._total_loss_scalar) / max(self.state.global_step, 1)
+        super().log(logs, start_time)
+
+    def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
+        self._check_batch_fits()
+        output = super().train(resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs)
+        return output._replace(training_loss=output.metrics.get("train_loss", output.training_loss))
+
+    def _check_batch_fits(self) -> None:
+        if self.train_dataset is None or not hasattr(self.train_dataset, "__len__"):
+            return
+        n, batch = len(self.train_dataset), self.args.train_batch_size * self.args.world_size
+        if n == 0:
+            raise ValueError("The training set is empty: there is nothing to train on (check the triplets split).")
+        if self.args.dataloader_drop_last and n < batch:
+            raise ValueError(
+                f"The training set has {n} triplets but one batch takes {batch} (per_device_train_batch_size "
+                f"{self.args.per_device_train_batch_size} x {self.args.world_size} processes), and "
+                "dataloader_drop_last=True drops the only, incomplete batch: nothing would be trained. Lower "
+                f"--per_device_train_batch_size to at most {n // self.args.world_size or 1}, or unset "
+                "--dataloader_drop_last."
+            )
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        if checkpoint is not None and not self.is_deepspeed_enabled:
+            saved = {p.name for p in Path(checkpoint).iterdir()} if Path(checkpoint).is_dir() else set()
+            # optimizer.pt, optimizer.bin (accelerate), an optimizer folder (FSDP) or per-rank optimizer files
+            has_optimizer = any(name.startswith("optimizer") or name.endswith("-optimizer.pt") for name in saved)
+            found = {"optimizer.pt": has_optimizer, "scheduler.pt": "scheduler.pt" in saved}
+            missing = [name for name, present in found.items() if not present]
+            if missing and not self.args.resume_without_optimizer_state:
+                raise ValueError(
+                    f"Checkpoint {checkpoint} has no {' or '.join(missing)}: resuming would silently restart the "
+                    "optimizer state and the learning-rate schedule. Resume from a complete checkpoint, or pass "
+                    "--resume_without_optimizer_state to accept a fresh optimizer / schedule."
+                )
+            if missing:
+                logger.warning("Checkpoint %s has no %s: the optimizer state and/or the learning-rate schedule restart "
+                               "from scratch (resume_without_optimizer_state=True).", checkpoint, " or ".join(missing))
+        return super()._load_optimizer_and_scheduler(checkpoint)
 
     # ----------------------------------------------------------------------------------- evaluation
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
@@ -179,6 +319,13 @@ class CIRTrainer(Trainer):
 
     # --------------------------------------------------------------------------------------- saving
     def _save(self, output_dir: str | None = None, state_dict=None):
+        tensors = state_dict.items() if state_dict is not None else self.model.named_parameters()
+        for name, tensor in tensors:
+            if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                raise RuntimeError(
+                    f"Refusing to save {output_dir or self.args.output_dir}: weight {name!r} contains NaN or inf "
+                    "(training diverged). Lower the learning rate and resume from the last finite checkpoint."
+                )
         super()._save(output_dir, state_dict)
         output_dir = Path(output_dir or self.args.output_dir)
         (output_dir / "README.md").write_text(self.model_card())

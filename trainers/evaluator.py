@@ -89,6 +89,15 @@ class CIREvaluator:
         self.show_progress_bar = show_progress_bar
         self.report_dir, self.report_queries, self.report_top_k = report_dir, report_queries, report_top_k
         self.images = ImageStore(corpus)
+        self.bank = None
+        self._digests: tuple[list, list[str]] | None = None  # (stamps, sha256) of the gallery images
+
+    def use_bank(self, bank) -> None:
+        """Reuse a stage-2 candidate bank ([`CandidateBank`]): a gallery image whose bytes the bank holds is not
+        encoded again when the evaluated model's frozen towers and the image processor are the bank's (checked
+        by their fingerprints at each evaluation) and the bank is stored in fp32 (a half-precision bank's rows
+        would change the metrics); every other gallery image is encoded."""
+        self.bank = bank
 
     @property
     def protocol_description(self) -> str:
@@ -100,6 +109,63 @@ class CIREvaluator:
 
     def _key(self, metric: str) -> str:
         return f"{self.name}_{metric}" if self.name else metric
+
+    def _bank_rows(self, model, gallery_ids: list[str]) -> list[int | None]:
+        """The bank row holding each gallery image (matched by the sha256 of its bytes), or None."""
+        from .candidate_bank import image_digests, processor_fingerprint, tower_fingerprint
+
+        bank = self.bank
+        none = [None] * len(gallery_ids)
+        if bank is None or bank.image_digests is None:
+            return none
+        fingerprint = bank.fingerprint
+        if fingerprint.get("dtype") != "float32":
+            logger.info("Evaluation encodes the whole gallery: the candidate bank is stored in %s, not float32.",
+                        fingerprint.get("dtype"))
+            return none
+        try:
+            towers = tower_fingerprint(model)
+        except AttributeError:  # not a CIR model with a target side
+            return none
+        if towers != fingerprint.get("frozen_tower_weights") or (
+                processor_fingerprint(self.image_processor) != fingerprint.get("image_processor")):
+            logger.info("Evaluation encodes the whole gallery: the model's target side or the image processor is "
+                        "not the candidate bank's.")
+            return none
+        stamps = self.images.stamps(gallery_ids)
+        if self._digests is None or None in stamps or self._digests[0] != stamps:
+            self._digests = (stamps, image_digests(self.images, gallery_ids))
+        row_of = {digest: row for row, digest in enumerate(bank.image_digests)}
+        return [row_of.get(digest) for digest in self._digests[1]]
+
+    def _gallery_features(self, model, gallery_ids: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Target embeddings and reference features of the gallery: the bank's rows where it holds the image
+        (see `use_bank`), the others encoded."""
+        rows = self._bank_rows(model, gallery_ids)
+        missing = [i for i, row in enumerate(rows) if row is None]
+        held = [i for i, row in enumerate(rows) if row is not None]
+        if held:
+            logger.info("Evaluation reuses %d of %d gallery images from the candidate bank and encodes the other %d.",
+                        len(held), len(gallery_ids), len(missing))
+        encoded = None
+        if missing:
+            encoded = encode_images(
+                model.get_target_embeds_and_reference_features, self.images, [gallery_ids[i] for i in missing],
+                self.image_processor, self.batch_size, self.num_workers, device=next(model.parameters()).device,
+                show_progress_bar=self.show_progress_bar, desc="gallery",
+            )
+            if not held:
+                return encoded
+        bank_rows = [rows[i] for i in held]
+        from_bank = (self.bank.target_embeds[bank_rows].float(), self.bank.reference_features[bank_rows].float())
+        out = []
+        for k, part in enumerate(from_bank):
+            full = torch.empty((len(gallery_ids), *part.shape[1:]), dtype=torch.float32)
+            full[held] = part
+            if encoded is not None:
+                full[missing] = encoded[k].float()
+            out.append(full)
+        return tuple(out)
 
     def _query_embeds(self, model, texts: list[str], reference_features: torch.Tensor) -> torch.Tensor:
         device = next(model.parameters()).device
@@ -126,13 +192,12 @@ class CIREvaluator:
 
     def _evaluate(self, model) -> dict[str, float]:
         triplets = self.triplets
+        if len(triplets) == 0:
+            raise ValueError(f"The evaluation triplets{f' {self.name!r}' if self.name else ''} are empty: there is no "
+                             "query to evaluate (check the split's annotations, or pass another split).")
         self.images.check(triplets["reference_id"], "reference images of the triplets")
         gallery_ids = list(dict.fromkeys(self.corpus["image_id"]))
-        gallery, references = encode_images(
-            model.get_target_embeds_and_reference_features, self.images, gallery_ids, self.image_processor,
-            self.batch_size, self.num_workers, device=next(model.parameters()).device,
-            show_progress_bar=self.show_progress_bar, desc="gallery",
-        )
+        gallery, references = self._gallery_features(model, gallery_ids)
         position = {image_id: i for i, image_id in enumerate(gallery_ids)}
         reference_ids = list(triplets["reference_id"])
         texts = [compose_text(t, self.text_mode, training=False) for t in triplets["modification_texts"]]
