@@ -196,6 +196,24 @@ def phrase_vocabulary() -> list[str]:
     return [f"{s} {c} {h}" for s in SIZES for c in COLOURS for h in SHAPES]
 
 
+def scene_captions(scenes: dict[str, str], corrupt: float = 0.0, seed: int = 0) -> dict[str, str]:
+    """Captions written from the scene graph (`{image_id: scene JSON}`): the image's object phrases joined by
+    " and ". Diagnostic only (it reads the analysis-only metadata). `corrupt` is the fraction of all phrases, drawn
+    at random (seeded), replaced by a phrase that names no object of that scene, so exactly that share of phrases
+    is wrong (a wrong phrase may still match an object by colour + shape)."""
+    if not 0.0 <= corrupt <= 1.0:
+        raise ValueError(f"corrupt must be a fraction in [0, 1], got {corrupt}.")
+    truth = {i: [f"{o['size']} {o['colour']} {o['shape']}" for o in json.loads(s)] for i, s in scenes.items()}
+    phrases = {i: list(p) for i, p in truth.items()}
+    slots = [(i, j) for i in phrases for j in range(len(phrases[i]))]
+    rng = random.Random(seed)
+    vocabulary = phrase_vocabulary()
+    for i, j in rng.sample(slots, round(corrupt * len(slots))):
+        taken = set(truth[i]) | set(phrases[i])  # never an object of the scene, never a repeat within the caption
+        phrases[i][j] = rng.choice([p for p in vocabulary if p not in taken])
+    return {i: " and ".join(p) for i, p in phrases.items()}
+
+
 class _Split:
     """Images (deduplicated by scene within a gallery) and triplets of one split."""
 
@@ -261,8 +279,9 @@ def build_split(name: str, n_queries: int, n_distractors: int, rng: random.Rando
     return split
 
 
-def build_synthetic(output_dir: str | Path, seed: int = 0, size: str = "default") -> Path:
-    """Write the benchmark to `output_dir` (configs `corpus` and `triplets`)."""
+def build_synthetic(output_dir: str | Path, seed: int = 0, size: str = "default", overwrite: bool = False) -> Path:
+    """Write the benchmark to `output_dir` (configs `corpus` and `triplets`): a new or empty directory, or (with
+    `overwrite`) a previous output of this generator."""
     sizes = SIZES_PRESETS[size]
     rng = random.Random(seed)
     splits = {}
@@ -290,7 +309,7 @@ images standing in for web pre-training data. The `scene` column is for analysis
         output_dir, data,
         corpus_extra={"scene": datasets.Value("string"), "caption": datasets.Value("string")},
         triplet_extra={"modification": datasets.Value("string"), "query_id": datasets.Value("string")},
-        card=card,
+        card=card, tool="datasets_scripts.synthetic", overwrite=overwrite,
     )
 
 
@@ -299,8 +318,10 @@ def main(argv=None):
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--size", default="default", choices=sorted(SIZES_PRESETS))
+    parser.add_argument("--overwrite_output_dir", action="store_true",
+                        help="replace --output_dir when it holds a previous output of this generator")
     args = parser.parse_args(argv)
-    print(f"wrote {build_synthetic(args.output_dir, args.seed, args.size)}")
+    print(f"wrote {build_synthetic(args.output_dir, args.seed, args.size, args.overwrite_output_dir)}")
 
 
 if __name__ == "__main__":

@@ -17,8 +17,9 @@ Two modes:
   stage 2) and/or evaluate on a real benchmark or your own data, with every `transformers.TrainingArguments` option
   plus SPN's (listed below). Writes `all_results.json` (train and eval metrics, with the evaluation protocol) into
   `--output_dir`.
-- without `--dataset`: the built-in SPN recipe (stage 0 warm-up, stage 1, positive scaling, stage 2, the ablation
-  table) on a procedurally generated benchmark, on a CPU, in about 3 minutes; its options are listed at the end.
+- without `--dataset`: the built-in SPN recipe (stage 0 warm-up, a generative captioner trained on separate data,
+  stage 1, positive scaling, stage 2, the ablation table with a zero-shot row) on a procedurally generated
+  benchmark, on a CPU (README: the embedded default, for its time); its options are listed at the end.
 """
 
 import json

@@ -7,8 +7,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from spn_recipe import ROWS, RecipeConfig, run_default_recipe
+from spn_recipe.generative_captioner import caption_phrases, caption_precision
+from spn_recipe.recipe import aggregate_seeds, format_table
 
-from datasets_scripts.synthetic import MODIFICATIONS, build_synthetic
+from datasets_scripts.synthetic import MODIFICATIONS, build_synthetic, phrase_vocabulary, scene_captions
 
 
 def _objects(scene_json):
@@ -98,7 +100,13 @@ def test_miniature_recipe(tmp_path):
     saved = json.loads((tmp_path / "run" / "results.json").read_text())
     assert saved["results"] == summary["results"] and "reference removed" in saved["protocol"]
     assert (tmp_path / "run" / "recall_at_k.png").stat().st_size > 0
-    assert saved["generated_triplets"] == 2 * 120 and 0 <= saved["caption_accuracy"]["phrase_precision"] <= 100
+    assert saved["generated_triplets"] == 2 * 120
+    # the pool is captioned by the generative stand-in (trained on 'pretrain' and scored on its held-out part),
+    # and the stage-1 model's retrieval captions are scored next to it
+    assert set(saved["caption_precision"]) == {"generative", "retrieval"}
+    assert 0 <= saved["caption_precision"]["generative"]["phrase_precision"] <= 100
+    assert (tmp_path / "run" / "captioner" / "config.json").exists()
+    assert "phrase_precision" in saved["captioner_heldout"]["heldout"]
     html = (tmp_path / "run" / "retrieval_report" / "retrieval_report.html").read_text()
     assert saved["retrieval_report"]["model"] in ROWS and html.count("<img") >= 8 * 9  # 8 queries: reference + top 8
     # each stage changes what it trains, and stage 2 nothing else
@@ -117,6 +125,60 @@ def test_miniature_recipe(tmp_path):
     assert not (run / "stage2_N_lora" / "model.safetensors").exists()
     adapter = load_file(run / "stage2_N_lora" / "adapter_model.safetensors")
     assert adapter and not any("vision_model" in k or "visual_projection" in k for k in adapter)
-    # same seed, same numbers (the benchmark is reused from the first run's cache)
-    again = run_default_recipe(RecipeConfig.tiny(str(tmp_path / "run"), show_progress_bar=False))
+    # zero-shot: stage 1 then stage 2 on generated triplets only (no annotated triplet), from stage 0
+    assert {"text_model", "vision_model"} <= changed("stage0", "zero_shot_stage1")
+    assert changed("zero_shot_stage1", "zero_shot") == {"text_model", "text_projection"}
+    # same seed, same numbers, from scratch in another directory (nothing reused but nothing differs)
+    again = run_default_recipe(RecipeConfig.tiny(str(tmp_path / "again"), show_progress_bar=False))
     assert again["results"] == summary["results"]
+    assert again["caption_precision"] == summary["caption_precision"]
+
+
+def test_scene_captions_corrupt_exactly_the_requested_share_of_phrases(bench):
+    pool = datasets.load_dataset(str(bench), "corpus", split="train")
+    scenes = dict(zip(pool["image_id"], pool["scene"]))
+    clean = scene_captions(scenes)
+    assert caption_precision(list(clean.values()), list(scenes.values()))["phrase_precision"] == 100.0
+    for level in (0.25, 0.5, 0.75):
+        noisy = scene_captions(scenes, corrupt=level, seed=1)
+        total = sum(len(caption_phrases(c)) for c in clean.values())
+        wrong = sum(a != b for i in clean for a, b in zip(caption_phrases(clean[i]), caption_phrases(noisy[i])))
+        assert wrong == round(level * total)  # exactly that share of phrases changed ...
+        precision = caption_precision(list(noisy.values()), list(scenes.values()))
+        assert abs(precision["phrase_precision"] - 100 * (1 - level)) < 100 / total + 1e-9  # ... and each is wrong
+        assert all(p in phrase_vocabulary() for c in noisy.values() for p in caption_phrases(c))
+        assert all(len(set(caption_phrases(c))) == len(caption_phrases(c)) for c in noisy.values())
+    assert scene_captions(scenes, 0.5, seed=1) == scene_captions(scenes, 0.5, seed=1) != scene_captions(scenes, 0.5, 2)
+    with pytest.raises(ValueError, match="fraction"):
+        scene_captions(scenes, corrupt=1.5)
+
+
+def test_caption_precision_parses_generated_and_retrieved_captions():
+    scene = json.dumps([{"shape": "circle", "colour": "red", "size": "small", "cell": 0},
+                        {"shape": "cross", "colour": "blue", "size": "large", "cell": 4}])
+    # LLaVA-style (articles, commas, "and") and retrieval-style captions name the same phrases
+    assert caption_phrases("a small red circle, a large blue cross and a small green square") == [
+        "small red circle", "large blue cross", "small green square"]
+    assert caption_phrases("small red circle and large blue cross") == ["small red circle", "large blue cross"]
+    p = caption_precision(["a small red circle, a small blue cross and a large green square"], [scene])
+    assert p["phrases"] == 3
+    assert p["phrase_precision"] == pytest.approx(100 / 3)  # only the red circle is exact
+    assert p["colour_shape_precision"] == pytest.approx(200 / 3)  # the blue cross has the wrong size
+    assert p["object_recall"] == 50.0
+    empty = caption_precision([""], [scene])  # an empty caption is one wrong phrase, not a free pass
+    assert empty["phrases"] == 1 and empty["phrase_precision"] == 0.0
+
+
+def test_seed_aggregation_and_table():
+    runs = [{"config": {"seed": s}, "results": {"stage 1": {"recall@1": r, "recall@5": 1.0, "recall@10": 2.0,
+                                                            "recall@50": 3.0}},
+             "caption_precision": {"generative": {"phrase_precision": r, "colour_shape_precision": 50.0}}}
+            for s, r in ((0, 10.0), (1, 20.0), (2, 30.0))]
+    agg = aggregate_seeds(runs)
+    assert agg["seeds"] == [0, 1, 2]
+    assert agg["results"]["stage 1"]["recall@1"]["mean"] == 20.0
+    assert agg["results"]["stage 1"]["recall@1"]["std"] == pytest.approx(10.0)  # sample std (n - 1)
+    assert agg["results"]["stage 1"]["recall@5"]["std"] == 0.0
+    assert agg["caption_precision"]["generative"]["phrase_precision"]["mean"] == 20.0
+    table = format_table(agg["results"], rows=["stage 1"])
+    assert "| stage 1 | 20.00 ± 10.00 | 1.00 ± 0.00 | 2.00 ± 0.00 | 3.00 ± 0.00 |" in table

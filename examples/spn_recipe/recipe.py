@@ -5,20 +5,30 @@
 1. build (or reuse) the benchmark (`datasets_scripts.synthetic`);
 2. a small CLIP4CIR built from a config, with a word-level tokenizer trained on the benchmark's text;
 3. stage 0: image-caption contrastive warm-up, standing in for CLIP's pre-training (not part of SPN);
-4. stage 1: in-batch CIR fine-tuning on the annotated triplets;
-5. positive scaling: the stage-1 model captions the unlabeled pool by retrieval over the benchmark's phrase
-   vocabulary (never from the scene graph, which only scores the captions), pairs images in a rank window
-   and fills the templates;
-6. stage 2 on the candidate bank;
-7. the paper's ablation on the test split: stage 1, +N (stage 2 on annotated), +P (stage 1 with generated
-   positives), +P+N — a table, `results.json` and a recall-at-K plot.
+4. the captioner, standing in for the paper's LLaVA: a tiny LLaVA trained only on the separate captioned
+   `pretrain` corpus (`generative_captioner.py`), used through `MLLMCaptioner` (processor, chat template,
+   `generate`); its held-out caption quality is reported;
+5. stage 1: in-batch CIR fine-tuning on the annotated triplets;
+6. positive scaling: the captioner captions the unlabeled pool (the scene graph only scores the captions; the
+   stage-1 model's retrieval captions over the phrase vocabulary are scored next to them), pairs images in a rank
+   window and fills the templates;
+7. stage 2 on the candidate bank;
+8. the paper's ablation on the test split: stage 1, +N (stage 2 on annotated), +N (LoRA), +P (stage 1 with
+   generated positives), +P+N, and zero-shot (stage 1 then stage 2 on generated triplets only) — a table,
+   `results.json` and a recall-at-K plot.
+
+Diagnostics (never part of the default): `--seeds 0 1 2` (mean and std per cell), `--caption_noise_study`
+(+P and +P+N with scene-graph captions corrupted at 0/25/50/75 % of phrases, R@10 against caption precision),
+`--oracle_captions`, `--captioner retrieval`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import datasets
@@ -31,7 +41,7 @@ from datasets_scripts.captioners import (
 )
 from datasets_scripts.common import TRIPLET_FEATURES
 from datasets_scripts.positive_scaling import generate_scaled_triplets
-from datasets_scripts.synthetic import build_synthetic, phrase_vocabulary
+from datasets_scripts.synthetic import build_synthetic, phrase_vocabulary, scene_captions
 from modeling_spn4cir import (
     CLIP4CIRConfig,
     CLIP4CIRImageProcessor,
@@ -44,14 +54,17 @@ from trainers.cir_trainer import CIRTrainer, CIRTrainingArguments
 from trainers.evaluation import PROTOCOLS
 from trainers.evaluator import CIREvaluator
 
+from .generative_captioner import CaptionerConfig, caption_precision, load_captioner, train_generative_captioner
 from .tokenizer import train_word_tokenizer
 from .warmup import image_text_warmup
 
 TRIPLET_COLUMNS = list(TRIPLET_FEATURES)  # the schema's core columns, shared by every source
 KS = (1, 5, 10, 50)
-ROWS = ("stage 1", "+N", "+N (LoRA)", "+P", "+P+N")
+ROWS = ("stage 1", "+N", "+N (LoRA)", "+P", "+P+N", "zero-shot")
 MODEL_DIRS = {"stage 1": "stage1", "+N": "stage2_N", "+N (LoRA)": "stage2_N_lora", "+P": "stage1_P",
-              "+P+N": "stage2_PN"}
+              "+P+N": "stage2_PN", "zero-shot": "zero_shot"}
+CAPTIONERS = ("generative", "retrieval", "oracle")
+NOISE_LEVELS = (0.0, 0.25, 0.5, 0.75)
 
 
 @dataclass
@@ -75,9 +88,12 @@ class RecipeConfig:
     rank_window: tuple[float, float] = (0.4, 0.8)  # fractions of the pool, like 10k-20k of FashionIQ's ~25k images
     k: int = 2  # generated targets per pool image
     caption_phrases: int = 2  # phrases per retrieved caption
-    # Diagnostic only, never the default: caption the pool from the scene graph (perfect captions) to measure
-    # how much of the +P effect depends on caption quality.
-    oracle_captions: bool = False
+    # Who captions the pool for +P, +P+N and zero-shot: "generative" (the tiny LLaVA trained on `pretrain`, the
+    # default), "retrieval" (the stage-1 model over the phrase vocabulary) or "oracle" (diagnostic only: the scene
+    # graph, i.e. perfect captions).
+    captioner: str = "generative"
+    captioner_config: dict = field(default_factory=dict)  # overrides of generative_captioner.CaptionerConfig
+    oracle_captions: bool = False  # the same as captioner="oracle"
     show_progress_bar: bool = True
     model_sizes: dict = field(default_factory=lambda: dict(hidden=128, layers=4, text_layers=3, heads=4, patch=16))
 
@@ -86,9 +102,17 @@ class RecipeConfig:
         """A ~1 minute run for tests: tiny benchmark, a couple of epochs per stage."""
         base = dict(output_dir=output_dir, size="tiny", stage0_epochs=2, stage1_epochs=2, stage2_epochs=1,
                     stage1_batch_size=16, stage2_batch_size=32,
-                    model_sizes=dict(hidden=32, layers=2, text_layers=2, heads=2, patch=16))
+                    model_sizes=dict(hidden=32, layers=2, text_layers=2, heads=2, patch=16),
+                    captioner_config=dict(hidden=32, heads=2, vision_layers=1, text_layers=1, patch=16, epochs=1,
+                                          batch_size=16, heldout=40))
         base.update(kw)
         return cls(**base)
+
+    def __post_init__(self):
+        if self.oracle_captions:
+            self.captioner = "oracle"
+        if self.captioner not in CAPTIONERS:
+            raise ValueError(f"captioner must be one of {CAPTIONERS}, got {self.captioner!r}.")
 
 
 def _say(message: str) -> None:
@@ -123,14 +147,16 @@ def _benchmark(cfg: RecipeConfig) -> Path:
     if stamp.exists() and json.loads(stamp.read_text()) == manifest:
         _say(f"reusing the benchmark in {path}")
     else:
-        build_synthetic(path, cfg.seed, cfg.size)
+        build_synthetic(path, cfg.seed, cfg.size, overwrite=True)  # the recipe's own earlier benchmark only
         atomic_write_json(stamp, manifest)
         _say(f"built the benchmark in {path}")
     return path
 
 
 def _train(model, processor, cfg: RecipeConfig, stage: str, train, corpus, out: Path,
-           lora_r: int | None = None) -> CLIP4CIRModel:
+           lora_r: int | None = None, bank_dir: Path | None = None) -> CLIP4CIRModel:
+    """One CIRTrainer run. `bank_dir`: where stage 2's candidate bank is kept; two runs from the same stage-1
+    model over the same images share one (the bank is fingerprinted, so it is reused only when it matches)."""
     epochs, lr, batch = ((cfg.stage1_epochs, cfg.stage1_lr, cfg.stage1_batch_size) if stage == "in_batch"
                          else (cfg.stage2_epochs, cfg.stage2_lr, cfg.stage2_batch_size))
     if lora_r is not None:
@@ -139,8 +165,8 @@ def _train(model, processor, cfg: RecipeConfig, stage: str, train, corpus, out: 
         output_dir=str(out), stage=stage, num_train_epochs=epochs, learning_rate=lr, per_device_train_batch_size=batch,
         per_device_eval_batch_size=256, warmup_steps=0, weight_decay=0.01, lr_scheduler_type="linear",
         logging_strategy="epoch", save_strategy="no", report_to=[], seed=cfg.seed, data_seed=cfg.seed,
-        disable_tqdm=not cfg.show_progress_bar, use_cpu=True, bank_dir=str(out / "bank"), dataloader_drop_last=True,
-        lora_r=lora_r,
+        disable_tqdm=not cfg.show_progress_bar, use_cpu=True, bank_dir=str(bank_dir or out / "bank"),
+        dataloader_drop_last=True, lora_r=lora_r,
     )
     trainer = CIRTrainer(model, args, train_dataset=train, corpus=corpus, processor=processor,
                          model_card_info={"base_model": "config (synthetic recipe)", "datasets": "synthetic CIR"})
@@ -155,65 +181,132 @@ def _load(path: Path) -> CLIP4CIRModel:
     return CLIP4CIRModel.from_pretrained(path)
 
 
-def _caption_accuracy(generated_corpus, scenes: dict[str, str]) -> dict[str, float]:
-    """How many caption phrases name an object of the image's scene (exactly, and by colour + shape)."""
-    exact = colour_shape = total = 0
-    for image_id, caption in zip(generated_corpus["image_id"], generated_corpus["caption"]):
-        objects = json.loads(scenes[image_id])
-        full = {f"{o['size']} {o['colour']} {o['shape']}" for o in objects}
-        partial = {f"{o['colour']} {o['shape']}" for o in objects}
-        for phrase in caption.split(" and "):
-            total += 1
-            exact += phrase in full
-            colour_shape += phrase.split(" ", 1)[1] in partial
-    return {"phrase_precision": 100 * exact / max(total, 1),
-            "colour_shape_precision": 100 * colour_shape / max(total, 1), "phrases": total}
+def _pool_precision(corpus, captions: dict[str, str]) -> dict[str, float]:
+    """`caption_precision` of the captions of `corpus`'s images against their scene graphs."""
+    ids = [i for i in corpus["image_id"] if i in captions]
+    scenes = dict(zip(corpus["image_id"], corpus["scene"]))
+    return caption_precision([captions[i] for i in ids], [scenes[i] for i in ids])
 
 
-def _plot(results: dict, path: Path) -> None:
+def _retrieval_captions(captioner, pool, batch_size: int = 256) -> dict[str, str]:
+    captions = {}
+    for start in range(0, len(pool), batch_size):
+        batch = pool[start:start + batch_size]
+        captions.update(zip(batch["image_id"], captioner({"image": batch["image"]})))
+    return captions
+
+
+def _plot(results: dict, path: Path, rows=ROWS) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    for row in ROWS:
+    for row in rows:
         ax.plot(KS, [results[row][f"recall@{k}"] for k in KS], marker="o", label=row)
     ax.set_xscale("log")
     ax.set_xticks(KS, [str(k) for k in KS])
     ax.set_xlabel("K")
     ax.set_ylabel("Recall@K (%)")
     ax.set_title("SPN ablation, synthetic CIR (test)")
-    ax.legend()
+    ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def format_table(results: dict) -> str:
+def format_table(results: dict, rows=ROWS) -> str:
+    """A markdown table; a cell is a number, or `{"mean", "std"}` (several seeds), printed as mean ± std."""
+    def cell(value) -> str:
+        return f"{value['mean']:.2f} ± {value['std']:.2f}" if isinstance(value, dict) else f"{value:.2f}"
+
     lines = ["| model | " + " | ".join(f"R@{k}" for k in KS) + " |", "|---|" + "---|" * len(KS)]
-    for row in ROWS:
-        lines.append(f"| {row} | " + " | ".join(f"{results[row][f'recall@{k}']:.2f}" for k in KS) + " |")
+    for row in rows:
+        lines.append(f"| {row} | " + " | ".join(cell(results[row][f"recall@{k}"]) for k in KS) + " |")
     return "\n".join(lines)
 
 
-def run_default_recipe(cfg: RecipeConfig | None = None) -> dict:
-    cfg = cfg or RecipeConfig()
-    start = time.perf_counter()
+def _precision_line(name: str, p: dict) -> str:
+    return (f"{name}: {p['phrase_precision']:.1f}% of phrases name an object of the scene exactly, "
+            f"{p['colour_shape_precision']:.1f}% by colour + shape ({p['object_recall']:.1f}% of objects named)")
+
+
+def _prepare(cfg: RecipeConfig) -> dict:
+    """The benchmark, the CLIP4CIR tokenizer and processor, the test evaluator and the annotated triplets."""
     out = Path(cfg.output_dir)
-    datasets.disable_progress_bars() if not cfg.show_progress_bar else None
     bench = _benchmark(cfg)
     triplets = datasets.load_dataset(str(bench), "triplets")
     corpus = datasets.load_dataset(str(bench), "corpus")
-    train_corpus, pretrain = corpus["train"], corpus["pretrain"]
-    annotated = triplets["train"].select_columns(TRIPLET_COLUMNS)
-
-    texts = (list(pretrain["caption"]) + [t for ts in triplets["train"]["modification_texts"] for t in ts]
+    texts = (list(corpus["pretrain"]["caption"]) + [t for ts in triplets["train"]["modification_texts"] for t in ts]
              + phrase_vocabulary() + ["instead of", "unlike , i want"])
     tokenizer = train_word_tokenizer(texts, model_max_length=48)
     processor = CLIP4CIRProcessor(image_processor=CLIP4CIRImageProcessor(preprocessing="resize", size=64),
                                   tokenizer=tokenizer)
+    evaluator = CIREvaluator(corpus["test"], triplets["test"], processor.image_processor, tokenizer, protocol="recall",
+                             batch_size=256, show_progress_bar=cfg.show_progress_bar)
+    return dict(out=out, triplets=triplets, corpus=corpus, tokenizer=tokenizer, processor=processor,
+                evaluator=evaluator, annotated=triplets["train"].select_columns(TRIPLET_COLUMNS))
+
+
+def _unlabeled_pool(train_corpus, annotated):
+    used = set(annotated["reference_id"]) | set(annotated["target_id"])
+    return train_corpus.select([i for i, image_id in enumerate(train_corpus["image_id"]) if image_id not in used])
+
+
+def _generate(cfg: RecipeConfig, pool, captioner, adapter, tokenizer, out: Path, cache: Path):
+    n = len(pool)
+    window = (max(1, int(cfg.rank_window[0] * n)), int(cfg.rank_window[1] * n))
+    generated_dir = generate_scaled_triplets(
+        pool, captioner, out, encoder=adapter, dataset="cirr", rank_window=window, k=cfg.k, seed=cfg.seed,
+        tokenizer=tokenizer, max_length=tokenizer.model_max_length, batch_size=256, caption_cache_dir=cache,
+        show_progress_bar=cfg.show_progress_bar, overwrite=True,
+    )
+    generated = datasets.load_dataset(str(generated_dir), "triplets", split="train")
+    generated_corpus = datasets.load_dataset(str(generated_dir), "corpus", split="train")
+    return generated, dict(zip(generated_corpus["image_id"], generated_corpus["caption"])), window
+
+
+STAGE0_STAMP, STAGES_STAMP = "stage0.json", "stages.json"  # stage 0 / stages 0 and 1 of this config are done
+
+
+def _config_key(cfg: RecipeConfig) -> dict:
+    """What determines a run's models (JSON types): the config without where it is written or how it reports."""
+    return json.loads(json.dumps({k: v for k, v in asdict(cfg).items() if k not in ("output_dir", "show_progress_bar")}))
+
+
+def _finished(path: Path, cfg: RecipeConfig) -> dict | None:
+    """The stamp at `path` if it was written by a run of the same config, else None."""
+    if path.exists():
+        stored = json.loads(path.read_text())
+        if {k: v for k, v in stored["config"].items() if k not in ("output_dir", "show_progress_bar")} == _config_key(cfg):
+            return stored
+    return None
+
+
+def _cache_name(manifest) -> str:
+    return hashlib.sha256(json.dumps(manifest, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def run_default_recipe(cfg: RecipeConfig | None = None) -> dict:
+    cfg = cfg or RecipeConfig()
+    start, cpu_start = time.perf_counter(), time.process_time()
+    timings: dict[str, float] = {}
+    clock = [time.perf_counter()]
+
+    def lap(name: str) -> None:
+        now = time.perf_counter()
+        timings[name] = round(now - clock[0], 1)
+        clock[0] = now
+
+    datasets.disable_progress_bars() if not cfg.show_progress_bar else None
+    for stamp in (STAGE0_STAMP, STAGES_STAMP):  # this run rewrites the stages: earlier stamps no longer hold
+        (Path(cfg.output_dir) / stamp).unlink(missing_ok=True)
+    prep = _prepare(cfg)
+    out, corpus, processor, tokenizer = prep["out"], prep["corpus"], prep["processor"], prep["tokenizer"]
+    annotated, train_corpus, pretrain = prep["annotated"], corpus["train"], corpus["pretrain"]
+    lap("benchmark")
     model = build_model(tokenizer, cfg)
     _say(f"model: CLIP4CIR ViT {cfg.model_sizes}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
          f"parameters, vocabulary {len(tokenizer)} words")
@@ -226,71 +319,100 @@ def run_default_recipe(cfg: RecipeConfig | None = None) -> dict:
                                show_progress_bar=cfg.show_progress_bar)
     model.save_pretrained(out / "stage0")
     processor.save_pretrained(out / "stage0")
+    atomic_write_json(out / STAGE0_STAMP, {"config": _config_key(cfg)}, indent=1)
     _say(f"stage 0 done: {len(losses)} steps, loss {losses[0]:.3f} -> {losses[-1]:.3f}")
+    lap("stage 0")
 
-    evaluator = CIREvaluator(corpus["test"], triplets["test"], processor.image_processor, tokenizer, protocol="recall",
-                             batch_size=256, show_progress_bar=cfg.show_progress_bar)
+    captioner_summary = None
+    if cfg.captioner == "generative":
+        _say("captioner: a tiny LLaVA trained only on the 'pretrain' captions (a stand-in for the paper's LLaVA), "
+             "used through MLLMCaptioner (processor, chat template, generate)")
+        captioner_summary = train_generative_captioner(pretrain, out / "captioner",
+                                                       CaptionerConfig(**cfg.captioner_config), cfg.seed,
+                                                       show_progress_bar=cfg.show_progress_bar)
+        _say(_precision_line(f"captioner on {CaptionerConfig(**cfg.captioner_config).heldout} held-out 'pretrain' "
+                             f"images", captioner_summary["heldout"]))
+        lap("captioner training")
+
     results: dict = {}
 
     def evaluate(row: str, m) -> None:
-        results[row] = evaluator(m)
+        results[row] = prep["evaluator"](m)
         _say(f"{row}: test " + ", ".join(f"R@{k} {results[row][f'recall@{k}']:.2f}" for k in KS))
 
     stage1 = _train(_load(out / "stage0"), processor, cfg, "in_batch", annotated, train_corpus, out / "stage1")
+    atomic_write_json(out / STAGES_STAMP, {"config": _config_key(cfg)}, indent=1)  # stage 0 and 1 of this config
     evaluate("stage 1", stage1)
+    lap("stage 1")
 
-    used = set(annotated["reference_id"]) | set(annotated["target_id"])
-    pool_rows = [i for i, image_id in enumerate(train_corpus["image_id"]) if image_id not in used]
-    pool = train_corpus.select(pool_rows)
+    pool = _unlabeled_pool(train_corpus, annotated)
     adapter = EmbeddingAdapter(stage1.eval(), processor.image_processor, tokenizer)
-    if cfg.oracle_captions:
+    retrieval = RetrievalCaptioner(adapter, phrase_vocabulary(), top_k=cfg.caption_phrases)
+    if cfg.captioner == "oracle":
         _say("DIAGNOSTIC: captions come from the scene graph (oracle), not from a model")
-        captioner = ColumnCaptioner(mapping={i: " and ".join(f"{o['size']} {o['colour']} {o['shape']}" for o in
-                                                             json.loads(s)) for i, s in zip(pool["image_id"], pool["scene"])})
+        captioner = ColumnCaptioner(mapping=scene_captions(dict(zip(pool["image_id"], pool["scene"]))))
+        description = "oracle scene-graph captions (diagnostic)"
+    elif cfg.captioner == "retrieval":
+        captioner = retrieval
+        description = f"retrieval over the phrase vocabulary with the stage-1 model, top {cfg.caption_phrases}"
     else:
-        captioner = RetrievalCaptioner(adapter, phrase_vocabulary(), top_k=cfg.caption_phrases)
-    n = len(pool)
-    window = (max(1, int(cfg.rank_window[0] * n)), int(cfg.rank_window[1] * n))
-    generated_dir = generate_scaled_triplets(
-        pool, captioner, out / "generated", encoder=adapter, dataset="cirr", rank_window=window, k=cfg.k,
-        seed=cfg.seed, tokenizer=tokenizer, max_length=tokenizer.model_max_length, batch_size=256,
-        caption_cache_dir=out / "generated_captions", show_progress_bar=cfg.show_progress_bar,
-    )
-    generated = datasets.load_dataset(str(generated_dir), "triplets", split="train")
-    generated_corpus = datasets.load_dataset(str(generated_dir), "corpus", split="train")
-    accuracy = _caption_accuracy(generated_corpus, dict(zip(pool["image_id"], pool["scene"])))
-    _say(f"positive scaling: {len(generated)} generated triplets from {n} unlabeled images (rank window {window}); "
-         f"retrieved captions: {accuracy['phrase_precision']:.1f}% of phrases name an object of the scene exactly, "
-         f"{accuracy['colour_shape_precision']:.1f}% by colour + shape")
+        captioner = load_captioner(captioner_summary["path"])
+        description = ("tiny LLaVA (CLIP vision + Llama) trained on the 'pretrain' captions, through MLLMCaptioner: "
+                       f"'{captioner.prompt_for(None)}', greedy, max {captioner.max_new_tokens} new tokens")
+    # captions are cached (resumable) per captioner and per config: the same config captions the same way
+    cache = out / f"captions_{cfg.captioner}_{_cache_name(_config_key(cfg))}"
+    generated, captions, window = _generate(cfg, pool, captioner, adapter, tokenizer, out / "generated", cache)
+    precision = {cfg.captioner: _pool_precision(pool, captions)}
+    if cfg.captioner != "retrieval":  # the stage-1 model's retrieval captions, scored for comparison only
+        precision["retrieval"] = _pool_precision(pool, _retrieval_captions(retrieval, pool))
+    _say(f"positive scaling: {len(generated)} generated triplets from {len(pool)} unlabeled images (rank window "
+         f"{window})")
+    for name, value in precision.items():
+        _say(_precision_line(f"{name} captions of the pool", value))
+    lap("positive scaling")
     scaled = datasets.concatenate_datasets([annotated, generated.select_columns(TRIPLET_COLUMNS).cast(annotated.features)])
+    generated_only = generated.select_columns(TRIPLET_COLUMNS).cast(annotated.features)
 
+    stage1_bank = out / "bank_stage1"  # +N and +N (LoRA): the same frozen stage-1 towers over the same images
     evaluate("+N", _train(_load(out / "stage1"), processor, cfg, "candidate_bank", annotated, train_corpus,
-                          out / "stage2_N"))
+                          out / "stage2_N", bank_dir=stage1_bank))
+    lap("+N")
     evaluate("+N (LoRA)", _train(_load(out / "stage1"), processor, cfg, "candidate_bank", annotated, train_corpus,
-                                 out / "stage2_N_lora", lora_r=cfg.lora_r))
-    plus_p = _train(_load(out / "stage0"), processor, cfg, "in_batch", scaled, train_corpus, out / "stage1_P")
-    evaluate("+P", plus_p)
+                                 out / "stage2_N_lora", lora_r=cfg.lora_r, bank_dir=stage1_bank))
+    lap("+N (LoRA)")
+    evaluate("+P", _train(_load(out / "stage0"), processor, cfg, "in_batch", scaled, train_corpus, out / "stage1_P"))
+    lap("+P")
     evaluate("+P+N", _train(_load(out / "stage1_P"), processor, cfg, "candidate_bank", scaled, train_corpus,
                             out / "stage2_PN"))
+    lap("+P+N")
+    # zero-shot (SPN's low-resource setting): no annotated triplet at all, stage 1 then stage 2 on generated ones
+    _train(_load(out / "stage0"), processor, cfg, "in_batch", generated_only, train_corpus, out / "zero_shot_stage1")
+    evaluate("zero-shot", _train(_load(out / "zero_shot_stage1"), processor, cfg, "candidate_bank", generated_only,
+                                 train_corpus, out / "zero_shot"))
+    lap("zero-shot")
 
     # A picture of the best model's rankings (reference, text, top 8, the target marked): re-evaluated once with a
     # report, which reproduces the row's numbers.
     best = max(ROWS, key=lambda row: results[row]["recall@10"])
-    report = CIREvaluator(corpus["test"], triplets["test"], processor.image_processor, processor, protocol="recall",
-                          batch_size=256, show_progress_bar=cfg.show_progress_bar,
+    report = CIREvaluator(corpus["test"], prep["triplets"]["test"], processor.image_processor, processor,
+                          protocol="recall", batch_size=256, show_progress_bar=cfg.show_progress_bar,
                           report_dir=str(out / "retrieval_report"), report_queries=8)
     report(load_cir_model_and_processor(str(out / MODEL_DIRS[best]))[0])  # a LoRA row loads merged
+    lap("retrieval report")
     table = format_table(results)
     elapsed = time.perf_counter() - start
     summary = {
         "protocol": PROTOCOLS["recall"] + " (synthetic benchmark, test split)",
         "results": results,
-        "caption_accuracy": accuracy,
-        "captioner": "oracle scene-graph captions (diagnostic)" if cfg.oracle_captions else
-                     f"retrieval over the phrase vocabulary with the stage-1 model, top {cfg.caption_phrases}",
+        "caption_precision": precision,
+        "captioner": description,
+        "captioner_heldout": captioner_summary,
         "generated_triplets": len(generated),
         "annotated_triplets": len(annotated),
         "seconds": round(elapsed, 1),
+        "seconds_by_step": timings,
+        # CPU time of all this process's threads: on a shared machine, wall time says little about an idle one
+        "cpu_seconds": round(time.process_time() - cpu_start, 1),
         "retrieval_report": {"model": best, "html": str(out / "retrieval_report" / "retrieval_report.html")},
         "config": asdict(cfg),
     }
@@ -298,8 +420,160 @@ def run_default_recipe(cfg: RecipeConfig | None = None) -> dict:
     _plot(results, out / "recall_at_k.png")
     print("\nSPN ablation on the synthetic benchmark (test split; " + summary["protocol"] + ")\n")
     print(table)
+    print("\nCaptions of the unlabeled pool (" + description + "):")
+    for name, value in precision.items():
+        print("  " + _precision_line(name, value))
     _say(f"done in {elapsed / 60:.1f} min; wrote {out / 'results.json'} and {out / 'recall_at_k.png'}")
     return summary
+
+
+# ---------------------------------------------------------------------------------------------- several seeds
+def aggregate_seeds(summaries: list[dict]) -> dict:
+    """Mean and standard deviation (n - 1) over runs, per row and metric, and per captioner precision."""
+    def stats(values):
+        return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+                "values": values}
+
+    rows = {row: {m: stats([s["results"][row][m] for s in summaries]) for m in summaries[0]["results"][row]}
+            for row in summaries[0]["results"]}
+    precision = {name: {m: stats([s["caption_precision"][name][m] for s in summaries]) for m in ("phrase_precision",
+                                                                                                   "colour_shape_precision")}
+                 for name in summaries[0]["caption_precision"]}
+    return {"results": rows, "caption_precision": precision, "seeds": [s["config"]["seed"] for s in summaries]}
+
+
+def run_seeds(cfg: RecipeConfig, seeds: list[int]) -> dict:
+    """The recipe once per seed (each in OUTPUT_DIR/seed_N; a finished run of the same config is reused), then
+    mean ± std per cell in OUTPUT_DIR/seeds.json. The seed sets the benchmark, the initializations and the order."""
+    summaries = []
+    for seed in seeds:
+        run_cfg = replace(cfg, seed=seed, output_dir=str(Path(cfg.output_dir) / f"seed_{seed}"))
+        done = _finished(Path(run_cfg.output_dir) / "results.json", run_cfg)
+        if done:
+            _say(f"seed {seed}: reusing {run_cfg.output_dir}/results.json")
+            summaries.append(done)
+        else:
+            summaries.append(run_default_recipe(run_cfg))
+    aggregate = aggregate_seeds(summaries)
+    atomic_write_json(Path(cfg.output_dir) / "seeds.json", aggregate, indent=2)
+    print(f"\nSPN ablation, mean ± std over seeds {seeds} (test split)\n")
+    print(format_table(aggregate["results"]))
+    for name, value in aggregate["caption_precision"].items():
+        e, c = value["phrase_precision"], value["colour_shape_precision"]
+        print(f"  {name} captions: exact {e['mean']:.1f} ± {e['std']:.1f}%, colour + shape "
+              f"{c['mean']:.1f} ± {c['std']:.1f}%")
+    return aggregate
+
+
+# ---------------------------------------------------------------------------------------------- caption noise
+def run_caption_noise_study(cfg: RecipeConfig, levels=NOISE_LEVELS) -> dict:
+    """Diagnostic: +P and +P+N with scene-graph captions of the pool, a fraction `levels` of their phrases
+    replaced by wrong ones, against the default run's stage 1 and +N. Reuses the default run in `output_dir`
+    (runs it first if absent); writes OUTPUT_DIR/noise_study/results.json and caption_noise_study.png."""
+    out = Path(cfg.output_dir)
+    study = out / "noise_study"
+    stage1_dir = out / "stage1"
+    if _finished(out / "results.json", cfg):
+        _say(f"caption noise study: reusing the default run in {out}")
+    elif _finished(out / STAGES_STAMP, cfg):  # a default run of this config got past stage 1 (or is still running)
+        _say(f"caption noise study: reusing stage 0 and stage 1 of the default run in {out}")
+    elif _finished(out / STAGE0_STAMP, cfg):  # ... past stage 0 only: train the same stage 1 here
+        _say(f"caption noise study: reusing stage 0 of the default run in {out}; training stage 1 in {study}")
+        stage1_dir = study / "stage1"
+    else:
+        run_default_recipe(cfg)
+    start = time.perf_counter()
+    p = _prepare(cfg)
+    corpus, processor, tokenizer, annotated = p["corpus"], p["processor"], p["tokenizer"], p["annotated"]
+    train_corpus = corpus["train"]
+    if not (stage1_dir / "model.safetensors").exists():
+        _train(_load(out / "stage0"), processor, cfg, "in_batch", annotated, train_corpus, stage1_dir)
+    pool = _unlabeled_pool(train_corpus, annotated)
+    adapter = EmbeddingAdapter(_load(stage1_dir).eval(), processor.image_processor, tokenizer)
+    scenes = dict(zip(pool["image_id"], pool["scene"]))
+    points = []
+    for level in levels:
+        name = f"corrupt_{round(100 * level):02d}"
+        done = _finished(study / name / "point.json", cfg)
+        if done:  # a finished level of this config (the study resumes level by level)
+            points.append(done["point"])
+        else:
+            mapping = scene_captions(scenes, corrupt=level, seed=cfg.seed)
+            generated, captions, _ = _generate(cfg, pool, ColumnCaptioner(mapping=mapping), adapter, tokenizer,
+                                               study / name / "generated",
+                                               study / name / f"captions_{_cache_name(mapping)}")
+            precision = _pool_precision(pool, captions)
+            scaled = datasets.concatenate_datasets(
+                [annotated, generated.select_columns(TRIPLET_COLUMNS).cast(annotated.features)])
+            plus_p = _train(_load(out / "stage0"), processor, cfg, "in_batch", scaled, train_corpus,
+                            study / name / "P")
+            row = {"corrupted": level, **precision, "+P": p["evaluator"](plus_p)}
+            row["+P+N"] = p["evaluator"](_train(_load(study / name / "P"), processor, cfg, "candidate_bank", scaled,
+                                                train_corpus, study / name / "PN"))
+            atomic_write_json(study / name / "point.json", {"config": _config_key(cfg), "point": row}, indent=1)
+            points.append(row)
+        row = points[-1]
+        _say(f"{name}: caption precision {row['phrase_precision']:.1f}%, +P R@10 {row['+P']['recall@10']:.2f}, "
+             f"+P+N R@10 {row['+P+N']['recall@10']:.2f}")
+        summary = _write_noise_study(cfg, points, p["evaluator"], time.perf_counter() - start)
+    print("\nCaption noise study (test R@10; scene-graph captions with a share of phrases replaced by wrong ones)\n")
+    print("| phrases corrupted | caption precision | +P R@10 | +P+N R@10 |\n|---|---|---|---|")
+    for row in points:
+        print(f"| {100 * row['corrupted']:.0f}% | {row['phrase_precision']:.1f}% | {row['+P']['recall@10']:.2f} | "
+              f"{row['+P+N']['recall@10']:.2f} |")
+    print("reference: " + ", ".join(f"{r} {v['recall@10']:.2f}" for r, v in summary["reference"].items()))
+    _say(f"wrote {study / 'results.json'} and {out / 'caption_noise_study.png'}")
+    return summary
+
+
+def _write_noise_study(cfg: RecipeConfig, points: list[dict], evaluator, seconds: float) -> dict:
+    """The study's results.json and plot from the levels done so far (written after each level)."""
+    out = Path(cfg.output_dir)
+    default = _finished(out / "results.json", cfg)  # read now: a default run may have finished meanwhile
+    if default:
+        reference = {r: default["results"][r] for r in ("stage 1", "+N", "+P", "+P+N")}
+        default_captioner = {"name": default["config"]["captioner"],
+                             "precision": default["caption_precision"][default["config"]["captioner"]]}
+    else:
+        reference = {r: evaluator(_load(out / d)) for r, d in (("stage 1", "stage1"), ("+N", "stage2_N"))
+                     if (out / d / "model.safetensors").exists()}
+        default_captioner = None
+    summary = {"points": points, "reference": reference, "default_captioner": default_captioner,
+               "seconds": round(seconds, 1), "config": asdict(cfg)}
+    atomic_write_json(out / "noise_study" / "results.json", summary, indent=2)
+    plot_noise_study(summary, out / "caption_noise_study.png")
+    return summary
+
+
+def plot_noise_study(summary: dict, path: Path) -> None:
+    """R@10 of +P and +P+N against caption precision, stage 1 and +N as horizontal lines, and the default run's
+    captioner as two marked points."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = sorted(summary["points"], key=lambda r: r["phrase_precision"])
+    x = [r["phrase_precision"] for r in points]
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for row, colour in (("+P", "tab:orange"), ("+P+N", "tab:red")):
+        ax.plot(x, [r[row]["recall@10"] for r in points], marker="o", color=colour,
+                label=f"{row} (scene-graph captions, corrupted)")
+    for row, colour in (("stage 1", "tab:blue"), ("+N", "tab:green")):
+        if row in summary["reference"]:
+            ax.axhline(summary["reference"][row]["recall@10"], color=colour, linestyle="--", label=row)
+    default = summary["default_captioner"]
+    for row, marker in (("+P", "s"), ("+P+N", "D")) if default else ():
+        ax.plot([default["precision"]["phrase_precision"]], [summary["reference"][row]["recall@10"]], marker=marker,
+                color="black", linestyle="none", label=f"{row}, default run's {default['name']} captioner")
+    ax.set_xlabel("caption precision (% of phrases naming an object of the image exactly)")
+    ax.set_ylabel("test R@10 (%)")
+    ax.set_title("Caption quality vs. scaling positives (synthetic CIR)", fontsize=10)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def recipe_parser():
@@ -308,14 +582,28 @@ def recipe_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", default=RecipeConfig.output_dir)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, nargs="+", default=None,
+                        help="run the recipe once per seed (OUTPUT_DIR/seed_N) and report mean ± std per cell")
     parser.add_argument("--size", default="default", choices=["default", "tiny"])
-    parser.add_argument("--oracle_captions", action="store_true",
-                        help="diagnostic: caption the pool from the scene graph instead of the stage-1 model")
+    parser.add_argument("--captioner", default="generative", choices=list(CAPTIONERS),
+                        help="who captions the unlabeled pool: the tiny LLaVA trained on 'pretrain' (default), the "
+                             "stage-1 model by retrieval, or (diagnostic) the scene graph")
+    parser.add_argument("--oracle_captions", action="store_true", help="the same as --captioner oracle")
+    parser.add_argument("--caption_noise_study", action="store_true",
+                        help="diagnostic: +P and +P+N with scene-graph captions corrupted at 0/25/50/75%% of phrases "
+                             "(reuses the default run in OUTPUT_DIR, or runs it first)")
+    parser.add_argument("--noise_levels", type=float, nargs="+", default=list(NOISE_LEVELS),
+                        help="fractions of phrases to corrupt in --caption_noise_study")
     return parser
 
 
 def main(argv=None) -> dict:
     args = recipe_parser().parse_args(argv)
-    kw = dict(seed=args.seed, oracle_captions=args.oracle_captions)
-    cfg = RecipeConfig.tiny(args.output_dir, **kw) if args.size == "tiny" else RecipeConfig(output_dir=args.output_dir, **kw)
-    return run_default_recipe(cfg)
+    kw = dict(seed=args.seed, captioner="oracle" if args.oracle_captions else args.captioner)
+    make = (lambda **k: RecipeConfig.tiny(args.output_dir, **k)) if args.size == "tiny" else (
+        lambda **k: RecipeConfig(output_dir=args.output_dir, **k))
+    if args.seeds:
+        return run_seeds(make(**kw), args.seeds)
+    if args.caption_noise_study:
+        return run_caption_noise_study(make(**kw), args.noise_levels)
+    return run_default_recipe(make(**kw))
