@@ -13,11 +13,9 @@ import time
 import psutil
 
 
-def _child(setup, setup_args, fn, queue):
-    import torch
-
-    torch.set_num_threads(2)
-    data = setup(*setup_args)
+def peak_rss_mib(fn):
+    """-> (peak extra MiB, seconds, fn's return value) of `fn()`: resident memory sampled every 2 ms above what the
+    process held when `fn` started."""
     process = psutil.Process()
     start = process.memory_info().rss
     peak = [start]
@@ -31,12 +29,24 @@ def _child(setup, setup_args, fn, queue):
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     t0 = time.perf_counter()
-    result = fn(*data)
-    elapsed = time.perf_counter() - t0
-    done.set()
-    sampler.join()
+    try:
+        result = fn()
+    finally:
+        elapsed = time.perf_counter() - t0
+        done.set()
+        sampler.join()
     peak[0] = max(peak[0], process.memory_info().rss)
-    queue.put((elapsed, (peak[0] - start) / 2**20, result))
+    return (peak[0] - start) / 2**20, elapsed, result
+
+
+def _child(setup, setup_args, fn, queue):
+    import torch
+
+    torch.set_num_threads(2)
+    data = setup(*setup_args)
+    peak, elapsed, result = peak_rss_mib(lambda: fn(*data))
+    queue.put((elapsed, peak, result))
+
 
 
 def measure(setup, setup_args, fn):

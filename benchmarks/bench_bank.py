@@ -28,9 +28,10 @@ import multiprocessing as mp
 import os
 import statistics
 import tempfile
-import threading
 import time
 from pathlib import Path
+
+from benchmarks._measure import peak_rss_mib
 
 
 def _loss_child(bank_size, batch, width, repeats, mode, queue):
@@ -71,25 +72,9 @@ def _loss_child(bank_size, batch, width, repeats, mode, queue):
 
 
 def _peak_mib(fn) -> float:
-    """Resident memory `fn()` adds at its peak (sampled every 2 ms). Run in a process started with a fixed malloc
-    mmap threshold, so that every large tensor is mapped when allocated and unmapped when freed."""
-    import psutil
-
-    process = psutil.Process()
-    base = process.memory_info().rss
-    peak, done = [base], threading.Event()
-
-    def sample():
-        while not done.is_set():
-            peak[0] = max(peak[0], process.memory_info().rss)
-            time.sleep(0.002)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    fn()
-    done.set()
-    sampler.join()
-    return (max(peak[0], process.memory_info().rss) - base) / 2**20
+    """Resident memory `fn()` adds at its peak. Run in a process started with a fixed malloc mmap threshold, so that
+    every large tensor is mapped when allocated and unmapped when freed."""
+    return peak_rss_mib(fn)[0]
 
 
 def _make_images(folder: Path, n: int) -> list[str]:
