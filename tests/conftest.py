@@ -112,6 +112,19 @@ def run_without_package(script: str, workdir) -> str:
     return result.stdout
 
 
+def run_two_processes(script_name: str, *args) -> None:
+    """Run `tests/scripts/<script_name> *args` under `torchrun --nproc_per_node 2` (gloo), with the repository root
+    on PYTHONPATH so the children import this checkout whatever is installed; fail with their output."""
+    script = Path(__file__).parent / "scripts" / script_name
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+         *map(str, args)], capture_output=True, text=True, timeout=300, env=env,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
 def solid_images(n, size=40, seed=0):
     """n distinct small RGB images (random blocks), deterministic."""
     import numpy as np

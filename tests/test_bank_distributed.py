@@ -1,14 +1,13 @@
 """Two gloo processes: the sharded full-bank loss equals the one-process loss and gradients, and a bank built
 over both ranks equals one built by one process."""
 
-import subprocess
 import sys
 from pathlib import Path
 
 import datasets
 import pytest
 import torch
-from conftest import solid_images, tiny_model
+from conftest import run_two_processes, solid_images, tiny_model
 
 from datasets_scripts.image_store import ImageStore
 from modeling_spn4cir import CLIP4CIRImageProcessor
@@ -22,13 +21,8 @@ import ddp_bank  # noqa: E402
 @pytest.mark.slow
 def test_two_process_sharded_bank_loss_gradients_and_split_build(tmp_path):
     out = tmp_path / "out.pt"
-    script = Path(__file__).parent / "scripts" / "ddp_bank.py"
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script), str(out),
-         str(tmp_path / "bank")], capture_output=True, text=True, timeout=300,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    got = torch.load(out, weights_only=False)
+    run_two_processes("ddp_bank.py", out, tmp_path / "bank")
+    got = torch.load(out, weights_only=True)
 
     # one process, the whole batch against the whole bank
     x, bank, targets = ddp_bank.problem()

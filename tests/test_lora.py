@@ -5,12 +5,11 @@ trained model, 2-process gradients equal 1-process, defaults that fit all four f
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import datasets
 import pytest
 import torch
-from conftest import TINY_TEXT, TINY_VIT, tiny_inputs, tiny_model
+from conftest import TINY_TEXT, TINY_VIT, run_two_processes, tiny_inputs, tiny_model
 from safetensors.torch import load_file
 
 from modeling_spn4cir.loading import load_cir_model_and_processor
@@ -153,12 +152,7 @@ print("OK", type(model).__name__)
 @pytest.mark.slow
 def test_two_process_lora_gradients_equal_one_process(tmp_path):
     out = tmp_path / "grads.pt"
-    script = Path(__file__).parent / "scripts" / "ddp_lora_gradients.py"
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script), str(out)],
-        capture_output=True, text=True, timeout=300,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run_two_processes("ddp_lora_gradients.py", out)
     from test_losses import global_batch, stage_loss
 
     ddp = torch.load(out, weights_only=True)

@@ -1,14 +1,11 @@
 """Losses against naive per-sample computations; duplicate masking; 2-process gradients equal 1-process."""
 
 import math
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_inputs, tiny_model
+from conftest import run_two_processes, tiny_inputs, tiny_model
 
 from trainers.losses import CandidateBankLoss, InBatchInfoNCELoss
 
@@ -119,12 +116,7 @@ def stage_loss(forward_model, model, batch, stage):
 @pytest.mark.slow
 def test_two_process_gradients_equal_one_process(tmp_path):
     out = tmp_path / "grads.pt"
-    script = Path(__file__).parent / "scripts" / "ddp_gradients.py"
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script), str(out)],
-        capture_output=True, text=True, timeout=300,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run_two_processes("ddp_gradients.py", out)
     ddp = torch.load(out, weights_only=True)
     for stage in ("in_batch", "candidate_bank"):
         model = tiny_model("vit", "combiner", seed=0)
