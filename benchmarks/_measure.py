@@ -48,15 +48,19 @@ def _child(setup, setup_args, fn, queue):
     queue.put((elapsed, peak, result))
 
 
-
-def measure(setup, setup_args, fn):
-    """-> (seconds, peak extra MiB, fn's return value) of `fn(*setup(*setup_args))`; module-level functions only."""
+def spawn(target, *args):
+    """`target(*args, queue)` in a fresh spawned process; -> the one item it puts on `queue`."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_child, args=(setup, setup_args, fn, queue))
+    proc = ctx.Process(target=target, args=(*args, queue))
     proc.start()
     out = queue.get()
     proc.join()
     if proc.exitcode != 0:
         raise RuntimeError(f"benchmark child exited with {proc.exitcode}")
     return out
+
+
+def measure(setup, setup_args, fn):
+    """-> (seconds, peak extra MiB, fn's return value) of `fn(*setup(*setup_args))`; module-level functions only."""
+    return spawn(_child, setup, setup_args, fn)

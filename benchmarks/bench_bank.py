@@ -31,7 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks._measure import peak_rss_mib
+from benchmarks._measure import peak_rss_mib, spawn
 
 
 def _loss_child(bank_size, batch, width, repeats, mode, queue):
@@ -131,18 +131,6 @@ def _build(paths, workers, queue):
     queue.put({"workers": workers, "images_per_s": len(ids) / (time.perf_counter() - t0)})
 
 
-def _spawn(target, *args):
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=target, args=(*args, queue))
-    proc.start()
-    out = queue.get()
-    proc.join()
-    if proc.exitcode != 0:
-        raise RuntimeError(f"benchmark child exited with {proc.exitcode}")
-    return out
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[20_000, 100_000, 1_000_000])
@@ -159,10 +147,10 @@ def main(argv=None):
     print("| bank size | step (s) | floor (s) | step / floor | peak extra memory (MiB) |")
     print("|---|---|---|---|---|")
     for size in args.sizes:
-        row = _spawn(_loss_child, size, args.batch, args.width, args.repeats, "time")
+        row = spawn(_loss_child, size, args.batch, args.width, args.repeats, "time")
         os.environ["MALLOC_MMAP_THRESHOLD_"] = "131072"  # the peak's own process: freed tensors leave the RSS
         try:
-            row["peak_mib"] = _spawn(_loss_child, size, args.batch, args.width, args.repeats, "peak")
+            row["peak_mib"] = spawn(_loss_child, size, args.batch, args.width, args.repeats, "peak")
         finally:
             os.environ.pop("MALLOC_MMAP_THRESHOLD_")
         rows.append(row)
@@ -178,7 +166,7 @@ def main(argv=None):
             print("| DataLoader workers | images / s |")
             print("|---|---|")
         for workers in args.workers:
-            result = _spawn(_build, paths, workers)
+            result = spawn(_build, paths, workers)
             build.append(result)
             print(f"| {workers} | {result['images_per_s']:.1f} |", flush=True)
     if args.json:

@@ -123,20 +123,16 @@ def _query_name(i: int, reference_ids: Sequence[str] | None) -> str:
 
 def _check_finite(query_embeds: torch.Tensor, gallery_embeds: torch.Tensor, gallery_ids, reference_ids) -> None:
     """NaN/inf scores rank by gallery order and give finite, plausible metrics: refuse them, naming the culprit."""
-    bad_queries = ~torch.isfinite(query_embeds).flatten(1).all(dim=1)
-    if bad_queries.any():
-        rows = torch.nonzero(bad_queries).flatten().tolist()
-        raise ValueError(
-            f"{len(rows)} query embeddings contain NaN or inf (first: {_query_name(rows[0], reference_ids)}); the "
-            "model produced non-finite outputs (a diverged checkpoint, or fp16 overflow): check its weights."
-        )
-    bad_gallery = ~torch.isfinite(gallery_embeds).flatten(1).all(dim=1)
-    if bad_gallery.any():
-        rows = torch.nonzero(bad_gallery).flatten().tolist()
-        raise ValueError(
-            f"{len(rows)} gallery embeddings contain NaN or inf (first: image {list(gallery_ids)[rows[0]]!r}); the "
-            "model produced non-finite outputs (a diverged checkpoint, or fp16 overflow): check its weights."
-        )
+    sides = (("query", query_embeds, lambda row: _query_name(row, reference_ids)),
+             ("gallery", gallery_embeds, lambda row: f"image {list(gallery_ids)[row]!r}"))
+    for side, embeds, name in sides:
+        bad = ~torch.isfinite(embeds).flatten(1).all(dim=1)
+        if bad.any():
+            rows = torch.nonzero(bad).flatten().tolist()
+            raise ValueError(
+                f"{len(rows)} {side} embeddings contain NaN or inf (first: {name(rows[0])}); the model produced "
+                "non-finite outputs (a diverged checkpoint, or fp16 overflow): check its weights."
+            )
 
 
 def _check_embeddings(query_embeds, gallery_embeds, gallery_ids, n_queries: int, reference_ids=None,
