@@ -11,7 +11,6 @@ stale caption. The manifest records the captioner and the shard size; a differen
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -68,7 +67,7 @@ def caption_corpus(corpus, captioner, cache_dir: str | Path, shard_size: int = 1
     # Per shard: the cached captions still valid (same id, same bytes) and the images to caption again.
     plan = {}
     for shard in mine:
-        digests = {i: hashlib.sha256(images.raw_bytes(i)).hexdigest() for i in shards[shard]}
+        digests = dict(zip(shards[shard], images.digests(shards[shard])))
         cached = {(r.get("image_id"), r.get("sha256")): r.get("caption")
                   for r in _read_shard(cache_dir / f"captions-{shard:05d}.jsonl")}
         valid = {i: cached[(i, d)] for i, d in digests.items() if (i, d) in cached}

@@ -3,6 +3,7 @@ scaling and the synthetic recipe's warm-up all encode images through `encode_ima
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Sequence
 
 import torch
@@ -64,6 +65,10 @@ class ImageStore:
     def raw_bytes(self, image_id: str) -> bytes:
         """The stored (encoded) bytes of an image, for content fingerprints without decoding."""
         return self.raw(image_id)[0]
+
+    def digests(self, image_ids: Sequence[str]) -> list[str]:
+        """sha256 (hex) of each image's stored bytes: its content identity (caption cache, bank, evaluator)."""
+        return [hashlib.sha256(self.raw_bytes(i)).hexdigest() for i in image_ids]
 
     def stamps(self, image_ids: Sequence[str]) -> list[str | None]:
         """A cheap identity of each image's stored bytes, from file metadata only (no image byte is read): for an

@@ -264,11 +264,6 @@ def processor_fingerprint(image_processor) -> str:
     return _sha256([processor.encode()])
 
 
-def image_digests(images: ImageStore, image_ids: Sequence[str]) -> list[str]:
-    """sha256 (hex) of each image's stored bytes."""
-    return [hashlib.sha256(images.raw_bytes(i)).hexdigest() for i in image_ids]
-
-
 def _common(model, image_processor, dtype: str, shard_size: int) -> dict:
     return {
         "format": BANK_FORMAT,
@@ -328,7 +323,7 @@ def _shard_digests(images: ImageStore, image_ids: list[str], ranges, manifests: 
         plan = (stamps, cached)
     stamps, cached = _broadcast(plan)
     to_hash = [k for k in range(len(ranges)) if k not in cached]
-    mine = {k: image_digests(images, image_ids[slice(*ranges[k])]) for k in to_hash[rank::world_size]}
+    mine = {k: images.digests(image_ids[slice(*ranges[k])]) for k in to_hash[rank::world_size]}
     for part in _all_gather(mine):
         cached.update(part)
     return [cached[k] for k in range(len(ranges))], stamps
@@ -339,7 +334,7 @@ def compute_fingerprint(model, image_ids: Sequence[str], images: ImageStore, ima
     """The fingerprint of the bank of `image_ids` (reads every image's bytes; a stored bank caches them)."""
     image_ids = list(image_ids)
     return _fingerprints(_common(model, image_processor, dtype, shard_size), image_ids,
-                         image_digests(images, image_ids), _ranges(len(image_ids), shard_size))[0]
+                         images.digests(image_ids), _ranges(len(image_ids), shard_size))[0]
 
 
 # ---------------------------------------------------------------------------------------- shards

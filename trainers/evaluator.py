@@ -112,7 +112,7 @@ class CIREvaluator:
 
     def _bank_rows(self, model, gallery_ids: list[str]) -> list[int | None]:
         """The bank row holding each gallery image (matched by the sha256 of its bytes), or None."""
-        from .candidate_bank import image_digests, processor_fingerprint, tower_fingerprint
+        from .candidate_bank import processor_fingerprint, tower_fingerprint
 
         bank = self.bank
         none = [None] * len(gallery_ids)
@@ -134,7 +134,7 @@ class CIREvaluator:
             return none
         stamps = self.images.stamps(gallery_ids)
         if self._digests is None or None in stamps or self._digests[0] != stamps:
-            self._digests = (stamps, image_digests(self.images, gallery_ids))
+            self._digests = (stamps, self.images.digests(gallery_ids))
         row_of = {digest: row for row, digest in enumerate(bank.image_digests)}
         return [row_of.get(digest) for digest in self._digests[1]]
 
