@@ -11,6 +11,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _dist import init_gloo  # noqa: E402  (this folder: the script's own)
 from conftest import solid_images, tiny_model  # noqa: E402
 
 
@@ -97,7 +98,7 @@ def banks(out, bank_dir):
 
 
 def main(out_path, bank_dir):
-    dist.init_process_group("gloo")
+    init_gloo()
     out = {}
     losses(out)
     banks(out, bank_dir)

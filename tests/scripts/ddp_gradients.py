@@ -9,12 +9,13 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _dist import init_gloo  # noqa: E402  (this folder: the script's own)
 from conftest import tiny_model  # noqa: E402
 from test_losses import global_batch, stage_loss  # noqa: E402
 
 
 def main(out):
-    dist.init_process_group("gloo")
+    init_gloo()
     rank = dist.get_rank()
     grads = {}
     for stage, split in (("in_batch", "even"), ("candidate_bank", "even"), ("in_batch", "uneven"),
