@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from modeling_spn4cir.atomic import MARKER
+
 LICENSE_NOTE = (
     "\n## License\n\nThe annotations keep their original licenses (see above); the images belong to their "
     "owners. Check both before redistributing.\n"
@@ -39,8 +41,9 @@ def push_cir_dataset(dataset_dir: str | Path, repo_id: str, private: bool = Fals
         readme.write_text(readme.read_text() + LICENSE_NOTE)
     api = api or HfApi(token=token)
     api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
+    # the output marker (and a lock, if any) is local bookkeeping of `atomic_directory`, not part of the dataset
     return api.upload_folder(folder_path=str(dataset_dir), repo_id=repo_id, repo_type="dataset",
-                             commit_message="Upload CIR dataset (spn4cir schema)")
+                             ignore_patterns=[MARKER, "*.lock"], commit_message="Upload CIR dataset (spn4cir schema)")
 
 
 def main(argv=None):

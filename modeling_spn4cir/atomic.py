@@ -54,6 +54,17 @@ def _create(parent: Path, prefix: str, suffix: str, make) -> Path:
 
 
 # ------------------------------------------------------------------------------------------------ files
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 24) -> str:
+    """sha256 (hex) of a file's bytes, read in chunks (bank shards and checkpoints can be gigabytes)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

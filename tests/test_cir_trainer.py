@@ -61,6 +61,30 @@ def test_stage2_trains_only_the_query_side(tiny_cir_dataset, tiny_model_dir, tmp
     assert len(trainer.bank) == len(set(train["reference_id"]) | set(train["target_id"]))
 
 
+def test_image_cache_decodes_each_image_once_and_trains_identically(tiny_cir_dataset, tiny_model_dir, tmp_path,
+                                                                     monkeypatch):
+    from datasets_scripts.image_store import ImageStore
+
+    decoded = []
+    real_images = ImageStore.images
+    monkeypatch.setattr(ImageStore, "images", lambda self, ids: decoded.extend(ids) or real_images(self, ids))
+    train = datasets.load_dataset(str(tiny_cir_dataset), "triplets", split="train")
+    corpus = datasets.load_dataset(str(tiny_cir_dataset), "corpus", split="train")
+    weights, reads = {}, {}
+    for cache in (False, True):
+        decoded.clear()
+        model, processor = load_cir_model_and_processor(str(tiny_model_dir))
+        trainer = CIRTrainer(model, _args(tmp_path / str(cache), "in_batch", num_train_epochs=3, cache_images=cache),
+                             train_dataset=train, corpus=corpus, processor=processor)
+        trainer.train()
+        weights[cache], reads[cache] = model.state_dict(), list(decoded)
+    used = set(train["reference_id"]) | set(train["target_id"])
+    assert len(reads[False]) == 3 * 2 * len(train)  # every epoch decodes every reference and target again
+    assert sorted(reads[True]) == sorted(used)  # the cache: each image once, in the first epoch
+    for name, value in weights[False].items():
+        assert torch.equal(value, weights[True][name]), name  # the same batches, so the same weights
+
+
 def _losses(trainer):
     return [log["loss"] for log in trainer.state.log_history if "loss" in log]
 

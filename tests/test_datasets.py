@@ -2,6 +2,7 @@
 escapes, galleries, de-duplication, pixel round trip. Fixture trees are generated here from real records."""
 
 import csv
+import fnmatch
 import json
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from datasets_scripts.dedup import canonical_map, find_duplicate_groups, pixel_h
 from datasets_scripts.dedup import main as dedup_main
 from datasets_scripts.fashioniq import build_fashioniq
 from datasets_scripts.publish import check_layout, push_cir_dataset
+from modeling_spn4cir.atomic import MARKER
 
 REAL = json.loads((FIXTURES / "annotations" / "real_records.json").read_text())
 
@@ -274,12 +276,17 @@ def test_publish_uploads_the_checked_layout(cirr_tree, tmp_path):
         def create_repo(self, repo_id, **kw):
             self.calls.append(("create_repo", repo_id, kw["repo_type"]))
 
-        def upload_folder(self, folder_path, repo_id, repo_type, commit_message):
+        def upload_folder(self, folder_path, repo_id, repo_type, commit_message, ignore_patterns=()):
             self.calls.append(("upload_folder", folder_path, repo_id, repo_type))
+            self.files = sorted(str(f.relative_to(folder_path)) for f in Path(folder_path).rglob("*") if f.is_file()
+                                and not any(fnmatch.fnmatch(f.name, pattern) for pattern in ignore_patterns))
 
     api = RecordingApi()
     push_cir_dataset(out, "me/cirr-cir", api=api)
     assert api.calls == [("create_repo", "me/cirr-cir", "dataset"), ("upload_folder", str(out), "me/cirr-cir", "dataset")]
+    # the converter's output marker stays local; the card and the data go up
+    assert (out / MARKER).exists() and MARKER not in api.files and "README.md" in api.files
+    assert any(f.startswith("triplets/") for f in api.files)
     assert "## License" in (out / "README.md").read_text()
     (out / "README.md").unlink()
     with pytest.raises(ValueError, match="configs"):

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 from spn_recipe import ROWS, RecipeConfig, run_default_recipe
 from spn_recipe.generative_captioner import caption_phrases, caption_precision
-from spn_recipe.recipe import aggregate_seeds, format_table
+from spn_recipe.recipe import aggregate_seeds, format_table, run_caption_noise_study, run_text_form_probe
 
 from datasets_scripts.synthetic import MODIFICATIONS, build_synthetic, phrase_vocabulary, scene_captions
 
@@ -100,7 +100,9 @@ def test_miniature_recipe(tmp_path):
     saved = json.loads((tmp_path / "run" / "results.json").read_text())
     assert saved["results"] == summary["results"] and "reference removed" in saved["protocol"]
     assert (tmp_path / "run" / "recall_at_k.png").stat().st_size > 0
-    assert saved["generated_triplets"] == 2 * 120
+    # k=1 as in the original: one generated triplet per pool image, rank-window pairs for +P, random ones for zero-shot
+    assert saved["generated_triplets"] == saved["zero_shot_triplets"] == 120
+    assert saved["threads_per_lane"] == 1 and set(saved["seconds_by_step"]) == {"first lane", "second lane"}
     # the pool is captioned by the generative stand-in (trained on 'pretrain' and scored on its held-out part),
     # and the stage-1 model's retrieval captions are scored next to it
     assert set(saved["caption_precision"]) == {"generative", "retrieval"}
@@ -132,6 +134,23 @@ def test_miniature_recipe(tmp_path):
     again = run_default_recipe(RecipeConfig.tiny(str(tmp_path / "again"), show_progress_bar=False))
     assert again["results"] == summary["results"]
     assert again["caption_precision"] == summary["caption_precision"]
+
+    # the caption-noise study on the finished run: two levels in two lanes, then a rerun reuses both levels
+    cfg = RecipeConfig.tiny(str(run), show_progress_bar=False)
+    study = run_caption_noise_study(cfg, levels=(0.0, 0.5))
+    clean, noisy = study["points"]
+    assert clean["corrupted"] == 0.0 and clean["phrase_precision"] == 100.0  # scene-graph captions, untouched
+    assert noisy["corrupted"] == 0.5 and 40.0 <= noisy["phrase_precision"] <= 60.0
+    assert study["reference"]["stage 1"] == summary["results"]["stage 1"]  # the default run's rows, not retrained
+    assert (run / "caption_noise_study.png").stat().st_size > 0
+    points = [run / "noise_study" / name / "point.json" for name in ("corrupt_00", "corrupt_50")]
+    stamps = [p.stat().st_mtime_ns for p in points]
+    assert run_caption_noise_study(cfg, levels=(0.0, 0.5))["points"] == study["points"]
+    assert [p.stat().st_mtime_ns for p in points] == stamps  # resumed: no level trained again
+    # the text-form probe: its annotated-text column is the table; the other column asks with full descriptions
+    probe = run_text_form_probe(cfg)
+    assert {row: v["annotated texts"] for row, v in probe["rows"].items()} == summary["results"]
+    assert " instead of " in probe["example"]["generated form"] != probe["example"]["annotated"]
 
 
 def test_scene_captions_corrupt_exactly_the_requested_share_of_phrases(bench):

@@ -57,7 +57,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
 from datasets_scripts.image_store import ImageStore, encode_images
-from modeling_spn4cir.atomic import atomic_write_bytes, atomic_write_json
+from modeling_spn4cir.atomic import atomic_write_bytes, atomic_write_json, file_sha256
 from modeling_spn4cir.distributed import world
 
 logger = logging.getLogger(__name__)
@@ -218,11 +218,6 @@ def _sha256(chunks: Iterable[bytes]) -> str:
     return digest.hexdigest()
 
 
-def _file_sha256(path: Path, chunk: int = 1 << 24) -> str:
-    with open(path, "rb") as f:
-        return _sha256(iter(lambda: f.read(chunk), b""))
-
-
 def _file_stat(path: Path) -> list[int]:
     """What changes whenever a file is rewritten, copied over or replaced (ctime and inode cannot be set back)."""
     st = path.stat()
@@ -363,7 +358,7 @@ def _check_shard(path: Path, entry: dict, dtype: str) -> tuple[str | None, bool]
                     return f"its {key} are {sl.get_dtype()}, not {dtype}", False
         if entry.get("stat") == _file_stat(path):
             return None, False
-        if _file_sha256(path) != entry.get("sha256"):
+        if file_sha256(path) != entry.get("sha256"):
             return "its bytes do not match the sha256 written with it (another bank's file, or corrupt)", True
         return None, True
     except (SafetensorError, OSError, ValueError, KeyError, TypeError) as error:  # a bad header or manifest

@@ -31,6 +31,9 @@ class CIRCollator:
     - `stage="candidate_bank"`: `input_ids`, `attention_mask`, `reference_features` `[B, ...]` read from the
       bank, `target_index` `[B]` rows of the bank. No image is decoded or encoded.
 
+    `cache_images=True` keeps each preprocessed image (`[3, S, S]`) after its first use, so later epochs decode and
+    resize nothing; the batches are the same (preprocessing is per image and deterministic).
+
     Training texts are randomized like the original code (FashionIQ's 4-way caption join, a random template
     variant for generated triplets). Each row's draw is a pure function of `(seed, epoch, row_index)` when the
     rows carry a `row_index` (the trainer adds it): the Trainer's dataloader collates batches ahead of the
@@ -40,7 +43,7 @@ class CIRCollator:
 
     def __init__(self, tokenizer, stage: str, image_processor=None, images: ImageStore | None = None, bank=None,
                  join_annotated_captions: bool = False, training: bool = True, max_length: int | None = None,
-                 dedup_map: dict[str, str] | None = None, seed: int = 0):
+                 dedup_map: dict[str, str] | None = None, seed: int = 0, cache_images: bool = False):
         if stage == "in_batch" and (image_processor is None or images is None):
             raise ValueError("Stage 'in_batch' needs an image_processor and the corpus images.")
         if stage == "candidate_bank" and bank is None:
@@ -54,11 +57,22 @@ class CIRCollator:
         self.seed = seed
         self.epoch = 0
         self._stream = random.Random(seed)
+        self._pixels: dict[str, torch.Tensor] | None = {} if cache_images else None
 
     def _rng(self, row: dict) -> random.Random:
         if "row_index" in row:
             return random.Random(f"{self.seed}-{self.epoch}-{row['row_index']}")
         return self._stream
+
+    def _pixel_values(self, image_ids: list[str]) -> torch.Tensor:
+        """`[B, 3, S, S]` preprocessed images, from the cache where it holds them."""
+        if self._pixels is None:
+            return self.image_processor(self.images.images(image_ids), return_tensors="pt")["pixel_values"]
+        missing = [i for i in dict.fromkeys(image_ids) if i not in self._pixels]
+        if missing:
+            values = self.image_processor(self.images.images(missing), return_tensors="pt")["pixel_values"]
+            self._pixels.update((i, v.clone()) for i, v in zip(missing, values))  # a clone: not a view of the batch
+        return torch.stack([self._pixels[i] for i in image_ids])
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         texts = [
@@ -72,8 +86,8 @@ class CIRCollator:
         if any(t is None for t in targets):
             raise ValueError("Training triplets need a target_id (test splits have none).")
         if self.stage == "in_batch":
-            batch["pixel_values"] = self.image_processor(self.images.images(references), return_tensors="pt")["pixel_values"]
-            batch["target_pixel_values"] = self.image_processor(self.images.images(targets), return_tensors="pt")["pixel_values"]
+            batch["pixel_values"] = self._pixel_values(references)
+            batch["target_pixel_values"] = self._pixel_values(targets)
             batch["target_keys"] = torch.tensor([image_key(self.dedup_map.get(t, t)) for t in targets])
         else:
             batch["reference_features"] = self.bank.reference_features[self.bank.indices(references)]

@@ -23,7 +23,6 @@ reported ones. `push_zoo` publishes the models and datasets with an `HfApi`.
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import json
 import re
@@ -41,7 +40,7 @@ from datasets_scripts.paper_triplets import (
     parse_extend_name,
     read_dedup_map,
 )
-from modeling_spn4cir.atomic import OutputDirError, atomic_write_bytes, atomic_write_json
+from modeling_spn4cir.atomic import OutputDirError, atomic_write_bytes, atomic_write_json, file_sha256
 from modeling_spn4cir.convert_original_checkpoint import FAMILIES, family_from_checkpoint
 
 from .evaluator import CIREvaluator
@@ -138,14 +137,6 @@ class ZooReport:
 
 
 # ------------------------------------------------------------------------------------------ classification
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _looks_like_checkpoint(path: Path) -> bool:
     """A torch zip archive or a pickle (protocol 2+), whatever the file is called."""
     with open(path, "rb") as f:
@@ -475,7 +466,7 @@ def _classify_checkpoint(path: Path, relative: Path, entry: Entry, models: dict,
         return
     name = f"spn4cir-{family}-{SHORT_NAME[dataset]}{'-stage1' if stage == 1 else ''}"
     entry.kind, entry.outputs = "model", [f"models/{name}"]
-    sha256 = _sha256(path)
+    sha256 = file_sha256(path)
     entry.details = {"family": family, "dataset": dataset, "stage": stage, "source_format": source_format,
                      "sha256": sha256}
     models.setdefault((family, dataset, stage), []).append(

@@ -86,7 +86,7 @@ class RecipeConfig:
     lora_r: int = 8
     lora_lr: float = 1e-3
     rank_window: tuple[float, float] = (0.4, 0.8)  # fractions of the pool, like 10k-20k of FashionIQ's ~25k images
-    k: int = 2  # generated targets per pool image
+    k: int = 1  # generated targets per pool image: the original's generation commands all use k=1
     caption_phrases: int = 2  # phrases per retrieved caption
     # Who captions the pool for +P, +P+N and zero-shot: "generative" (the tiny LLaVA trained on `pretrain`, the
     # default), "retrieval" (the stage-1 model over the phrase vocabulary) or "oracle" (diagnostic only: the scene
@@ -95,6 +95,9 @@ class RecipeConfig:
     captioner_config: dict = field(default_factory=dict)  # overrides of generative_captioner.CaptionerConfig
     oracle_captions: bool = False  # the same as captioner="oracle"
     show_progress_bar: bool = True
+    # 2: the captioner lane runs in a second process beside the CIR lane, one thread each (`run_default_recipe`);
+    # 1: one process, the steps in sequence (torch's own thread count)
+    workers: int = 2
     model_sizes: dict = field(default_factory=lambda: dict(hidden=128, layers=4, text_layers=3, heads=4, patch=16))
 
     @classmethod
@@ -116,7 +119,10 @@ class RecipeConfig:
 
 
 def _say(message: str) -> None:
-    print(f"[spn-recipe] {message}", flush=True)
+    import multiprocessing
+
+    name = multiprocessing.current_process().name
+    print(f"[spn-recipe{'' if name == 'MainProcess' else ' ' + name}] {message}", flush=True)
 
 
 def build_model(tokenizer, cfg: RecipeConfig) -> CLIP4CIRModel:
@@ -140,12 +146,12 @@ def build_model(tokenizer, cfg: RecipeConfig) -> CLIP4CIRModel:
     return CLIP4CIRModel(config)
 
 
-def _benchmark(cfg: RecipeConfig) -> Path:
+def _benchmark(cfg: RecipeConfig, quiet: bool = False) -> Path:
     path = Path(cfg.output_dir) / "benchmark"
     manifest = {"seed": cfg.seed, "size": cfg.size, "generator": "datasets_scripts.synthetic v1"}
     stamp = path / "recipe_manifest.json"
     if stamp.exists() and json.loads(stamp.read_text()) == manifest:
-        _say(f"reusing the benchmark in {path}")
+        _say(f"reusing the benchmark in {path}") if not quiet else None
     else:
         build_synthetic(path, cfg.seed, cfg.size, overwrite=True)  # the recipe's own earlier benchmark only
         atomic_write_json(stamp, manifest)
@@ -167,6 +173,7 @@ def _train(model, processor, cfg: RecipeConfig, stage: str, train, corpus, out: 
         logging_strategy="epoch", save_strategy="no", report_to=[], seed=cfg.seed, data_seed=cfg.seed,
         disable_tqdm=not cfg.show_progress_bar, use_cpu=True, bank_dir=str(bank_dir or out / "bank"),
         dataloader_drop_last=True, lora_r=lora_r,
+        cache_images=stage == "in_batch",  # exact; each epoch would otherwise decode and resize every image again
     )
     trainer = CIRTrainer(model, args, train_dataset=train, corpus=corpus, processor=processor,
                          model_card_info={"base_model": "config (synthetic recipe)", "datasets": "synthetic CIR"})
@@ -233,10 +240,10 @@ def _precision_line(name: str, p: dict) -> str:
             f"{p['colour_shape_precision']:.1f}% by colour + shape ({p['object_recall']:.1f}% of objects named)")
 
 
-def _prepare(cfg: RecipeConfig) -> dict:
+def _prepare(cfg: RecipeConfig, quiet: bool = False) -> dict:
     """The benchmark, the CLIP4CIR tokenizer and processor, the test evaluator and the annotated triplets."""
     out = Path(cfg.output_dir)
-    bench = _benchmark(cfg)
+    bench = _benchmark(cfg, quiet)
     triplets = datasets.load_dataset(str(bench), "triplets")
     corpus = datasets.load_dataset(str(bench), "corpus")
     texts = (list(corpus["pretrain"]["caption"]) + [t for ts in triplets["train"]["modification_texts"] for t in ts]
@@ -255,9 +262,11 @@ def _unlabeled_pool(train_corpus, annotated):
     return train_corpus.select([i for i, image_id in enumerate(train_corpus["image_id"]) if image_id not in used])
 
 
-def _generate(cfg: RecipeConfig, pool, captioner, adapter, tokenizer, out: Path, cache: Path):
+def _generate(cfg: RecipeConfig, pool, captioner, adapter, tokenizer, out: Path, cache: Path, rank_window="config"):
+    """Generated triplets of `pool`: pairs in `cfg.rank_window` (fractions of the pool), or at random with
+    `rank_window=None`; returns them, `{image_id: caption}` and the window in images."""
     n = len(pool)
-    window = (max(1, int(cfg.rank_window[0] * n)), int(cfg.rank_window[1] * n))
+    window = (max(1, int(cfg.rank_window[0] * n)), int(cfg.rank_window[1] * n)) if rank_window == "config" else None
     generated_dir = generate_scaled_triplets(
         pool, captioner, out, encoder=adapter, dataset="cirr", rank_window=window, k=cfg.k, seed=cfg.seed,
         tokenizer=tokenizer, max_length=tokenizer.model_max_length, batch_size=256, caption_cache_dir=cache,
@@ -289,9 +298,20 @@ def _cache_name(manifest) -> str:
     return hashlib.sha256(json.dumps(manifest, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def run_default_recipe(cfg: RecipeConfig | None = None) -> dict:
-    cfg = cfg or RecipeConfig()
-    start, cpu_start = time.perf_counter(), time.process_time()
+def _wait(event, lane=None) -> None:
+    """Wait for the other lane's `event`; fail (never hang) if that lane has died."""
+    import multiprocessing
+
+    while not event.wait(2):
+        if lane is not None and not lane.is_alive():
+            raise RuntimeError(f"The recipe's second lane stopped (exit code {lane.exitcode}) before it was done; "
+                               "its traceback is printed above.")
+        parent = multiprocessing.parent_process()
+        if lane is None and parent is not None and not parent.is_alive():
+            raise SystemExit("The recipe's main process has gone; this lane stops too.")
+
+
+def _lap_clock():
     timings: dict[str, float] = {}
     clock = [time.perf_counter()]
 
@@ -300,28 +320,36 @@ def run_default_recipe(cfg: RecipeConfig | None = None) -> dict:
         timings[name] = round(now - clock[0], 1)
         clock[0] = now
 
-    datasets.disable_progress_bars() if not cfg.show_progress_bar else None
-    for stamp in (STAGE0_STAMP, STAGES_STAMP):  # this run rewrites the stages: earlier stamps no longer hold
-        (Path(cfg.output_dir) / stamp).unlink(missing_ok=True)
-    prep = _prepare(cfg)
-    out, corpus, processor, tokenizer = prep["out"], prep["corpus"], prep["processor"], prep["tokenizer"]
-    annotated, train_corpus, pretrain = prep["annotated"], corpus["train"], corpus["pretrain"]
-    lap("benchmark")
-    model = build_model(tokenizer, cfg)
-    _say(f"model: CLIP4CIR ViT {cfg.model_sizes}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
-         f"parameters, vocabulary {len(tokenizer)} words")
+    return timings, lap
 
-    _say("stage 0: image-caption contrastive warm-up on the 'pretrain' images — a stand-in for CLIP's "
-         "pre-training, not part of SPN")
-    pixels = processor.image_processor([im for im in pretrain["image"]])["pixel_values"]
-    losses = image_text_warmup(model, pixels, list(pretrain["caption"]), tokenizer, cfg.stage0_epochs,
-                               learning_rate=cfg.stage0_lr, temperature=cfg.temperature, seed=cfg.seed,
-                               show_progress_bar=cfg.show_progress_bar)
-    model.save_pretrained(out / "stage0")
-    processor.save_pretrained(out / "stage0")
-    atomic_write_json(out / STAGE0_STAMP, {"config": _config_key(cfg)}, indent=1)
-    _say(f"stage 0 done: {len(losses)} steps, loss {losses[0]:.3f} -> {losses[-1]:.3f}")
-    lap("stage 0")
+
+def _second_lane(cfg: RecipeConfig, stage0_done, captions_done, result_path: str | None = None) -> dict:
+    """The recipe's second lane (see `run_default_recipe`): the captioner; the pool's captions, shared with the
+    first lane through the caption cache, and the zero-shot triplets; after stage 0: stage 1, +N, +N (LoRA), the
+    zero-shot row, and the captions' precision (the stage-1 model's retrieval captions are scored next to them).
+    Returns (or writes to `result_path`, in its own process) its rows, precisions and timings."""
+    if result_path is not None:  # its own process: one thread, like the first lane; no progress bars interleaved
+        torch.set_num_threads(1)
+        cfg = replace(cfg, show_progress_bar=False)
+        datasets.disable_progress_bars()
+    timings, lap = _lap_clock()
+    prep = _prepare(cfg, quiet=True)
+    out, processor, tokenizer, annotated = prep["out"], prep["processor"], prep["tokenizer"], prep["annotated"]
+    train_corpus, pretrain = prep["corpus"]["train"], prep["corpus"]["pretrain"]
+    pool = _unlabeled_pool(train_corpus, annotated)
+    rows: dict = {}
+
+    def evaluate(row: str, m) -> None:
+        rows[row] = prep["evaluator"](m)
+        _say(f"{row}: test " + ", ".join(f"R@{k} {rows[row][f'recall@{k}']:.2f}" for k in KS))
+
+    def stage1() -> None:
+        _wait(stage0_done)
+        lap("waiting for stage 0")
+        model = _train(_load(out / "stage0"), processor, cfg, "in_batch", annotated, train_corpus, out / "stage1")
+        atomic_write_json(out / STAGES_STAMP, {"config": _config_key(cfg)}, indent=1)  # stages 0 and 1 of this config
+        evaluate("stage 1", model)
+        lap("stage 1")
 
     captioner_summary = None
     if cfg.captioner == "generative":
@@ -333,46 +361,17 @@ def run_default_recipe(cfg: RecipeConfig | None = None) -> dict:
         _say(_precision_line(f"captioner on {CaptionerConfig(**cfg.captioner_config).heldout} held-out 'pretrain' "
                              f"images", captioner_summary["heldout"]))
         lap("captioner training")
-
-    results: dict = {}
-
-    def evaluate(row: str, m) -> None:
-        results[row] = prep["evaluator"](m)
-        _say(f"{row}: test " + ", ".join(f"R@{k} {results[row][f'recall@{k}']:.2f}" for k in KS))
-
-    stage1 = _train(_load(out / "stage0"), processor, cfg, "in_batch", annotated, train_corpus, out / "stage1")
-    atomic_write_json(out / STAGES_STAMP, {"config": _config_key(cfg)}, indent=1)  # stage 0 and 1 of this config
-    evaluate("stage 1", stage1)
-    lap("stage 1")
-
-    pool = _unlabeled_pool(train_corpus, annotated)
-    adapter = EmbeddingAdapter(stage1.eval(), processor.image_processor, tokenizer)
-    retrieval = RetrievalCaptioner(adapter, phrase_vocabulary(), top_k=cfg.caption_phrases)
-    if cfg.captioner == "oracle":
-        _say("DIAGNOSTIC: captions come from the scene graph (oracle), not from a model")
-        captioner = ColumnCaptioner(mapping=scene_captions(dict(zip(pool["image_id"], pool["scene"]))))
-        description = "oracle scene-graph captions (diagnostic)"
-    elif cfg.captioner == "retrieval":
-        captioner = retrieval
-        description = f"retrieval over the phrase vocabulary with the stage-1 model, top {cfg.caption_phrases}"
-    else:
-        captioner = load_captioner(captioner_summary["path"])
-        description = ("tiny LLaVA (CLIP vision + Llama) trained on the 'pretrain' captions, through MLLMCaptioner: "
-                       f"'{captioner.prompt_for(None)}', greedy, max {captioner.max_new_tokens} new tokens")
-    # captions are cached (resumable) per captioner and per config: the same config captions the same way
-    cache = out / f"captions_{cfg.captioner}_{_cache_name(_config_key(cfg))}"
-    generated, captions, window = _generate(cfg, pool, captioner, adapter, tokenizer, out / "generated", cache)
-    precision = {cfg.captioner: _pool_precision(pool, captions)}
-    if cfg.captioner != "retrieval":  # the stage-1 model's retrieval captions, scored for comparison only
-        precision["retrieval"] = _pool_precision(pool, _retrieval_captions(retrieval, pool))
-    _say(f"positive scaling: {len(generated)} generated triplets from {len(pool)} unlabeled images (rank window "
-         f"{window})")
-    for name, value in precision.items():
-        _say(_precision_line(f"{name} captions of the pool", value))
-    lap("positive scaling")
-    scaled = datasets.concatenate_datasets([annotated, generated.select_columns(TRIPLET_COLUMNS).cast(annotated.features)])
-    generated_only = generated.select_columns(TRIPLET_COLUMNS).cast(annotated.features)
-
+    if cfg.captioner == "retrieval":  # the stage-1 model is the captioner: it comes first
+        stage1()
+    captioner, description = _pool_captioner(cfg, pool, out, processor, tokenizer)
+    # zero-shot data as the original's in-domain ZS-CIR: unlabeled images paired at random (zscir, `--model zs`);
+    # captioning the pool here fills the cache that the first lane's rank-window triplets read
+    zero_shot, captions, _ = _generate(cfg, pool, captioner, None, tokenizer, out / "generated_zero_shot",
+                                       _caption_cache(cfg), rank_window=None)
+    captions_done.set()
+    lap("captioning the pool + zero-shot triplets")
+    if "stage 1" not in rows:
+        stage1()
     stage1_bank = out / "bank_stage1"  # +N and +N (LoRA): the same frozen stage-1 towers over the same images
     evaluate("+N", _train(_load(out / "stage1"), processor, cfg, "candidate_bank", annotated, train_corpus,
                           out / "stage2_N", bank_dir=stage1_bank))
@@ -380,16 +379,158 @@ def run_default_recipe(cfg: RecipeConfig | None = None) -> dict:
     evaluate("+N (LoRA)", _train(_load(out / "stage1"), processor, cfg, "candidate_bank", annotated, train_corpus,
                                  out / "stage2_N_lora", lora_r=cfg.lora_r, bank_dir=stage1_bank))
     lap("+N (LoRA)")
-    evaluate("+P", _train(_load(out / "stage0"), processor, cfg, "in_batch", scaled, train_corpus, out / "stage1_P"))
-    lap("+P")
-    evaluate("+P+N", _train(_load(out / "stage1_P"), processor, cfg, "candidate_bank", scaled, train_corpus,
-                            out / "stage2_PN"))
-    lap("+P+N")
     # zero-shot (SPN's low-resource setting): no annotated triplet at all, stage 1 then stage 2 on generated ones
-    _train(_load(out / "stage0"), processor, cfg, "in_batch", generated_only, train_corpus, out / "zero_shot_stage1")
-    evaluate("zero-shot", _train(_load(out / "zero_shot_stage1"), processor, cfg, "candidate_bank", generated_only,
+    zero_shot = zero_shot.select_columns(TRIPLET_COLUMNS).cast(annotated.features)
+    _train(_load(out / "stage0"), processor, cfg, "in_batch", zero_shot, train_corpus, out / "zero_shot_stage1")
+    evaluate("zero-shot", _train(_load(out / "zero_shot_stage1"), processor, cfg, "candidate_bank", zero_shot,
                                  train_corpus, out / "zero_shot"))
     lap("zero-shot")
+    precision = {cfg.captioner: _pool_precision(pool, captions)}
+    if cfg.captioner != "retrieval":  # the stage-1 model's retrieval captions, scored for comparison only
+        precision["retrieval"] = _pool_precision(pool, _retrieval_captions(
+            _retrieval_captioner(cfg, out, processor, tokenizer), pool))
+    for name, value in precision.items():
+        _say(_precision_line(f"{name} captions of the pool", value))
+    lap("caption precision")
+    result = {"rows": rows, "precision": precision, "captioner_summary": captioner_summary,
+              "description": description, "zero_shot_triplets": len(zero_shot), "timings": timings}
+    if result_path is not None:
+        atomic_write_json(Path(result_path), result, indent=1)
+    return result
+
+
+def _pool_captioner(cfg: RecipeConfig, pool, out: Path, processor, tokenizer):
+    """Who captions the unlabeled pool (`cfg.captioner`), and a description of it for the results."""
+    if cfg.captioner == "oracle":
+        return (ColumnCaptioner(mapping=scene_captions(dict(zip(pool["image_id"], pool["scene"])))),
+                "oracle scene-graph captions (diagnostic)")
+    if cfg.captioner == "retrieval":
+        return (_retrieval_captioner(cfg, out, processor, tokenizer),
+                f"retrieval over the phrase vocabulary with the stage-1 model, top {cfg.caption_phrases}")
+    captioner = load_captioner(out / "captioner")  # where the second lane's train_generative_captioner saved it
+    return captioner, ("tiny LLaVA (CLIP vision + Llama) trained on the 'pretrain' captions, through MLLMCaptioner: "
+                       f"'{captioner.prompt_for(None)}', greedy, max {captioner.max_new_tokens} new tokens")
+
+
+def _retrieval_captioner(cfg: RecipeConfig, out: Path, processor, tokenizer) -> RetrievalCaptioner:
+    adapter = EmbeddingAdapter(_load(out / "stage1").eval(), processor.image_processor, tokenizer)
+    return RetrievalCaptioner(adapter, phrase_vocabulary(), top_k=cfg.caption_phrases)
+
+
+def _pairing_encoder(out: Path, processor, tokenizer) -> EmbeddingAdapter:
+    """The image encoder that ranks the pool for rank-window pairing: the stage-0 model. The original ranks with an
+    off-the-shelf image model (Unicom ViT-L/14), not with the CIR model being trained; stage 0 is the stand-in for
+    such a pre-trained model here."""
+    return EmbeddingAdapter(_load(out / "stage0").eval(), processor.image_processor, tokenizer)
+
+
+def _caption_cache(cfg: RecipeConfig) -> Path:
+    """Captions are cached (resumable) per captioner and per config: the same config captions the same way."""
+    return Path(cfg.output_dir) / f"captions_{cfg.captioner}_{_cache_name(_config_key(cfg))}"
+
+
+def run_default_recipe(cfg: RecipeConfig | None = None) -> dict:
+    """The whole recipe. With `cfg.workers == 2`, in two lanes (processes, one thread each) at once:
+
+        first lane:  stage 0 ------------------> [captions] rank-window triplets -> +P -> +P+N
+        second lane: captioner -> pool captions + zero-shot triplets -> [stage 0] stage 1 -> +N -> +N (LoRA)
+                     -> zero-shot -> caption precision
+
+    On this project's 2-core machine a second thread per process speeds these tiny models up little, a second
+    process much more (README: the embedded default). `workers=1`: one process, the second lane's steps run after
+    stage 0, then the first lane's."""
+    cfg = cfg or RecipeConfig()
+    threads = torch.get_num_threads()
+    try:
+        if cfg.workers > 1:
+            torch.set_num_threads(1)
+        return _run_recipe(cfg)
+    finally:
+        torch.set_num_threads(threads)  # a caller (e.g. a test session) keeps its own setting
+
+
+def _run_recipe(cfg: RecipeConfig) -> dict:
+    import multiprocessing
+    import threading
+
+    start, cpu_start = time.perf_counter(), time.process_time()
+    timings, lap = _lap_clock()
+    datasets.disable_progress_bars() if not cfg.show_progress_bar else None
+    for stamp in (STAGE0_STAMP, STAGES_STAMP):  # this run rewrites the stages: earlier stamps no longer hold
+        (Path(cfg.output_dir) / stamp).unlink(missing_ok=True)
+    prep = _prepare(cfg)
+    out, corpus, processor, tokenizer = prep["out"], prep["corpus"], prep["processor"], prep["tokenizer"]
+    annotated, train_corpus, pretrain = prep["annotated"], corpus["train"], corpus["pretrain"]
+    lap("benchmark")
+    if cfg.captioner == "oracle":
+        _say("DIAGNOSTIC: captions come from the scene graph (oracle), not from a model")
+
+    lane, lane_result = None, out / "second_lane.json"
+    if cfg.workers > 1:
+        ctx = multiprocessing.get_context("spawn")
+        stage0_done, captions_done = ctx.Event(), ctx.Event()
+        lane_result.unlink(missing_ok=True)
+        lane = ctx.Process(target=_second_lane, args=(cfg, stage0_done, captions_done, str(lane_result)),
+                           name="second-lane")
+        lane.start()
+        _say("second lane started beside this one (one thread each): captioner, stage 1, +N, zero-shot")
+    else:
+        stage0_done, captions_done = threading.Event(), threading.Event()
+    results: dict = {}
+
+    def evaluate(row: str, m) -> None:
+        results[row] = prep["evaluator"](m)
+        _say(f"{row}: test " + ", ".join(f"R@{k} {results[row][f'recall@{k}']:.2f}" for k in KS))
+
+    try:
+        model = build_model(tokenizer, cfg)
+        _say(f"model: CLIP4CIR ViT {cfg.model_sizes}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
+             f"parameters, vocabulary {len(tokenizer)} words")
+        _say("stage 0: image-caption contrastive warm-up on the 'pretrain' images — a stand-in for CLIP's "
+             "pre-training, not part of SPN")
+        pixels = processor.image_processor([im for im in pretrain["image"]])["pixel_values"]
+        losses = image_text_warmup(model, pixels, list(pretrain["caption"]), tokenizer, cfg.stage0_epochs,
+                                   learning_rate=cfg.stage0_lr, temperature=cfg.temperature, seed=cfg.seed,
+                                   show_progress_bar=cfg.show_progress_bar)
+        model.save_pretrained(out / "stage0")
+        processor.save_pretrained(out / "stage0")
+        atomic_write_json(out / STAGE0_STAMP, {"config": _config_key(cfg)}, indent=1)
+        stage0_done.set()
+        _say(f"stage 0 done: {len(losses)} steps, loss {losses[0]:.3f} -> {losses[-1]:.3f}")
+        lap("stage 0")
+
+        if lane is None:
+            side = _second_lane(cfg, stage0_done, captions_done)
+            lap("second lane (in this process)")
+        else:
+            _wait(captions_done, lane)
+            lap("waiting for the pool's captions")
+        pool = _unlabeled_pool(train_corpus, annotated)
+        captioner, _ = _pool_captioner(cfg, pool, out, processor, tokenizer)
+        generated, _, window = _generate(cfg, pool, captioner, _pairing_encoder(out, processor, tokenizer), tokenizer,
+                                         out / "generated", _caption_cache(cfg))
+        _say(f"positive scaling: {len(generated)} generated triplets from {len(pool)} unlabeled images (rank window "
+             f"{window} of the stage-0 model's ranking)")
+        lap("positive scaling")
+        scaled = datasets.concatenate_datasets([annotated, generated.select_columns(TRIPLET_COLUMNS).cast(annotated.features)])
+        evaluate("+P", _train(_load(out / "stage0"), processor, cfg, "in_batch", scaled, train_corpus, out / "stage1_P"))
+        lap("+P")
+        evaluate("+P+N", _train(_load(out / "stage1_P"), processor, cfg, "candidate_bank", scaled, train_corpus,
+                                out / "stage2_PN"))
+        lap("+P+N")
+        if lane is not None:
+            lane.join()
+            if lane.exitcode != 0 or not lane_result.exists():
+                raise RuntimeError(f"The recipe's second lane failed (exit code {lane.exitcode}); its traceback is "
+                                   "printed above.")
+            side = json.loads(lane_result.read_text())
+            lap("waiting for the second lane")
+    finally:
+        if lane is not None and lane.is_alive():
+            lane.terminate()
+            lane.join()
+    results = {row: {**results, **side["rows"]}[row] for row in ROWS}
+    precision = side["precision"]
 
     # A picture of the best model's rankings (reference, text, top 8, the target marked): re-evaluated once with a
     # report, which reproduces the row's numbers.
@@ -401,18 +542,22 @@ def run_default_recipe(cfg: RecipeConfig | None = None) -> dict:
     lap("retrieval report")
     table = format_table(results)
     elapsed = time.perf_counter() - start
+    description = side["description"]
     summary = {
         "protocol": PROTOCOLS["recall"] + " (synthetic benchmark, test split)",
         "results": results,
         "caption_precision": precision,
         "captioner": description,
-        "captioner_heldout": captioner_summary,
+        "captioner_heldout": side["captioner_summary"],
         "generated_triplets": len(generated),
+        "zero_shot_triplets": side["zero_shot_triplets"],
         "annotated_triplets": len(annotated),
         "seconds": round(elapsed, 1),
-        "seconds_by_step": timings,
-        # CPU time of all this process's threads: on a shared machine, wall time says little about an idle one
+        # per lane (they run at once when workers > 1)
+        "seconds_by_step": {"first lane": timings, "second lane": side["timings"]},
+        # CPU time of this process's threads (the first lane only): on a shared machine wall time says little
         "cpu_seconds": round(time.process_time() - cpu_start, 1),
+        "threads_per_lane": torch.get_num_threads(),
         "retrieval_report": {"model": best, "html": str(out / "retrieval_report" / "retrieval_report.html")},
         "config": asdict(cfg),
     }
@@ -469,53 +614,44 @@ def run_seeds(cfg: RecipeConfig, seeds: list[int]) -> dict:
 def run_caption_noise_study(cfg: RecipeConfig, levels=NOISE_LEVELS) -> dict:
     """Diagnostic: +P and +P+N with scene-graph captions of the pool, a fraction `levels` of their phrases
     replaced by wrong ones, against the default run's stage 1 and +N. Reuses the default run in `output_dir`
-    (runs it first if absent); writes OUTPUT_DIR/noise_study/results.json and caption_noise_study.png."""
+    (runs it first if absent); writes OUTPUT_DIR/noise_study/results.json and caption_noise_study.png. With
+    `cfg.workers > 1` the levels are shared among that many processes (one thread each); each finished level is
+    kept (`point.json`), so an interrupted study resumes level by level."""
+    import multiprocessing
+
     out = Path(cfg.output_dir)
     study = out / "noise_study"
-    stage1_dir = out / "stage1"
     if _finished(out / "results.json", cfg):
         _say(f"caption noise study: reusing the default run in {out}")
-    elif _finished(out / STAGES_STAMP, cfg):  # a default run of this config got past stage 1 (or is still running)
-        _say(f"caption noise study: reusing stage 0 and stage 1 of the default run in {out}")
-    elif _finished(out / STAGE0_STAMP, cfg):  # ... past stage 0 only: train the same stage 1 here
-        _say(f"caption noise study: reusing stage 0 of the default run in {out}; training stage 1 in {study}")
-        stage1_dir = study / "stage1"
+    elif _finished(out / STAGE0_STAMP, cfg):  # a default run of this config got past stage 0 (or is still running)
+        _say(f"caption noise study: reusing stage 0 of the default run in {out}")
     else:
         run_default_recipe(cfg)
     start = time.perf_counter()
     p = _prepare(cfg)
-    corpus, processor, tokenizer, annotated = p["corpus"], p["processor"], p["tokenizer"], p["annotated"]
-    train_corpus = corpus["train"]
-    if not (stage1_dir / "model.safetensors").exists():
-        _train(_load(out / "stage0"), processor, cfg, "in_batch", annotated, train_corpus, stage1_dir)
-    pool = _unlabeled_pool(train_corpus, annotated)
-    adapter = EmbeddingAdapter(_load(stage1_dir).eval(), processor.image_processor, tokenizer)
-    scenes = dict(zip(pool["image_id"], pool["scene"]))
-    points = []
-    for level in levels:
-        name = f"corrupt_{round(100 * level):02d}"
-        done = _finished(study / name / "point.json", cfg)
-        if done:  # a finished level of this config (the study resumes level by level)
-            points.append(done["point"])
-        else:
-            mapping = scene_captions(scenes, corrupt=level, seed=cfg.seed)
-            generated, captions, _ = _generate(cfg, pool, ColumnCaptioner(mapping=mapping), adapter, tokenizer,
-                                               study / name / "generated",
-                                               study / name / f"captions_{_cache_name(mapping)}")
-            precision = _pool_precision(pool, captions)
-            scaled = datasets.concatenate_datasets(
-                [annotated, generated.select_columns(TRIPLET_COLUMNS).cast(annotated.features)])
-            plus_p = _train(_load(out / "stage0"), processor, cfg, "in_batch", scaled, train_corpus,
-                            study / name / "P")
-            row = {"corrupted": level, **precision, "+P": p["evaluator"](plus_p)}
-            row["+P+N"] = p["evaluator"](_train(_load(study / name / "P"), processor, cfg, "candidate_bank", scaled,
-                                                train_corpus, study / name / "PN"))
-            atomic_write_json(study / name / "point.json", {"config": _config_key(cfg), "point": row}, indent=1)
-            points.append(row)
-        row = points[-1]
-        _say(f"{name}: caption precision {row['phrase_precision']:.1f}%, +P R@10 {row['+P']['recall@10']:.2f}, "
-             f"+P+N R@10 {row['+P+N']['recall@10']:.2f}")
-        summary = _write_noise_study(cfg, points, p["evaluator"], time.perf_counter() - start)
+    pending = [level for level in levels if not _finished(study / _level_name(level) / "point.json", cfg)]
+    lanes = min(cfg.workers, len(pending))
+    if lanes > 1:
+        ctx = multiprocessing.get_context("spawn")
+        procs = [ctx.Process(target=_noise_levels, args=(cfg, pending[i::lanes], True),
+                             name=f"noise-lane-{i}") for i in range(lanes)]
+        for proc in procs:
+            proc.start()
+        try:
+            for proc in procs:
+                proc.join()
+        finally:
+            for proc in procs:
+                if proc.is_alive():
+                    proc.terminate()
+        failed = [proc.name for proc in procs if proc.exitcode != 0]
+        if failed:
+            raise RuntimeError(f"Caption noise study: {failed} failed (tracebacks above); the finished levels are "
+                               "kept, run again to resume.")
+    elif pending:
+        _noise_levels(cfg, pending)
+    points = [_finished(study / _level_name(level) / "point.json", cfg)["point"] for level in levels]
+    summary = _write_noise_study(cfg, points, p["evaluator"], time.perf_counter() - start)
     print("\nCaption noise study (test R@10; scene-graph captions with a share of phrases replaced by wrong ones)\n")
     print("| phrases corrupted | caption precision | +P R@10 | +P+N R@10 |\n|---|---|---|---|")
     for row in points:
@@ -526,8 +662,43 @@ def run_caption_noise_study(cfg: RecipeConfig, levels=NOISE_LEVELS) -> dict:
     return summary
 
 
+def _level_name(level: float) -> str:
+    return f"corrupt_{round(100 * level):02d}"
+
+
+def _noise_levels(cfg: RecipeConfig, levels, own_process: bool = False) -> None:
+    """Train and evaluate +P and +P+N at each corruption level of `levels`, paired like the default's +P; each
+    level writes its `point.json`."""
+    if own_process:  # one thread per lane, no progress bars interleaved
+        torch.set_num_threads(1)
+        cfg = replace(cfg, show_progress_bar=False)
+        datasets.disable_progress_bars()
+    out, study = Path(cfg.output_dir), Path(cfg.output_dir) / "noise_study"
+    p = _prepare(cfg, quiet=True)
+    corpus, processor, tokenizer, annotated = p["corpus"], p["processor"], p["tokenizer"], p["annotated"]
+    train_corpus = corpus["train"]
+    pool = _unlabeled_pool(train_corpus, annotated)
+    adapter = _pairing_encoder(out, processor, tokenizer)
+    scenes = dict(zip(pool["image_id"], pool["scene"]))
+    for level in levels:
+        name = _level_name(level)
+        mapping = scene_captions(scenes, corrupt=level, seed=cfg.seed)
+        generated, captions, _ = _generate(cfg, pool, ColumnCaptioner(mapping=mapping), adapter, tokenizer,
+                                           study / name / "generated", study / name / f"captions_{_cache_name(mapping)}")
+        precision = _pool_precision(pool, captions)
+        scaled = datasets.concatenate_datasets(
+            [annotated, generated.select_columns(TRIPLET_COLUMNS).cast(annotated.features)])
+        plus_p = _train(_load(out / "stage0"), processor, cfg, "in_batch", scaled, train_corpus, study / name / "P")
+        row = {"corrupted": level, **precision, "+P": p["evaluator"](plus_p)}
+        row["+P+N"] = p["evaluator"](_train(_load(study / name / "P"), processor, cfg, "candidate_bank", scaled,
+                                            train_corpus, study / name / "PN"))
+        atomic_write_json(study / name / "point.json", {"config": _config_key(cfg), "point": row}, indent=1)
+        _say(f"{name}: caption precision {row['phrase_precision']:.1f}%, +P R@10 {row['+P']['recall@10']:.2f}, "
+             f"+P+N R@10 {row['+P+N']['recall@10']:.2f}")
+
+
 def _write_noise_study(cfg: RecipeConfig, points: list[dict], evaluator, seconds: float) -> dict:
-    """The study's results.json and plot from the levels done so far (written after each level)."""
+    """The study's results.json and plot."""
     out = Path(cfg.output_dir)
     default = _finished(out / "results.json", cfg)  # read now: a default run may have finished meanwhile
     if default:
@@ -576,6 +747,42 @@ def plot_noise_study(summary: dict, path: Path) -> None:
     plt.close(fig)
 
 
+# ---------------------------------------------------------------------------------------------- text-form probe
+def run_text_form_probe(cfg: RecipeConfig) -> dict:
+    """Diagnostic: every row's model on the test queries twice — with their annotated texts (the table) and with
+    texts in the generated triplets' form, `"{target caption} instead of {reference caption}"` (template 0,
+    captions from the scene graph). The annotated texts are edits of the reference ("make the yellow triangle
+    pink"); the generated ones describe the whole target. A model that scores high on the second and low on the
+    first has learnt to retrieve by a full description and to ignore the reference image. Needs a finished default
+    run in `output_dir`; writes OUTPUT_DIR/text_form_probe.json."""
+    from datasets_scripts.templates import TEMPLATES
+
+    out = Path(cfg.output_dir)
+    if not _finished(out / "results.json", cfg):
+        raise FileNotFoundError(f"{out / 'results.json'} is not a finished default run of this config: run "
+                                f"`python examples/run_cir.py --output_dir {out}` first.")
+    p = _prepare(cfg)
+    test = p["triplets"]["test"]
+    captions = scene_captions(dict(zip(p["corpus"]["test"]["image_id"], p["corpus"]["test"]["scene"])))
+    texts = [[TEMPLATES[0].format(captions[r], captions[t])] for r, t in zip(test["reference_id"], test["target_id"])]
+    probe = test.remove_columns("modification_texts").add_column("modification_texts", texts)
+    evaluator = CIREvaluator(p["corpus"]["test"], probe, p["processor"].image_processor, p["tokenizer"],
+                             protocol="recall", batch_size=256, show_progress_bar=cfg.show_progress_bar)
+    table = {}
+    for row in ROWS:
+        model = load_cir_model_and_processor(str(out / MODEL_DIRS[row]))[0]
+        table[row] = {"annotated texts": p["evaluator"](model), "generated-form texts": evaluator(model)}
+    summary = {"protocol": PROTOCOLS["recall"] + " (synthetic benchmark, test split)", "rows": table,
+               "example": {"annotated": test[0]["modification_texts"][0], "generated form": texts[0][0]},
+               "config": _config_key(cfg)}
+    atomic_write_json(out / "text_form_probe.json", summary, indent=2)
+    print("\nTest R@10 with the annotated texts and with generated-form texts (scene-graph captions)\n")
+    print("| model | annotated texts | generated-form texts |\n|---|---|---|")
+    for row, value in table.items():
+        print(f"| {row} | {value['annotated texts']['recall@10']:.2f} | {value['generated-form texts']['recall@10']:.2f} |")
+    return summary
+
+
 def recipe_parser():
     import argparse
 
@@ -592,6 +799,9 @@ def recipe_parser():
     parser.add_argument("--caption_noise_study", action="store_true",
                         help="diagnostic: +P and +P+N with scene-graph captions corrupted at 0/25/50/75%% of phrases "
                              "(reuses the default run in OUTPUT_DIR, or runs it first)")
+    parser.add_argument("--text_form_probe", action="store_true",
+                        help="diagnostic: every row's model on the test queries with annotated texts and with texts "
+                             "in the generated triplets' form (reuses the default run in OUTPUT_DIR)")
     parser.add_argument("--noise_levels", type=float, nargs="+", default=list(NOISE_LEVELS),
                         help="fractions of phrases to corrupt in --caption_noise_study")
     return parser
@@ -606,4 +816,6 @@ def main(argv=None) -> dict:
         return run_seeds(make(**kw), args.seeds)
     if args.caption_noise_study:
         return run_caption_noise_study(make(**kw), args.noise_levels)
+    if args.text_form_probe:
+        return run_text_form_probe(make(**kw))
     return run_default_recipe(make(**kw))
