@@ -6,6 +6,7 @@ NaN weights saved), resume (refused without optimizer state; whole-run train_los
 refused with the key), positive scaling (empty captions, k=0, stale caption cache), a truncated model file and a
 batch larger than the dataset (messages name the path / the sizes)."""
 
+import json
 import shutil
 
 import datasets
@@ -13,6 +14,7 @@ import evaluate
 import numpy as np
 import pytest
 import torch
+from conftest import run_two_processes
 from transformers import TrainerCallback
 
 import trainers
@@ -125,6 +127,19 @@ def test_diverging_run_stops_naming_the_step_and_never_saves_nan_weights(tiny_tr
     with pytest.raises(RuntimeError, match=r"Training loss is (nan|inf) at step \d+"):
         diverging.train()
     assert all(torch.isfinite(p).all() for p in diverging.model.parameters())
+
+
+@pytest.mark.slow
+def test_nan_loss_on_one_rank_stops_every_rank_together(tiny_cir_dataset, tiny_model_dir, tmp_path):
+    """Only rank 0's loss is NaN (from step 2): DDP has averaged its NaN gradients into rank 1's, so both ranks
+    must drop step 2 and both must stop at step 3 — neither steps with NaN weights nor waits for the other."""
+    run_two_processes("ddp_nonfinite.py", tiny_model_dir, tiny_cir_dataset, tmp_path)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for rank, record in enumerate(ranks):
+        assert record["outcome"].startswith("Training loss is"), record
+        assert f"on rank {rank} (non-finite on at least one rank) at step 3" in record["outcome"]
+        assert record["finite"] and record["step1_applied"] and record["step2_dropped"], (rank, record)
+    assert "loss is nan" in ranks[0]["outcome"] and "loss is nan" not in ranks[1]["outcome"]  # rank 1's was finite
 
 
 def test_resume_refuses_a_checkpoint_without_optimizer_state_and_reports_the_whole_runs_loss(tiny_training, tmp_path):

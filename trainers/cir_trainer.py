@@ -136,6 +136,27 @@ class _WholeRunLoss(TrainerCallback, ExportableState):
                            "only the %d resumed steps.", state.max_steps - state.global_step)
 
 
+def _on_which_rank() -> str:
+    from modeling_spn4cir.distributed import world
+
+    rank, world_size = world()
+    return "" if world_size == 1 else f" on rank {rank} (non-finite on at least one rank)"
+
+
+def _finite_on_every_rank(loss: torch.Tensor) -> bool:
+    """Whether the step's loss is finite on every process (one all-reduce of a flag under DDP)."""
+    from modeling_spn4cir.distributed import world
+
+    finite = bool(torch.isfinite(loss).all())
+    if world()[1] == 1:
+        return finite
+    import torch.distributed as dist
+
+    flag = torch.tensor([0.0 if finite else 1.0], device=loss.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return flag.item() == 0.0
+
+
 class CIRTrainer(Trainer):
     """
     Args:
@@ -237,22 +258,26 @@ class CIRTrainer(Trainer):
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
-        if torch.isfinite(loss).all():
+        if _finite_on_every_rank(loss):
             self._nonfinite_streak = 0
             return loss
+        # Every rank takes this branch together: DDP has averaged one rank's NaN gradients into all of them, so
+        # every rank must drop the step (or stop), not only the rank whose loss is NaN (the others would step
+        # with NaN weights, or wait forever for a rank that stopped).
         self._nonfinite_streak += 1
         step = self.state.global_step + 1
         limit = self.args.max_consecutive_nonfinite_losses
         if self._nonfinite_streak >= limit:
             model.zero_grad(set_to_none=True)
             raise RuntimeError(
-                f"Training loss is {loss.item()} at step {step} ({self._nonfinite_streak} consecutive non-finite "
+                f"Training loss is {loss.item()}{_on_which_rank()} at step {step} "
+                f"({self._nonfinite_streak} consecutive non-finite "
                 f"step(s), max_consecutive_nonfinite_losses={limit}): the run diverged and was stopped before this "
                 "step's update. Lower the learning rate (or use bf16 instead of fp16), then resume from the last "
                 "checkpoint or restart."
             )
-        logger.warning("Non-finite training loss (%s) at step %d: its gradients are dropped (%d of %d allowed "
-                       "consecutive).", loss.item(), step, self._nonfinite_streak, limit)
+        logger.warning("Non-finite training loss (%s on this rank) at step %d: its gradients are dropped on every rank "
+                       "(%d of %d allowed consecutive).", loss.item(), step, self._nonfinite_streak, limit)
         model.zero_grad(set_to_none=True)
         return loss
 
