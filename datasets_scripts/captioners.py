@@ -14,7 +14,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +32,17 @@ def limit_words(text: str, n: int) -> str:
     """The first `n` words of `text`, without trailing punctuation (captions feed templates)."""
     words = text.replace("\n", " ").split()
     return " ".join(words[:n]).strip(" .,;:!?")
+
+
+def weights_identity(model_name_or_path: str, model) -> str:
+    """What identifies a checkpoint's weights, cheaply: for a local directory, each weight file's size, mtime,
+    ctime and inode (rewriting a file changes them; nothing is read); for a Hub id, the resolved commit."""
+    path = Path(model_name_or_path)
+    if path.is_dir():
+        files = sorted(f for f in path.iterdir() if f.suffix in (".safetensors", ".bin") or f.name.endswith(".index.json"))
+        stamps = [f"{f.name}:{s.st_size}:{s.st_mtime_ns}:{s.st_ctime_ns}:{s.st_ino}" for f in files for s in [f.stat()]]
+        return hashlib.sha256("|".join(stamps).encode()).hexdigest()[:16]
+    return f"{model_name_or_path}@{getattr(model.config, '_commit_hash', None)}"
 
 
 class MLLMCaptioner:
@@ -60,6 +74,7 @@ class MLLMCaptioner:
         self.model = AutoModelForImageTextToText.from_pretrained(model_name_or_path, dtype=dtype).to(device).eval()
         self.prompt, self.num_words, self.word_limit, self.prompt_prefix = prompt, num_words, word_limit, prompt_prefix
         self.max_new_tokens = max_new_tokens or (4 * word_limit + 4 if word_limit else ORIGINAL_MAX_NEW_TOKENS)
+        self.weights = weights_identity(model_name_or_path, self.model)
 
     def prompt_for(self, category: str | None) -> str:
         return self.prompt_prefix + self.prompt.format(n=self.num_words, category=category or "image")
@@ -141,6 +156,8 @@ class RetrievalCaptioner:
         self.min_relative_score = min_relative_score
         self.phrase_embeds = torch.cat([encoder.encode_texts(self.phrases[i:i + batch_size])
                                         for i in range(0, len(self.phrases), batch_size)])
+        # which encoder: its phrase embeddings (any change of its text side changes them), for the caption cache
+        self.weights = hashlib.sha256(self.phrase_embeds.float().contiguous().numpy().tobytes()).hexdigest()[:16]
 
     def __call__(self, batch: dict) -> list[str]:
         scores = self.encoder.encode_images(batch["image"]) @ self.phrase_embeds.T
@@ -160,6 +177,8 @@ class ColumnCaptioner:
         if (column is None) == (mapping is None):
             raise ValueError("Pass exactly one of `column` or `mapping`.")
         self.column, self.mapping = column, mapping
+        if mapping is not None:  # which captions, for the caption cache
+            self.weights = hashlib.sha256(json.dumps(mapping, sort_keys=True).encode()).hexdigest()[:16]
 
     def __call__(self, batch: dict) -> list[str]:
         if self.column is not None:

@@ -33,8 +33,9 @@ def _barrier():
 
 
 def captioner_key(captioner) -> str:
-    """What identifies a captioner's output in the cache (class and its prompt settings)."""
-    names = ("prompt", "prompt_prefix", "num_words", "word_limit", "max_new_tokens", "phrases", "top_k", "column")
+    """What identifies a captioner's output in the cache (class, its prompt settings and its weights' identity)."""
+    names = ("prompt", "prompt_prefix", "num_words", "word_limit", "max_new_tokens", "phrases", "top_k", "column",
+             "weights")
     fields = {k: getattr(captioner, k) for k in names if hasattr(captioner, k)}
     return json.dumps({"class": type(captioner).__name__, **fields}, sort_keys=True, default=str)
 

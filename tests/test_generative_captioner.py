@@ -63,3 +63,26 @@ def test_captioner_learns_its_training_captions_and_is_scored_on_held_out_images
     assert again == summary  # reused, not retrained
     with pytest.raises(ValueError, match="heldout"):
         train_generative_captioner(corpus, tmp_path / "other", CaptionerConfig(**TINY, heldout=30))
+
+
+def test_caption_cache_refuses_captions_of_a_retrained_captioner_at_the_same_path(tmp_path):
+    """The cache's manifest names the captioner's weights: a captioner saved again at the same path (new weights)
+    does not reuse the old captions, it fails with the fix; the same checkpoint reloaded reuses them."""
+    import torch
+
+    from datasets_scripts.captioning import caption_corpus, captioner_key
+
+    corpus = _corpus(1)
+    model, processor = build_captioner(list(CAPTIONS.values()), CaptionerConfig(**TINY))
+    model.save_pretrained(tmp_path / "captioner")
+    processor.save_pretrained(tmp_path / "captioner")
+    first = caption_corpus(corpus, load_captioner(tmp_path / "captioner"), tmp_path / "cache", show_progress_bar=False)
+    assert caption_corpus(corpus, load_captioner(tmp_path / "captioner"), tmp_path / "cache",
+                          show_progress_bar=False) == first  # the same checkpoint: the cache holds
+    before = captioner_key(load_captioner(tmp_path / "captioner"))
+    torch.manual_seed(1)
+    retrained, _ = build_captioner(list(CAPTIONS.values()), CaptionerConfig(**TINY), seed=1)
+    retrained.save_pretrained(tmp_path / "captioner")
+    assert captioner_key(load_captioner(tmp_path / "captioner")) != before
+    with pytest.raises(ValueError, match="captions of another run .*captioner"):
+        caption_corpus(corpus, load_captioner(tmp_path / "captioner"), tmp_path / "cache", show_progress_bar=False)

@@ -39,6 +39,7 @@ from datasets_scripts.captioners import (
     EmbeddingAdapter,
     RetrievalCaptioner,
 )
+from datasets_scripts.captioning import captioner_key
 from datasets_scripts.common import TRIPLET_FEATURES
 from datasets_scripts.positive_scaling import generate_scaled_triplets
 from datasets_scripts.synthetic import build_synthetic, phrase_vocabulary, scene_captions
@@ -367,7 +368,7 @@ def _second_lane(cfg: RecipeConfig, stage0_done, captions_done, result_path: str
     # zero-shot data as the original's in-domain ZS-CIR: unlabeled images paired at random (zscir, `--model zs`);
     # captioning the pool here fills the cache that the first lane's rank-window triplets read
     zero_shot, captions, _ = _generate(cfg, pool, captioner, None, tokenizer, out / "generated_zero_shot",
-                                       _caption_cache(cfg), rank_window=None)
+                                       _caption_cache(cfg, captioner), rank_window=None)
     captions_done.set()
     lap("captioning the pool + zero-shot triplets")
     if "stage 1" not in rows:
@@ -424,9 +425,10 @@ def _pairing_encoder(out: Path, processor, tokenizer) -> EmbeddingAdapter:
     return EmbeddingAdapter(_load(out / "stage0").eval(), processor.image_processor, tokenizer)
 
 
-def _caption_cache(cfg: RecipeConfig) -> Path:
-    """Captions are cached (resumable) per captioner and per config: the same config captions the same way."""
-    return Path(cfg.output_dir) / f"captions_{cfg.captioner}_{_cache_name(_config_key(cfg))}"
+def _caption_cache(cfg: RecipeConfig, captioner) -> Path:
+    """Captions are cached (resumable) per config and per captioner, its weights included (`captioner_key`): a
+    captioner trained again gets a new cache, not the old captions (nor the cache's error about them)."""
+    return Path(cfg.output_dir) / f"captions_{cfg.captioner}_{_cache_name([_config_key(cfg), captioner_key(captioner)])}"
 
 
 def run_default_recipe(cfg: RecipeConfig | None = None) -> dict:
@@ -508,7 +510,7 @@ def _run_recipe(cfg: RecipeConfig) -> dict:
         pool = _unlabeled_pool(train_corpus, annotated)
         captioner, _ = _pool_captioner(cfg, pool, out, processor, tokenizer)
         generated, _, window = _generate(cfg, pool, captioner, _pairing_encoder(out, processor, tokenizer), tokenizer,
-                                         out / "generated", _caption_cache(cfg))
+                                         out / "generated", _caption_cache(cfg, captioner))
         _say(f"positive scaling: {len(generated)} generated triplets from {len(pool)} unlabeled images (rank window "
              f"{window} of the stage-0 model's ranking)")
         lap("positive scaling")
