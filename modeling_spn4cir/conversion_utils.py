@@ -148,7 +148,7 @@ def converter_parser(description: str, checkpoint_help: str, tokenizer_help: str
                      temperature_help: str = "stage-2 tau stored in the config"):
     """The options every family's converter CLI shares (`--checkpoint`, `--output_dir`, `--tokenizer`,
     `--num_heads TOWER=N` when the family has towers, `--temperature`, `--image_size`, `--push_to_hub`,
-    `--overwrite_output_dir`)."""
+    `--overwrite_output_dir`, `--allow_nonfinite_weights`)."""
     import argparse
 
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -164,4 +164,6 @@ def converter_parser(description: str, checkpoint_help: str, tokenizer_help: str
     parser.add_argument("--push_to_hub", metavar="REPO_ID")
     parser.add_argument("--overwrite_output_dir", action="store_true",
                         help="replace --output_dir when it holds a previous output of a converter (never other files)")
+    parser.add_argument("--allow_nonfinite_weights", action="store_true",
+                        help="convert a checkpoint with NaN/inf weights anyway (a warning naming the keys)")
     return parser

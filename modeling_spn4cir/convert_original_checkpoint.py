@@ -14,7 +14,7 @@ import argparse
 import importlib
 import sys
 
-from .conversion_utils import allow_nonfinite_weights, load_checkpoint
+from .conversion_utils import load_checkpoint
 
 # family -> (converter module, top-level / state-dict key prefixes that identify its original checkpoints)
 FAMILIES = {
@@ -58,8 +58,8 @@ def main(argv=None):
     known, rest = parser.parse_known_args(argv)
     family = known.family or (detect_family(known.checkpoint) if known.checkpoint else "clip4cir")
     module = importlib.import_module(FAMILIES[family][0])
-    with allow_nonfinite_weights(known.allow_nonfinite_weights):
-        module.main(rest + (["--checkpoint", known.checkpoint] if known.checkpoint else []))
+    module.main(rest + (["--checkpoint", known.checkpoint] if known.checkpoint else [])
+                + (["--allow_nonfinite_weights"] if known.allow_nonfinite_weights else []))
 
 
 if __name__ == "__main__":

@@ -185,6 +185,13 @@ def test_converter_refuses_nan_weights_naming_the_key_unless_allowed(tmp_path, c
         main(["--checkpoint", str(path), "--output_dir", str(tmp_path / "allowed"), "--allow_nonfinite_weights"])
     assert (tmp_path / "allowed" / "model.safetensors").exists()
     assert "text_projection" in caplog.text and "converting anyway" in caplog.text
+    # the family's own converter CLI, which the error's advice also applies to, takes the same flag
+    from modeling_spn4cir.clip4cir.convert_clip4cir_original_checkpoint import main as family_main
+
+    with pytest.raises(NonFiniteWeightsError, match="text_projection"):
+        family_main(["--checkpoint", str(path), "--output_dir", str(tmp_path / "family_refused")])
+    family_main(["--checkpoint", str(path), "--output_dir", str(tmp_path / "family"), "--allow_nonfinite_weights"])
+    assert (tmp_path / "family" / "model.safetensors").exists()
 
 
 # ---------------------------------------------------------------------------------- positive scaling

@@ -24,6 +24,7 @@ import torch
 
 from ..conversion_utils import (
     CheckpointMismatchError,
+    allow_nonfinite_weights,
     check_state_dict,
     converter_parser,
     load_checkpoint,
@@ -326,10 +327,11 @@ def main(argv=None):
                               "BERT tokenizer (Hub id, directory or vocab.txt), e.g. bert-base-uncased", TOWERS,
                               "tau; default: the checkpoint's tau (stage 2), else 0.03")
     args = parser.parse_args(argv)
-    out = convert_original_checkpoint(args.checkpoint, args.output_dir, tokenizer=args.tokenizer,
-                                      push_to_hub=args.push_to_hub, num_heads=args.num_heads,
-                                      temperature=args.temperature, image_size=args.image_size,
-                                      overwrite_output_dir=args.overwrite_output_dir)
+    with allow_nonfinite_weights(args.allow_nonfinite_weights):
+        out = convert_original_checkpoint(args.checkpoint, args.output_dir, tokenizer=args.tokenizer,
+                                          push_to_hub=args.push_to_hub, num_heads=args.num_heads,
+                                          temperature=args.temperature, image_size=args.image_size,
+                                          overwrite_output_dir=args.overwrite_output_dir)
     print(f"wrote {out}")
 
 

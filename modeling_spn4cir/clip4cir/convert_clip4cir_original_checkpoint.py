@@ -22,6 +22,7 @@ import torch
 
 from ..conversion_utils import (
     CheckpointMismatchError,
+    allow_nonfinite_weights,
     check_state_dict,
     converter_parser,
     load_checkpoint,
@@ -330,10 +331,11 @@ def main(argv=None):
     parser.add_argument("--combiner_checkpoint", help="CLIP4Cir Combiner .pt -> fusion 'combiner'")
     parser.set_defaults(temperature=0.02)
     args = parser.parse_args(argv)
-    out = convert_original_checkpoint(args.checkpoint, args.output_dir, combiner_checkpoint=args.combiner_checkpoint,
-                                      tokenizer=args.tokenizer, image_size=args.image_size,
-                                      temperature=args.temperature, push_to_hub=args.push_to_hub,
-                                      overwrite_output_dir=args.overwrite_output_dir)
+    with allow_nonfinite_weights(args.allow_nonfinite_weights):
+        out = convert_original_checkpoint(args.checkpoint, args.output_dir, combiner_checkpoint=args.combiner_checkpoint,
+                                          tokenizer=args.tokenizer, image_size=args.image_size,
+                                          temperature=args.temperature, push_to_hub=args.push_to_hub,
+                                          overwrite_output_dir=args.overwrite_output_dir)
     print(f"wrote {out}")
 
 

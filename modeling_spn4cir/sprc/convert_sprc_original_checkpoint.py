@@ -27,6 +27,7 @@ import torch
 
 from ..conversion_utils import (
     CheckpointMismatchError,
+    allow_nonfinite_weights,
     check_state_dict,
     converter_parser,
     load_checkpoint,
@@ -368,10 +369,11 @@ def main(argv=None):
                               "bert-base-uncased (Hub id or directory) or a vocab.txt; [DEC] is added", TOWERS,
                               "stage-2 tau; default: the stage-2 checkpoint's temp, or 0.05")
     args = parser.parse_args(argv)
-    out = convert_original_checkpoint(args.checkpoint, args.output_dir, tokenizer=args.tokenizer,
-                                      push_to_hub=args.push_to_hub, num_heads=args.num_heads,
-                                      temperature=args.temperature, image_size=args.image_size,
-                                      overwrite_output_dir=args.overwrite_output_dir)
+    with allow_nonfinite_weights(args.allow_nonfinite_weights):
+        out = convert_original_checkpoint(args.checkpoint, args.output_dir, tokenizer=args.tokenizer,
+                                          push_to_hub=args.push_to_hub, num_heads=args.num_heads,
+                                          temperature=args.temperature, image_size=args.image_size,
+                                          overwrite_output_dir=args.overwrite_output_dir)
     print(f"wrote {out}")
 
 

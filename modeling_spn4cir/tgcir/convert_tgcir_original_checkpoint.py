@@ -33,6 +33,7 @@ import torch
 
 from ..conversion_utils import (
     CheckpointMismatchError,
+    allow_nonfinite_weights,
     check_state_dict,
     converter_parser,
     load_checkpoint,
@@ -377,10 +378,11 @@ def main(argv=None):
                               "stage-2 tau stored in the config (paper: 0.02 FashionIQ, 0.01 CIRR)")
     parser.set_defaults(temperature=0.02)
     args = parser.parse_args(argv)
-    out = convert_original_checkpoint(args.checkpoint, args.output_dir, tokenizer=args.tokenizer,
-                                      push_to_hub=args.push_to_hub, num_heads=args.num_heads,
-                                      temperature=args.temperature, image_size=args.image_size,
-                                      overwrite_output_dir=args.overwrite_output_dir)
+    with allow_nonfinite_weights(args.allow_nonfinite_weights):
+        out = convert_original_checkpoint(args.checkpoint, args.output_dir, tokenizer=args.tokenizer,
+                                          push_to_hub=args.push_to_hub, num_heads=args.num_heads,
+                                          temperature=args.temperature, image_size=args.image_size,
+                                          overwrite_output_dir=args.overwrite_output_dir)
     print(f"wrote {out}")
 
 
