@@ -199,5 +199,11 @@ def test_seed_aggregation_and_table():
     assert agg["results"]["stage 1"]["recall@1"]["std"] == pytest.approx(10.0)  # sample std (n - 1)
     assert agg["results"]["stage 1"]["recall@5"]["std"] == 0.0
     assert agg["caption_precision"]["generative"]["phrase_precision"]["mean"] == 20.0
+    assert "stage 1" not in agg["minus_stage_1"]  # the paired differences: one row against stage 1, seed by seed
+    runs[2]["results"]["+N"] = {k: v + 1.0 for k, v in runs[2]["results"]["stage 1"].items()}
+    for run in runs[:2]:
+        run["results"]["+N"] = {k: v + 3.0 for k, v in run["results"]["stage 1"].items()}
+    paired = aggregate_seeds(runs)["minus_stage_1"]["+N"]["recall@1"]
+    assert paired["values"] == [3.0, 3.0, 1.0] and paired["mean"] == pytest.approx(7 / 3)
     table = format_table(agg["results"], rows=["stage 1"])
     assert "| stage 1 | 20.00 ± 10.00 | 1.00 ± 0.00 | 2.00 ± 0.00 | 3.00 ± 0.00 |" in table

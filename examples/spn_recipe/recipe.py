@@ -586,7 +586,13 @@ def aggregate_seeds(summaries: list[dict]) -> dict:
     precision = {name: {m: stats([s["caption_precision"][name][m] for s in summaries]) for m in ("phrase_precision",
                                                                                                    "colour_shape_precision")}
                  for name in summaries[0]["caption_precision"]}
-    return {"results": rows, "caption_precision": precision, "seeds": [s["config"]["seed"] for s in summaries]}
+    # each row minus stage 1 of the same seed: the seed moves the benchmark and every row with it, so the spread of
+    # a row says less about a method's effect than the spread of its paired difference
+    paired = {row: {m: stats([s["results"][row][m] - s["results"]["stage 1"][m] for s in summaries])
+                    for m in summaries[0]["results"][row]}
+              for row in summaries[0]["results"] if row != "stage 1" and "stage 1" in summaries[0]["results"]}
+    return {"results": rows, "minus_stage_1": paired, "caption_precision": precision,
+            "seeds": [s["config"]["seed"] for s in summaries]}
 
 
 def run_seeds(cfg: RecipeConfig, seeds: list[int]) -> dict:
@@ -605,6 +611,9 @@ def run_seeds(cfg: RecipeConfig, seeds: list[int]) -> dict:
     atomic_write_json(Path(cfg.output_dir) / "seeds.json", aggregate, indent=2)
     print(f"\nSPN ablation, mean ± std over seeds {seeds} (test split)\n")
     print(format_table(aggregate["results"]))
+    if aggregate["minus_stage_1"]:
+        print(f"\nEach row minus stage 1 of the same seed, mean ± std over seeds {seeds}\n")
+        print(format_table(aggregate["minus_stage_1"], rows=list(aggregate["minus_stage_1"])))
     for name, value in aggregate["caption_precision"].items():
         e, c = value["phrase_precision"], value["colour_shape_precision"]
         print(f"  {name} captions: exact {e['mean']:.1f} ± {e['std']:.1f}%, colour + shape "
