@@ -737,7 +737,7 @@ def plot_noise_study(summary: dict, path: Path) -> None:
 
     points = sorted(summary["points"], key=lambda r: r["phrase_precision"])
     x = [r["phrase_precision"] for r in points]
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    fig, ax = plt.subplots(figsize=(6, 4.8))
     for row, colour in (("+P", "tab:orange"), ("+P+N", "tab:red")):
         ax.plot(x, [r[row]["recall@10"] for r in points], marker="o", color=colour,
                 label=f"{row} (scene-graph captions, corrupted)")
@@ -748,10 +748,10 @@ def plot_noise_study(summary: dict, path: Path) -> None:
     for row, marker in (("+P", "s"), ("+P+N", "D")) if default else ():
         ax.plot([default["precision"]["phrase_precision"]], [summary["reference"][row]["recall@10"]], marker=marker,
                 color="black", linestyle="none", label=f"{row}, default run's {default['name']} captioner")
-    ax.set_xlabel("caption precision (% of phrases naming an object of the image exactly)")
+    ax.set_xlabel("caption precision (% of phrases naming an object of the image exactly)", fontsize=9)
     ax.set_ylabel("test R@10 (%)")
     ax.set_title("Caption quality vs. scaling positives (synthetic CIR)", fontsize=10)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)  # below the axes
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
