@@ -312,6 +312,13 @@ def _wait(event, lane=None) -> None:
             raise SystemExit("The recipe's main process has gone; this lane stops too.")
 
 
+def _lane_process(cfg: RecipeConfig) -> RecipeConfig:
+    """Set up a lane's own process: one thread, like the other lane; no progress bars interleaved with its."""
+    torch.set_num_threads(1)
+    datasets.disable_progress_bars()
+    return replace(cfg, show_progress_bar=False)
+
+
 def _lap_clock():
     timings: dict[str, float] = {}
     clock = [time.perf_counter()]
@@ -329,10 +336,8 @@ def _second_lane(cfg: RecipeConfig, stage0_done, captions_done, result_path: str
     first lane through the caption cache, and the zero-shot triplets; after stage 0: stage 1, +N, +N (LoRA), the
     zero-shot row, and the captions' precision (the stage-1 model's retrieval captions are scored next to them).
     Returns (or writes to `result_path`, in its own process) its rows, precisions and timings."""
-    if result_path is not None:  # its own process: one thread, like the first lane; no progress bars interleaved
-        torch.set_num_threads(1)
-        cfg = replace(cfg, show_progress_bar=False)
-        datasets.disable_progress_bars()
+    if result_path is not None:
+        cfg = _lane_process(cfg)
     timings, lap = _lap_clock()
     prep = _prepare(cfg, quiet=True)
     out, processor, tokenizer, annotated = prep["out"], prep["processor"], prep["tokenizer"], prep["annotated"]
@@ -680,10 +685,8 @@ def _level_name(level: float) -> str:
 def _noise_levels(cfg: RecipeConfig, levels, own_process: bool = False) -> None:
     """Train and evaluate +P and +P+N at each corruption level of `levels`, paired like the default's +P; each
     level writes its `point.json`."""
-    if own_process:  # one thread per lane, no progress bars interleaved
-        torch.set_num_threads(1)
-        cfg = replace(cfg, show_progress_bar=False)
-        datasets.disable_progress_bars()
+    if own_process:
+        cfg = _lane_process(cfg)
     out, study = Path(cfg.output_dir), Path(cfg.output_dir) / "noise_study"
     p = _prepare(cfg, quiet=True)
     corpus, processor, tokenizer, annotated = p["corpus"], p["processor"], p["tokenizer"], p["annotated"]
