@@ -37,10 +37,12 @@ def limit_words(text: str, n: int) -> str:
 def weights_identity(model_name_or_path: str, model) -> str:
     """What identifies a checkpoint's weights, cheaply: for a local directory, each weight file's size, mtime,
     ctime and inode (rewriting a file changes them; nothing is read); for a Hub id, the resolved commit."""
+    from modeling_spn4cir.atomic import file_stat
+
     path = Path(model_name_or_path)
     if path.is_dir():
         files = sorted(f for f in path.iterdir() if f.suffix in (".safetensors", ".bin") or f.name.endswith(".index.json"))
-        stamps = [f"{f.name}:{s.st_size}:{s.st_mtime_ns}:{s.st_ctime_ns}:{s.st_ino}" for f in files for s in [f.stat()]]
+        stamps = [":".join(map(str, [f.name, *file_stat(f)])) for f in files]
         return hashlib.sha256("|".join(stamps).encode()).hexdigest()[:16]
     return f"{model_name_or_path}@{getattr(model.config, '_commit_hash', None)}"
 

@@ -76,15 +76,14 @@ class ImageStore:
         files' metadata and the row. Any rewrite changes it (ctime and inode cannot be set back, unlike mtime),
         so a content hash cached under it is valid while it is unchanged. None where there is no file (an
         in-memory dataset): hash the bytes instead."""
-        import os
+        from modeling_spn4cir.atomic import file_stat
 
         stat_cache: dict[str, str | None] = {}
 
         def stat(path: str) -> str | None:
             if path not in stat_cache:
                 try:
-                    s = os.stat(path)
-                    stat_cache[path] = f"{path}:{s.st_size}:{s.st_mtime_ns}:{s.st_ctime_ns}:{s.st_ino}"
+                    stat_cache[path] = ":".join(map(str, [path, *file_stat(path)]))
                 except OSError:
                     stat_cache[path] = None
             return stat_cache[path]

@@ -57,7 +57,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
 from datasets_scripts.image_store import ImageStore, encode_images
-from modeling_spn4cir.atomic import atomic_write_bytes, atomic_write_json, file_sha256
+from modeling_spn4cir.atomic import atomic_write_bytes, atomic_write_json, file_sha256, file_stat
 from modeling_spn4cir.distributed import world
 
 logger = logging.getLogger(__name__)
@@ -218,12 +218,6 @@ def _sha256(chunks: Iterable[bytes]) -> str:
     return digest.hexdigest()
 
 
-def _file_stat(path: Path) -> list[int]:
-    """What changes whenever a file is rewritten, copied over or replaced (ctime and inode cannot be set back)."""
-    st = path.stat()
-    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
-
-
 # ------------------------------------------------------------------------------------ processes
 def _broadcast(obj):
     """Rank 0's `obj` on every rank."""
@@ -356,7 +350,7 @@ def _check_shard(path: Path, entry: dict, dtype: str) -> tuple[str | None, bool]
                     return f"its {key} rows have shape {sl.get_shape()[1:]}, not {entry[f'{key}_row_shape']}", False
                 if _dtype_name(sl.get_dtype()) != dtype:
                     return f"its {key} are {sl.get_dtype()}, not {dtype}", False
-        if entry.get("stat") == _file_stat(path):
+        if entry.get("stat") == file_stat(path):
             return None, False
         if file_sha256(path) != entry.get("sha256"):
             return "its bytes do not match the sha256 written with it (another bank's file, or corrupt)", True
@@ -443,7 +437,7 @@ def _usable_shards(bank_dir: Path, fingerprint: dict, shard_fps: list[dict], man
             entries.append(None)
             continue
         if changed:
-            manifest = {**manifest, "stat": _file_stat(path)}
+            manifest = {**manifest, "stat": file_stat(path)}
             restamped.append(k)
         entries.append(manifest)
     return entries, restamped
@@ -548,7 +542,7 @@ def load_or_build_candidate_bank(
                 (bank_dir / _manifest_name(k)).unlink(missing_ok=True)
                 atomic_write_bytes(bank_dir / shard_name(k), data)
                 del data
-                entry |= {"stat": _file_stat(bank_dir / shard_name(k)), "stamp": stamps[k],
+                entry |= {"stat": file_stat(bank_dir / shard_name(k)), "stamp": stamps[k],
                           "image_digests": digests[k]}
                 atomic_write_json(bank_dir / _manifest_name(k), entry)
                 mine[k] = entry
