@@ -22,9 +22,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from datasets_scripts.captioners import IMAGE_PROMPT, ORIGINAL_PROMPT_PREFIX, MLLMCaptioner
+
+from .minibatch import train_minibatches
 
 # The chat template of the stand-in ("user: <image> ... assistant: "), in the form real LLaVA processors ship.
 CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {% for c in m['content'] %}{% if c['type'] == 'image' %}"
@@ -127,31 +128,13 @@ def train_captioner(model, processor, images, captions: list[str], cfg: Captione
         labels[i, len(prompt):end] = torch.tensor(a)
         attention[i, :end] = 1
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=0.01)
-    n, batch = len(answers), cfg.batch_size
-    steps = cfg.epochs * (n // batch)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1 - s / max(steps, 1)))
-    generator = torch.Generator().manual_seed(seed)
-    losses = []
-    model.train()
-    with tqdm(total=steps, desc="Captioner: training on 'pretrain'", disable=not show_progress_bar) as bar:
-        for _ in range(cfg.epochs):
-            order = torch.randperm(n, generator=generator)
-            for start in range(0, n - batch + 1, batch):
-                idx = order[start:start + batch]
-                width = int(attention[idx].sum(1).max())  # drop the columns that are padding for the whole batch
-                loss = model(input_ids=input_ids[idx, :width], attention_mask=attention[idx, :width],
-                             pixel_values=pixels[idx], labels=labels[idx, :width]).loss
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                losses.append(loss.item())
-                bar.set_postfix(loss=f"{losses[-1]:.3f}")
-                bar.update()
-    model.eval()
-    return losses
+    def batch_loss(idx: torch.Tensor) -> torch.Tensor:
+        width = int(attention[idx].sum(1).max())  # drop the columns that are padding for the whole batch
+        return model(input_ids=input_ids[idx, :width], attention_mask=attention[idx, :width],
+                     pixel_values=pixels[idx], labels=labels[idx, :width]).loss
+
+    return train_minibatches(model, len(answers), cfg.batch_size, cfg.epochs, cfg.learning_rate, seed, batch_loss,
+                             "Captioner: training on 'pretrain'", show_progress_bar)
 
 
 _SPLIT = re.compile(r"\s*,\s*|\s+and\s+")

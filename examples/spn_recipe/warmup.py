@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
+
+from .minibatch import train_minibatches
 
 
 class ImageTextInfoNCELoss(nn.Module):
@@ -38,29 +39,12 @@ def image_text_warmup(model, pixel_values: torch.Tensor, captions: list[str], to
     """Train both towers with `ImageTextInfoNCELoss` on (`pixel_values` `[N, 3, S, S]`, `captions`); returns
     the per-step losses. AdamW with a linear decay; seeded shuffling."""
     loss_fn = ImageTextInfoNCELoss(temperature)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.01)
-    n = len(captions)
-    steps = epochs * (n // batch_size)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1 - s / max(steps, 1)))
     tokens = tokenizer(captions, padding=True, truncation=True, return_tensors="pt")
-    generator = torch.Generator().manual_seed(seed)
-    losses = []
-    model.train()
-    with tqdm(total=steps, desc="Stage 0: image-caption warm-up", disable=not show_progress_bar) as bar:
-        for _ in range(epochs):
-            order = torch.randperm(n, generator=generator)
-            for start in range(0, n - batch_size + 1, batch_size):
-                idx = order[start:start + batch_size]
-                image = model.get_target_embeds(pixel_values[idx])
-                text = F.normalize(model.get_text_features(tokens["input_ids"][idx], tokens["attention_mask"][idx]), dim=-1)
-                loss = loss_fn(image, text)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # a from-scratch contrastive run can collapse
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                losses.append(loss.item())
-                bar.set_postfix(loss=f"{losses[-1]:.3f}")
-                bar.update()
-    model.eval()
-    return losses
+
+    def batch_loss(idx: torch.Tensor) -> torch.Tensor:
+        image = model.get_target_embeds(pixel_values[idx])
+        text = F.normalize(model.get_text_features(tokens["input_ids"][idx], tokens["attention_mask"][idx]), dim=-1)
+        return loss_fn(image, text)
+
+    return train_minibatches(model, len(captions), batch_size, epochs, learning_rate, seed, batch_loss,
+                             "Stage 0: image-caption warm-up", show_progress_bar)
