@@ -24,7 +24,7 @@ from .common import (
     check_images,
     converter_main,
     counts_table,
-    read_json,
+    read_nonempty,
     read_records,
     require,
     require_listed,
@@ -41,12 +41,8 @@ TOOL = "datasets_scripts.cirr"
 def _read_split(data_dir: Path, split: str) -> SplitData:
     name = FILE_SPLIT[split]
     split_file = data_dir / "cirr" / "image_splits" / f"split.rc2.{name}.json"
-    mapping = read_json(split_file)
-    if not isinstance(mapping, dict):
-        raise AnnotationError(f"{split_file}: expected a JSON object mapping image names to relative paths.")
-    if not mapping:
-        raise AnnotationError(f"{split_file}: no images (an empty object); restore the file, or leave the split out "
-                              "with --splits.")
+    mapping = read_nonempty(split_file, dict, "a JSON object mapping image names to relative paths",
+                            "images (an empty object)")
     data = SplitData()
     for image_id, relative in mapping.items():
         if not isinstance(relative, str):

@@ -108,15 +108,20 @@ def read_json(path: Path):
     return data
 
 
+def read_nonempty(path: Path, kind: type, expected: str, empty: str):
+    """A JSON annotation file that must hold a non-empty `kind` (list or dict): an error names the file and says
+    what was `expected`, or that it holds no `empty`, and the fix."""
+    data = read_json(path)
+    if not isinstance(data, kind):
+        raise AnnotationError(f"{path}: expected {expected}.")
+    if not data:
+        raise AnnotationError(f"{path}: no {empty}; restore the file, or leave its split out with --splits.")
+    return data
+
+
 def read_records(path: Path) -> list:
     """A JSON annotation file that must be a non-empty list of records."""
-    records = read_json(path)
-    if not isinstance(records, list):
-        raise AnnotationError(f"{path}: expected a JSON list of records.")
-    if not records:
-        raise AnnotationError(f"{path}: no records (an empty list); restore the file, or leave its split out "
-                              "with --splits.")
-    return records
+    return read_nonempty(path, list, "a JSON list of records", "records (an empty list)")
 
 
 def require(record, fields: Sequence[str], path: Path, index: int, types: dict | None = None) -> None:
