@@ -9,7 +9,7 @@ import torch
 
 from datasets_scripts.image_store import ImageStore
 
-from .text import compose_text, tokenize
+from .text import compose_text, describe_triplet, tokenize
 
 
 def image_key(image_id: str) -> int:
@@ -77,14 +77,16 @@ class CIRCollator:
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         texts = [
             compose_text(r["modification_texts"], triplet_text_mode(r, self.join_annotated_captions), self.training,
-                         self._rng(r))
+                         self._rng(r), describe_triplet(r))
             for r in rows
         ]
         batch = tokenize(self.tokenizer, texts, self.max_length)
         references = [r["reference_id"] for r in rows]
         targets = [r["target_id"] for r in rows]
-        if any(t is None for t in targets):
-            raise ValueError("Training triplets need a target_id (test splits have none).")
+        untargeted = [describe_triplet(r) for r in rows if r["target_id"] is None]
+        if untargeted:
+            raise ValueError(f"{len(untargeted)} training triplets of this batch have no target_id (first: "
+                             f"{untargeted[0]}): a test split has none; train on a split with targets.")
         if self.stage == "in_batch":
             batch["pixel_values"] = self._pixel_values(references)
             batch["target_pixel_values"] = self._pixel_values(targets)

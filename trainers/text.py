@@ -28,7 +28,8 @@ def fashioniq_train_caption(captions: Sequence[str], rng: random.Random) -> str:
     return (f"{c0} and {c1}", f"{c1} and {c0}", c0, c1)[rng.randrange(4)]
 
 
-def compose_text(texts: Sequence[str], mode: str, training: bool, rng: random.Random | None = None) -> str:
+def compose_text(texts: Sequence[str], mode: str, training: bool, rng: random.Random | None = None,
+                 triplet: str = "a triplet") -> str:
     """One modification text from a triplet's list.
 
     Args:
@@ -36,14 +37,23 @@ def compose_text(texts: Sequence[str], mode: str, training: bool, rng: random.Ra
         mode: `"join"` (FashionIQ's two captions) or `"choice"` (alternatives: CIRR, CIRCO, generated).
         training: randomize (as the original training code) instead of the deterministic evaluation text.
         rng: the random source for training.
+        triplet: which triplet this is, for the error message (e.g. `describe_triplet(row)`).
     """
     if not texts:
-        raise ValueError("A triplet has no modification text.")
+        raise ValueError(f"{triplet} has no modification text (modification_texts is {texts!r}); every triplet "
+                         "needs at least one: fix or drop it in the dataset.")
     if mode not in TEXT_MODES:
         raise ValueError(f"text mode must be one of {TEXT_MODES}, got {mode!r}.")
     if mode == "join":
         return fashioniq_train_caption(texts, rng or random) if training else fashioniq_eval_caption(texts)
     return (rng or random).choice(list(texts)) if training else texts[0]
+
+
+def describe_triplet(row: dict, index: int | None = None) -> str:
+    """`"triplet 12 (reference 'B00X', target 'B00Y')"`: how errors name a triplet row."""
+    number = row.get("row_index", index)
+    where = f"triplet {number}" if number is not None else "a triplet"
+    return f"{where} (reference {row.get('reference_id')!r}, target {row.get('target_id')!r})"
 
 
 def tokenize(text_processor, texts: Sequence[str], max_length: int | None = None) -> dict:
