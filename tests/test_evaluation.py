@@ -16,7 +16,7 @@ from trainers.evaluation import (
     fashioniq_average,
     fashioniq_metrics,
     map_from_rankings,
-    protocol_name,
+    protocol_for,
     rank_gallery,
     recall_from_rankings,
     write_circo_submission,
@@ -121,8 +121,8 @@ def test_circo_reference_removal_is_a_switch_defaulting_to_the_authors_protocol(
     removed = circo_metrics(q[None], gallery, IDS, ["img00"], [["img01", "img03"]], remove_reference=True)
     assert kept["map@5"] == pytest.approx((1 / 2 + 2 / 4) / 2 * 100, abs=1e-5)  # GTs at ranks 2 and 4
     assert removed["map@5"] == pytest.approx((1 / 1 + 2 / 3) / 2 * 100, abs=1e-5)  # GTs at ranks 1 and 3
-    assert protocol_name("circo") == "circo" and "kept" in PROTOCOLS["circo"]
-    assert protocol_name("circo", remove_reference=True) == "circo_remove_reference"
+    assert protocol_for("circo").name == "circo" and "kept" in PROTOCOLS["circo"]
+    assert protocol_for("circo", remove_reference=True).name == "circo_remove_reference"
     assert "removed" in PROTOCOLS["circo_remove_reference"]
 
 

@@ -11,7 +11,7 @@ A target absent from a ranking shorter than K counts as a miss; an id listed twi
 import datasets
 import evaluate
 
-from trainers.evaluation import CIRR_RECALL_KS, CIRR_SUBSET_KS, PROTOCOLS, recall_from_rankings
+from trainers.evaluation import CIRR_RECALL_KS, CIRR_SUBSET_KS, PROTOCOLS, cirr_average, recall_from_rankings
 
 _CITATION = """@inproceedings{liu2021cirr, title={Image Retrieval on Real-life Images with Pre-trained
 Vision-and-Language Models}, author={Liu, Zheyuan and Rodriguez-Opazo, Cristian and Teney, Damien and Gould,
@@ -34,5 +34,5 @@ class Cirr(evaluate.Metric):
         if subset_predictions is not None:
             subset = recall_from_rankings(subset_predictions, references, CIRR_SUBSET_KS)
             metrics |= {k.replace("recall@", "recall_subset@"): v for k, v in subset.items()}
-            metrics["average"] = (metrics["recall@5"] + metrics["recall_subset@1"]) / 2
+            metrics["average"] = cirr_average(metrics)
         return metrics
