@@ -42,6 +42,7 @@ A ranking shorter than K (a small gallery, or 50-deep id lists with the referenc
 target as a **miss**, never a hit. Embeddings may be torch tensors or numpy arrays.
 """
 
+from .evaluate_modules import metric_info
 from .evaluator import CIREvaluator
 from .metrics import (
     CIRCO_KS,
@@ -83,6 +84,7 @@ __all__ = [
     "cirr_predictions",
     "write_cirr_submission",
     "write_circo_submission",
+    "metric_info",
     "CIRR_RECALL_KS",
     "CIRR_SUBSET_KS",
     "FASHIONIQ_KS",

@@ -180,27 +180,34 @@ def _circo_submission(protocol: Protocol, split: EncodedSplit, output_dir: Path,
 
 
 # ---------------------------------------------------------------------------------------- the protocols
-_FASHIONIQ = dict(benchmark="fashioniq", ks=FASHIONIQ_KS, headline="average", gallery_scope="category",
-                  text_mode="join", multi_target=False, metrics=_per_category_recall)
-_CIRCO = dict(benchmark="circo", ks=CIRCO_KS, headline="map@10", gallery_scope="split", text_mode="choice",
-              multi_target=True, metrics=_circo, submission=_circo_submission)
+def _kept_and_removed(name: str, kept: str, removed: str, **rules) -> tuple[Protocol, Protocol]:
+    """A benchmark where deleting the reference is a choice: `name` keeps it, `{name}_remove_reference` deletes it."""
+    return (Protocol(name, kept, remove_reference=False, **rules),
+            Protocol(f"{name}_remove_reference", removed, remove_reference=True, **rules))
 
-FASHIONIQ = Protocol(
-    "fashioniq", "FashionIQ val, category gallery = split.{cat}.val.json, reference kept in the ranking "
-    "(CLIP4Cir / TG-CIR / BLIP4CIR / SPRC protocol)", remove_reference=False, **_FASHIONIQ)
-FASHIONIQ_REMOVE_REFERENCE = Protocol(
-    "fashioniq_remove_reference", "FashionIQ val, category gallery = split.{cat}.val.json, reference removed "
-    "from the ranking (SPN4CIR CLIP4CIR protocol)", remove_reference=True, **_FASHIONIQ)
+
+FASHIONIQ, FASHIONIQ_REMOVE_REFERENCE = _kept_and_removed(
+    "fashioniq",
+    kept="FashionIQ val, category gallery = split.{cat}.val.json, reference kept in the ranking (CLIP4Cir / TG-CIR / "
+    "BLIP4CIR / SPRC protocol)",
+    removed="FashionIQ val, category gallery = split.{cat}.val.json, reference removed from the ranking (SPN4CIR "
+    "CLIP4CIR protocol)",
+    benchmark="fashioniq", ks=FASHIONIQ_KS, headline="average", gallery_scope="category", text_mode="join",
+    multi_target=False, metrics=_per_category_recall,
+)
 CIRR = Protocol(
     "cirr", "CIRR rc2, gallery = all images of the split, reference removed; subset = group members minus the "
     "reference", benchmark="cirr", ks=CIRR_RECALL_KS, headline="average", remove_reference=True,
     gallery_scope="split", text_mode="choice", multi_target=False, metrics=_cirr, submission=_cirr_submission)
-CIRCO = Protocol(
-    "circo", "CIRCO, gallery = COCO unlabeled2017, mAP@K with AP@K = sum P@i rel(i) / min(|GT|, K), reference "
-    "kept in the ranking (the CIRCO authors' code)", remove_reference=False, **_CIRCO)
-CIRCO_REMOVE_REFERENCE = Protocol(
-    "circo_remove_reference", "CIRCO, gallery = COCO unlabeled2017, mAP@K with AP@K = sum P@i rel(i) / "
-    "min(|GT|, K), reference removed from the ranking", remove_reference=True, **_CIRCO)
+CIRCO, CIRCO_REMOVE_REFERENCE = _kept_and_removed(
+    "circo",
+    kept="CIRCO, gallery = COCO unlabeled2017, mAP@K with AP@K = sum P@i rel(i) / min(|GT|, K), reference kept in "
+    "the ranking (the CIRCO authors' code)",
+    removed="CIRCO, gallery = COCO unlabeled2017, mAP@K with AP@K = sum P@i rel(i) / min(|GT|, K), reference "
+    "removed from the ranking",
+    benchmark="circo", ks=CIRCO_KS, headline="map@10", gallery_scope="split", text_mode="choice", multi_target=True,
+    metrics=_circo, submission=_circo_submission,
+)
 RECALL = Protocol(
     "recall", "Recall@K over the split's gallery, reference removed", benchmark="recall", ks=CIRR_RECALL_KS,
     headline="recall@10", remove_reference=True, gallery_scope="split", text_mode="choice", multi_target=False,
