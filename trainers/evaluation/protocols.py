@@ -1,6 +1,6 @@
 """The evaluation protocols as objects: one `Protocol` per way of scoring a split, holding every rule of it (Ks,
 headline metric, reference removal, gallery scope, query text, metric function, test-server writer), so that the
-evaluator, the report, the zoo and the configs ask the protocol instead of branching on names.
+evaluator, its report, `run_cir.py` and its configs ask the protocol instead of branching on names.
 
     protocol = protocol_for("fashioniq", remove_reference=True)      # -> FASHIONIQ_REMOVE_REFERENCE
     protocol.evaluate(split)                                         # {"dress_recall@10": ..., "average": ...}
