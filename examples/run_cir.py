@@ -38,7 +38,7 @@ from modeling_spn4cir.atomic import atomic_write_json
 from modeling_spn4cir.loading import load_cir_model_and_processor
 from trainers.candidate_bank import bank_image_ids
 from trainers.cir_trainer import CIRTrainer, CIRTrainingArguments
-from trainers.evaluator import CIREvaluator
+from trainers.evaluation import PROTOCOLS, CIREvaluator, get_protocol
 from trainers.lora import merge_lora
 
 TRIPLET_COLUMNS = list(TRIPLET_FEATURES)  # the schema's core columns, shared by every source
@@ -66,10 +66,10 @@ class DataArguments:
     extra_triplets: str | None = field(default=None, metadata={"help": "generated triplets to add (SPN's --plus)"})
     train_split: str = "train"
     eval_split: str = "val"
-    protocol: str | None = field(default=None, metadata={"help": "override: fashioniq, cirr, circo, recall"})
-    remove_reference: bool = field(default=False, metadata={
-        "help": "delete the reference from each ranking: FashionIQ (SPN4CIR's CLIP4CIR protocol) and CIRCO (the "
-                "authors' code keeps it); CIRR always removes it"})
+    protocol: str | None = field(default=None, metadata={
+        "help": f"evaluation protocol, one of {', '.join(PROTOCOLS)} (default: the dataset's own; recall for "
+                "other data). fashioniq_remove_reference is SPN4CIR's CLIP4CIR FashionIQ protocol; the CIRCO "
+                "authors' code keeps the reference (circo); CIRR and recall always remove it"})
     dedup: bool = field(default=True, metadata={
         "help": "stage 2: map identical training images to one id so the bank holds each picture once (the "
                 "original's optimized_images.json); pixel hashes cached in dedup_hashes.<split>.json next to the "
@@ -127,10 +127,14 @@ def _parse_config_file(parser, path: str, overrides: list[str]):
 def parse_args(argv):
     parser = build_parser()
     if argv and argv[0].endswith(CONFIG_SUFFIXES):
-        return _parse_config_file(parser, argv[0], argv[1:])
-    if not any(a.startswith("--output_dir") for a in argv):
-        argv = [*argv, "--output_dir", "outputs/run_cir"]
-    return parser.parse_args_into_dataclasses(argv)
+        parsed = _parse_config_file(parser, argv[0], argv[1:])
+    else:
+        if not any(a.startswith("--output_dir") for a in argv):
+            argv = [*argv, "--output_dir", "outputs/run_cir"]
+        parsed = parser.parse_args_into_dataclasses(argv)
+    if parsed[1].protocol is not None:
+        get_protocol(parsed[1].protocol)  # an unknown name fails here, naming the choices, not after loading
+    return parsed
 
 
 def main(argv=None):
@@ -176,7 +180,7 @@ def main(argv=None):
     if args.do_eval or args.eval_strategy != "no":
         evaluator = CIREvaluator(
             data.corpus[data_args.eval_split], data.triplets[data_args.eval_split], processor.image_processor,
-            processor, protocol=data.protocol, remove_reference=data_args.remove_reference,
+            processor, protocol=data.protocol,
             batch_size=args.per_device_eval_batch_size, submission_dir=data_args.submission_dir,
             show_progress_bar=not args.disable_tqdm,
             report_dir=str(Path(args.output_dir) / "retrieval_report") if data_args.report_queries > 0 else None,

@@ -1,11 +1,12 @@
-"""Imports go one way — modeling_spn4cir <- datasets_scripts <- trainers <- examples — with no cycle between or
-inside the packages, and every family folder is self-contained (what `save_pretrained` ships must import alone)."""
+"""Imports go one way — modeling_spn4cir <- datasets_scripts <- trainers <- examples (which may import every layer;
+no package imports an example) — with no cycle between or inside the packages, and every family folder is
+self-contained (what `save_pretrained` ships must import alone)."""
 
 import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-LAYERS = ["modeling_spn4cir", "datasets_scripts", "trainers"]  # bottom to top
+LAYERS = ["modeling_spn4cir", "datasets_scripts", "trainers", "examples"]  # bottom to top
 
 
 def _module_name(path: Path) -> str:

@@ -12,13 +12,13 @@ import torch
 from conftest import solid_images, tiny_model
 
 import trainers.candidate_bank as cb
-import trainers.evaluator as ev
+import trainers.evaluation.evaluator as ev
 from datasets_scripts.image_store import ImageStore
 from modeling_spn4cir import CLIP4CIRImageProcessor
 from modeling_spn4cir.loading import load_cir_model_and_processor
 from trainers.candidate_bank import load_or_build_candidate_bank
 from trainers.cir_trainer import CIRTrainer, CIRTrainingArguments
-from trainers.evaluator import CIREvaluator
+from trainers.evaluation import CIREvaluator
 from trainers.losses import CandidateBankLoss
 
 N = 6  # images; shard_size 2 -> 3 shards

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from modeling_spn4cir.loading import load_cir_model_and_processor
 from trainers.cir_trainer import CIRTrainer, CIRTrainingArguments
-from trainers.evaluator import CIREvaluator
+from trainers.evaluation import CIREvaluator
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 import run_cir  # noqa: E402
@@ -149,14 +149,18 @@ def test_run_cir_end_to_end(tiny_cir_dataset, tiny_model_dir, tmp_path, stage):
 
 def test_run_cir_reads_a_json_config(tmp_path):
     config = {"model_name_or_path": "m", "dataset": "cirr", "data_dir": "d", "stage": "candidate_bank",
-              "num_negatives": 100, "output_dir": str(tmp_path / "o"), "remove_reference": True, "use_cpu": True}
+              "num_negatives": 100, "output_dir": str(tmp_path / "o"), "protocol": "cirr", "use_cpu": True}
     path = tmp_path / "config.json"
     path.write_text(json.dumps(config))
     model_args, data_args, args = run_cir.parse_args([str(path)])
-    assert model_args.model_name_or_path == "m" and data_args.dataset == "cirr" and data_args.remove_reference
+    assert model_args.model_name_or_path == "m" and data_args.dataset == "cirr" and data_args.protocol == "cirr"
     assert args.stage == "candidate_bank" and args.num_negatives == 100 and not args.remove_unused_columns
     with pytest.raises(ValueError, match="stage must be one of"):
         run_cir.parse_args(["--dataset", "x", "--stage", "stage3"])
+    config["protocol"] = "fashioniq_remove_refrence"
+    path.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"'fashioniq_remove_refrence'; choose one of .*'fashioniq_remove_reference'"):
+        run_cir.parse_args([str(path)])
 
 
 def test_run_cir_help_shows_both_modes(capsys):
@@ -205,4 +209,5 @@ def test_paper_stage2_configs(name):
     assert args.lr_scheduler_type == "constant" and args.dataloader_drop_last and args.seed == 42
     assert args.load_best_model_at_end and args.metric_for_best_model == "average" and args.greater_is_better
     assert data_args.dataset == ("fashioniq" if name.endswith("fiq") else "cirr") and data_args.extra_triplets
-    assert data_args.remove_reference == (name == "clip4cir_fiq")  # SPN4CIR's CLIP4CIR FashionIQ protocol
+    # SPN4CIR's CLIP4CIR FashionIQ protocol removes the reference; every other config keeps its dataset's protocol
+    assert data_args.protocol == ("fashioniq_remove_reference" if name == "clip4cir_fiq" else None)

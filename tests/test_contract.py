@@ -10,7 +10,7 @@ from multivector_family import MultiVectorConfig, MultiVectorModel
 from modeling_spn4cir import CLIP4CIRImageProcessor, CLIP4CIRProcessor
 from modeling_spn4cir.loading import load_cir_model_and_processor
 from trainers.cir_trainer import CIRTrainer, CIRTrainingArguments
-from trainers.evaluator import CIREvaluator
+from trainers.evaluation import CIREvaluator
 
 
 def _setup(tiny_cir_dataset):

@@ -1,5 +1,6 @@
 """Exact CIR metrics: hand-computed cases, a randomized comparison with straightforward reference
-implementations (full sort + id comparison, as the original code), validation, submission files."""
+implementations (full sort + id comparison, as the original code), validation (bad data is an error naming the
+query, never a number), submission files."""
 
 import json
 
@@ -16,9 +17,10 @@ from trainers.evaluation import (
     fashioniq_average,
     fashioniq_metrics,
     map_from_rankings,
-    protocol_name,
+    protocol_for,
     rank_gallery,
     recall_from_rankings,
+    recall_metrics,
     write_circo_submission,
     write_cirr_submission,
 )
@@ -121,8 +123,8 @@ def test_circo_reference_removal_is_a_switch_defaulting_to_the_authors_protocol(
     removed = circo_metrics(q[None], gallery, IDS, ["img00"], [["img01", "img03"]], remove_reference=True)
     assert kept["map@5"] == pytest.approx((1 / 2 + 2 / 4) / 2 * 100, abs=1e-5)  # GTs at ranks 2 and 4
     assert removed["map@5"] == pytest.approx((1 / 1 + 2 / 3) / 2 * 100, abs=1e-5)  # GTs at ranks 1 and 3
-    assert protocol_name("circo") == "circo" and "kept" in PROTOCOLS["circo"]
-    assert protocol_name("circo", remove_reference=True) == "circo_remove_reference"
+    assert protocol_for("circo").name == "circo" and "kept" in PROTOCOLS["circo"]
+    assert protocol_for("circo", remove_reference=True).name == "circo_remove_reference"
     assert "removed" in PROTOCOLS["circo_remove_reference"]
 
 
@@ -217,6 +219,56 @@ def test_validation_errors():
         fashioniq_metrics(q, g, ids[:4], ["a", "b"], ["c", "d"])
     with pytest.raises(ValueError, match="3 query embeddings but 2"):
         fashioniq_metrics(torch.randn(3, 5), g, ids, ["a", "b"], ["c", "d"])
+    with pytest.raises(ValueError, match=r"differ across queries: 3 for query 1 \(reference 'b'\), 4 for query 0"):
+        cirr_metrics(q, g, ids, ["a", "b"], ["c", "d"], [ids, ["b", "c", "d", "e"]])
+
+
+def test_metrics_count_short_rankings_as_misses_and_name_the_query_on_bad_data():
+    # A ranking shorter than K without the target is a miss at every K (it used to be a hit).
+    assert recall_from_rankings([["a", "b"], ["c"]], ["zz", "c"], (1, 10)) == {"recall@1": 50.0, "recall@10": 50.0}
+    # FashionIQ module: 50-deep rankings, reference removed (49 left), target absent -> R@50 = 0, not 100.
+    ranked = [[f"g{i}" for i in range(50)] for _ in range(3)]
+    fiq = evaluate.load(trainers.metric_path("fashioniq")).compute(
+        predictions=ranked, references=["t0", "t1", "t2"], reference_ids=["g0", "g1", "g2"], remove_reference=True)
+    assert fiq == {"recall@10": 0.0, "recall@50": 0.0}
+    # Tensor path: 5-image gallery, the target is the reference (deleted): a miss, never a hit.
+    gallery = torch.eye(5)
+    m = fashioniq_metrics(torch.ones(1, 5), gallery, IDS[:5], ["img00"], ["img00"], remove_reference=True)
+    assert m == {"recall@10": 0.0, "recall@50": 0.0}
+    # numpy inputs are accepted and give the same numbers as tensors.
+    q = torch.randn(4, 5, generator=torch.Generator().manual_seed(0))
+    args = (IDS[:5], IDS[:4], IDS[1:5])
+    assert recall_metrics(q.numpy(), gallery.numpy(), *args) == recall_metrics(q, gallery, *args)
+    assert recall_from_rankings(np.array([["a", "b"]]), np.array(["b"]), (1, 2)) == {"recall@1": 0.0, "recall@2": 100.0}
+    with pytest.raises(TypeError, match="query_embeds must be a torch.Tensor or a numpy array"):
+        recall_metrics(q.tolist(), gallery, *args)
+
+    # Duplicated predictions: CIRCO mAP would exceed 100 -> error naming the query and the id.
+    with pytest.raises(ValueError, match="ranking of query 1 lists 'b' more than once"):
+        map_from_rankings([["a", "b"], ["b", "b", "b"]], [["a"], ["b"]])
+    # Empty ground truths: NaN before -> error naming the query.
+    with pytest.raises(ValueError, match="query 1 has no ground-truth list"):
+        map_from_rankings([["a"], ["b"]], [["a"], []])
+    with pytest.raises(ValueError, match=r"query 0 \(reference 'img00'\) has no ground-truth list"):
+        circo_metrics(torch.ones(1, 5), gallery, IDS[:5], ["img00"], [[]])
+    # NaN / inf embeddings -> error naming the query or the gallery image.
+    bad = q.clone()
+    bad[2, 1] = float("nan")
+    with pytest.raises(ValueError, match=r"query 2 \(reference 'img02'\)"):
+        recall_metrics(bad, gallery, *args)
+    bad_gallery = gallery.clone()
+    bad_gallery[3, 0] = float("inf")
+    with pytest.raises(ValueError, match="image 'img03'"):
+        circo_metrics(q, bad_gallery, IDS[:5], IDS[:4], [[t] for t in IDS[1:5]])
+    # CIRR target outside its group members -> error naming the query.
+    members = [IDS[:6], IDS[6:12]]
+    with pytest.raises(ValueError, match=r"target 'img20' of query 1 \(reference 'img06'\) is not among its group"):
+        cirr_metrics(torch.randn(2, 60), torch.eye(60), IDS, ["img00", "img06"], ["img01", "img20"], members)
+    # Empty CIRR queries and a one-image gallery with the reference removed -> clear errors.
+    with pytest.raises(ValueError, match="no queries to evaluate"):
+        cirr_metrics(torch.empty(0, 60), torch.eye(60), IDS, [], [], [])
+    with pytest.raises(ValueError, match="gallery has 1 image"):
+        fashioniq_metrics(torch.ones(1, 5), torch.ones(1, 5), ["img00"], ["img00"], ["img00"], remove_reference=True)
 
 
 # ------------------------------------------------------------------------------------- submissions
@@ -233,6 +285,12 @@ def test_cirr_submission_structure(tmp_path):
     assert len(recall["12060"]) == 50 and "img00" not in recall["12060"] and recall["12060"][:2] == ["img03", "img02"]
     assert subset["12060"] == ["img03", "img02", "img01"] and subset["7"] == ["img09", "img07", "img08"]
     assert list(json.loads(recall_path.read_text())) == sorted(recall)  # sort_keys, as the original
+    with pytest.raises(ValueError, match=r"pair_ids must be unique .* 1 are listed more than once \(first: \['7'\]\)"):
+        write_cirr_submission(q.repeat(2, 1), gallery, IDS, ["img00", "img06"] * 2, [12060, 7, 8, "7"], members * 2,
+                              tmp_path, "dup")
+    assert not (tmp_path / "recall_submission_dup.json").exists()
+    with pytest.raises(ValueError, match="2 reference_ids for 1 pair_ids"):
+        write_cirr_submission(q, gallery, IDS, ["img00", "img06"], [1], members, tmp_path, "short")
 
 
 def test_circo_submission_structure(tmp_path):
@@ -245,6 +303,8 @@ def test_circo_submission_structure(tmp_path):
     assert sub["0"][:2] == ["img05", "img04"] and "img00" not in sub["0"] and sub["1"][0] == "img02"
     kept = json.loads(write_circo_submission(q, gallery, IDS, ["img00", "img01"], [0, 1], tmp_path / "k.json").read_text())
     assert kept["0"][:3] == ["img00", "img05", "img04"] and kept["1"][:2] == ["img01", "img02"]
+    with pytest.raises(ValueError, match="2 reference_ids for 3 query_ids"):
+        write_circo_submission(q, gallery, IDS, ["img00", "img01"], [0, 1, 2], tmp_path / "bad.json")
 
 
 # --------------------------------------------------------------------------------- evaluate modules

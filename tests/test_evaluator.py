@@ -8,7 +8,7 @@ from conftest import solid_images, tiny_model, tiny_tokenizer
 
 from modeling_spn4cir import CLIP4CIRImageProcessor
 from trainers.evaluation import cirr_metrics, fashioniq_average, fashioniq_metrics
-from trainers.evaluator import CIREvaluator
+from trainers.evaluation import CIREvaluator
 from trainers.text import compose_text, fashioniq_eval_caption
 
 

@@ -214,7 +214,8 @@ def test_clip4cir_stage1_configs_are_clip4cirs_settings():
         # CLIP4Cir README: --num-epochs 100 --batch-size 128 --learning-rate 2e-6; logits x 100 (tau 0.01)
         assert (args.stage, args.per_device_train_batch_size, args.num_train_epochs, args.learning_rate,
                 args.temperature) == ("in_batch", 128, 100, 2e-6, 0.01)
-        assert not data_args.remove_reference and not data_args.extra_triplets
+        # FashionIQ: the reference kept (CLIP4Cir validate.py); CIRR: its own protocol
+        assert data_args.protocol == ("fashioniq" if "fiq" in name else None) and not data_args.extra_triplets
 
 
 def test_unknown_config_key_is_a_clear_error(tmp_path):

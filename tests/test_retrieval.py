@@ -252,7 +252,7 @@ def _decodes(src: str) -> bool:
 def test_evaluator_report_shows_queries_hits_and_marks_targets(tmp_path):
     from PIL import Image
 
-    from trainers.evaluator import CIREvaluator
+    from trainers.evaluation import CIREvaluator
 
     model = tiny_model().eval()
     ids = [f"img{i}" for i in range(10)]

@@ -43,7 +43,7 @@ from datasets_scripts.paper_triplets import (
 from modeling_spn4cir.atomic import OutputDirError, atomic_write_bytes, atomic_write_json, file_sha256
 from modeling_spn4cir.convert_original_checkpoint import FAMILIES, family_from_checkpoint
 
-from .evaluator import CIREvaluator
+from .evaluation import CIREvaluator
 
 PAPER = ("Feng et al., Improving Composed Image Retrieval via Contrastive Learning with Scaling Positives and "
          "Negatives (ACM MM 2024)")
@@ -247,7 +247,7 @@ def model_card(model_id: str, family: str, dataset: str, stage: int, source: Pat
         "CIRR rc2: reported numbers are on test1 (evaluation server), measured ones on val; gallery = every image of "
         "the split, reference removed; subset = group members minus the reference; average = (R@5 + Rs@1) / 2"
     )
-    measured_text = ("Measured metrics (val split of the local benchmark, `trainers.evaluator.CIREvaluator`, the "
+    measured_text = ("Measured metrics (val split of the local benchmark, `trainers.evaluation.CIREvaluator`, the "
                      "protocol above) are in the `model-index` next to the reported ones, labelled `(measured)`."
                      if measured else "Not re-measured here: the `model-index` holds the reported numbers only.")
     body = re.sub(r"^# ", "### ", re.sub(r"\A---\n.*?\n---\n", "", conversion_card, flags=re.S), flags=re.M)

@@ -52,8 +52,7 @@ from modeling_spn4cir import (
 from modeling_spn4cir.atomic import atomic_write_json
 from modeling_spn4cir.loading import load_cir_model_and_processor
 from trainers.cir_trainer import CIRTrainer, CIRTrainingArguments
-from trainers.evaluation import PROTOCOLS
-from trainers.evaluator import CIREvaluator
+from trainers.evaluation import PROTOCOLS, CIREvaluator
 
 from .generative_captioner import CaptionerConfig, caption_precision, load_captioner, train_generative_captioner
 from .tokenizer import train_word_tokenizer

@@ -8,10 +8,9 @@ reference; delete it beforehand for `circo_remove_reference`); `references[i]`: 
 An id listed twice in a ranking, or an empty `references[i]`, is an error naming the query.
 """
 
-import datasets
 import evaluate
 
-from trainers.evaluation import PROTOCOLS, map_from_rankings
+from trainers.evaluation import PROTOCOLS, map_from_rankings, metric_info
 
 _CITATION = """@inproceedings{baldrati2023zero, title={Zero-Shot Composed Image Retrieval with Textual
 Inversion}, author={Baldrati, Alberto and Agnolucci, Lorenzo and Bertini, Marco and Del Bimbo, Alberto},
@@ -20,17 +19,8 @@ booktitle={ICCV}, year={2023}}"""
 
 class Circo(evaluate.Metric):
     def _info(self):
-        return evaluate.MetricInfo(
-            description="CIRCO map@5/10/25/50. Protocol: " + PROTOCOLS["circo"],
-            citation=_CITATION,
-            inputs_description=__doc__,
-            features=datasets.Features(
-                {
-                    "predictions": datasets.Sequence(datasets.Value("string")),
-                    "references": datasets.Sequence(datasets.Value("string")),
-                }
-            ),
-        )
+        return metric_info("CIRCO map@5/10/25/50. Protocol: " + PROTOCOLS["circo"], _CITATION, __doc__,
+                           references_are_lists=True)
 
     def _compute(self, predictions, references):
         return map_from_rankings(predictions, references)

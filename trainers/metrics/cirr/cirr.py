@@ -8,10 +8,16 @@
 A target absent from a ranking shorter than K counts as a miss; an id listed twice is an error.
 """
 
-import datasets
 import evaluate
 
-from trainers.evaluation import CIRR_RECALL_KS, CIRR_SUBSET_KS, PROTOCOLS, recall_from_rankings
+from trainers.evaluation import (
+    CIRR_RECALL_KS,
+    CIRR_SUBSET_KS,
+    PROTOCOLS,
+    cirr_average,
+    metric_info,
+    recall_from_rankings,
+)
 
 _CITATION = """@inproceedings{liu2021cirr, title={Image Retrieval on Real-life Images with Pre-trained
 Vision-and-Language Models}, author={Liu, Zheyuan and Rodriguez-Opazo, Cristian and Teney, Damien and Gould,
@@ -20,19 +26,13 @@ Stephen}, booktitle={ICCV}, year={2021}}"""
 
 class Cirr(evaluate.Metric):
     def _info(self):
-        return evaluate.MetricInfo(
-            description="CIRR recall@1/5/10/50, recall_subset@1/2/3 and average. Protocol: " + PROTOCOLS["cirr"],
-            citation=_CITATION,
-            inputs_description=__doc__,
-            features=datasets.Features(
-                {"predictions": datasets.Sequence(datasets.Value("string")), "references": datasets.Value("string")}
-            ),
-        )
+        return metric_info("CIRR recall@1/5/10/50, recall_subset@1/2/3 and average. Protocol: " + PROTOCOLS["cirr"],
+                           _CITATION, __doc__)
 
     def _compute(self, predictions, references, subset_predictions=None):
         metrics = recall_from_rankings(predictions, references, CIRR_RECALL_KS)
         if subset_predictions is not None:
             subset = recall_from_rankings(subset_predictions, references, CIRR_SUBSET_KS)
             metrics |= {k.replace("recall@", "recall_subset@"): v for k, v in subset.items()}
-            metrics["average"] = (metrics["recall@5"] + metrics["recall_subset@1"]) / 2
+            metrics["average"] = cirr_average(metrics)
         return metrics

@@ -9,10 +9,9 @@
 a target absent from a ranking shorter than K counts as a miss, and an id listed twice is an error).
 """
 
-import datasets
 import evaluate
 
-from trainers.evaluation import FASHIONIQ_KS, PROTOCOLS, recall_from_rankings
+from trainers.evaluation import FASHIONIQ_KS, PROTOCOLS, metric_info, recall_from_rankings
 
 _CITATION = """@inproceedings{wu2021fashioniq, title={Fashion IQ: A New Dataset Towards Retrieving Images by
 Natural Language Feedback}, author={Wu, Hui and Gao, Yupeng and Guo, Xiaoxiao and Al-Halah, Ziad and Rennie,
@@ -21,15 +20,8 @@ Steven and Grauman, Kristen and Feris, Rogerio}, booktitle={CVPR}, year={2021}}"
 
 class Fashioniq(evaluate.Metric):
     def _info(self):
-        return evaluate.MetricInfo(
-            description="FashionIQ recall@10/50 for one category. Protocols: " + PROTOCOLS["fashioniq"] + "; or, "
-            "with remove_reference=True, " + PROTOCOLS["fashioniq_remove_reference"],
-            citation=_CITATION,
-            inputs_description=__doc__,
-            features=datasets.Features(
-                {"predictions": datasets.Sequence(datasets.Value("string")), "references": datasets.Value("string")}
-            ),
-        )
+        return metric_info("FashionIQ recall@10/50 for one category. Protocols: " + PROTOCOLS["fashioniq"] + "; or, "
+                           "with remove_reference=True, " + PROTOCOLS["fashioniq_remove_reference"], _CITATION, __doc__)
 
     def _compute(self, predictions, references, reference_ids=None, remove_reference=False):
         if remove_reference:

@@ -4,29 +4,16 @@ return the dataset's official metrics (sentence-transformers evaluator style).""
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from datasets_scripts.image_store import ImageStore, encode_images
 
-from .evaluation import (
-    PROTOCOLS,
-    circo_metrics,
-    cirr_metrics,
-    fashioniq_average,
-    fashioniq_metrics,
-    protocol_name,
-    recall_metrics,
-    write_circo_submission,
-    write_cirr_submission,
-)
-from .text import compose_text, tokenize
+from ..text import compose_text, tokenize
+from .protocols import EncodedSplit, Protocol, get_protocol, protocol_for
 
 logger = logging.getLogger(__name__)
-
-HEADLINE = {"fashioniq": "average", "cirr": "average", "circo": "map@10", "recall": "recall@10"}
 
 
 class CIREvaluator:
@@ -40,10 +27,13 @@ class CIREvaluator:
         image_processor: maps a list of PIL images to `pixel_values`.
         tokenizer: the modification texts' tokenizer, or better the model's processor (called with `text=`, so
             that a family's own text handling applies, e.g. SPRC's caption cleaning, BLIP4CIR's `[ENC]`).
-        protocol: `"fashioniq"`, `"cirr"`, `"circo"` or `"recall"` (generic Recall@1/5/10/50, reference removed).
-        remove_reference: FashionIQ and CIRCO: delete the reference from each ranking (FashionIQ: SPN4CIR's CLIP4CIR
-            protocol; CIRCO: the authors' code keeps it); CIRR always removes it (see `trainers.evaluation`).
-        text_mode: `"join"` or `"choice"` (see `trainers.text`); default `"join"` for FashionIQ.
+        protocol: a [`Protocol`] or its name (a key of `PROTOCOLS`: `"fashioniq"`, `"fashioniq_remove_reference"`,
+            `"cirr"`, `"circo"`, `"circo_remove_reference"` or `"recall"`, generic Recall@1/5/10/50, reference
+            removed): its metrics, headline, reference removal, gallery scope and test-server files apply.
+        remove_reference: with a name, `protocol_for(name, remove_reference=True)`: FashionIQ and CIRCO delete the
+            reference from each ranking (FashionIQ: SPN4CIR's CLIP4CIR protocol; CIRCO: the authors' code keeps
+            it); CIRR and `recall` always delete it.
+        text_mode: `"join"` or `"choice"` (see `trainers.text`); default: the protocol's (`"join"` for FashionIQ).
         name: prefix of the returned metric names (`"{name}_{metric}"`; no prefix when empty).
         submission_dir: for CIRR / CIRCO splits without targets, where to write test-server files.
         report_dir: where to write a retrieval report after each evaluation (`trainers.report`: an HTML page with
@@ -61,7 +51,7 @@ class CIREvaluator:
         triplets,
         image_processor,
         tokenizer,
-        protocol: str = "recall",
+        protocol: str | Protocol = "recall",
         remove_reference: bool = False,
         text_mode: str | None = None,
         name: str = "",
@@ -74,13 +64,10 @@ class CIREvaluator:
         report_queries: int = 8,
         report_top_k: int = 8,
     ):
-        if protocol not in HEADLINE:
-            raise ValueError(f"protocol must be one of {sorted(HEADLINE)}, got {protocol!r}.")
         self.corpus, self.triplets = corpus, triplets
         self.image_processor, self.tokenizer = image_processor, tokenizer
-        self.protocol = protocol
-        self.remove_reference = remove_reference
-        self.text_mode = text_mode or ("join" if protocol == "fashioniq" else "choice")
+        self.protocol = _resolve(protocol, remove_reference)
+        self.text_mode = text_mode or self.protocol.text_mode
         self.name = name
         self.batch_size = batch_size
         self.num_workers = num_workers
@@ -101,18 +88,18 @@ class CIREvaluator:
 
     @property
     def protocol_description(self) -> str:
-        return PROTOCOLS[protocol_name(self.protocol, self.remove_reference)]
+        return self.protocol.description
 
     @property
     def primary_metric(self) -> str:
-        return self._key(HEADLINE[self.protocol])
+        return self._key(self.protocol.headline)
 
     def _key(self, metric: str) -> str:
         return f"{self.name}_{metric}" if self.name else metric
 
     def _bank_rows(self, model, gallery_ids: list[str]) -> list[int | None]:
         """The bank row holding each gallery image (matched by the sha256 of its bytes), or None."""
-        from .candidate_bank import processor_fingerprint, tower_fingerprint
+        from ..candidate_bank import processor_fingerprint, tower_fingerprint
 
         bank = self.bank
         none = [None] * len(gallery_ids)
@@ -193,8 +180,8 @@ class CIREvaluator:
     def _evaluate(self, model) -> dict[str, float]:
         triplets = self.triplets
         if len(triplets) == 0:
-            raise ValueError(f"The evaluation triplets{f' {self.name!r}' if self.name else ''} are empty: there is no "
-                             "query to evaluate (check the split's annotations, or pass another split).")
+            raise ValueError(f"The evaluation triplets{self._named} are empty: there is no query to evaluate (check "
+                             "the split's annotations, or pass another split).")
         self.images.check(triplets["reference_id"], "reference images of the triplets")
         gallery_ids = list(dict.fromkeys(self.corpus["image_id"]))
         gallery, references = self._gallery_features(model, gallery_ids)
@@ -202,71 +189,26 @@ class CIREvaluator:
         reference_ids = list(triplets["reference_id"])
         texts = [compose_text(t, self.text_mode, training=False) for t in triplets["modification_texts"]]
         queries = self._query_embeds(model, texts, references[[position[r] for r in reference_ids]])
-        has_targets = "target_id" in triplets.column_names and all(t is not None for t in triplets["target_id"])
+        split = EncodedSplit(queries, gallery, gallery_ids, reference_ids, triplets, self.corpus, model.similarity)
         if self.report_dir is not None and self.report_queries > 0:
-            self._write_report(model, queries, gallery, gallery_ids, reference_ids, texts)
-
-        if self.protocol == "fashioniq":
-            return self._fashioniq(queries, gallery, position, reference_ids, list(triplets["target_id"]),
-                                   model.similarity)
+            self._write_report(model, split, texts)
+        has_targets = "target_id" in triplets.column_names and all(t is not None for t in triplets["target_id"])
         if not has_targets:
-            return self._write_submission(queries, gallery, gallery_ids, reference_ids, model.similarity)
-        if self.protocol == "cirr":
-            metrics = cirr_metrics(queries, gallery, gallery_ids, reference_ids, list(triplets["target_id"]),
-                                   list(triplets["group_members"]), similarity=model.similarity)
-        elif self.protocol == "circo":
-            metrics = circo_metrics(queries, gallery, gallery_ids, reference_ids, list(triplets["target_ids"]),
-                                    similarity=model.similarity, remove_reference=self.remove_reference)
-        else:
-            metrics = recall_metrics(queries, gallery, gallery_ids, reference_ids, list(triplets["target_id"]),
-                                     similarity=model.similarity)
-        return {self._key(k): v for k, v in metrics.items()}
+            return self._write_submission(split)
+        return {self._key(k): v for k, v in self.protocol.evaluate(split).items()}
 
-    def _fashioniq(self, queries, gallery, position, reference_ids, target_ids, similarity) -> dict[str, float]:
-        if any(t is None for t in target_ids):
-            raise ValueError("FashionIQ test triplets have no targets; evaluate on the val split.")
-        categories = self.triplets["category"]
-        corpus_categories = self.corpus["category"]
-        per_category, results = {}, {}
-        for category in sorted(set(categories)):
-            rows = [i for i, c in enumerate(categories) if c == category]
-            category_gallery = list(dict.fromkeys(
-                image_id for image_id, c in zip(self.corpus["image_id"], corpus_categories) if c == category
-            ))
-            metrics = fashioniq_metrics(
-                queries[rows],
-                gallery[[position[g] for g in category_gallery]],
-                category_gallery,
-                [reference_ids[i] for i in rows],
-                [target_ids[i] for i in rows],
-                remove_reference=self.remove_reference,
-                similarity=similarity,
-            )
-            per_category[category] = metrics
-            results |= {self._key(f"{category}_{k}"): v for k, v in metrics.items()}
-        results |= {self._key(k): v for k, v in fashioniq_average(per_category).items()}
-        return results
+    @property
+    def _named(self) -> str:
+        return f" {self.name!r}" if self.name else ""
 
-    def _write_report(self, model, queries, gallery, gallery_ids, reference_ids, texts) -> None:
-        from .report import evaluation_rows, spread, write_report
+    def _write_report(self, model, split: EncodedSplit, texts: list[str]) -> None:
+        from ..report import evaluation_rows, spread, write_report
 
-        triplets, allowed = self.triplets, None
-        if self.protocol == "circo" and "target_ids" in triplets.column_names:
-            targets = [list(t or []) for t in triplets["target_ids"]]
-        else:
-            targets = [[t] if t else [] for t in (triplets["target_id"] if "target_id" in triplets.column_names
-                                                   else [None] * len(triplets))]
-        if self.protocol == "fashioniq":  # each query is ranked against its category's gallery
-            categories = self.corpus["category"]
-            position = {image_id: i for i, image_id in enumerate(gallery_ids)}
-            rows_of = {}
-            for image_id, category in zip(self.corpus["image_id"], categories):
-                rows_of.setdefault(category, {}).setdefault(position[image_id], None)
-            allowed = [list(rows_of.get(c, {})) for c in triplets["category"]]
-        remove = self.protocol in ("cirr", "recall") or self.remove_reference
-        rows = evaluation_rows(queries, gallery, gallery_ids, reference_ids, targets, texts, self.images.images,
-                               model.similarity, spread(len(triplets), self.report_queries), self.report_top_k,
-                               remove, allowed,
+        triplets, protocol = self.triplets, self.protocol
+        rows = evaluation_rows(split.queries, split.gallery, split.gallery_ids, split.reference_ids,
+                               protocol.ground_truths(triplets), texts, self.images.images, model.similarity,
+                               spread(len(triplets), self.report_queries), self.report_top_k,
+                               protocol.remove_reference, protocol.query_galleries(split),
                                list(triplets["query_id"]) if "query_id" in triplets.column_names else None)
         model_name = getattr(model, "name_or_path", "") or type(model).__name__
         paths = write_report(self.report_dir, rows, f"Retrieval report: {model_name}",
@@ -274,21 +216,26 @@ class CIREvaluator:
                              f"top {self.report_top_k}; reference framed blue, ground-truth targets green.")
         logger.info("wrote the retrieval report %s and %s", paths["html"], paths["png"])
 
-    def _write_submission(self, queries, gallery, gallery_ids, reference_ids, similarity) -> dict[str, float]:
+    def _write_submission(self, split: EncodedSplit) -> dict[str, float]:
+        if self.protocol.submission is None:
+            raise ValueError(
+                f"The evaluation triplets{self._named} have no targets (a test split), and protocol "
+                f"{self.protocol.name!r} has no test-server format: evaluate on a split with targets (e.g. val)."
+            )
         if self.submission_dir is None:
             raise ValueError(
                 "This split has no targets (a test split): pass submission_dir=... to write the test-server files."
             )
-        out = Path(self.submission_dir)
-        if self.protocol == "cirr":
-            paths = write_cirr_submission(queries, gallery, gallery_ids, reference_ids, list(self.triplets["query_id"]),
-                                          list(self.triplets["group_members"]), out, name=self.name or "spn4cir",
-                                          similarity=similarity)
-        elif self.protocol == "circo":
-            paths = (write_circo_submission(queries, gallery, gallery_ids, reference_ids,
-                                            list(self.triplets["query_id"]), out / f"circo_{self.name or 'test'}.json",
-                                            similarity, remove_reference=self.remove_reference),)
-        else:
-            raise ValueError(f"No test-server format for protocol {self.protocol!r}.")
+        paths = self.protocol.write_submission(split, self.submission_dir, self.name)
         logger.info("wrote submission files %s", ", ".join(map(str, paths)))
         return {}
+
+
+def _resolve(protocol: str | Protocol, remove_reference: bool) -> Protocol:
+    """The evaluator's protocol: an object as given, a name through `protocol_for` (after checking it exists)."""
+    if isinstance(protocol, Protocol):
+        if remove_reference and not protocol.remove_reference:
+            raise ValueError(f"remove_reference=True, but protocol {protocol.name!r} keeps the reference: pass "
+                             f"protocol_for({protocol.benchmark!r}, remove_reference=True) instead.")
+        return protocol
+    return protocol_for(get_protocol(protocol).name, remove_reference)
