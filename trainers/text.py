@@ -53,7 +53,8 @@ def describe_triplet(row: dict, index: int | None = None) -> str:
     """`"triplet 12 (reference 'B00X', target 'B00Y')"`: how errors name a triplet row."""
     number = row.get("row_index", index)
     where = f"triplet {number}" if number is not None else "a triplet"
-    return f"{where} (reference {row.get('reference_id')!r}, target {row.get('target_id')!r})"
+    target = f", target {row['target_id']!r}" if "target_id" in row else ""
+    return f"{where} (reference {row.get('reference_id')!r}{target})"
 
 
 def tokenize(text_processor, texts: Sequence[str], max_length: int | None = None) -> dict:

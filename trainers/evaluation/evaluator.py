@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 
 from datasets_scripts.image_store import ImageStore, encode_images
 
-from ..text import compose_text, tokenize
+from ..text import compose_text, describe_triplet, tokenize
 from .protocols import EncodedSplit, Protocol, get_protocol, protocol_for
 
 logger = logging.getLogger(__name__)
@@ -187,7 +187,8 @@ class CIREvaluator:
         gallery, references = self._gallery_features(model, gallery_ids)
         position = {image_id: i for i, image_id in enumerate(gallery_ids)}
         reference_ids = list(triplets["reference_id"])
-        texts = [compose_text(t, self.text_mode, training=False) for t in triplets["modification_texts"]]
+        texts = [compose_text(t, self.text_mode, training=False, triplet=describe_triplet({"reference_id": r}, i))
+                 for i, (t, r) in enumerate(zip(triplets["modification_texts"], reference_ids))]
         queries = self._query_embeds(model, texts, references[[position[r] for r in reference_ids]])
         split = EncodedSplit(queries, gallery, gallery_ids, reference_ids, triplets, self.corpus, model.similarity)
         if self.report_dir is not None and self.report_queries > 0:
