@@ -50,7 +50,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from modeling_spn4cir.atomic import atomic_write_json
+from modeling_spn4cir.storage import atomic_write_json
 from modeling_spn4cir.ranking import DEFAULT_CHUNK_SIZE, Similarity, rank_candidates, rank_topk
 
 CIRR_RECALL_KS = (1, 5, 10, 50)
