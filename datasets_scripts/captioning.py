@@ -20,9 +20,9 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from modeling_spn4cir.distributed import world
-from modeling_spn4cir.storage import RecordsCodec, ShardJob, ShardPlan, ShardStore, atomic_write_json
+from modeling_spn4cir.storage import RecordsCodec, ShardJob, ShardStore, atomic_write_json
 
-from .image_blocks import image_blocks
+from .image_blocks import plan_image_shards, still_valid
 from .image_store import ImageStore
 
 MANIFEST = "manifest.json"
@@ -60,8 +60,7 @@ def _captioner(corpus, captioner, ids: list[str], first_row: dict[str, int], bat
 
     def caption(job: ShardJob) -> list[dict]:
         shard_ids, digests = ids[job.plan.start:job.plan.stop], job.plan.inputs["image_digests"]
-        cached = {(r.get("image_id"), r.get("sha256")): r.get("caption") for r in job.previous() or []}
-        done = {i: cached[(i, d)] for i, d in zip(shard_ids, digests) if (i, d) in cached}
+        done = still_valid(job, ids, "caption")
         todo = [i for i in shard_ids if i not in done]
         for start in range(0, len(todo), batch_size):
             batch_ids = todo[start:start + batch_size]
@@ -87,33 +86,35 @@ def caption_corpus(corpus, captioner, cache_dir: str | Path, shard_size: int = 1
     settings = {"format": CACHE_FORMAT, "shard_size": shard_size, "captioner": captioner_key(captioner)}
     _claim(cache_dir, settings)
     store = ShardStore(cache_dir, "captions", RecordsCodec(), "caption cache")
-    ranges = store.blocks(len(ids), shard_size)
     rank, world_size = world(from_env=True)
     # a launcher's processes without a process group never communicate: each takes every W-th shard
     alone = world()[1] == 1 and world_size > 1
-    mine = set(range(rank, len(ranges), world_size)) if alone else None
+    mine = set(range(rank, len(store.blocks(len(ids), shard_size)), world_size)) if alone else None
     images = ImageStore(corpus)
     with tqdm(desc=f"Captioning (rank {rank})", unit="image", disable=not show_progress_bar) as bar:
         build = _captioner(corpus, captioner, ids, first_row, batch_size, bar)
-        shards = _sync(store, images, ids, ranges, settings, build, mine)
+        shards = _sync(store, images, ids, shard_size, settings, build, mine)
         if alone:
-            shards = _sync(store, images, ids, ranges, settings, None, None)
-    missing = [k for k, shard in enumerate(shards) if shard is None]
-    if missing:
-        raise RuntimeError(
-            f"Caption shards {missing[:10]} are missing or incomplete in {cache_dir} (another process has not "
-            "finished or crashed); run again to resume."
-        )
+            shards = _sync(store, images, ids, shard_size, settings, None, None)
     return {r["image_id"]: r["caption"] for shard in shards for r in store.read(shard)}
 
 
-def _sync(store: ShardStore, images: ImageStore, ids: list[str], ranges, settings: dict, build, only):
-    """The caption shards `only` (all if None) held in `store`, built with `build` (None: only the finished ones)."""
-    manifests = store.manifests(len(ranges))
-    if build is None and any(m is None for m in manifests):  # another process has not written this shard yet
-        return [None] * len(ranges)
-    blocks = image_blocks(images, ids, ranges, manifests, only)
-    plans = [None if block is None else
-             ShardPlan(a, b, {**settings, "shard": k, **block.identity()}, block.inputs)
-             for k, ((a, b), block) in enumerate(zip(ranges, blocks))]
-    return store.sync(plans, build, manifests, settings)
+def _sync(store: ShardStore, images: ImageStore, ids: list[str], shard_size: int, settings: dict, build, only):
+    """The caption shards `only` (all if None) held in `store`, built with `build` (None: only the finished ones
+    of a split run are held, the run is complete or an error says it is not)."""
+    if build is None:
+        _check_complete(store, store.manifests(len(store.blocks(len(ids), shard_size))))
+    shards = plan_image_shards(store, images, ids, shard_size, settings, only)
+    held = store.sync(shards.plans, build, shards.manifests, settings)
+    if only is None:
+        _check_complete(store, held)
+    return held
+
+
+def _check_complete(store: ShardStore, shards: list) -> None:
+    missing = [k for k, shard in enumerate(shards) if shard is None]
+    if missing:
+        raise RuntimeError(
+            f"Caption shards {missing[:10]} are missing or incomplete in {store.directory} (another process has not "
+            "finished or crashed); run again to resume."
+        )

@@ -18,10 +18,10 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from modeling_spn4cir.storage import RecordsCodec, ShardJob, ShardPlan, ShardStore, atomic_write_json, sha256
+from modeling_spn4cir.storage import RecordsCodec, ShardJob, ShardStore, atomic_write_json, sha256
 
 from .common import IMAGE_EXTENSIONS
-from .image_blocks import image_blocks
+from .image_blocks import plan_image_shards, still_valid
 
 DEDUP_SHARD_SIZE = 4096
 HASH_FORMAT = 1
@@ -51,15 +51,13 @@ def _hasher(images, ids: list[str], bar):
     """`build` of a hash shard: the pixel hashes still valid in the shard it replaces (same id, same bytes) are
     kept, the other images are decoded and hashed."""
     def hashes(job: ShardJob) -> list[dict]:
-        shard_ids, digests = ids[job.plan.start:job.plan.stop], job.plan.inputs["image_digests"]
-        cached = {(r.get("image_id"), r.get("sha256")): r.get("pixel_hash") for r in job.previous() or []}
+        known = still_valid(job, ids, "pixel_hash")
         records = []
-        for image_id, digest in zip(shard_ids, digests):
-            pixels = cached.get((image_id, digest))
-            if pixels is None:
-                pixels = pixel_hash(images.images([image_id])[0])
+        for image_id, digest in zip(ids[job.plan.start:job.plan.stop], job.plan.inputs["image_digests"]):
+            if image_id not in known:
+                known[image_id] = pixel_hash(images.images([image_id])[0])
                 bar.update(1)
-            records.append({"image_id": image_id, "sha256": digest, "pixel_hash": pixels})
+            records.append({"image_id": image_id, "sha256": digest, "pixel_hash": known[image_id]})
         return records
 
     return hashes
@@ -77,16 +75,12 @@ def dedup_map_for(images, image_ids, cache_dir: str | Path | None = None, show_p
     if not ids:
         return {}
     store = ShardStore(cache_dir, "hashes", RecordsCodec(), "de-duplication hash cache")
-    ranges = store.blocks(len(ids), shard_size)
-    manifests = store.manifests(len(ranges))
-    blocks = image_blocks(images, ids, ranges, manifests)
     settings = {"format": HASH_FORMAT, "shard_size": shard_size}
-    plans = [ShardPlan(a, b, {**settings, "shard": k, **block.identity()}, block.inputs)
-             for k, ((a, b), block) in enumerate(zip(ranges, blocks))]
+    shards = plan_image_shards(store, images, ids, shard_size, settings)
     with tqdm(desc="De-duplication hashes", unit="image", disable=not show_progress_bar) as bar:
-        shards = store.sync(plans, _hasher(images, ids, bar), manifests, settings)
+        held = store.sync(shards.plans, _hasher(images, ids, bar), shards.manifests, settings)
     by_hash: dict[str, list[str]] = {}
-    for shard in shards:
+    for shard in held:
         for record in store.read(shard):
             by_hash.setdefault(record["pixel_hash"], []).append(record["image_id"])
     return canonical_map([group for group in by_hash.values() if len(group) > 1])

@@ -14,7 +14,7 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 from modeling_spn4cir.distributed import all_gather_object, world
-from modeling_spn4cir.storage import sha256
+from modeling_spn4cir.storage import ShardJob, ShardPlan, ShardStore, sha256
 
 from .image_store import ImageStore
 
@@ -77,3 +77,39 @@ def image_blocks(images: ImageStore, image_ids: Sequence[str], blocks: Sequence[
     for part in all_gather_object(mine):
         found.update(part)
     return [found.get(k) for k in range(len(blocks))]
+
+
+@dataclass
+class ImageShards:
+    """What a shard store of image rows is asked to hold: its stored `manifests`, the [`ImageBlock`] of each shard
+    and each shard's `plans` (None where not wanted)."""
+
+    manifests: list[dict | None]
+    blocks: list[ImageBlock | None]
+    plans: list[ShardPlan | None]
+
+    @property
+    def digests(self) -> list[str]:
+        """Every image's content digest, in row order (all blocks wanted)."""
+        return [d for block in self.blocks for d in block.digests]
+
+
+def plan_image_shards(store: ShardStore, images: ImageStore, image_ids: Sequence[str], shard_size: int,
+                      settings: dict, only: Collection[int] | None = None) -> ImageShards:
+    """The shards of `store` over the images `image_ids` (in blocks of `shard_size` in a directory, one block per
+    rank in memory): each shard's fingerprint is `settings`, its position and its images' ids and bytes; its
+    manifest keeps the images' digests under their stamps. Every rank must call this."""
+    ranges = store.blocks(len(image_ids), shard_size)
+    manifests = store.manifests(len(ranges))
+    blocks = image_blocks(images, image_ids, ranges, manifests, only)
+    plans = [None if block is None else ShardPlan(a, b, {**settings, "shard": k, **block.identity()}, block.inputs)
+             for k, ((a, b), block) in enumerate(zip(ranges, blocks))]
+    return ImageShards(manifests, blocks, plans)
+
+
+def still_valid(job: ShardJob, image_ids: Sequence[str], key: str) -> dict[str, object]:
+    """`{image_id: record[key]}` of the records of the shard `job` replaces whose image id and bytes (sha256) are
+    those of an image of the new shard: what a builder need not compute again."""
+    wanted = set(zip(image_ids[job.plan.start:job.plan.stop], job.plan.inputs["image_digests"]))
+    return {r["image_id"]: r.get(key) for r in job.previous() or []
+            if (r.get("image_id"), r.get("sha256")) in wanted and r.get(key) is not None}

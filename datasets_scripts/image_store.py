@@ -146,7 +146,8 @@ def _describe(corpus) -> str:
     files = [f["filename"] for f in getattr(corpus, "cache_files", None) or []]
     split = getattr(corpus, "split", None)
     origin = f" from {files[0]}" + (f" (+{len(files) - 1} files)" if len(files) > 1 else "") if files else ""
-    return f"{len(corpus)} rows{f' of split {split}' if split else ''}{origin}"
+    rows = f"{len(corpus)} row{'s' if len(corpus) != 1 else ''}"
+    return f"{rows}{f' of split {split}' if split else ''}{origin}"
 
 
 class _ProcessedImages(torch.utils.data.Dataset):

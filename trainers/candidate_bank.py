@@ -41,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-from datasets_scripts.image_blocks import ImageBlock, content_sha256, ids_sha256, image_blocks
+from datasets_scripts.image_blocks import content_sha256, ids_sha256, plan_image_shards
 from datasets_scripts.image_store import ImageStore, encode_images
 from modeling_spn4cir.distributed import broadcast_object, world
 from modeling_spn4cir.storage import (
@@ -49,7 +49,6 @@ from modeling_spn4cir.storage import (
     Shard,
     ShardedRows,
     ShardJob,
-    ShardPlan,
     ShardStore,
     target_side_fingerprint,
 )
@@ -121,16 +120,11 @@ def _checked(image_ids: Sequence[str], images: ImageStore, dtype: str, shard_siz
     return image_ids, int(shard_size)
 
 
-def _fingerprints(model, image_processor, dtype: str, shard_size: int, image_ids: list[str],
-                  blocks: list[ImageBlock]) -> tuple[dict, list[dict]]:
-    """The bank's fingerprint and one per shard (the same model fields, the shard's own ids and image bytes). The
-    target side is hashed once, on rank 0."""
-    common = broadcast_object({"format": BANK_FORMAT, **target_side_fingerprint(model, image_processor),
-                               "dtype": dtype, "shard_size": shard_size} if world()[0] == 0 else None)
-    fingerprint = {**common, "image_ids": ids_sha256(image_ids),
-                   "image_content": content_sha256([d for b in blocks for d in b.digests]),
-                   "num_images": len(image_ids)}
-    return fingerprint, [{**common, "shard": k, **b.identity()} for k, b in enumerate(blocks)]
+def _common_fingerprint(model, image_processor, dtype: str, shard_size: int) -> dict:
+    """The fields every fingerprint of the bank and of its shards holds: the target side (hashed once, on rank 0),
+    the storage dtype and the shard size."""
+    return broadcast_object({"format": BANK_FORMAT, **target_side_fingerprint(model, image_processor),
+                             "dtype": dtype, "shard_size": shard_size} if world()[0] == 0 else None)
 
 
 @contextmanager
@@ -195,13 +189,11 @@ def load_or_build_candidate_bank(
     """
     image_ids, shard_size = _checked(image_ids, images, dtype, shard_size)
     store = _store(bank_dir, dtype)
-    ranges = store.blocks(len(image_ids), shard_size)
-    manifests = store.manifests(len(ranges))
-    blocks = image_blocks(images, image_ids, ranges, manifests)
-    fingerprint, shard_fps = _fingerprints(model, image_processor, dtype, shard_size, image_ids, blocks)
-    plans = [ShardPlan(a, b, fp, block.inputs) for (a, b), fp, block in zip(ranges, shard_fps, blocks)]
+    common = _common_fingerprint(model, image_processor, dtype, shard_size)
+    shards = plan_image_shards(store, images, image_ids, shard_size, common)
+    fingerprint = {**common, "image_ids": ids_sha256(image_ids), "image_content": content_sha256(shards.digests),
+                   "num_images": len(image_ids)}
     encode = _encoder(model, images, image_ids, image_processor, batch_size, num_workers, dtype, show_progress_bar)
     with _eval_mode(model):
-        shards = store.sync(plans, encode, manifests, fingerprint, {"image_ids": image_ids})
-    digests = [d for block in blocks for d in block.digests]
-    return _assemble(store, shards, image_ids, fingerprint, dedup_map, digests)
+        held = store.sync(shards.plans, encode, shards.manifests, fingerprint, {"image_ids": image_ids})
+    return _assemble(store, held, image_ids, fingerprint, dedup_map, shards.digests)
