@@ -294,27 +294,26 @@ def test_truncated_or_corrupt_shard_is_named_and_reencoded(token_parts, tmp_path
     bank_dir = tmp_path / "bank"
     _build(model, store, processor, ids, bank_dir, shard_size=3)
 
+    def rebuilt(shard, why, rows):
+        """The bank rebuilt after `shard` was damaged: the log names it and `why`, only its `rows` are encoded."""
+        caplog.clear()
+        counter = _counting(monkeypatch)
+        with caplog.at_level(logging.WARNING):
+            bank = _build(model, store, processor, ids, bank_dir, shard_size=3)
+        assert shard.name in caplog.text and why in caplog.text
+        assert counter.calls == [rows]
+        _assert_same_bank(bank, whole)
+
     # truncated behind a complete bank.json: the warm start's size and header checks catch it
     shard = bank_dir / "bank-00001.safetensors"
     shard.write_bytes(shard.read_bytes()[:-100])
-    counter = _counting(monkeypatch)
-    with caplog.at_level(logging.WARNING):
-        bank = _build(model, store, processor, ids, bank_dir, shard_size=3)
-    assert "bank-00001.safetensors" in caplog.text and "truncated" in caplog.text
-    assert counter.calls == [ids[3:6]]
-    _assert_same_bank(bank, whole)
+    rebuilt(shard, "truncated", ids[3:6])
 
     # a garbled header behind a complete bank.json
     shard = bank_dir / "bank-00003.safetensors"
     data = shard.read_bytes()
     shard.write_bytes(b"\xff" * 16 + data[16:])
-    caplog.clear()
-    counter = _counting(monkeypatch)
-    with caplog.at_level(logging.WARNING):
-        bank = _build(model, store, processor, ids, bank_dir, shard_size=3)
-    assert "bank-00003.safetensors" in caplog.text and "cannot be read" in caplog.text
-    assert counter.calls == [ids[9:10]]
-    _assert_same_bank(bank, whole)
+    rebuilt(shard, "cannot be read", ids[9:10])
 
     # flipped data bytes (same size, valid header) found when a killed build resumes: the sha256 check
     shard = bank_dir / "bank-00002.safetensors"
@@ -322,13 +321,7 @@ def test_truncated_or_corrupt_shard_is_named_and_reencoded(token_parts, tmp_path
     data[-8:] = bytes(255 - b for b in data[-8:])
     shard.write_bytes(bytes(data))
     (bank_dir / "bank.json").unlink()
-    caplog.clear()
-    counter = _counting(monkeypatch)
-    with caplog.at_level(logging.WARNING):
-        bank = _build(model, store, processor, ids, bank_dir, shard_size=3)
-    assert "bank-00002.safetensors" in caplog.text and "sha256" in caplog.text
-    assert counter.calls == [ids[6:9]]
-    _assert_same_bank(bank, whole)
+    rebuilt(shard, "sha256", ids[6:9])
 
 
 def test_unreadable_shard_error_names_the_file(tmp_path):
