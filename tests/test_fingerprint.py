@@ -1,7 +1,8 @@
 """The one target-side fingerprint: the candidate bank, the gallery index and the evaluator's bank reuse compare the
 same thing, so a model whose target side changed is refused by all three and one whose query side changed (an SPN
 stage-2 model) is accepted by all three; dtypes count, the image processor's class name does not; the cached hash
-follows in-place updates; TG-CIR's and SPRC's stage-2 preparation keep the target side's fingerprint."""
+follows in-place updates; TG-CIR's and SPRC's stage-2 preparation and LoRA adapters keep the target side's
+fingerprint."""
 
 import copy
 import logging
@@ -158,3 +159,16 @@ def test_stage2_preparation_keeps_the_target_side_fingerprint(tmp_path):
         for p in sprc.query_side_parameters():
             p.add_(0.1)
     assert target_side_fingerprint(sprc, processor) == prepared
+
+
+def test_a_lora_stage2_model_has_its_base_models_fingerprint():
+    """Stage-2 adapters live on the query side: the PEFT model keeps the bank and the index of its base model."""
+    from trainers.lora import LoRAArguments, apply_lora
+
+    processor = CLIP4CIRImageProcessor(size=32)
+    base = target_side_fingerprint(tiny_model(), processor)
+    model = tiny_model()
+    model.freeze_target_side()
+    peft_model = apply_lora(model, LoRAArguments(lora_r=2), "candidate_bank")
+    assert type(peft_model).__name__ == "PeftModel"
+    assert target_side_fingerprint(peft_model, processor) == base
