@@ -14,13 +14,13 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from modeling_spn4cir.storage import file_stamp, json_sha256, sha256
 
 FASHIONIQ_PROMPT = "please briefly describe the {category} in {n} words"
 IMAGE_PROMPT = "please briefly describe the image in {n} words"
@@ -37,13 +37,10 @@ def limit_words(text: str, n: int) -> str:
 def weights_identity(model_name_or_path: str, model) -> str:
     """What identifies a checkpoint's weights, cheaply: for a local directory, each weight file's size, mtime,
     ctime and inode (rewriting a file changes them; nothing is read); for a Hub id, the resolved commit."""
-    from modeling_spn4cir.atomic import file_stat
-
     path = Path(model_name_or_path)
     if path.is_dir():
         files = sorted(f for f in path.iterdir() if f.suffix in (".safetensors", ".bin") or f.name.endswith(".index.json"))
-        stamps = [":".join(map(str, [f.name, *file_stat(f)])) for f in files]
-        return hashlib.sha256("|".join(stamps).encode()).hexdigest()[:16]
+        return sha256("|".join(file_stamp(f, f.name) for f in files).encode())[:16]
     return f"{model_name_or_path}@{getattr(model.config, '_commit_hash', None)}"
 
 
@@ -159,7 +156,7 @@ class RetrievalCaptioner:
         self.phrase_embeds = torch.cat([encoder.encode_texts(self.phrases[i:i + batch_size])
                                         for i in range(0, len(self.phrases), batch_size)])
         # which encoder: its phrase embeddings (any change of its text side changes them), for the caption cache
-        self.weights = hashlib.sha256(self.phrase_embeds.float().contiguous().numpy().tobytes()).hexdigest()[:16]
+        self.weights = sha256(self.phrase_embeds.float().contiguous().numpy().tobytes())[:16]
 
     def __call__(self, batch: dict) -> list[str]:
         scores = self.encoder.encode_images(batch["image"]) @ self.phrase_embeds.T
@@ -180,7 +177,7 @@ class ColumnCaptioner:
             raise ValueError("Pass exactly one of `column` or `mapping`.")
         self.column, self.mapping = column, mapping
         if mapping is not None:  # which captions, for the caption cache
-            self.weights = hashlib.sha256(json.dumps(mapping, sort_keys=True).encode()).hexdigest()[:16]
+            self.weights = json_sha256(mapping)[:16]
 
     def __call__(self, batch: dict) -> list[str]:
         if self.column is not None:

@@ -1,12 +1,15 @@
 """Caption a corpus in resumable shards, split across processes.
 
-Captioning a real training set with an MLLM takes hours: results are written shard by shard
-(`captions-00000.jsonl`, ...) as they finish, a restarted run skips finished shards, and under
-`torchrun` / `accelerate launch` process r takes shards r, r + W, r + 2W, ...
+Captioning a real training set with an MLLM takes hours: the captions are kept in a [`ShardStore`] of JSON lines
+(`captions-00000.jsonl` and its manifest `captions-00000.json`, ..., the index `captions.json`), written shard
+by shard as they finish; a restarted run reuses the finished shards. Under `torch.distributed` the shards to
+caption are split over the ranks; under `torchrun` / `accelerate launch` without a process group, process r takes
+shards r, r + W, r + 2W, ... and the run is complete when every process has finished.
 
 Each cached caption is keyed by its image's id **and the sha256 of its stored bytes**: an image whose content
 changed, or a renamed id, is captioned again (only that image; the rest of its shard is reused), never served a
-stale caption. The manifest records the captioner and the shard size; a different one is refused.
+stale caption. The images' hashes are kept under their file stamps, so a warm start reads no image byte. The
+cache's `manifest.json` records the captioner and the shard size; a different one is refused.
 """
 
 from __future__ import annotations
@@ -16,20 +19,14 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from modeling_spn4cir.atomic import atomic_write_bytes, atomic_write_json
 from modeling_spn4cir.distributed import world
+from modeling_spn4cir.storage import RecordsCodec, ShardJob, ShardStore, atomic_write_json
 
+from .image_blocks import plan_image_shards, still_valid
 from .image_store import ImageStore
 
 MANIFEST = "manifest.json"
 CACHE_FORMAT = 2  # 2: records carry the image's sha256
-
-
-def _barrier():
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
 
 
 def captioner_key(captioner) -> str:
@@ -40,6 +37,44 @@ def captioner_key(captioner) -> str:
     return json.dumps({"class": type(captioner).__name__, **fields}, sort_keys=True, default=str)
 
 
+def _claim(cache_dir: Path, settings: dict) -> None:
+    """Refuse a cache of another captioner or shard size; mark a new cache as this run's (rank 0)."""
+    manifest_path = cache_dir / MANIFEST
+    if manifest_path.exists():
+        stored = json.loads(manifest_path.read_text())
+        if stored != settings:
+            changed = sorted(k for k in settings if stored.get(k) != settings[k])
+            raise ValueError(
+                f"{cache_dir} holds captions of another run ({', '.join(changed)} differ); use a new cache_dir or "
+                "delete this one."
+            )
+    elif world(from_env=True)[0] == 0:
+        atomic_write_json(manifest_path, settings, indent=1)
+
+
+def _captioner(corpus, captioner, ids: list[str], first_row: dict[str, int], batch_size: int, bar):
+    """`build` of a caption shard: the captions still valid in the shard it replaces (same id, same bytes) are
+    kept, the other images are captioned in batches."""
+    columns = [c for c in corpus.column_names
+               if c in ("image", "image_id", "category") or c == getattr(captioner, "column", None)]
+
+    def caption(job: ShardJob) -> list[dict]:
+        shard_ids, digests = ids[job.plan.start:job.plan.stop], job.plan.inputs["image_digests"]
+        done = still_valid(job, ids, "caption")
+        todo = [i for i in shard_ids if i not in done]
+        for start in range(0, len(todo), batch_size):
+            batch_ids = todo[start:start + batch_size]
+            batch = corpus.select([first_row[i] for i in batch_ids]).select_columns(columns)[:]
+            captions = captioner(batch)
+            if len(captions) != len(batch_ids):
+                raise RuntimeError(f"The captioner returned {len(captions)} captions for {len(batch_ids)} images.")
+            done.update(zip(batch_ids, captions))
+            bar.update(len(batch_ids))
+        return [{"image_id": i, "sha256": d, "caption": done[i]} for i, d in zip(shard_ids, digests)]
+
+    return caption
+
+
 def caption_corpus(corpus, captioner, cache_dir: str | Path, shard_size: int = 1000, batch_size: int = 16,
                    show_progress_bar: bool = True) -> dict[str, str]:
     """`{image_id: caption}` for every image of `corpus` (first row of each id), resuming from `cache_dir`."""
@@ -48,71 +83,38 @@ def caption_corpus(corpus, captioner, cache_dir: str | Path, shard_size: int = 1
     for row, image_id in enumerate(corpus["image_id"]):
         first_row.setdefault(image_id, row)
     ids = list(first_row)
-    shards = [ids[i:i + shard_size] for i in range(0, len(ids), shard_size)]
-    manifest = {"format": CACHE_FORMAT, "shard_size": shard_size, "captioner": captioner_key(captioner)}
+    settings = {"format": CACHE_FORMAT, "shard_size": shard_size, "captioner": captioner_key(captioner)}
+    _claim(cache_dir, settings)
+    store = ShardStore(cache_dir, "captions", RecordsCodec(), "caption cache")
     rank, world_size = world(from_env=True)
-    manifest_path = cache_dir / MANIFEST
-    if manifest_path.exists():
-        stored = json.loads(manifest_path.read_text())
-        if stored != manifest:
-            changed = sorted(k for k in manifest if stored.get(k) != manifest[k])
-            raise ValueError(
-                f"{cache_dir} holds captions of another run ({', '.join(changed)} differ); use a new cache_dir or "
-                "delete this one."
-            )
-    elif rank == 0:
-        atomic_write_json(manifest_path, manifest, indent=1)
-    columns = [c for c in corpus.column_names if c in ("image", "image_id", "category") or c == getattr(captioner, "column", None)]
+    # a launcher's processes without a process group never communicate: each takes every W-th shard
+    alone = world()[1] == 1 and world_size > 1
+    mine = set(range(rank, len(store.blocks(len(ids), shard_size)), world_size)) if alone else None
     images = ImageStore(corpus)
-    mine = [i for i in range(len(shards)) if i % world_size == rank]
-    # Per shard: the cached captions still valid (same id, same bytes) and the images to caption again.
-    plan = {}
-    for shard in mine:
-        digests = dict(zip(shards[shard], images.digests(shards[shard])))
-        cached = {(r.get("image_id"), r.get("sha256")): r.get("caption")
-                  for r in _read_shard(cache_dir / f"captions-{shard:05d}.jsonl")}
-        valid = {i: cached[(i, d)] for i, d in digests.items() if (i, d) in cached}
-        if len(valid) < len(digests):
-            plan[shard] = (digests, valid)
-    with tqdm(total=sum(len(d) - len(v) for d, v in plan.values()), desc=f"Captioning (rank {rank})",
-              disable=not show_progress_bar) as bar:
-        for shard, (digests, done) in plan.items():
-            todo = [i for i in shards[shard] if i not in done]
-            for start in range(0, len(todo), batch_size):
-                batch_ids = todo[start:start + batch_size]
-                batch = corpus.select([first_row[i] for i in batch_ids]).select_columns(columns)[:]
-                captions = captioner(batch)
-                if len(captions) != len(batch_ids):
-                    raise RuntimeError(f"The captioner returned {len(captions)} captions for {len(batch_ids)} images.")
-                done.update(zip(batch_ids, captions))
-                bar.update(len(batch_ids))
-            lines = [json.dumps({"image_id": i, "sha256": digests[i], "caption": done[i]}) for i in shards[shard]]
-            atomic_write_bytes(cache_dir / f"captions-{shard:05d}.jsonl", ("\n".join(lines) + "\n").encode())
-    _barrier()
-    captions, missing = {}, []
-    for i, shard_ids in enumerate(shards):
-        records = {r.get("image_id"): r.get("caption") for r in _read_shard(cache_dir / f"captions-{i:05d}.jsonl")}
-        if any(image_id not in records for image_id in shard_ids):
-            missing.append(i)
-        captions.update((image_id, records.get(image_id)) for image_id in shard_ids)
+    with tqdm(desc=f"Captioning (rank {rank})", unit="image", disable=not show_progress_bar) as bar:
+        build = _captioner(corpus, captioner, ids, first_row, batch_size, bar)
+        shards = _sync(store, images, ids, shard_size, settings, build, mine)
+        if alone:
+            shards = _sync(store, images, ids, shard_size, settings, None, None)
+    return {r["image_id"]: r["caption"] for shard in shards for r in store.read(shard)}
+
+
+def _sync(store: ShardStore, images: ImageStore, ids: list[str], shard_size: int, settings: dict, build, only):
+    """The caption shards `only` (all if None) held in `store`, built with `build` (None: only the finished ones
+    of a split run are held, the run is complete or an error says it is not)."""
+    if build is None:
+        _check_complete(store, store.manifests(len(store.blocks(len(ids), shard_size))))
+    shards = plan_image_shards(store, images, ids, shard_size, settings, only)
+    held = store.sync(shards.plans, build, shards.manifests, settings)
+    if only is None:
+        _check_complete(store, held)
+    return held
+
+
+def _check_complete(store: ShardStore, shards: list) -> None:
+    missing = [k for k, shard in enumerate(shards) if shard is None]
     if missing:
         raise RuntimeError(
-            f"Caption shards {missing[:10]} are missing or incomplete in {cache_dir} (another process has not "
+            f"Caption shards {missing[:10]} are missing or incomplete in {store.directory} (another process has not "
             "finished or crashed); run again to resume."
         )
-    return captions
-
-
-def _read_shard(path: Path) -> list[dict]:
-    """The records of a caption shard; none when it does not exist yet."""
-    if not path.exists():
-        return []
-    try:
-        records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"Caption cache shard {path} is not valid JSON lines ({error}); delete it to caption its "
-                         "images again.") from error
-    if not all(isinstance(r, dict) for r in records):
-        raise ValueError(f"Caption cache shard {path} holds non-object records; delete it to caption its images "
-                         "again.")
-    return records

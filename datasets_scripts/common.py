@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from modeling_spn4cir.atomic import atomic_directory
+from modeling_spn4cir.storage import atomic_directory
 
 SPLITS = ("train", "val", "test")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -354,7 +354,7 @@ def write_cir_dataset(
     `shared_corpus` maps a split to another split whose corpus files it reuses (CIRCO's val and test share
     one gallery, stored once). The directory is built aside and moved into place: complete or absent.
     `output_dir` must be new, empty, or (with `overwrite`) a previous output of `tool`, and must not be or
-    contain any of `protect` (the input data); see `modeling_spn4cir.atomic.atomic_directory`.
+    contain any of `protect` (the input data); see `modeling_spn4cir.storage.atomic_directory`.
     """
     output_dir = Path(output_dir)
     corpus_features = datasets.Features({**CORPUS_FEATURES, **(corpus_extra or {})})

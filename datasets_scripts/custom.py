@@ -16,7 +16,7 @@ import io
 import json
 from pathlib import Path
 
-from modeling_spn4cir.atomic import check_output_dir
+from modeling_spn4cir.storage import check_output_dir
 
 from .common import (
     IMAGE_EXTENSIONS,

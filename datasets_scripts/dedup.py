@@ -11,8 +11,6 @@ compares images pairwise, O(N^2); hashing the decoded pixels groups the same ima
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -20,18 +18,19 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from modeling_spn4cir.atomic import atomic_write_json
+from modeling_spn4cir.storage import RecordsCodec, ShardJob, ShardStore, atomic_write_json, sha256
 
 from .common import IMAGE_EXTENSIONS
+from .image_blocks import plan_image_shards, still_valid
+
+DEDUP_SHARD_SIZE = 4096
+HASH_FORMAT = 1
 
 
 def pixel_hash(image: Image.Image) -> str:
     """SHA-256 of the decoded RGB pixels and the size: equal for the same picture in any file format."""
     array = np.asarray(image.convert("RGB"))
-    digest = hashlib.sha256()
-    digest.update(np.asarray(array.shape, dtype=np.int64).tobytes())
-    digest.update(np.ascontiguousarray(array).tobytes())
-    return digest.hexdigest()
+    return sha256([np.asarray(array.shape, dtype=np.int64).tobytes(), np.ascontiguousarray(array).tobytes()])
 
 
 def find_duplicate_groups(images: Iterable[tuple[str, Image.Image]], show_progress_bar: bool = True) -> list[list[str]]:
@@ -48,30 +47,42 @@ def canonical_map(groups: list[list[str]]) -> dict[str, str]:
     return {image_id: group[0] for group in groups for image_id in group[1:]}
 
 
-def dedup_map_for(images, image_ids, cache_file: str | Path | None = None,
-                  show_progress_bar: bool = True) -> dict[str, str]:
+def _hasher(images, ids: list[str], bar):
+    """`build` of a hash shard: the pixel hashes still valid in the shard it replaces (same id, same bytes) are
+    kept, the other images are decoded and hashed."""
+    def hashes(job: ShardJob) -> list[dict]:
+        known = still_valid(job, ids, "pixel_hash")
+        records = []
+        for image_id, digest in zip(ids[job.plan.start:job.plan.stop], job.plan.inputs["image_digests"]):
+            if image_id not in known:
+                known[image_id] = pixel_hash(images.images([image_id])[0])
+                bar.update(1)
+            records.append({"image_id": image_id, "sha256": digest, "pixel_hash": known[image_id]})
+        return records
+
+    return hashes
+
+
+def dedup_map_for(images, image_ids, cache_dir: str | Path | None = None, show_progress_bar: bool = True,
+                  shard_size: int = DEDUP_SHARD_SIZE) -> dict[str, str]:
     """`{duplicate id: canonical id}` among `image_ids` (an `ImageStore` holds them): images with identical pixels
     map to the first of them in `image_ids` order, as the original's `optimized_images.json` keeps one name per
-    group. Pixel hashes are cached in `cache_file` (JSON `{image_id: [sha256 of the stored bytes, pixel hash]}`,
-    written atomically): a later run decodes only images that are new or whose file changed."""
-    cache_file = Path(cache_file) if cache_file else None
-    cached = {}
-    if cache_file is not None and cache_file.exists():
-        cached = json.loads(cache_file.read_text())
+    group. Pixel hashes are cached in the shard store `cache_dir` (JSON lines `{image_id, sha256 of the stored
+    bytes, pixel_hash}` in shards of `shard_size` images, see `modeling_spn4cir.storage.ShardStore`): a later run
+    decodes only images that are new or whose bytes changed, and reads no image byte for a shard whose images'
+    files are unchanged. Under `torch.distributed` every rank must call this; the hashing is split over them."""
     ids = list(dict.fromkeys(image_ids))
-    hashes, changed = {}, False
-    for image_id in tqdm(ids, desc="De-duplication hashes", disable=not show_progress_bar):
-        stored = hashlib.sha256(images.raw_bytes(image_id)).hexdigest()
-        entry = cached.get(image_id)
-        if entry is None or entry[0] != stored:
-            entry = [stored, pixel_hash(images.images([image_id])[0])]
-            cached[image_id], changed = entry, True
-        hashes[image_id] = entry[1]
-    if cache_file is not None and changed:
-        atomic_write_json(cache_file, cached)
+    if not ids:
+        return {}
+    store = ShardStore(cache_dir, "hashes", RecordsCodec(), "de-duplication hash cache")
+    settings = {"format": HASH_FORMAT, "shard_size": shard_size}
+    shards = plan_image_shards(store, images, ids, shard_size, settings)
+    with tqdm(desc="De-duplication hashes", unit="image", disable=not show_progress_bar) as bar:
+        held = store.sync(shards.plans, _hasher(images, ids, bar), shards.manifests, settings)
     by_hash: dict[str, list[str]] = {}
-    for image_id in ids:
-        by_hash.setdefault(hashes[image_id], []).append(image_id)
+    for shard in held:
+        for record in store.read(shard):
+            by_hash.setdefault(record["pixel_hash"], []).append(record["image_id"])
     return canonical_map([group for group in by_hash.values() if len(group) > 1])
 
 

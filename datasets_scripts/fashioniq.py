@@ -15,7 +15,7 @@ from pathlib import Path
 
 import datasets
 
-from modeling_spn4cir.atomic import check_output_dir
+from modeling_spn4cir.storage import check_output_dir
 
 from .common import (
     SPLITS,

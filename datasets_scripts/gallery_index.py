@@ -19,18 +19,16 @@ galleries of millions of images.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import weakref
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from modeling_spn4cir.atomic import atomic_directory
 from modeling_spn4cir.ranking import rank_topk
+from modeling_spn4cir.storage import atomic_directory, json_sha256, target_side_fingerprint
 
 from .common import IMAGE_EXTENSIONS
 from .image_store import ImageStore, encode_images
@@ -40,45 +38,18 @@ EMBEDDINGS_FILE = "embeddings.safetensors"
 INDEX_FILE = "index.json"
 # Scores held at once by an exact search: query chunk x gallery size (128 MiB of float32).
 SCORE_BUDGET = 2**25
-# Keys of an image processor's dict that name classes rather than change pixels.
-_PROCESSOR_NAME_KEYS = {"image_processor_type", "processor_class", "_processor_class", "auto_map"}
 
 
 class ModelMismatchError(ValueError):
     """The index was built by another model (target side or image preprocessing) than the one querying it."""
 
 
-def _sha256(chunks) -> str:
-    digest = hashlib.sha256()
-    for chunk in chunks:
-        digest.update(chunk)
-    return digest.hexdigest()
-
-
-_FINGERPRINTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
 def model_fingerprint(model, image_processor) -> dict:
-    """What determines a gallery's embeddings: the model class, the target side's weights (names, shapes, dtypes,
-    bytes), and the image preprocessing. `digest` is what indexes compare; `model` is for messages only.
-
-    Hashing reads every target-side weight, so the result is cached per model object (a model changed in place
-    after its first fingerprint keeps the old one)."""
-    cached = _FINGERPRINTS.get(model)
-    if cached is None:
-        state = model.target_side_state_dict()
-        weights = _sha256(
-            name.encode() + str((tuple(t.shape), str(t.dtype))).encode()
-            + t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-            for name, t in sorted(state.items())
-        )
-        cached = {"model_class": type(model).__name__, "target_side_weights": weights}
-        _FINGERPRINTS[model] = cached
-    config = image_processor.to_dict() if hasattr(image_processor, "to_dict") else {"repr": repr(image_processor)}
-    preprocessing = json.dumps({k: v for k, v in config.items() if k not in _PROCESSOR_NAME_KEYS}, sort_keys=True,
-                               default=str)
-    fingerprint = {**cached, "image_processor": _sha256([preprocessing.encode()])}
-    fingerprint["digest"] = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()
+    """What determines a gallery's embeddings: the target-side fingerprint (the model class, the target side's
+    weights and dtypes, the image preprocessing: `modeling_spn4cir.storage.target_side_fingerprint`, the one the
+    candidate bank and the evaluator compare). `digest` is what indexes compare; `model` is for messages only."""
+    fingerprint = target_side_fingerprint(model, image_processor)
+    fingerprint["digest"] = json_sha256(fingerprint)
     fingerprint["model"] = getattr(model, "name_or_path", "") or getattr(model.config, "_name_or_path", "") or "?"
     return fingerprint
 

@@ -3,11 +3,19 @@ scaling and the synthetic recipe's warm-up all encode images through `encode_ima
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Sequence
 
 import torch
 from tqdm.auto import tqdm
+
+from modeling_spn4cir.storage import file_stamp, sha256
+
+
+class UnknownImageError(KeyError):
+    """An image id that no corpus of an [`ImageStore`] holds (a `KeyError` whose message names it)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
 
 
 class ImageStore:
@@ -39,6 +47,18 @@ class ImageStore:
                 "dataset must list every image its triplets use."
             )
 
+    def _locate(self, image_id: str) -> tuple[int, int]:
+        """(corpus, row) of `image_id`; an [`UnknownImageError`] naming it and the corpora searched otherwise."""
+        where = self._where.get(image_id)
+        if where is None:
+            searched = "; ".join(_describe(c) for c in self._corpora) or "no corpus"
+            raise UnknownImageError(
+                f"image {image_id!r} is not in the corpus (searched {len(self._corpora)}: {searched}); the corpus "
+                "config of the dataset must list every image its triplets use, or pass the corpus that holds it to "
+                "ImageStore(...)."
+            )
+        return where
+
     def images(self, image_ids: Sequence[str]):
         """PIL RGB images, in the order of `image_ids`."""
         self.check(image_ids)
@@ -53,7 +73,7 @@ class ImageStore:
         """The stored (encoded) bytes of an image and its file name, without decoding it."""
         import datasets
 
-        ci, row = self._where[image_id]
+        ci, row = self._locate(image_id)
         if ci not in self._undecoded:
             self._undecoded[ci] = self._corpora[ci].cast_column("image", datasets.Image(decode=False))
         value = self._undecoded[ci][row]["image"]
@@ -68,29 +88,27 @@ class ImageStore:
 
     def digests(self, image_ids: Sequence[str]) -> list[str]:
         """sha256 (hex) of each image's stored bytes: its content identity (caption cache, bank, evaluator)."""
-        return [hashlib.sha256(self.raw_bytes(i)).hexdigest() for i in image_ids]
+        return [sha256(self.raw_bytes(i)) for i in image_ids]
 
     def stamps(self, image_ids: Sequence[str]) -> list[str | None]:
         """A cheap identity of each image's stored bytes, from file metadata only (no image byte is read): for an
         image file, its path, size, mtime, ctime and inode; for bytes embedded in a dataset's Arrow files, those
         files' metadata and the row. Any rewrite changes it (ctime and inode cannot be set back, unlike mtime),
-        so a content hash cached under it is valid while it is unchanged. None where there is no file (an
-        in-memory dataset): hash the bytes instead."""
-        from modeling_spn4cir.atomic import file_stat
-
+        so a content hash cached under it is valid while it is unchanged (`modeling_spn4cir.storage.file_stamp`).
+        None where there is no file (an in-memory dataset): hash the bytes instead."""
         stat_cache: dict[str, str | None] = {}
 
         def stat(path: str) -> str | None:
             if path not in stat_cache:
                 try:
-                    stat_cache[path] = ":".join(map(str, [path, *file_stat(path)]))
+                    stat_cache[path] = file_stamp(path)
                 except OSError:
                     stat_cache[path] = None
             return stat_cache[path]
 
         out = []
         for image_id in image_ids:
-            ci, row = self._where[image_id]
+            ci, row = self._locate(image_id)
             paths, embedded, rows, files = self._layout(ci)
             if paths is None:
                 out.append(None)
@@ -121,6 +139,15 @@ class ImageStore:
             except (AttributeError, KeyError, TypeError, ValueError):  # not an Image column of (bytes, path)
                 self._layouts[ci] = (None, None, None, None)
         return self._layouts[ci]
+
+
+def _describe(corpus) -> str:
+    """A corpus in an error message: its rows, and the file or split it was loaded from where known."""
+    files = [f["filename"] for f in getattr(corpus, "cache_files", None) or []]
+    split = getattr(corpus, "split", None)
+    origin = f" from {files[0]}" + (f" (+{len(files) - 1} files)" if len(files) > 1 else "") if files else ""
+    rows = f"{len(corpus)} row{'s' if len(corpus) != 1 else ''}"
+    return f"{rows}{f' of split {split}' if split else ''}{origin}"
 
 
 class _ProcessedImages(torch.utils.data.Dataset):
@@ -182,4 +209,4 @@ def encode_images(
     return stacked[0] if single else stacked
 
 
-__all__ = ["ImageStore", "encode_images"]
+__all__ = ["ImageStore", "UnknownImageError", "encode_images"]

@@ -3,12 +3,14 @@ dataset directory / Hub id in the project schema."""
 
 from __future__ import annotations
 
-import hashlib
+import itertools
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
+
+from modeling_spn4cir.storage import OutputDirError, OutputLockedError, file_stamp, sha256, wait_for_unlock
 
 # The official benchmarks, converted from their layout. Each is scored by the evaluation protocol of its own name, any
 # other dataset by the generic "recall" protocol: names only here (the protocol objects, `trainers.evaluation`, are
@@ -34,14 +36,12 @@ class CIRData:
 
 
 def _tree_fingerprint(root: Path) -> str:
-    """Hash of every file's relative path, size and modification time under `root`: a converted copy is reused
-    only while the official tree is unchanged (images added later, edited annotations -> a new conversion)."""
-    digest = hashlib.sha256(str(root.resolve()).encode())
-    for directory, _, files in sorted(os.walk(root)):
-        for name in sorted(files):
-            stat = (Path(directory) / name).stat()
-            digest.update(f"{Path(directory, name).relative_to(root)}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
-    return digest.hexdigest()[:16]
+    """Hash of every file's relative path and stamp (size, mtime, ctime, inode: `modeling_spn4cir.storage.file_stamp`)
+    under `root`: a converted copy is reused only while the official tree is unchanged (images added later, edited
+    annotations -> a new conversion)."""
+    files = (Path(directory, name) for directory, _, names in sorted(os.walk(root)) for name in sorted(names))
+    stamps = (f"{file_stamp(path, path.relative_to(root).as_posix())}\n".encode() for path in files)
+    return sha256(itertools.chain([str(root.resolve()).encode()], stamps))[:16]
 
 
 def _converted_dir(name: str, data_dir: str, cache_dir: str | None) -> Path:
@@ -52,8 +52,6 @@ def _converted_dir(name: str, data_dir: str, cache_dir: str | None) -> Path:
     root = Path(cache_dir or os.environ.get("SPN4CIR_CACHE", Path.home() / ".cache" / "spn4cir"))
     out = root / f"{name}-{key}"
     if not (out / "README.md").exists():
-        from modeling_spn4cir.atomic import OutputDirError, OutputLockedError, wait_for_unlock
-
         from . import circo, cirr, fashioniq
 
         builder = {"fashioniq": fashioniq.build_fashioniq, "cirr": cirr.build_cirr, "circo": circo.build_circo}[name]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from modeling_spn4cir.atomic import MARKER
+from modeling_spn4cir.storage import MARKER
 
 LICENSE_NOTE = (
     "\n## License\n\nThe annotations keep their original licenses (see above); the images belong to their "

@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 from datasets_scripts.gallery_index import CIRIndex
-from modeling_spn4cir.atomic import atomic_write_bytes, atomic_write_json
 from modeling_spn4cir.loading import load_cir_model_and_processor
+from modeling_spn4cir.storage import atomic_write_bytes, atomic_write_json
 
 
 def load_model(name_or_path: str, device: str | None = None):

@@ -34,8 +34,8 @@ from datasets_scripts.common import TRIPLET_FEATURES
 from datasets_scripts.dedup import dedup_map_for
 from datasets_scripts.image_store import ImageStore
 from datasets_scripts.load import load_cir_data
-from modeling_spn4cir.atomic import atomic_write_json
 from modeling_spn4cir.loading import load_cir_model_and_processor
+from modeling_spn4cir.storage import atomic_write_json
 from trainers.candidate_bank import bank_image_ids
 from trainers.cir_trainer import CIRTrainer, CIRTrainingArguments
 from trainers.evaluation import PROTOCOLS, CIREvaluator, get_protocol
@@ -72,7 +72,7 @@ class DataArguments:
                 "authors' code keeps the reference (circo); CIRR and recall always remove it"})
     dedup: bool = field(default=True, metadata={
         "help": "stage 2: map identical training images to one id so the bank holds each picture once (the "
-                "original's optimized_images.json); pixel hashes cached in dedup_hashes.<split>.json next to the "
+                "original's optimized_images.json); pixel hashes cached in dedup_hashes.<split>/ next to the "
                 "converted dataset. --no_dedup turns it off"})
     dedup_map: str | None = field(default=None, metadata={"help": "JSON {duplicate id: canonical id} to use instead"})
     max_train_samples: int | None = None
@@ -171,7 +171,7 @@ def main(argv=None):
         dedup_map = json.loads(Path(data_args.dedup_map).read_text())
     elif train is not None and args.stage == "candidate_bank" and data_args.dedup:
         local = data.path and Path(data.path).is_dir()
-        cache = (Path(data.path) if local else Path(args.output_dir)) / f"dedup_hashes.{data_args.train_split}.json"
+        cache = (Path(data.path) if local else Path(args.output_dir)) / f"dedup_hashes.{data_args.train_split}"
         dedup_map = dedup_map_for(ImageStore(*corpora), bank_image_ids([train]), cache,
                                   show_progress_bar=not args.disable_tqdm)
         print(f"de-duplication: {len(dedup_map)} training images are copies of another ({cache})")

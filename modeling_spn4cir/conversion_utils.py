@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .atomic import atomic_directory
+from .storage import atomic_directory
 
 logger = logging.getLogger(__name__)
 _ALLOW_NONFINITE = contextvars.ContextVar("allow_nonfinite_weights", default=False)
@@ -103,7 +103,7 @@ def write_converted(model, processor, model_card: str, output_dir: str | os.Path
     `output_dir`, which appears complete or not at all; optionally push all three to the Hub repo `push_to_hub`.
 
     `output_dir` must be new, empty, or (with `overwrite`, `--overwrite_output_dir`) a previous converter output,
-    and must not be or contain any of `protect` (the checkpoint files); see `atomic.atomic_directory`."""
+    and must not be or contain any of `protect` (the checkpoint files); see `storage.atomic_directory`."""
     output_dir = Path(output_dir)
     with atomic_directory(output_dir, tool=CONVERTER_TOOL, overwrite=overwrite, protect=protect) as staging:
         model.save_pretrained(staging)

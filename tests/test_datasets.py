@@ -20,7 +20,7 @@ from datasets_scripts.dedup import canonical_map, find_duplicate_groups, pixel_h
 from datasets_scripts.dedup import main as dedup_main
 from datasets_scripts.fashioniq import build_fashioniq
 from datasets_scripts.publish import check_layout, push_cir_dataset
-from modeling_spn4cir.atomic import MARKER
+from modeling_spn4cir.storage import MARKER
 
 REAL = json.loads((FIXTURES / "annotations" / "real_records.json").read_text())
 

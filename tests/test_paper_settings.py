@@ -264,7 +264,7 @@ def test_clip4cir_config_runs_on_a_tiny_benchmark(name, fiq_root, cirr_root, tin
         bank = json.loads((tmp_path / "bank" / "bank.json").read_text())
         # the bank holds each picture once: FashionIQ's D3 is a copy of D1
         assert set(bank["image_ids"]) == used - {"D3"} and (not fiq or {"D1", "D3"} <= used)
-        assert (Path(data.path) / "dedup_hashes.train.json").exists()
+        assert (Path(data.path) / "dedup_hashes.train" / "hashes.json").exists()  # the hash cache, complete
 
 
 # ------------------------------------------------------------------------------ de-duplication
@@ -276,9 +276,10 @@ def test_dedup_map_is_cached_and_follows_changes(tmp_path):
     corpus = datasets.Dataset.from_dict({"image_id": ["a", "b", "c", "d"], "image": images},
                                         features=datasets.Features({"image_id": datasets.Value("string"),
                                                                     "image": datasets.Image()}))
-    cache = tmp_path / "hashes.json"
+    cache = tmp_path / "hashes"
     assert dedup_map_for(ImageStore(corpus), ["b", "c", "a", "d"], cache, show_progress_bar=False) == {"a": "c"}
-    assert set(json.loads(cache.read_text())) == {"a", "b", "c", "d"}
+    assert {json.loads(line)["image_id"] for shard in cache.glob("hashes-*.jsonl")
+            for line in shard.read_text().splitlines()} == {"a", "b", "c", "d"}
     # a changed image is re-hashed (its stored bytes differ from the cached entry)
     changed = corpus.map(lambda r: {"image": Image.fromarray(np.full((8, 8, 3), 20, dtype=np.uint8))
                                     if r["image_id"] == "d" else r["image"]})

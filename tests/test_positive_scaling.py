@@ -243,7 +243,8 @@ def test_resume_after_interrupted_caption_run(tmp_path):
     flaky = FlakyCaptioner(base, fail_on=3)
     with pytest.raises(RuntimeError, match="killed"):
         caption_corpus(corpus, flaky, tmp_path / "cache", shard_size=4, batch_size=2, show_progress_bar=False)
-    assert sorted(p.name for p in (tmp_path / "cache").glob("captions-*")) == ["captions-00000.jsonl"]
+    assert sorted(p.name for p in (tmp_path / "cache").glob("captions-*")) == ["captions-00000.json",
+                                                                             "captions-00000.jsonl"]  # + manifest
     resumed = FlakyCaptioner(base)
     out_resumed = generate_scaled_triplets(corpus, resumed, tmp_path / "resumed", encoder=ColourEncoder(),
                                            rank_window=(4, 8), dataset="cirr", caption_cache_dir=tmp_path / "cache",

@@ -21,7 +21,7 @@ from datasets_scripts.common import AnnotationError, BadImageError
 from datasets_scripts.custom import build_custom
 from datasets_scripts.custom import main as custom_main
 from datasets_scripts.fashioniq import build_fashioniq
-from modeling_spn4cir.atomic import (
+from modeling_spn4cir.storage import (
     MARKER,
     OutputDirError,
     OutputLockedError,

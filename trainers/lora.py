@@ -29,8 +29,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from modeling_spn4cir.atomic import atomic_write_json
 from modeling_spn4cir.loading import LORA_METADATA, load_cir_model_and_processor
+from modeling_spn4cir.storage import atomic_write_json
 
 VOCABULARY_ROWS = 1024  # an nn.Embedding this large is a token table, never a "small head"
 

@@ -40,7 +40,7 @@ from datasets_scripts.paper_triplets import (
     parse_extend_name,
     read_dedup_map,
 )
-from modeling_spn4cir.atomic import OutputDirError, atomic_write_bytes, atomic_write_json, file_sha256
+from modeling_spn4cir.storage import OutputDirError, atomic_write_bytes, atomic_write_json, file_sha256
 from modeling_spn4cir.convert_original_checkpoint import FAMILIES, family_from_checkpoint
 
 from .evaluation import CIREvaluator

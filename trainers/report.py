@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from modeling_spn4cir.atomic import atomic_write_bytes
 from modeling_spn4cir.ranking import rank_topk
+from modeling_spn4cir.storage import atomic_write_bytes
 
 HTML_FILE = "retrieval_report.html"
 SHEET_FILE = "retrieval_report.png"

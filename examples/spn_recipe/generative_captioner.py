@@ -201,7 +201,7 @@ def train_generative_captioner(pretrain, output_dir: str | Path, cfg: CaptionerC
                "parameters": sum(p.numel() for p in model.parameters()), "final_loss": losses[-1],
                "train_seconds": round(trained, 1), "seconds": round(time.perf_counter() - start, 1),
                "examples": [{"caption": c, "truth": t} for c, t in zip(predicted[:3], heldout["caption"][:3])]}
-    from modeling_spn4cir.atomic import atomic_write_json
+    from modeling_spn4cir.storage import atomic_write_json
 
     atomic_write_json(stamp, {"manifest": manifest, "summary": summary}, indent=1)
     return summary
@@ -243,7 +243,7 @@ def main(argv=None):
         print(f"{name}: held-out exact {q['phrase_precision']:.1f}%, colour+shape {q['colour_shape_precision']:.1f}%,"
               f" recall {q['object_recall']:.1f}%, {summary['parameters'] / 1e6:.2f}M parameters, "
               f"{summary['seconds']:.0f} s", flush=True)
-    from modeling_spn4cir.atomic import atomic_write_json
+    from modeling_spn4cir.storage import atomic_write_json
 
     atomic_write_json(Path(args.output_dir) / "selection.json", rows, indent=2)
 

@@ -49,7 +49,7 @@ from modeling_spn4cir import (
     CLIP4CIRModel,
     CLIP4CIRProcessor,
 )
-from modeling_spn4cir.atomic import atomic_write_json
+from modeling_spn4cir.storage import atomic_write_json
 from modeling_spn4cir.loading import load_cir_model_and_processor
 from trainers.cir_trainer import CIRTrainer, CIRTrainingArguments
 from trainers.evaluation import PROTOCOLS, CIREvaluator

@@ -9,6 +9,7 @@ import torch
 from tqdm.auto import tqdm
 
 from datasets_scripts.image_store import ImageStore, encode_images
+from modeling_spn4cir.storage import same_target_side
 
 from ..text import compose_text, describe_triplet, tokenize
 from .protocols import EncodedSplit, Protocol, get_protocol, protocol_for
@@ -99,8 +100,6 @@ class CIREvaluator:
 
     def _bank_rows(self, model, gallery_ids: list[str]) -> list[int | None]:
         """The bank row holding each gallery image (matched by the sha256 of its bytes), or None."""
-        from ..candidate_bank import processor_fingerprint, tower_fingerprint
-
         bank = self.bank
         none = [None] * len(gallery_ids)
         if bank is None or bank.image_digests is None:
@@ -111,11 +110,10 @@ class CIREvaluator:
                         fingerprint.get("dtype"))
             return none
         try:
-            towers = tower_fingerprint(model)
+            same = same_target_side(fingerprint, model, self.image_processor)
         except AttributeError:  # not a CIR model with a target side
             return none
-        if towers != fingerprint.get("frozen_tower_weights") or (
-                processor_fingerprint(self.image_processor) != fingerprint.get("image_processor")):
+        if not same:
             logger.info("Evaluation encodes the whole gallery: the model's target side or the image processor is "
                         "not the candidate bank's.")
             return none

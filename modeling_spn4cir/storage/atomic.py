@@ -54,25 +54,6 @@ def _create(parent: Path, prefix: str, suffix: str, make) -> Path:
 
 
 # ------------------------------------------------------------------------------------------------ files
-def file_stat(path: str | os.PathLike) -> list[int]:
-    """What changes whenever a file is rewritten, copied over or replaced: size, mtime, ctime and inode (ctime and
-    inode cannot be set back, unlike mtime). Read from metadata only; the identity behind the cheap stamps of the
-    candidate bank, the image store and the caption cache."""
-    st = os.stat(path)
-    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
-
-
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 24) -> str:
-    """sha256 (hex) of a file's bytes, read in chunks (bank shards and checkpoints can be gigabytes)."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
