@@ -216,27 +216,13 @@ def describe_scaling(captioned_by: str, rank_window: tuple[int, int] | None, k: 
     return (f"captions by `{captioned_by}`,\n{pairing}, k={k}, seed={seed}, templates {list(templates)}{subset}")
 
 
-def scale_positives(
-    corpus,
-    captions: dict[str, str],
-    output_dir: str | Path,
-    encoder=None,
-    dataset: str | None = None,
-    reference_ids: Sequence[str] | None = None,
-    rank_window: tuple[int, int] | None = (10000, 20000),
-    k: int = 1,
-    templates: Sequence[int | str] | None = None,
-    seed: int = 42,
-    num_triplets: int | None = None,
-    tokenizer=None,
-    max_length: int | None = 77,
-    batch_size: int = 32,
-    backend: str = "torch",
-    show_progress_bar: bool = True,
-    overwrite: bool = False,
-    protect: Iterable[str | Path | None] = (),
-    captioned_by: str = "a captioner",
-) -> ScaledTriplets:
+def scale_positives(corpus, captions: dict[str, str], output_dir: str | Path, encoder=None, dataset: str | None = None,
+                    reference_ids: Sequence[str] | None = None,
+                    rank_window: tuple[int, int] | None = (10000, 20000), k: int = 1,
+                    templates: Sequence[int | str] | None = None, seed: int = 42, num_triplets: int | None = None,
+                    tokenizer=None, max_length: int | None = 77, batch_size: int = 32, backend: str = "torch",
+                    show_progress_bar: bool = True, overwrite: bool = False,
+                    protect: Iterable[str | Path | None] = (), captioned_by: str = "a captioner") -> ScaledTriplets:
     """Pair -> compose -> write, on `captions` (`{image_id: caption}`, e.g. from `caption_images`) of images of
     `corpus`; images without a caption are left out of pairing. The arguments are `generate_scaled_triplets`'s;
     `captioned_by` names the captioner on the dataset card, `protect` the inputs `output_dir` must not hold."""
