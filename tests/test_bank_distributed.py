@@ -1,10 +1,8 @@
 """Two gloo processes: the sharded full-bank loss equals the one-process loss and gradients, and a bank built
 over both ranks equals one built by one process."""
 
-import sys
-from pathlib import Path
-
 import datasets
+import ddp_bank
 import pytest
 import torch
 from conftest import run_two_processes, solid_images, tiny_model
@@ -13,9 +11,6 @@ from datasets_scripts.image_store import ImageStore
 from modeling_spn4cir import CLIP4CIRImageProcessor
 from trainers.candidate_bank import load_or_build_candidate_bank
 from trainers.losses import CandidateBankLoss
-
-sys.path.insert(0, str(Path(__file__).parent / "scripts"))
-import ddp_bank  # noqa: E402
 
 
 @pytest.mark.slow
