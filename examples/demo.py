@@ -19,7 +19,7 @@ from retrieve import build_pipeline, load_model
 
 from datasets_scripts.gallery_index import CIRIndex
 
-# The built-in recipe's result rows and the directories of their models (examples/spn_recipe/recipe.py).
+# The built-in recipe's result rows and the directories of their models (examples/spn_recipe/config.py, MODEL_DIRS).
 RECIPE_MODELS = {"stage 1": "stage1", "+N": "stage2_N", "+P": "stage1_P", "+P+N": "stage2_PN"}
 
 

@@ -133,7 +133,7 @@ def main(argv=None):
         caption_cache_dir=args.caption_cache_dir, batch_size=args.batch_size, backend=args.backend,
         overwrite=args.overwrite_output_dir, skip_empty_captions=args.skip_empty_captions,
     )
-    print(f"wrote {out}")
+    print(f"wrote {out.path}")
 
 
 if __name__ == "__main__":

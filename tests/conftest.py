@@ -15,10 +15,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 FIXTURES = Path(__file__).parent / "fixtures"
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-# The example scripts and the synthetic recipe (example code, not a package) import as the scripts do.
-if str(EXAMPLES) not in sys.path:
-    sys.path.insert(0, str(EXAMPLES))
 
 TINY_TEXT = dict(
     vocab_size=99,
@@ -125,15 +121,17 @@ WATCHDOG_HEADER = "Timeout ("  # what faulthandler.dump_traceback_later prints f
 
 def run_two_processes(script_name: str, *args, attempts: int = 2) -> None:
     """Run `tests/scripts/<script_name> *args` under `torchrun --nproc_per_node 2` (gloo), with the repository root
-    on PYTHONPATH so the children import this checkout whatever is installed; fail with their output.
+    on PYTHONPATH so the children import this checkout whatever is installed, and `tests/` so that they import its
+    helpers (`conftest`, `test_losses`) as the tests do; fail with their output.
 
     The rendezvous is static on 127.0.0.1 and gloo uses the loopback interface: `--standalone` resolves the
     host's name (`getfqdn`), and one CI run hung there for 300 s with no output from the children. A hang (the
     children's watchdog fired, or the launcher's timeout) is retried once with a warning that carries the
     children's stacks; a wrong result or a crash fails at once, never retried."""
     script = Path(__file__).parent / "scripts" / script_name
-    root = str(Path(__file__).resolve().parents[1])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])),
+    tests = Path(__file__).resolve().parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(tests.parent), str(tests),
+                                                                     os.environ.get("PYTHONPATH")])),
            "SPN4CIR_TEST_WATCHDOG_S": "150"}
     if "lo" in {name for _, name in socket.if_nameindex()}:
         env["GLOO_SOCKET_IFNAME"] = "lo"

@@ -7,12 +7,11 @@ import json
 import logging
 import os
 import pickle
-import sys
-from pathlib import Path
 
 import datasets
 import pytest
 import torch
+import ddp_bank
 from conftest import run_two_processes, solid_images, tiny_model
 from multivector_family import MultiVectorConfig, MultiVectorModel
 from safetensors.torch import load_file
@@ -32,8 +31,6 @@ from trainers.cir_trainer import CIRTrainer, CIRTrainingArguments, candidate_ban
 from trainers.evaluation import CIREvaluator
 from trainers.losses import CandidateBankLoss, ShardedCandidateBankLoss
 
-sys.path.insert(0, str(Path(__file__).parent / "scripts"))
-import ddp_bank  # noqa: E402
 
 N_FILES = 6  # images of the file-backed corpus; shard_size 2 -> 3 shards
 

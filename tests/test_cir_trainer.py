@@ -1,20 +1,17 @@
 """CIRTrainer: stage-2 isolation (frozen tower, no image processing, optimizer scope), resume, run_cir.py."""
 
 import json
-import sys
 from pathlib import Path
 
 import datasets
 import pytest
+import run_cir
 import torch
 from safetensors.torch import load_file
 
 from modeling_spn4cir.loading import load_cir_model_and_processor
 from trainers.cir_trainer import CIRTrainer, CIRTrainingArguments
 from trainers.evaluation import CIREvaluator
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-import run_cir  # noqa: E402
 
 
 def _args(tmp_path, stage, **kw):

@@ -8,7 +8,6 @@ import copy
 import logging
 
 import datasets
-import pytest
 import torch
 from conftest import solid_images, tiny_model, tiny_tokenizer
 

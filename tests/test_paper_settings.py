@@ -233,7 +233,7 @@ def _scaled(dataset, split_dir, out):
     corpus = datasets.load_dataset(str(split_dir), "corpus", split="train")
     ids = list(dict.fromkeys(corpus["image_id"]))
     return generate_scaled_triplets(corpus, ColumnCaptioner(mapping={i: "a red thing" for i in ids}), out,
-                                    rank_window=None, dataset=dataset, show_progress_bar=False)
+                                    rank_window=None, dataset=dataset, show_progress_bar=False).path
 
 
 @pytest.mark.parametrize("name", [p.name for p in CONFIGS if p.name.startswith("clip4cir")])

@@ -248,11 +248,11 @@ def test_resume_after_interrupted_caption_run(tmp_path):
     resumed = FlakyCaptioner(base)
     out_resumed = generate_scaled_triplets(corpus, resumed, tmp_path / "resumed", encoder=ColourEncoder(),
                                            rank_window=(4, 8), dataset="cirr", caption_cache_dir=tmp_path / "cache",
-                                           shard_size=4, batch_size=2, show_progress_bar=False)
+                                           shard_size=4, batch_size=2, show_progress_bar=False).path
     assert resumed.calls == 4  # shards 1 and 2 only (2 batches each)
     clean = generate_scaled_triplets(corpus, FlakyCaptioner(base), tmp_path / "clean", encoder=ColourEncoder(),
                                      rank_window=(4, 8), dataset="cirr", shard_size=4, batch_size=2,
-                                     show_progress_bar=False)
+                                     show_progress_bar=False).path
     a = datasets.load_dataset(str(out_resumed), "triplets", split="train").to_list()
     b = datasets.load_dataset(str(clean), "triplets", split="train").to_list()
     assert a == b and len(a) == 12
@@ -263,9 +263,10 @@ def test_resume_after_interrupted_caption_run(tmp_path):
 def test_scaled_triplets_dataset(tmp_path):
     corpus = _corpus(12)
     captioner = RetrievalCaptioner(ColourEncoder(), ["a green thing", "a red thing", "a blue thing"])
-    out = generate_scaled_triplets(corpus, captioner, tmp_path / "scaled", encoder=ColourEncoder(),
-                                   reference_ids=["g00", "g01"], rank_window=(2, 6), k=2, dataset="cirr",
-                                   show_progress_bar=False)
+    scaled = generate_scaled_triplets(corpus, captioner, tmp_path / "scaled", encoder=ColourEncoder(),
+                                      reference_ids=["g00", "g01"], rank_window=(2, 6), k=2, dataset="cirr",
+                                      show_progress_bar=False)
+    out = scaled.path
     triplets = datasets.load_dataset(str(out), "triplets", split="train")
     assert len(triplets) == 4 and set(triplets["reference_id"]) == {"g00", "g01"}
     row = triplets[0]
@@ -275,6 +276,9 @@ def test_scaled_triplets_dataset(tmp_path):
     assert all(2 <= r < 6 for r in triplets["pair_rank"])
     corpus_out = datasets.load_dataset(str(out), "corpus", split="train")
     assert set(corpus_out["image_id"]) == set(triplets["reference_id"]) | set(triplets["target_id"])
+    # what it returns is what it wrote: the triplets, and the captions of the images they use, in corpus order
+    assert scaled.triplets == triplets.to_list()
+    assert list(scaled.captions.items()) == list(zip(corpus_out["image_id"], corpus_out["caption"]))
     first = corpus_out[0]
     assert first["caption"] and np.array_equal(np.asarray(first["image"]),
                                                np.asarray(corpus[int(first["image_id"][1:])]["image"]))

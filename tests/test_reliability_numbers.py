@@ -163,7 +163,7 @@ def test_positive_scaling_refuses_empty_captions_and_k0_and_never_reuses_stale_c
     with pytest.raises(ValueError, match=r"empty caption for 1 of 12 images \(first: \['g03'\]\).*skip_empty_captions"):
         generate_scaled_triplets(corpus, ColumnCaptioner(mapping=mapping), tmp_path / "refused", **common)
     out = generate_scaled_triplets(corpus, ColumnCaptioner(mapping=mapping), tmp_path / "skipped",
-                                   skip_empty_captions=True, **common)
+                                   skip_empty_captions=True, **common).path
     triplets = datasets.load_dataset(str(out), "triplets", split="train").to_list()
     assert len(triplets) == 11 and all("g03" not in (t["reference_id"], t["target_id"]) for t in triplets)
     assert all(t.count("caption of g") == 2 for row in triplets for t in row["modification_texts"])  # both captions

@@ -8,7 +8,10 @@ import torch
 from safetensors.torch import load_file
 from spn_recipe import ROWS, RecipeConfig, run_default_recipe
 from spn_recipe.generative_captioner import caption_phrases, caption_precision
-from spn_recipe.recipe import aggregate_seeds, format_table, run_caption_noise_study, run_text_form_probe
+from spn_recipe.noise_study import run_caption_noise_study
+from spn_recipe.report import format_table
+from spn_recipe.seeds import aggregate_seeds
+from spn_recipe.text_form_probe import run_text_form_probe
 
 from datasets_scripts.synthetic import MODIFICATIONS, build_synthetic, phrase_vocabulary, scene_captions
 

@@ -26,6 +26,7 @@ import torch
 from datasets_scripts.captioners import IMAGE_PROMPT, ORIGINAL_PROMPT_PREFIX, MLLMCaptioner
 
 from .minibatch import train_minibatches
+from .stamps import store_summary, stored_summary
 
 # The chat template of the stand-in ("user: <image> ... assistant: "), in the form real LLaVA processors ship.
 CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {% for c in m['content'] %}{% if c['type'] == 'image' %}"
@@ -181,8 +182,9 @@ def train_generative_captioner(pretrain, output_dir: str | Path, cfg: CaptionerC
     manifest = {"config": asdict(cfg), "seed": seed, "images": len(pretrain),
                 "first_ids": pretrain["image_id"][:3], "last_ids": pretrain["image_id"][-3:]}
     stamp = output_dir / "captioner_manifest.json"
-    if stamp.exists() and json.loads(stamp.read_text())["manifest"] == manifest:
-        return json.loads(stamp.read_text())["summary"]
+    done = stored_summary(stamp, manifest)
+    if done is not None:
+        return done
     start = time.perf_counter()
     train_rows = pretrain.select(range(n_train))
     captions = list(train_rows["caption"])
@@ -201,9 +203,7 @@ def train_generative_captioner(pretrain, output_dir: str | Path, cfg: CaptionerC
                "parameters": sum(p.numel() for p in model.parameters()), "final_loss": losses[-1],
                "train_seconds": round(trained, 1), "seconds": round(time.perf_counter() - start, 1),
                "examples": [{"caption": c, "truth": t} for c, t in zip(predicted[:3], heldout["caption"][:3])]}
-    from modeling_spn4cir.storage import atomic_write_json
-
-    atomic_write_json(stamp, {"manifest": manifest, "summary": summary}, indent=1)
+    store_summary(stamp, manifest, summary)
     return summary
 
 

@@ -4,15 +4,13 @@ of a small query model, for an even (4 + 4) and an uneven (3 + 5) split of an 8-
 (2) the candidate bank built over both ranks, stored in BANK_DIR and in memory. Rank 0 saves everything to OUT."""
 
 import sys
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _dist import init_gloo  # noqa: E402  (this folder: the script's own)
-from conftest import solid_images, tiny_model  # noqa: E402
+from _dist import init_gloo  # this folder: the script's own
+from conftest import solid_images, tiny_model
 
 
 class Query(torch.nn.Module):

@@ -2,16 +2,14 @@
 saves the parameter gradients of stage 1 (in-batch loss) and stage 2 (candidate-bank loss) to argv[1]."""
 
 import sys
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _dist import init_gloo  # noqa: E402  (this folder: the script's own)
-from conftest import tiny_model  # noqa: E402
-from test_losses import global_batch, stage_loss  # noqa: E402
+from _dist import init_gloo  # this folder: the script's own
+from conftest import tiny_model
+from test_losses import global_batch, stage_loss
 
 
 def main(out):

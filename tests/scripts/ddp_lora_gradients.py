@@ -2,16 +2,14 @@
 split 4 + 4 across 2 gloo ranks; rank 0 saves the gradients of the trainable (adapter) parameters to argv[1]."""
 
 import sys
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _dist import init_gloo  # noqa: E402  (this folder: the script's own)
-from test_lora import lora_model  # noqa: E402
-from test_losses import global_batch, stage_loss  # noqa: E402
+from _dist import init_gloo  # this folder: the script's own
+from test_lora import lora_model
+from test_losses import global_batch, stage_loss
 
 
 def main(out):

@@ -8,8 +8,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _dist import init_gloo  # noqa: E402  (this folder: the script's own)
+from _dist import init_gloo  # this folder: the script's own
 
 
 def main(model_dir, data_dir, out):

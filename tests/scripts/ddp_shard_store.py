@@ -8,8 +8,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _dist import init_gloo  # noqa: E402  (this folder: the script's own)
+from _dist import init_gloo
 
 ROWS = [f"r{i}" for i in range(10)]
 
