@@ -32,13 +32,13 @@ from pathlib import Path
 
 import datasets
 
+from modeling_spn4cir.families import family_of_release_folder
+
 from .common import AnnotationError, SplitData, counts_table, read_json, require, write_cir_dataset
 from .image_store import ImageStore
 
 DATASETS = ("fashioniq", "cirr")
 SHORT_NAME = {"fashioniq": "fiq", "cirr": "cirr"}
-# The backbone folders of the SPN4CIR repo and the project family each one trains.
-BACKBONE_FAMILY = {"clip": "clip4cir", "tgcir": "tgcir", "blip": "blip4cir", "blip2": "sprc"}
 # Under --llmcap these backbones read the plain extend file (its `llm_caption` field), the others the `_llm` file.
 LLM_IN_PLAIN_FILE = ("blip", "blip2")
 
@@ -63,6 +63,12 @@ class ExtendFile:
     dataset: str
     backbone: str
     llm_file: bool
+
+    @property
+    def family(self) -> str | None:
+        """The family the backbone folder trains (the one whose spec names it as its release folder), or None."""
+        spec = family_of_release_folder(self.backbone)
+        return spec.name if spec is not None else None
 
     def variants(self) -> list[bool]:
         """The `llm` flags under which the original reads this file: the plain file without `--llmcap` (and,
@@ -133,7 +139,7 @@ def read_extend_triplets(extend: ExtendFile, llm: bool = False, corpus_ids=None)
             "modification_texts": _texts(record, extend, llm, index),
             "source": "generated",
             "backbone": extend.backbone,
-            "family": BACKBONE_FAMILY.get(extend.backbone),
+            "family": extend.family,
             "llm": llm,
             "reference_caption": record.get("caption1"),
             "target_caption": record.get("caption2"),
@@ -170,7 +176,7 @@ def convert_extend_file(extend: ExtendFile | str | Path, output_dir: str | Path,
         corpus_rows.append({"image_id": image_id, "image_bytes": data, "image_name": name and Path(name).name,
                             "category": category.get(image_id)})
     split = {"train": SplitData(corpus=corpus_rows, triplets=triplets)}
-    family = BACKBONE_FAMILY.get(extend.backbone, "an unknown backbone folder")
+    family = extend.family or "an unknown backbone folder"
     texts = ("`[llm_caption]`" if extend.dataset == "fashioniq" or extend.backbone not in LLM_IN_PLAIN_FILE
              else "`[llm_caption, caption[1]]`") if llm else "the file's template texts"
     card = f"""# SPN4CIR generated triplets: {extend.dataset}, `{extend.backbone}`{' (LLM texts)' if llm else ''}

@@ -7,7 +7,7 @@
         --push_to_hub --namespace <user>    # publishes spn4cir-clip4cir-fiq, spn4cir-fiq-scaled-triplets-clip, ...
 
 Writes `models/`, `datasets/`, `dedup_maps/` and `conversion_report.json` (every file of the release: what it
-became, or why not). See `trainers/paper_zoo.py`.
+became, or why not). See `trainers/zoo/`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 
 from transformers import HfArgumentParser
 
-from trainers.paper_zoo import SOURCE_REPO, benchmark_dirs, build_zoo, push_zoo, snapshot
+from modeling_spn4cir.families import FAMILIES
+from trainers.zoo import SOURCE_REPO, benchmark_dirs, build_zoo, push_zoo, snapshot
 
 
 @dataclass
@@ -48,8 +49,7 @@ def main(argv=None):
     for item in args.tokenizer:
         family, sep, name = item.partition("=")
         if not sep:
-            raise SystemExit(f"--tokenizer {item!r}: expected FAMILY=NAME_OR_PATH (FAMILY: clip4cir, tgcir, "
-                             "blip4cir, sprc).")
+            raise SystemExit(f"--tokenizer {item!r}: expected FAMILY=NAME_OR_PATH (FAMILY: {', '.join(FAMILIES)}).")
         tokenizers[family] = None if name.lower() == "none" else name
     fashioniq_dir, cirr_dir = benchmark_dirs(args.data_dir, args.fashioniq_dir, args.cirr_dir)
     source = snapshot(args.repo_id, args.local_dir, args.revision)

@@ -34,6 +34,7 @@ from datasets_scripts.common import TRIPLET_FEATURES
 from datasets_scripts.dedup import dedup_map_for
 from datasets_scripts.image_store import ImageStore
 from datasets_scripts.load import load_cir_data
+from modeling_spn4cir.families import FAMILIES, base_families_help
 from modeling_spn4cir.loading import load_cir_model_and_processor
 from modeling_spn4cir.storage import atomic_write_json
 from trainers.candidate_bank import bank_image_ids
@@ -51,8 +52,8 @@ class ModelArguments:
     model_name_or_path: str | None = field(default=None, metadata={
         "help": "a CIR checkpoint of any family, or a base checkpoint to start stage 1 from (CLIP, BLIP, BLIP-2)"})
     model_type: str | None = field(default=None, metadata={
-        "help": "family to build on a base checkpoint: clip4cir (default for CLIP) or tgcir; blip4cir (BLIP); "
-                "sprc (BLIP-2)"})
+        "help": f"family to build on a base checkpoint, by its model_type ({base_families_help()})",
+        "choices": list(FAMILIES)})
     fusion: str = field(default="sum", metadata={"help": "sum or combiner (when wrapping a CLIP)"})
     bidirectional: bool = field(default=False, metadata={
         "help": "BLIP4CIR stage 1: add Bi-BLIP4CIR's reversed-query objective (+Bi, weight 0.4)"})

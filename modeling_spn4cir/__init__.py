@@ -1,14 +1,19 @@
-"""spn4cir model families, one folder each. Importing this package registers them with the transformers Auto
-classes; saved directories carry their code (`auto_map`), so they also load with `trust_remote_code=True`
-without this package."""
+"""spn4cir model families, one folder each. Importing this package registers them (one line per family, below)
+with the family registry (`families`) and the transformers Auto classes; saved directories carry their code
+(`auto_map`), so they also load with `trust_remote_code=True` without this package."""
 
-from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoProcessor
-
+from . import blip4cir, clip4cir, sprc, tgcir
 from .blip4cir import BLIP4CIRConfig, BLIP4CIRModel, BLIP4CIROutput, BLIP4CIRPreTrainedModel, BLIP4CIRProcessor
-from .cir_contract import CIRModelMixin, CIRModelOutput, dot_similarity, max_token_similarity
+from .cir_contract import (
+    CIRModelMixin,
+    CIRModelOutput,
+    CLIP4CIRImageProcessor,
+    dot_similarity,
+    is_cir_model,
+    max_token_similarity,
+)
 from .clip4cir import (
     CLIP4CIRConfig,
-    CLIP4CIRImageProcessor,
     CLIP4CIRModel,
     CLIP4CIROutput,
     CLIP4CIRPreTrainedModel,
@@ -16,39 +21,23 @@ from .clip4cir import (
     CLIP4CIRResNetConfig,
     Combiner,
 )
+from .families import FamilySpec, register_family
 from .pipeline_cir import ComposedImageRetrievalPipeline  # registers the "composed-image-retrieval" task
 from .sprc import SPRCConfig, SPRCModel, SPRCOutput, SPRCPreTrainedModel, SPRCProcessor
 from .tgcir import TGCIRConfig, TGCIRModel, TGCIROutput, TGCIRPreTrainedModel, TGCIRProcessor
 
-
-def register_family(config_class, model_class, processor_class=None, image_processor_class=None, sub_configs=()):
-    """Register one family with the Auto classes and for `trust_remote_code` saving."""
-    AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
-    for sub_config in sub_configs:
-        AutoConfig.register(sub_config.model_type, sub_config, exist_ok=True)
-    AutoModel.register(config_class, model_class, exist_ok=True)
-    config_class.register_for_auto_class()
-    model_class.register_for_auto_class("AutoModel")
-    if image_processor_class is not None:
-        AutoImageProcessor.register(config_class, image_processor_classes={"pil": image_processor_class},
-                                    exist_ok=True)
-        image_processor_class.register_for_auto_class("AutoImageProcessor")
-    if processor_class is not None:
-        AutoProcessor.register(config_class, processor_class, exist_ok=True)
-        processor_class.register_for_auto_class("AutoProcessor")
-
-
-register_family(CLIP4CIRConfig, CLIP4CIRModel, CLIP4CIRProcessor, CLIP4CIRImageProcessor,
-                sub_configs=(CLIP4CIRResNetConfig,))
-# The other families preprocess images like CLIP4Cir (TargetPad / resize, their own mean, std and size).
-register_family(TGCIRConfig, TGCIRModel, TGCIRProcessor, CLIP4CIRImageProcessor)
-register_family(BLIP4CIRConfig, BLIP4CIRModel, BLIP4CIRProcessor, CLIP4CIRImageProcessor)
-register_family(SPRCConfig, SPRCModel, SPRCProcessor, CLIP4CIRImageProcessor)
+register_family(clip4cir.SPEC)
+register_family(tgcir.SPEC)
+register_family(blip4cir.SPEC)
+register_family(sprc.SPEC)
 
 __all__ = [
     "CIRModelMixin",
     "CIRModelOutput",
+    "CLIP4CIRImageProcessor",
+    "FamilySpec",
     "dot_similarity",
+    "is_cir_model",
     "max_token_similarity",
     "register_family",
     "ComposedImageRetrievalPipeline",
@@ -57,7 +46,6 @@ __all__ = [
     "CLIP4CIRModel",
     "CLIP4CIROutput",
     "CLIP4CIRPreTrainedModel",
-    "CLIP4CIRImageProcessor",
     "CLIP4CIRProcessor",
     "Combiner",
     "TGCIRConfig",
@@ -76,4 +64,3 @@ __all__ = [
     "SPRCPreTrainedModel",
     "SPRCProcessor",
 ]
-

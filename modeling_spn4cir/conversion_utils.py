@@ -10,12 +10,14 @@ import contextlib
 import contextvars
 import logging
 import os
-from collections.abc import Mapping
+import re
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
 
 from .storage import atomic_directory
+from .model_cards import USAGE, render_card, table
 
 logger = logging.getLogger(__name__)
 _ALLOW_NONFINITE = contextvars.ContextVar("allow_nonfinite_weights", default=False)
@@ -73,6 +75,23 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     return data
 
 
+def count_blocks(state: Mapping, prefix: str) -> int:
+    """How many numbered blocks `prefix<i>.` the state dict holds (`transformer.resblocks.` -> the layer count)."""
+    pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
+    return len({m.group(1) for k in state if (m := pattern.match(k))})
+
+
+def check_image_size(model, image_size: int | None) -> int:
+    """The checkpoint's input resolution (`model.config.image_size`); `--image_size`, when given, must equal it."""
+    resolution = model.config.image_size
+    if image_size is not None and image_size != resolution:
+        raise ValueError(
+            f"--image_size {image_size} differs from the checkpoint's resolution {resolution} (fixed by its "
+            "position embeddings); drop --image_size or pass the matching value."
+        )
+    return resolution
+
+
 def check_state_dict(converted: Mapping[str, torch.Tensor], model: torch.nn.Module, what: str = "model") -> dict:
     """Every model key present with its shape, no key left over; returns `converted` in the model's dtypes and
     key order. Errors name the keys."""
@@ -95,6 +114,20 @@ def check_state_dict(converted: Mapping[str, torch.Tensor], model: torch.nn.Modu
 
 
 CONVERTER_TOOL = "modeling_spn4cir.convert_original_checkpoint"
+
+
+def conversion_card(title: str, tags: Iterable[str], checkpoint: str | os.PathLike, original,
+                    rows: Iterable[tuple[str, object]], details: str = "", note: str = "") -> str:
+    """The card of a converted checkpoint: what was converted from which original format (`original.source_format`,
+    `original.epoch`), a table of `rows`, how to load it, and `note`."""
+    from huggingface_hub import ModelCardData
+
+    epoch = f" (epoch {original.epoch})" if original.epoch is not None else ""
+    provenance = (f"Converted with `python -m {CONVERTER_TOOL}` from the original `{original.source_format}` "
+                  f"format{epoch}{'; ' + details if details else ''}.")
+    metadata = ModelCardData(library_name="transformers", tags=["composed-image-retrieval", "spn4cir", *tags])
+    return render_card(metadata, f"{title} converted from `{Path(checkpoint).name}`", provenance, table(rows),
+                       USAGE, note)
 
 
 def write_converted(model, processor, model_card: str, output_dir: str | os.PathLike,
@@ -142,6 +175,17 @@ def parse_num_heads(values, towers: tuple[str, ...]) -> dict[str, int]:
             raise ValueError(f"--num_heads {tower}={number}: expected TOWER=N with N a positive integer.")
         heads[tower] = int(number)
     return heads
+
+
+def run_converter(parser, convert, argv=None) -> Path:
+    """A converter's CLI: parse `argv` with `parser` (`converter_parser` + the family's options) and call
+    `convert(checkpoint, output_dir, **every other option)` (NaN/inf weights allowed with
+    `--allow_nonfinite_weights`); prints and returns the output directory."""
+    options = vars(parser.parse_args(argv))
+    with allow_nonfinite_weights(options.pop("allow_nonfinite_weights")):
+        out = convert(options.pop("checkpoint"), options.pop("output_dir"), **options)
+    print(f"wrote {out}")
+    return out
 
 
 def converter_parser(description: str, checkpoint_help: str, tokenizer_help: str, towers: tuple[str, ...] = (),

@@ -1,17 +1,16 @@
-"""Load any CIR model and its processor, or wrap a plain CLIP / BLIP / BLIP-2 checkpoint as a CIR family."""
+"""Load any CIR model and its processor, or wrap a base checkpoint (CLIP, BLIP, BLIP-2, ...) as a CIR family: which
+family starts from which base, and how, is the family's spec (`families.FamilySpec.bases`)."""
 
 from __future__ import annotations
 
 import contextlib
 from pathlib import Path
 
-from transformers import AutoConfig, AutoModel, AutoProcessor, AutoTokenizer
+from transformers import AutoConfig, AutoModel, AutoProcessor
 
-from .cir_contract import CIRModelMixin
-from .clip4cir import CLIP4CIRImageProcessor, CLIP4CIRModel, CLIP4CIRProcessor
+from .cir_contract import is_cir_model
+from .families import FAMILIES, BaseOptions, base_model_types, families_for_base, family
 
-# Which CIR families can start from which base checkpoint (`model_type` of its config), the first one by default.
-BASE_FAMILIES = {"clip": ("clip4cir", "tgcir"), "blip": ("blip4cir",), "blip-2": ("sprc",)}
 # Written beside a LoRA adapter (`trainers.lora`): the base and how to rebuild it.
 LORA_METADATA = "spn4cir_lora.json"
 
@@ -50,8 +49,9 @@ def _name_unreadable_weights(name_or_path: str):
 
 
 def _load_lora_adapter(adapter_dir: str, merge: bool):
-    """A LoRA adapter directory: its base rebuilt as it was trained (stage 2: after `freeze_target_side()`), the
-    adapter applied and, unless `merge=False` (then a `peft.PeftModel`), merged into a plain CIR model whose
+    """A LoRA adapter directory: its base rebuilt as it was trained (stage 2: after `untie_query_side()` and
+    `freeze_target_side()`), the adapter applied and, unless `merge=False` (then a `peft.PeftModel`), merged into a
+    plain CIR model whose
     parameters train as the base's did; with the processor saved beside the adapter."""
     import json
 
@@ -66,9 +66,9 @@ def _load_lora_adapter(adapter_dir: str, merge: bool):
         raise OSError(f"The LoRA adapter {adapter_dir} was trained on {meta['base_model']!r} ({LORA_METADATA}), "
                       f"which cannot be loaded: {error}. Put the base there, or edit base_model in "
                       f"{Path(adapter_dir) / LORA_METADATA}.") from error
-    trainable = {name: p.requires_grad for name, p in model.named_parameters()}
-    if meta["stage"] == "candidate_bank":
-        model.freeze_target_side()  # the stage-2 preparation the adapter was trained on (SPRC, TG-CIR change here)
+    if meta["stage"] == "candidate_bank":  # the stage-2 model the adapter was trained on
+        model.untie_query_side()
+        model.freeze_target_side()
     with _name_unreadable_weights(adapter_dir):
         model = PeftModel.from_pretrained(model, adapter_dir).eval()
     processor = AutoProcessor.from_pretrained(adapter_dir)
@@ -76,47 +76,46 @@ def _load_lora_adapter(adapter_dir: str, merge: bool):
         return model, processor
     model = model.merge_and_unload()
     model.name_or_path = model.config._name_or_path = str(adapter_dir)  # an adapter trained on it names this dir
-    model._target_side_frozen = False
-    for name, parameter in model.named_parameters():
-        parameter.requires_grad_(trainable.get(name, True))
+    if model.target_side_frozen:
+        model.unfreeze_target_side()
     return model, processor
 
 
-def _wrap_base(name_or_path: str, family: str, fusion: str, preprocessing: str, temperature: float | None,
-               bidirectional: bool = False):
-    """A CIR model of `family` built on a base checkpoint, with the family's processor (the original's preprocessing:
-    TargetPad 1.25 for CLIP4CIR / BLIP4CIR / SPRC, CLIP's resize + center crop for TG-CIR)."""
-    tau = {} if temperature is None else {"temperature": temperature}
-    if family == "clip4cir":
-        model = CLIP4CIRModel.from_clip(name_or_path, fusion=fusion, temperature=temperature or 0.02)
-        image_processor = CLIP4CIRImageProcessor(preprocessing=preprocessing, size=model.config.image_size)
-        return model, CLIP4CIRProcessor(image_processor=image_processor,
-                                        tokenizer=AutoTokenizer.from_pretrained(name_or_path))
-    if family == "tgcir":
-        from .tgcir import TGCIRModel, TGCIRProcessor
+def _bidirectional_overrides(name: str, where: str = "") -> dict:
+    """The config of the family's "+Bi" stage-1 option (`FamilySpec.bidirectional_overrides`); an error naming the
+    families that have one when `name` has none."""
+    spec = FAMILIES.get(name)
+    if spec is None or spec.bidirectional_overrides is None:
+        with_it = [s.title for s in FAMILIES.values() if s.bidirectional_overrides is not None]
+        raise ValueError(f"bidirectional (+Bi) training exists for {', '.join(with_it)} only{where}.")
+    return dict(spec.bidirectional_overrides)
 
-        model = TGCIRModel.from_clip(name_or_path, **tau)
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-        tokenizer.model_max_length = model.config.text_config.max_position_embeddings
-        image_processor = CLIP4CIRImageProcessor(preprocessing="resize", size=model.config.image_size)
-        return model, TGCIRProcessor(image_processor=image_processor, tokenizer=tokenizer)
-    if family == "blip4cir":
-        from .blip4cir import BLIP4CIRModel, BLIP4CIRProcessor
-        from .blip4cir.processing_blip4cir import add_blip_special_tokens
 
-        model = BLIP4CIRModel.from_blip(name_or_path, bidirectional=bidirectional, **tau)
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-        add_blip_special_tokens(tokenizer)
-        image_processor = CLIP4CIRImageProcessor(preprocessing=preprocessing, size=model.config.image_size)
-        return model, BLIP4CIRProcessor(image_processor=image_processor, tokenizer=tokenizer)
-    if family == "sprc":
-        from .sprc import SPRCModel, SPRCProcessor
-        from .sprc.convert_sprc_original_checkpoint import build_tokenizer
+def _wrap_base(name_or_path: str, base_type: str, model_type: str | None, options: BaseOptions):
+    """A CIR model of `model_type` (default: the first family that starts from `base_type`) built on a base
+    checkpoint, with the family's processor."""
+    candidates = [spec.name for spec in families_for_base(base_type)]
+    name = model_type or candidates[0]
+    if name not in candidates:
+        raise ValueError(f"--model_type {name} cannot start from a {base_type!r} checkpoint ({name_or_path}); it "
+                         f"starts from: {', '.join(candidates)}.")
+    if options.bidirectional:
+        _bidirectional_overrides(name)
+    return family(name).wrap_base(name_or_path, base_type, options)
 
-        model = SPRCModel.from_blip2(name_or_path, **tau)
-        image_processor = CLIP4CIRImageProcessor(preprocessing=preprocessing, size=model.config.image_size)
-        return model, SPRCProcessor(image_processor=image_processor, tokenizer=build_tokenizer(name_or_path))
-    raise ValueError(f"unknown CIR family {family!r}")
+
+def _load_cir_checkpoint(name_or_path: str, saved_type: str, model_type: str | None, bidirectional: bool):
+    """A saved CIR model of any family, with its processor (`bidirectional`: switch its "+Bi" option on)."""
+    overrides = _bidirectional_overrides(saved_type, f"; {name_or_path} is {saved_type!r}") if bidirectional else {}
+    model = AutoModel.from_pretrained(name_or_path, **overrides)
+    if not is_cir_model(model):
+        raise ValueError(
+            f"{name_or_path} is a {saved_type!r} checkpoint; expected a CIR checkpoint ({', '.join(FAMILIES)}) or a "
+            f"base checkpoint to wrap ({', '.join(base_model_types())})."
+        )
+    if model_type is not None and saved_type != model_type:
+        raise ValueError(f"{name_or_path} is a {saved_type!r} model, not {model_type!r}.")
+    return model, AutoProcessor.from_pretrained(name_or_path)
 
 
 def load_cir_model_and_processor(name_or_path: str, fusion: str = "sum", preprocessing: str = "targetpad",
@@ -124,10 +123,11 @@ def load_cir_model_and_processor(name_or_path: str, fusion: str = "sum", preproc
                                  bidirectional: bool = False, merge_lora: bool = True):
     """-> (model, processor).
 
-    - a CIR checkpoint of any family (`clip4cir`, `tgcir`, `blip4cir`, `sprc`; a converted original checkpoint or
-      a CIRTrainer output): loaded as saved, with its processor;
-    - a base checkpoint to start stage 1 from: a CLIP (`model_type` `clip`, e.g. `openai/clip-vit-base-patch32`)
-      as CLIP4CIR (`fusion`) or, with `model_type="tgcir"`, TG-CIR; a BLIP retrieval checkpoint (`blip`) as
+    - a CIR checkpoint of any registered family (a converted original checkpoint or a CIRTrainer output): loaded as
+      saved, with its processor;
+    - a base checkpoint to start stage 1 from, as the family `model_type` (default: the first registered family
+      that starts from that base — `families.base_families_help()`): a CLIP (`model_type` `clip`, e.g.
+      `openai/clip-vit-base-patch32`) as CLIP4CIR (`fusion`) or TG-CIR; a BLIP retrieval checkpoint (`blip`) as
       BLIP4CIR; a BLIP-2 (`blip-2`) as SPRC — with the family's processor (`preprocessing` where the family's
       original offers a choice).
 
@@ -140,31 +140,12 @@ def load_cir_model_and_processor(name_or_path: str, fusion: str = "sum", preproc
     if Path(name_or_path, LORA_METADATA).is_file():
         return _load_lora_adapter(name_or_path, merge_lora)
     config = AutoConfig.from_pretrained(name_or_path)
-    if config.model_type in BASE_FAMILIES:
-        families = BASE_FAMILIES[config.model_type]
-        family = model_type or families[0]
-        if family not in families:
-            raise ValueError(f"--model_type {family} cannot start from a {config.model_type!r} checkpoint "
-                             f"({name_or_path}); it starts from: {', '.join(families)}.")
-        if bidirectional and family != "blip4cir":
-            raise ValueError("bidirectional (+Bi) training exists for BLIP4CIR only.")
-        with _name_unreadable_weights(name_or_path):
-            model, processor = _wrap_base(name_or_path, family, fusion, preprocessing, temperature, bidirectional)
-    else:
-        if bidirectional and config.model_type != "blip4cir":
-            raise ValueError(f"bidirectional (+Bi) training exists for BLIP4CIR only; {name_or_path} is "
-                             f"{config.model_type!r}.")
-        overrides = {"bidirectional": True, "stage1_loss": "blip4cir_bidirectional"} if bidirectional else {}
-        with _name_unreadable_weights(name_or_path):
-            model = AutoModel.from_pretrained(name_or_path, **overrides)
-        if not isinstance(model, CIRModelMixin):
-            raise ValueError(
-                f"{name_or_path} is a {config.model_type!r} checkpoint; expected a CIR checkpoint (clip4cir, tgcir, "
-                "blip4cir, sprc) or a base checkpoint to wrap (clip, blip, blip-2)."
-            )
-        if model_type is not None and config.model_type != model_type:
-            raise ValueError(f"{name_or_path} is a {config.model_type!r} model, not {model_type!r}.")
-        processor = AutoProcessor.from_pretrained(name_or_path)
+    with _name_unreadable_weights(name_or_path):
+        if config.model_type in base_model_types():
+            options = BaseOptions(fusion, preprocessing, temperature, bidirectional)
+            model, processor = _wrap_base(name_or_path, config.model_type, model_type, options)
+        else:
+            model, processor = _load_cir_checkpoint(name_or_path, config.model_type, model_type, bidirectional)
     if temperature is not None:
         model.config.temperature = temperature
     return model, processor

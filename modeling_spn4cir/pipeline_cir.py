@@ -10,9 +10,10 @@
     # [{"image_id": "dress/B00X.jpg", "score": 0.41, "path": "/data/dress/B00X.jpg"}, ...]
     pipe([image1, image2], ["is red", "has no sleeves"], gallery=gallery, batch_size=2)   # a list per query
 
-Text-only queries (`pipe(text="a red dress", gallery=...)`) work where the fusion allows one (CLIP4CIR with sum
-fusion: the query is the normalized text feature); image-only queries (`pipe(image, gallery=...)`) rank the gallery
-by the reference's own target embedding (single-vector families).
+Text-only queries (`pipe(text="a red dress", gallery=...)`) work where the fusion allows one (the model contract's
+`get_text_query_embeds`: CLIP4CIR with sum fusion, whose query is the normalized text feature); image-only queries
+(`pipe(image, gallery=...)`) rank the gallery by the reference's own target embedding (`get_image_query_embeds`,
+single-vector families).
 
 This file imports only torch and transformers, so `pipe.save_pretrained(dir)` / `pipe.push_to_hub(repo)` ship it
 beside the model code and `pipeline(model=dir_or_repo, trust_remote_code=True)` runs it without this package. The
@@ -108,20 +109,10 @@ class ComposedImageRetrievalPipeline(Pipeline):
         return {"indices": indices, "scores": scores}
 
     def _image_only(self, pixel_values):
-        targets = self.model.get_target_embeds(pixel_values)
-        if targets.ndim != 2:
-            raise ValueError(f"{type(self.model).__name__} has multi-vector targets; image-only queries need a "
-                             "single-vector family. Add a modification text.")
-        return targets
+        return self.model.get_image_query_embeds(pixel_values)
 
     def _text_only(self, input_ids, attention_mask):
-        config = self.model.config
-        if getattr(config, "fusion", None) != "sum" or not hasattr(self.model, "combine"):
-            raise ValueError(f"{type(self.model).__name__} (fusion {getattr(config, 'fusion', None)!r}) cannot "
-                             "compose a query without a reference image; text-only queries need a model whose fusion "
-                             "adds the text to the image (CLIP4CIR with fusion='sum'). Pass a reference image.")
-        no_image = torch.zeros(input_ids.shape[0], config.projection_dim, device=input_ids.device)
-        return self.model.get_query_embeds(input_ids, attention_mask, reference_features=no_image)
+        return self.model.get_text_query_embeds(input_ids, attention_mask)
 
     def postprocess(self, model_outputs, gallery=None):
         return gallery.hits(model_outputs["indices"], model_outputs["scores"])[0]

@@ -16,6 +16,16 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
+
+def parity_fixture(name: str):
+    """`(folder, meta, tolerance)` of a parity fixture (`tests/fixtures/<name>`: the original code's inputs and
+    outputs, and `meta.json` with its geometry and the tolerance of the comparison)."""
+    import json
+
+    folder = FIXTURES / name
+    meta = json.loads((folder / "meta.json").read_text())
+    return folder, meta, meta["tolerance"]
+
 TINY_TEXT = dict(
     vocab_size=99,
     hidden_size=32,
@@ -200,3 +210,34 @@ def tiny_model_dir(tmp_path):
     model.save_pretrained(out)
     processor.save_pretrained(out)
     return out
+
+
+@pytest.fixture
+def tiny_clip_dir(tmp_path):
+    """A tiny `transformers.CLIPModel` with a tokenizer, saved like a Hub checkpoint."""
+    from transformers import CLIPConfig, CLIPModel
+
+    torch.manual_seed(0)
+    tokenizer = tiny_tokenizer(["make it blue", "red circle", "and more"])
+    text = dict(TINY_TEXT, vocab_size=len(tokenizer), pad_token_id=0, bos_token_id=2, eos_token_id=3)
+    clip = CLIPModel(CLIPConfig(text_config=text, vision_config={k: v for k, v in TINY_VIT.items() if k != "model_type"},
+                                projection_dim=16))
+    clip.save_pretrained(tmp_path / "clip")
+    tokenizer.save_pretrained(tmp_path / "clip")
+    return tmp_path / "clip"
+
+
+# The parity fixtures of a test module that sets `PARITY` (a folder of tests/fixtures: inputs the original code was
+# run on, and what it computed).
+@pytest.fixture(scope="module")
+def inputs(request):
+    from safetensors.torch import load_file
+
+    return load_file(request.module.PARITY / "inputs.safetensors")
+
+
+@pytest.fixture(scope="module")
+def expected(request):
+    from safetensors.torch import load_file
+
+    return load_file(request.module.PARITY / "expected.safetensors")

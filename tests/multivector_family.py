@@ -61,10 +61,3 @@ class MultiVectorModel(CIRModelMixin, PreTrainedModel):
     def query_side_modules(self):
         return {"text_embeddings": self.text_embeddings, "text_proj": self.text_proj,
                 "reference_attention": self.reference_attention, "reference_proj": self.reference_proj}
-
-    def forward(self, input_ids, attention_mask=None, pixel_values=None, reference_features=None,
-                target_pixel_values=None, target_embeds=None, **kwargs):
-        query = self.get_query_embeds(input_ids, attention_mask, reference_features, pixel_values)
-        if target_embeds is None and target_pixel_values is not None:
-            target_embeds = self.get_target_embeds(target_pixel_values)
-        return self.cir_output(query, target_embeds)

@@ -96,3 +96,135 @@ def test_stage2_query_keeps_its_dtype_with_a_half_precision_bank(family, tiny_ci
     assert out.query_embeds.dtype == torch.float32
     loss = trainer.compute_loss(model, batch)
     assert loss.dtype == torch.float32
+
+
+# ------------------------------------------------------------------------------------ the contract, every family
+def _family_inputs(model, batch=2, length=6):
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, 90, (batch, length), generator=g)
+    size = model.config.image_size
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+            "pixel_values": torch.randn(batch, 3, size, size, generator=g),
+            "target_pixel_values": torch.randn(batch, 3, size, size, generator=g)}
+
+
+@pytest.fixture(params=["clip4cir-vit", "clip4cir-resnet", "tgcir", "blip4cir", "sprc"])
+def family_model(request):
+    from test_lora import FAMILIES
+
+    torch.manual_seed(0)
+    return request.param, FAMILIES[request.param]().eval()
+
+
+def test_forward_rejects_a_misspelled_argument(family_model):
+    _, model = family_model
+    inputs = _family_inputs(model)
+    with torch.no_grad():
+        assert model(**inputs).logits.shape == (2, 2)
+        with pytest.raises(TypeError, match="target_pixel_value"):
+            model(**{k: v for k, v in inputs.items() if k != "target_pixel_values"},
+                  target_pixel_value=inputs["target_pixel_values"])
+
+
+def test_stage2_preparation_is_one_step_and_freezing_changes_no_module(family_model):
+    name, model = family_model
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainable = {n: p.requires_grad for n, p in model.named_parameters()}
+    model.untie_query_side()
+    untied = set(model.state_dict())
+    assert (untied != set(before)) == (name == "sprc")  # only SPRC adds modules (its caption-side Q-Former copy)
+    assert getattr(model.config, "tie_query_side", False) is False
+    model.freeze_target_side()
+    assert set(model.state_dict()) == untied and all(torch.equal(before[k], v) for k, v in model.state_dict().items()
+                                                     if k in before)
+    query_side = {id(p) for p in model.query_side_parameters()}
+    assert all(p.requires_grad == (id(p) in query_side) for p in model.parameters())
+    model.train()
+    frozen = [m for m in model.children() if not any(id(p) in query_side for p in m.parameters())]
+    assert frozen and not any(m.training for m in frozen)  # the target side stays in eval mode
+    model.unfreeze_target_side()
+    assert {n: p.requires_grad for n, p in model.named_parameters() if n in trainable} == trainable
+    model.train()
+    assert model.vision_model.training == (name not in ("clip4cir-vit", "clip4cir-resnet"))  # CLIP4Cir: CLIP in eval
+
+
+def test_is_cir_model_does_not_depend_on_one_class_object(tmp_path):
+    from transformers import CLIPConfig, CLIPModel
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+    from modeling_spn4cir import CIRModelMixin, CLIP4CIRModel, is_cir_model
+    from test_lora import FAMILIES
+
+    models = {name: build() for name, build in FAMILIES.items()}
+    assert all(is_cir_model(m) for m in models.values()) and not is_cir_model(CLIPModel(CLIPConfig()))
+    mixins = {next(c for c in type(m).__mro__ if c.__name__ == "CIRModelMixin") for m in models.values()}
+    assert len(mixins) == 4 and CIRModelMixin not in mixins  # one copy per family folder, none the canonical one
+    models["clip4cir-vit"].save_pretrained(tmp_path / "clip4cir")
+    # the code `trust_remote_code` runs: the saved directory's own files (the package would win in AutoModel here)
+    remote_class = get_class_from_dynamic_module("modeling_clip4cir.CLIP4CIRModel", str(tmp_path / "clip4cir"))
+    remote = remote_class.from_pretrained(tmp_path / "clip4cir")
+    assert remote_class is not CLIP4CIRModel and not isinstance(remote, CIRModelMixin) and is_cir_model(remote)
+
+
+def test_text_and_image_only_queries_are_contract_methods(family_model):
+    name, model = family_model
+    inputs = _family_inputs(model)
+    with torch.no_grad():
+        if name == "clip4cir-resnet":  # sum fusion: the normalized text feature
+            text = model.get_text_features(inputs["input_ids"], inputs["attention_mask"])
+            torch.testing.assert_close(model.get_text_query_embeds(inputs["input_ids"], inputs["attention_mask"]),
+                                       torch.nn.functional.normalize(text, dim=-1))
+        else:  # the Combiner (clip4cir-vit) and the token fusions need the reference image
+            with pytest.raises(ValueError, match="cannot compose a query without a reference image"):
+                model.get_text_query_embeds(inputs["input_ids"], inputs["attention_mask"])
+        if name == "sprc":
+            with pytest.raises(ValueError, match="multi-vector targets"):
+                model.get_image_query_embeds(inputs["pixel_values"])
+        else:
+            torch.testing.assert_close(model.get_image_query_embeds(inputs["pixel_values"]),
+                                       model.get_target_embeds(inputs["pixel_values"]))
+
+
+def test_configs_saved_before_tie_query_side_load_as_they_were(tmp_path):
+    import json
+
+    from transformers import AutoModel
+
+    from modeling_spn4cir import SPRCConfig, TGCIRConfig
+    from test_lora import FAMILIES
+
+    assert TGCIRConfig.from_dict({"share_token_learner": True}).tie_query_side is True
+    assert TGCIRConfig.from_dict({"share_token_learner": False}).tie_query_side is False
+    assert SPRCConfig.from_dict({"separate_query_qformer": False}).tie_query_side is True
+    model = FAMILIES["sprc"]()
+    model.untie_query_side()
+    model.save_pretrained(tmp_path / "sprc")
+    config = json.loads((tmp_path / "sprc" / "config.json").read_text())
+    config["separate_query_qformer"] = not config.pop("tie_query_side")  # how a stage-2 SPRC config used to say it
+    (tmp_path / "sprc" / "config.json").write_text(json.dumps(config))
+    old = AutoModel.from_pretrained(tmp_path / "sprc")
+    assert old.qformer_query is not None and not old.config.tie_query_side
+    torch.testing.assert_close(old.qformer_query.text_projection.weight, model.qformer_query.text_projection.weight)
+
+
+def test_a_preprocessor_config_of_the_old_image_processor_file_loads(tmp_path):
+    import json
+
+    from transformers import AutoImageProcessor
+
+    # what processors saved while the class lived in clip4cir/image_processing_clip4cir.py wrote
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({
+        "image_processor_type": "CLIP4CIRImageProcessor", "preprocessing": "resize", "size": 48, "target_ratio": 1.25,
+        "auto_map": {"AutoImageProcessor": "image_processing_clip4cir.CLIP4CIRImageProcessor"}}))
+    loaded = AutoImageProcessor.from_pretrained(tmp_path)
+    assert isinstance(loaded, CLIP4CIRImageProcessor) and (loaded.preprocessing, loaded.size) == ("resize", 48)
+
+
+def test_an_unknown_stage1_loss_names_the_family_s_objectives():
+    from trainers.losses import stage1_loss_for
+    from test_lora import FAMILIES
+
+    model = FAMILIES["tgcir"]()
+    model.config.stage1_loss = "tgcri"
+    with pytest.raises(ValueError, match=r"stage-1 loss 'tgcri'.*\['in_batch_infonce', 'tgcir'\]"):
+        stage1_loss_for(model, 0.02)

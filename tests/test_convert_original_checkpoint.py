@@ -1,37 +1,18 @@
 """Parity of converted original SPN4CIR / CLIP4Cir checkpoints with the outputs of the original code."""
 
-import json
 
 import pytest
 import torch
-from conftest import FIXTURES, run_without_package, tiny_tokenizer
-from safetensors.torch import load_file
+from conftest import parity_fixture, run_without_package, tiny_tokenizer
 from transformers import AutoModel, AutoProcessor
 
 import modeling_spn4cir  # noqa: F401
 from modeling_spn4cir import CLIP4CIRImageProcessor, CLIP4CIRModel, CLIP4CIRProcessor
 from modeling_spn4cir.clip4cir.convert_clip4cir_original_checkpoint import (
-    CheckpointMismatchError,
-    convert_original_checkpoint,
-    infer_config,
-    load_original_model,
-    main,
-    read_original_checkpoint,
-)
+    CheckpointMismatchError, convert_original_checkpoint, infer_config, load_original_model, main,
+    read_original_checkpoint)
 
-PARITY = FIXTURES / "parity_clip4cir"
-META = json.loads((PARITY / "meta.json").read_text())
-TOL = META["tolerance"]
-
-
-@pytest.fixture(scope="module")
-def inputs():
-    return load_file(PARITY / "inputs.safetensors")
-
-
-@pytest.fixture(scope="module")
-def expected():
-    return load_file(PARITY / "expected.safetensors")
+PARITY, META, TOL = parity_fixture("parity_clip4cir")
 
 
 @pytest.fixture(scope="module")

@@ -53,7 +53,8 @@ def test_family_trains_both_stages_through_run_cir(family, tiny_cir_dataset, tmp
     stage1 = _run(start, tiny_cir_dataset, tmp_path / "stage1", "in_batch")
     after1 = load_file(tmp_path / "stage1" / "model.safetensors")
     model, _ = load_cir_model_and_processor(str(tmp_path / "stage1"))
-    model.freeze_target_side()  # what stage 2 starts from (SPRC makes its query-side copy here)
+    model.untie_query_side()  # what stage 2 starts from (SPRC makes its query-side copy here)
+    model.freeze_target_side()
     ids = {id(q) for q in model.query_side_parameters()}
     query_side = {n for n, p in model.named_parameters() if id(p) in ids}
     start2 = {k: v.clone() for k, v in model.state_dict().items()}
@@ -65,22 +66,6 @@ def test_family_trains_both_stages_through_run_cir(family, tiny_cir_dataset, tmp
     after2 = load_file(tmp_path / "stage2" / "model.safetensors")
     moved2 = {k for k in start2 if k in after2 and not torch.equal(start2[k], after2[k])}
     assert moved2 and moved2 <= query_side, sorted(moved2 - query_side)[:5]
-
-
-@pytest.fixture
-def tiny_clip_dir(tmp_path):
-    """A tiny `transformers.CLIPModel` with a tokenizer, saved like a Hub checkpoint."""
-    from conftest import TINY_TEXT, TINY_VIT
-    from transformers import CLIPConfig, CLIPModel
-
-    torch.manual_seed(0)
-    tokenizer = tiny_tokenizer(["make it blue", "red circle", "and more"])
-    text = dict(TINY_TEXT, vocab_size=len(tokenizer), pad_token_id=0, bos_token_id=2, eos_token_id=3)
-    clip = CLIPModel(CLIPConfig(text_config=text, vision_config={k: v for k, v in TINY_VIT.items() if k != "model_type"},
-                                projection_dim=16))
-    clip.save_pretrained(tmp_path / "clip")
-    tokenizer.save_pretrained(tmp_path / "clip")
-    return tmp_path / "clip"
 
 
 def test_run_cir_builds_a_family_on_a_base_checkpoint(tiny_clip_dir, tiny_cir_dataset, tmp_path):

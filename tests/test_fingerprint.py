@@ -137,10 +137,11 @@ def test_stage2_preparation_keeps_the_target_side_fingerprint(tmp_path):
                                    vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                                       num_attention_heads=2, image_size=32, patch_size=8,
                                                       projection_dim=16),
-                                   projection_dim=16, share_token_learner=True))
+                                   projection_dim=16, tie_query_side=True))
     stage1 = target_side_fingerprint(tgcir, processor)
+    tgcir.untie_query_side()
     tgcir.freeze_target_side()
-    assert not tgcir.config.share_token_learner
+    assert not tgcir.config.tie_query_side
     assert target_side_fingerprint(tgcir, processor) == stage1
 
     from test_modeling_sprc import _tiny_blip2
@@ -151,6 +152,7 @@ def test_stage2_preparation_keeps_the_target_side_fingerprint(tmp_path):
     Blip2ForImageTextRetrieval(_tiny_blip2()).save_pretrained(tmp_path / "blip2")
     sprc = SPRCModel.from_blip2(str(tmp_path / "blip2"))
     whole = dict(sprc.state_dict())  # stage 1 has no query-side copy yet: everything is its target side
+    sprc.untie_query_side()
     sprc.freeze_target_side()
     assert set(sprc.target_side_state_dict()) == set(whole)
     prepared = target_side_fingerprint(sprc, processor)

@@ -9,7 +9,7 @@ from transformers import AutoImageProcessor, AutoProcessor
 
 import modeling_spn4cir  # noqa: F401
 from modeling_spn4cir import CLIP4CIRConfig, CLIP4CIRImageProcessor, CLIP4CIRProcessor
-from modeling_spn4cir.clip4cir.image_processing_clip4cir import CLIP_MEAN, CLIP_STD, square_pad, target_pad
+from modeling_spn4cir.cir_contract import CLIP_MEAN, CLIP_STD, square_pad, target_pad
 
 
 def _image(w, h, mode="RGB", seed=0):

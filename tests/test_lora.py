@@ -203,6 +203,7 @@ def test_default_targets_per_family(family):
     torch.manual_seed(0)
     model = FAMILIES[family]()
     stage1 = lora_config_for(model, LoRAArguments(lora_r=2), "in_batch")
+    model.untie_query_side()
     model.freeze_target_side()
     stage2 = lora_config_for(model, LoRAArguments(lora_r=2), "candidate_bank")
     names = {id(m): n for n, m in model.named_modules()}
@@ -228,6 +229,7 @@ def test_default_targets_per_family(family):
 def test_stage2_lora_trains_only_adapters_and_merges(family):
     torch.manual_seed(0)
     model = FAMILIES[family]().eval()
+    model.untie_query_side()
     model.freeze_target_side()
     peft_model = apply_lora(model, LoRAArguments(lora_r=2), "candidate_bank")
     with torch.no_grad():

@@ -2,50 +2,26 @@
 contract (token-level reference features, learnable tau, stage-2 parameter set), the processor, `from_blip`,
 trust_remote_code loading, and the "+Bi" stage-1 loss."""
 
-import json
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import FIXTURES, run_without_package
-from safetensors.torch import load_file
+from conftest import parity_fixture, run_without_package
 from transformers import AutoModel, AutoProcessor
 
 import modeling_spn4cir  # noqa: F401  (registers the Auto classes)
-from modeling_spn4cir import (
-    BLIP4CIRConfig,
-    BLIP4CIRModel,
-    BLIP4CIRProcessor,
-    CLIP4CIRImageProcessor,
-)
+from modeling_spn4cir import BLIP4CIRConfig, BLIP4CIRModel, BLIP4CIRProcessor, CLIP4CIRImageProcessor
 from modeling_spn4cir.blip4cir.convert_blip4cir_original_checkpoint import (
-    CheckpointMismatchError,
-    convert_original_checkpoint,
-    infer_config,
-    load_original_model,
-    read_original_checkpoint,
-)
+    CheckpointMismatchError, convert_original_checkpoint, infer_config, load_original_model, read_original_checkpoint)
 from modeling_spn4cir.conversion_utils import load_checkpoint
-from trainers.losses_blip4cir import BLIP4CIRBidirectionalLoss
+from modeling_spn4cir.blip4cir.losses_blip4cir import BLIP4CIRBidirectionalLoss
 from trainers.text import fashioniq_eval_caption
 
-PARITY = FIXTURES / "parity_blip4cir"
-META = json.loads((PARITY / "meta.json").read_text())
-TOL = META["tolerance"]
+PARITY, META, TOL = parity_fixture("parity_blip4cir")
 GRAD_TOL = {"atol": 1e-4, "rtol": 1e-3}
 GEOMETRY = META["geometry"]
 HEADS = [f"text={GEOMETRY['text_heads']}", f"vision={GEOMETRY['vision_heads']}"]
 CHECKPOINTS = {"stage2": "spn4cir_blip4cir_stage2.pt", "stage1": "spn4cir_blip4cir_stage1.pt"}
-
-
-@pytest.fixture(scope="module")
-def inputs():
-    return load_file(PARITY / "inputs.safetensors")
-
-
-@pytest.fixture(scope="module")
-def expected():
-    return load_file(PARITY / "expected.safetensors")
 
 
 @pytest.fixture(scope="module")

@@ -2,13 +2,11 @@
 contract (token-set targets, max-over-tokens scoring, stage-2 query-side copy), SPRC's stage-1 objective,
 BLIP-2 initialization, precision, and Hub readiness."""
 
-import json
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import FIXTURES, run_without_package
-from safetensors.torch import load_file
+from conftest import parity_fixture, run_without_package
 from transformers import AutoModel, AutoProcessor, Blip2Config, Blip2ForImageTextRetrieval
 
 import modeling_spn4cir  # noqa: F401  (registers the Auto classes)
@@ -16,30 +14,14 @@ from modeling_spn4cir import SPRCModel, SPRCProcessor
 from modeling_spn4cir.convert_original_checkpoint import detect_family
 from modeling_spn4cir.convert_original_checkpoint import main as dispatcher_main
 from modeling_spn4cir.sprc.convert_sprc_original_checkpoint import (
-    CheckpointMismatchError,
-    convert_original_checkpoint,
-    load_original_model,
-    parse_num_heads,
-)
-from trainers.losses_sprc import SPRCStage1Loss
+    CheckpointMismatchError, convert_original_checkpoint, load_original_model, parse_num_heads)
+from modeling_spn4cir.sprc.losses_sprc import SPRCStage1Loss
 
-PARITY = FIXTURES / "parity_sprc"
-META = json.loads((PARITY / "meta.json").read_text())
-TOL = META["tolerance"]
+PARITY, META, TOL = parity_fixture("parity_sprc")
 # The fixtures' head counts (the weights do not fix them; the released models' default rule would give 1 and 1).
 HEADS = [f"vision={META['vision']['num_attention_heads']}", f"qformer={META['qformer']['num_attention_heads']}"]
 STAGE1_ONLY = ("query_text_last_hidden_state_stage1", "query_features_stage1", "scores_stage1")
 COPY_DEPENDENT = ("query_text_last_hidden_state", "query_features", "scores", "ranking", "stage2_logits", "stage2_loss")
-
-
-@pytest.fixture(scope="module")
-def inputs():
-    return load_file(PARITY / "inputs.safetensors")
-
-
-@pytest.fixture(scope="module")
-def expected():
-    return load_file(PARITY / "expected.safetensors")
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +84,7 @@ def _assert_parity(got, expected, keys):
 
 def test_stage2_checkpoint_parity_through_converted_directory(converted, inputs, expected):
     model = AutoModel.from_pretrained(converted["stage2"]).eval()
-    assert isinstance(model, SPRCModel) and model.config.separate_query_qformer
+    assert isinstance(model, SPRCModel) and not model.config.tie_query_side
     assert model.config.temperature == pytest.approx(META["temperature"]["stage2_tau"])
     got = _outputs(model, inputs, expected)
     _assert_parity(got, expected, list(expected))
@@ -112,7 +94,7 @@ def test_stage2_checkpoint_parity_through_converted_directory(converted, inputs,
 
 def test_stage1_checkpoint_parity_through_converted_directory(converted, inputs, expected):
     model = AutoModel.from_pretrained(converted["stage1"]).eval()
-    assert model.qformer_query is None and not model.config.separate_query_qformer
+    assert model.qformer_query is None and model.config.tie_query_side
     assert model.temp.item() == pytest.approx(META["temperature"]["stage1_temp_in_ckpt"])
     got = _outputs(model, inputs, expected)
     shared = [k for k in expected if k not in COPY_DEPENDENT]
@@ -120,9 +102,13 @@ def test_stage1_checkpoint_parity_through_converted_directory(converted, inputs,
     # A stage-1 model's query side is the shared Q-Former: its queries are the original's query_type 0.
     for key, stage1_key in zip(("query_text_last_hidden_state", "query_features", "scores"), STAGE1_ONLY):
         assert torch.allclose(got[key], expected[stage1_key], **TOL), key
-    # Entering stage 2 copies the caption side (init_stage2): same numbers until it is trained.
-    model.freeze_target_side()
-    assert model.config.separate_query_qformer and model.qformer_query is not None
+    # Freezing changes no module (it names the step that does); the stage-2 preparation copies the caption side
+    # (init_stage2): same numbers until it is trained.
+    with pytest.raises(RuntimeError, match=r"call `model.untie_query_side\(\)` first"):
+        model.freeze_target_side()
+    assert model.qformer_query is None and model.config.tie_query_side
+    model.untie_query_side()
+    assert not model.config.tie_query_side and model.qformer_query is not None
     with torch.no_grad():
         again = model.get_query_embeds(inputs["input_ids"], inputs["attention_mask"],
                                        pixel_values=inputs["reference_pixel_values"])
@@ -395,7 +381,7 @@ def test_from_blip2(tmp_path):
     model.save_pretrained(tmp_path / "sprc")
     again = AutoModel.from_pretrained(tmp_path / "sprc")
     assert not any(p.requires_grad for n, p in again.vision_model.named_parameters() if "post_layernorm" not in n)
-    again.freeze_target_side()
+    again.untie_query_side()
     again.save_pretrained(tmp_path / "sprc_stage2")
     reloaded = AutoModel.from_pretrained(tmp_path / "sprc_stage2")
     assert reloaded.qformer_query is not None

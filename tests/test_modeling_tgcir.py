@@ -1,14 +1,12 @@
 """TG-CIR family: parity of converted original checkpoints (SPN4CIR stage 2 and TG-CIR stage 1) with the outputs of
 the original code, the stage-1 objective, the stage-2 bank loss and gradient set, freezing, conversion errors."""
 
-import json
 import re
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import FIXTURES, run_without_package, tiny_tokenizer
-from safetensors.torch import load_file
+from conftest import parity_fixture, run_without_package, tiny_tokenizer
 from transformers import AutoModel, AutoProcessor, CLIPConfig, CLIPModel
 
 import modeling_spn4cir  # noqa: F401  (registers the Auto classes)
@@ -16,32 +14,16 @@ from modeling_spn4cir import TGCIRConfig, TGCIRModel, TGCIRProcessor
 from modeling_spn4cir.conversion_utils import CheckpointMismatchError
 from modeling_spn4cir.convert_original_checkpoint import detect_family
 from modeling_spn4cir.convert_original_checkpoint import main as dispatcher_main
+from modeling_spn4cir.openai_clip_conversion import convert_openai_clip_entry
 from modeling_spn4cir.tgcir.convert_tgcir_original_checkpoint import (
-    _map_clip_key,
-    convert_original_checkpoint,
-    load_original_model,
-    parse_num_heads,
-    read_original_checkpoint,
-)
-from trainers.losses_tgcir import TGCIRStage1Loss
+    convert_original_checkpoint, load_original_model, parse_num_heads, read_original_checkpoint)
+from modeling_spn4cir.tgcir.losses_tgcir import TGCIRStage1Loss
 
-PARITY = FIXTURES / "parity_tgcir"
-META = json.loads((PARITY / "meta.json").read_text())
-TOL = META["tolerance"]
+PARITY, META, TOL = parity_fixture("parity_tgcir")
 GEOMETRY = META["geometry"]
 HEADS = {"text": GEOMETRY["transformer_heads"], "vision": META["derived"]["vision_heads"]}
 STAGE1_TERMS = ("stu_rank", "tea_rank", "tea_mask", "ortho", "ckd", "kl")
 CHECKPOINTS = {"stage2": "spn4cir_tgcir_stage2.pt", "stage1": "spn4cir_tgcir_stage1.pt"}
-
-
-@pytest.fixture(scope="module")
-def inputs():
-    return load_file(PARITY / "inputs.safetensors")
-
-
-@pytest.fixture(scope="module")
-def expected():
-    return load_file(PARITY / "expected.safetensors")
 
 
 @pytest.fixture(scope="module")
@@ -205,7 +187,7 @@ def _hf_names(original_names):
                 out |= {f"{tower}.encoder.layers.{m.group(2)}.self_attn.{p}.{m.group(3)}"
                         for p in ("q_proj", "k_proj", "v_proj")}
             else:
-                out.add(_map_clip_key(key))
+                out |= set(convert_openai_clip_entry(key, torch.zeros(1)))
         else:
             out.add(name.removeprefix("backbone."))
     return out
@@ -284,7 +266,7 @@ def _tiny_clip(tmp_path):
 def test_from_clip_shared_token_learner_untied_for_stage2(tmp_path):
     clip = _tiny_clip(tmp_path)
     model = TGCIRModel.from_clip(str(tmp_path / "clip"), num_global_tokens=2, num_local_tokens=3).eval()
-    assert model.config.share_token_learner and model.config.num_tokens == 5
+    assert model.config.tie_query_side and model.config.num_tokens == 5
     # the original's mask initialization: 0.1, and 1.0 on block p
     assert model.masks.weight[0, :8].eq(1).all() and model.masks.weight[0, 8:].sub(0.1).abs().max() < 1e-6
     assert model.stage1_logit_scale.item() == 10.0 and model.local_weight.eq(1).all()
@@ -298,8 +280,11 @@ def test_from_clip_shared_token_learner_untied_for_stage2(tmp_path):
         with torch.no_grad():
             model.tokenlearn.tokenizers[0].conv[0].bias.add_(1.0)  # shared: the text side must follow
         shared = model.get_query_embeds(ids, pixel_values=pixels)
+    model.freeze_target_side()  # freezing changes no module: the text side still follows the image side's
+    assert model.config.tie_query_side
+    model.untie_query_side()
     model.freeze_target_side()
-    assert not model.config.share_token_learner
+    assert not model.config.tie_query_side
     assert torch.equal(model.tokenlearn_text.tokenizers[0].conv[0].bias, model.tokenlearn.tokenizers[0].conv[0].bias)
     with torch.no_grad():
         torch.testing.assert_close(model.get_query_embeds(ids, pixel_values=pixels), shared, rtol=0, atol=0)

@@ -1,4 +1,4 @@
-"""The SPN authors' release -> model zoo + datasets (`trainers.paper_zoo`, `datasets_scripts.paper_triplets`,
+"""The SPN authors' release -> model zoo + datasets (`trainers.zoo`, `datasets_scripts.paper_triplets`,
 `examples/convert_paper_checkpoints.py`), on a fake release built from the parity fixtures in the authors' layout:
 stage 1 under `data/<backbone>/`, stage 2 under `checkpoints/<fiq|cirr>_<clip|tgcir|blip|blip2>/` (SPN4CIR README)."""
 
@@ -18,7 +18,7 @@ from transformers import AutoConfig, AutoModel, AutoProcessor
 import modeling_spn4cir  # noqa: F401  (registers the families with the Auto classes)
 from datasets_scripts.common import AnnotationError, SplitData, write_cir_dataset
 from datasets_scripts.paper_triplets import convert_extend_file, parse_extend_name, read_dedup_map
-from trainers.paper_zoo import build_zoo, reported_metrics
+from trainers.zoo import build_zoo, reported_metrics
 
 CLIP_ONLY = {
     "data/clip4cir/fiq_stage1.pt": "parity_clip4cir/clip4cir_rn_stage1.pt",

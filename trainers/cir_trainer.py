@@ -1,7 +1,7 @@
 """`CIRTrainer`: a thin `transformers.Trainer` for SPN's two stages.
 
 - `stage="in_batch"` (stage 1): query and target towers trained with the family's stage-1 objective
-  (`config.stage1_loss`: `InBatchInfoNCELoss` unless the family brings its own, see `trainers.losses`).
+  (`config.stage1_loss`: `InBatchInfoNCELoss` unless the family brings its own, see `trainers.losses.stage1_loss_for`).
 - `stage="candidate_bank"` (stage 2): the target side is frozen, every training image is encoded once into a
   `CandidateBank`, and only `model.query_side_parameters()` are trained with `CandidateBankLoss`; batches
   carry bank rows, so no image is decoded or encoded while training.
@@ -22,6 +22,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import ExportableState
 
 from datasets_scripts.image_store import ImageStore
+from modeling_spn4cir.model_cards import render_card, table
 
 from .candidate_bank import CandidateBank, bank_image_ids, load_or_build_candidate_bank
 from .data import CIRCollator
@@ -34,8 +35,7 @@ from .lora import (
     lora_card_rows,
     write_lora_metadata,
 )
-from .losses import CandidateBankLoss, ShardedCandidateBankLoss, shard_bounds
-from .stage1_losses import stage1_loss_for
+from .losses import CandidateBankLoss, ShardedCandidateBankLoss, shard_bounds, stage1_loss_for
 
 logger = logging.getLogger(__name__)
 STAGES = ("in_batch", "candidate_bank")
@@ -190,6 +190,7 @@ class CIRTrainer(Trainer):
             args.metric_for_best_model = evaluator.primary_metric  # the dataset's headline number
             args.greater_is_better = True
         if args.stage == "candidate_bank":
+            model.untie_query_side()  # SPN's stage-2 preparation (TG-CIR, SPRC copy their shared modules here)
             model.freeze_target_side()
             if bank is None and train_dataset is not None:
                 model.to(args.device)
@@ -368,37 +369,25 @@ class CIRTrainer(Trainer):
 
     def model_card(self) -> str:
         """A model card: base model, datasets, stage, protocol and the latest evaluation metrics."""
+        from huggingface_hub import ModelCardData
+
         info = self.model_card_info
         evals = [log for log in self.state.log_history if any(k.startswith("eval_") for k in log)]
         metrics = {k: v for k, v in (evals[-1] if evals else {}).items() if isinstance(v, float) and k.startswith("eval_")}
         protocol = self.evaluator.protocol_description if self.evaluator is not None else "not evaluated"
-        rows = "\n".join(f"| {k} | {v:.2f} |" for k, v in metrics.items()) or "| (no evaluation yet) | |"
         stage = {"in_batch": "stage 1 (in-batch InfoNCE)", "candidate_bank": "stage 2 (candidate-bank InfoNCE)"}
         loss_config = json.dumps(self.loss_fn.get_config_dict()) if self.loss_fn is not None else "{}"
-        return f"""---
-library_name: transformers
-tags: [composed-image-retrieval, spn4cir]
-base_model: {info.get("base_model", "unknown")}
----
-# {info.get("title", "spn4cir CIR model")}
-
-Trained with `spn4cir` (SPN: Feng et al., ACM MM 2024) — {stage[self.args.stage]}.
-
-| field | value |
-|---|---|
-| base model | {info.get("base_model", "unknown")} |
-| training data | {info.get("datasets", "unknown")} |
-| stage | {stage[self.args.stage]} |
-| loss | {loss_config} |
-| steps / epochs | {self.state.global_step} / {self.state.epoch or 0:.2f} |
-{lora_card_rows(self.model)}| evaluation protocol | {protocol} |
-
-## Metrics (latest evaluation, percent)
-
-| metric | value |
-|---|---|
-{rows}
-"""
+        rows = [("base model", info.get("base_model", "unknown")), ("training data", info.get("datasets", "unknown")),
+                ("stage", stage[self.args.stage]), ("loss", loss_config),
+                ("steps / epochs", f"{self.state.global_step} / {self.state.epoch or 0:.2f}")]
+        fields = table(rows) + "\n" + lora_card_rows(self.model) + f"| evaluation protocol | {protocol} |"
+        scores = table([(k, f"{v:.2f}") for k, v in metrics.items()] or [("(no evaluation yet)", "")],
+                       header=("metric", "value"))
+        metadata = ModelCardData(library_name="transformers", tags=["composed-image-retrieval", "spn4cir"],
+                                 base_model=info.get("base_model", "unknown"))
+        return render_card(metadata, info.get("title", "spn4cir CIR model"),
+                           f"Trained with `spn4cir` (SPN: Feng et al., ACM MM 2024) — {stage[self.args.stage]}.",
+                           fields, f"## Metrics (latest evaluation, percent)\n\n{scores}")
 
 
 __all__ = ["CIRTrainer", "CIRTrainingArguments", "PROTOCOLS", "STAGES"]

@@ -66,7 +66,8 @@ class LoRAArguments:
 # ------------------------------------------------------------------------------------------- scope
 def lora_scope(model: nn.Module, stage: str) -> dict[str, nn.Module]:
     """`{qualified name: module}` that LoRA may change in `stage`: stage 2 the query-side modules (call
-    `freeze_target_side()` first), stage 1 the model's children that hold trainable parameters."""
+    `untie_query_side()` and `freeze_target_side()` first), stage 1 the model's children that hold trainable
+    parameters."""
     names = {id(m): n for n, m in model.named_modules()}
     if stage == "candidate_bank":
         return {names[id(m)]: m for m in model.query_side_modules().values() if isinstance(m, nn.Module)}
@@ -145,7 +146,7 @@ def lora_config_for(model: nn.Module, args: LoRAArguments, stage: str):
 # ------------------------------------------------------------------------------------------- apply
 def apply_lora(model: nn.Module, args: LoRAArguments, stage: str):
     """Wrap `model` in a `peft.PeftModel` with adapters for `stage` (in place: `model` itself gets the adapter
-    layers). Stage 2 expects `freeze_target_side()` done, and the bank built, before this."""
+    layers). Stage 2 expects `untie_query_side()` and `freeze_target_side()` done, and the bank built, before this."""
     from peft import get_peft_model
 
     if (getattr(args, "gradient_checkpointing_kwargs", None) or {}).get("use_reentrant"):
@@ -207,7 +208,8 @@ def check_lora_optimizer_scope(model, stage: str) -> None:
 # ------------------------------------------------------------------------------------------- save / merge
 def write_lora_metadata(peft_model, output_dir, processor=None) -> None:
     """`spn4cir_lora.json`: the base and how `load_cir_model_and_processor` rebuilds it (the family, its wrapping
-    options, the stage whose preparation — `freeze_target_side()` — precedes the adapter, the trained tau)."""
+    options, the stage whose preparation — `untie_query_side()`, `freeze_target_side()` — precedes the adapter, the
+    trained tau)."""
     base = peft_model.get_base_model()
     config = base.config
     image_processor = getattr(processor, "image_processor", None)

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from modeling_spn4cir.cir_contract import dot_similarity
-from modeling_spn4cir.distributed import world
+from modeling_spn4cir.distributed import ddp_mean_correction, gather_no_grad, gather_with_grad, world
+from modeling_spn4cir.families import family_of
 
 Similarity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -24,51 +25,6 @@ _SPN_CITATION = """@inproceedings{feng2024spn,
   booktitle = {ACM Multimedia},
   year      = {2024}
 }"""
-
-
-def gather_with_grad(tensor: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
-    """All-gather `[B_r, ...]` (any trailing shape) from every rank into `[sum_r B_r, ...]`, keeping the autograd graph: the
-    backward pass sums every rank's gradient for this rank's slice (a plain `all_gather` returns tensors
-    without history, so the other ranks' loss terms would silently not reach this rank's parameters).
-    Returns the gathered tensor and the per-rank sizes (ranks may hold uneven batches)."""
-    rank, world_size = world()
-    if world_size == 1:
-        return tensor, [tensor.shape[0]]
-    size = torch.tensor([tensor.shape[0]], device=tensor.device)
-    sizes = [torch.zeros_like(size) for _ in range(world_size)]
-    dist.all_gather(sizes, size)
-    sizes = [int(s.item()) for s in sizes]
-    padded = F.pad(tensor, (0,) * (2 * (tensor.ndim - 1)) + (0, max(sizes) - tensor.shape[0]))
-    from torch.distributed._functional_collectives import all_gather_single_autograd
-
-    gathered = all_gather_single_autograd(padded.contiguous(), gather_dim=0, group=dist.group.WORLD)
-    pieces = gathered.split(max(sizes))
-    return torch.cat([piece[:n] for piece, n in zip(pieces, sizes)]), sizes
-
-
-def ddp_mean_correction(local_size: int, sizes: list[int] | None = None) -> float:
-    """Factor that turns this rank's mean loss into its share of the *global* mean under DDP, which averages
-    gradients over ranks: `B_local * W / B_global` (1 with even batches or one process). Without it, a rank with
-    3 rows would weigh as much as one with 5."""
-    _, world_size = world()
-    if world_size == 1:
-        return 1.0
-    if sizes is None:
-        size = torch.tensor([local_size])
-        gathered = [torch.zeros_like(size) for _ in range(world_size)]
-        dist.all_gather(gathered, size)
-        sizes = [int(s) for s in gathered]
-    return local_size * world_size / sum(sizes)
-
-
-def gather_no_grad(tensor: torch.Tensor, sizes: list[int]) -> torch.Tensor:
-    """All-gather a tensor without gradient (e.g. target keys), given the per-rank sizes."""
-    if len(sizes) == 1:
-        return tensor
-    padded = F.pad(tensor, (0, max(sizes) - tensor.shape[0]))
-    out = [torch.zeros_like(padded) for _ in sizes]
-    dist.all_gather(out, padded)
-    return torch.cat([o[:n] for o, n in zip(out, sizes)])
 
 
 def _fp32_scores(similarity: Similarity, queries: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -133,6 +89,24 @@ class InBatchInfoNCELoss(nn.Module):
     @property
     def citation(self) -> str:
         return _SPN_CITATION
+
+
+def stage1_loss_for(model, temperature, similarity: Similarity | None = None) -> nn.Module:
+    """The stage-1 loss module for `model`: its config's `stage1_loss`, one of its family's objectives
+    (`FamilySpec.stage1_losses`: TG-CIR's six terms, SPRC's itc + rtc + align, Bi-BLIP4CIR's forward + reverse), or
+    plain `InBatchInfoNCELoss` (`"in_batch_infonce"`, the default) when the family brings none.
+
+    Plain InfoNCE uses `temperature` (the trainer's tau) and the model's `similarity`; a family objective is built
+    from the model's config (`from_config`), since it carries its own scales (TG-CIR's `loss_T`, SPRC's `temp`)."""
+    name = getattr(model.config, "stage1_loss", None) or "in_batch_infonce"
+    if name == "in_batch_infonce":
+        return InBatchInfoNCELoss(temperature, similarity)
+    spec = family_of(model)
+    objectives = dict(spec.stage1_losses) if spec is not None else {}
+    if name not in objectives:
+        raise ValueError(f"{type(model).__name__} asks for stage-1 loss {name!r} (config.stage1_loss); its family "
+                         f"has: {sorted(['in_batch_infonce', *objectives])}.")
+    return objectives[name].from_config(model.config, temperature)
 
 
 class CandidateBankLoss(nn.Module):

@@ -39,7 +39,7 @@ class BLIP4CIRConfig(PreTrainedConfig):
         that: after `freeze_target_side()`, `model.train()` keeps every submodule in eval mode.
     stage1_loss (`str`, *optional*):
         Name of the stage-1 objective: `"in_batch_infonce"` (plain InfoNCE), or `"blip4cir_bidirectional"`
-        (forward InfoNCE + 0.4 x reverse InfoNCE, `trainers.losses_blip4cir`) when `bidirectional` is set.
+        (forward InfoNCE + 0.4 x reverse InfoNCE, `losses_blip4cir`) when `bidirectional` is set.
     """
 
     model_type = "blip4cir"

@@ -22,15 +22,10 @@ from pathlib import Path
 
 import torch
 
-from ..conversion_utils import (
-    CheckpointMismatchError,
-    allow_nonfinite_weights,
-    check_state_dict,
-    converter_parser,
-    load_checkpoint,
-    write_converted,
-)
+from ..conversion_utils import (CheckpointMismatchError, check_image_size, check_state_dict, conversion_card,
+                                converter_parser, count_blocks, load_checkpoint, run_converter, write_converted)
 from ..conversion_utils import parse_num_heads as _parse_num_heads
+from . import SPEC
 from .configuration_blip4cir import BLIP_VIT_LAYER_NORM_EPS, BLIP4CIRConfig
 from .modeling_blip4cir import BLIP4CIRModel
 
@@ -105,11 +100,6 @@ def read_original_checkpoint(path: str | os.PathLike) -> OriginalCheckpoint:
     )
 
 
-def _count_blocks(state: dict, prefix: str) -> int:
-    pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
-    return len({m.group(1) for k in state if (m := pattern.match(k))})
-
-
 def parse_num_heads(values) -> dict[str, int]:
     """`--num_heads` values for this family's towers {TOWERS}: see `conversion_utils.parse_num_heads`."""
     return _parse_num_heads(values, TOWERS)
@@ -132,8 +122,8 @@ def infer_config(
     grid = round((num_positions - 1) ** 0.5)
     if grid * grid + 1 != num_positions:
         raise CheckpointMismatchError(f"visual_encoder.pos_embed has {num_positions} positions, not 1 + a square.")
-    vision_layers = _count_blocks(state, "visual_encoder.blocks.")
-    text_layers = _count_blocks(state, "text_encoder.encoder.layer.")
+    vision_layers = count_blocks(state, "visual_encoder.blocks.")
+    text_layers = count_blocks(state, "text_encoder.encoder.layer.")
     if vision_layers == 0 or text_layers == 0:
         raise CheckpointMismatchError(f"Found {vision_layers} ViT blocks and {text_layers} text layers.")
     if "text_encoder.encoder.layer.0.crossattention.self.key.weight" not in state:
@@ -244,95 +234,49 @@ def load_original_model(
     return model.float().eval(), original
 
 
-def convert_original_checkpoint(
-    checkpoint: str | os.PathLike,
-    output_dir: str | os.PathLike,
-    tokenizer=None,
-    push_to_hub: str | None = None,
-    num_heads=None,
-    temperature: float | None = None,
-    image_size: int | None = None,
-    overwrite_output_dir: bool = False,
-) -> Path:
+def convert_original_checkpoint(checkpoint: str | os.PathLike, output_dir: str | os.PathLike, tokenizer=None,
+                                push_to_hub: str | None = None, num_heads=None, temperature: float | None = None,
+                                image_size: int | None = None, overwrite_output_dir: bool = False) -> Path:
     """Convert and write `output_dir` (model.safetensors, config, code, processor or image processor, model
     card); the directory appears complete or not at all. `tokenizer`: a BERT tokenizer (Hub id, directory,
     `vocab.txt`, or a tokenizer object) to which BLIP's `[DEC]`/`[ENC]` are added. Returns the path."""
-    from ..clip4cir.image_processing_clip4cir import CLIP4CIRImageProcessor
-    from .processing_blip4cir import (
-        BLIP4CIRProcessor,
-        add_blip_special_tokens,
-        build_blip_tokenizer,
-    )
-
     model, original = load_original_model(checkpoint, num_heads, temperature)
-    resolution = model.config.image_size
-    if image_size is not None and image_size != resolution:
-        raise ValueError(
-            f"--image_size {image_size} differs from the checkpoint's resolution {resolution} (fixed by its "
-            "position embeddings); drop --image_size or pass the matching value."
-        )
-    image_processor = CLIP4CIRImageProcessor(preprocessing="targetpad", target_ratio=1.25, size=resolution)
-    processor = image_processor
+    check_image_size(model, image_size)
+    tokenizer_name = None if tokenizer is None else type(tokenizer).__name__
+    if isinstance(tokenizer, (str, os.PathLike)):
+        tokenizer_name, tokenizer = tokenizer, SPEC.load_tokenizer(tokenizer)
+    processor = SPEC.build_processor(model.config, tokenizer)
     if tokenizer is not None:
-        tok = build_blip_tokenizer(tokenizer) if isinstance(tokenizer, (str, os.PathLike)) else tokenizer
-        add_blip_special_tokens(tok)
-        vocab_size = model.config.text_config.vocab_size
-        enc = tok.convert_tokens_to_ids("[ENC]")
-        if len(tok) != vocab_size or enc != model.config.enc_token_id:
+        vocab_size, enc = model.config.text_config.vocab_size, tokenizer.convert_tokens_to_ids("[ENC]")
+        if len(tokenizer) != vocab_size or enc != model.config.enc_token_id:
             raise ValueError(
-                f"Tokenizer has {len(tok)} tokens and [ENC]={enc}; the checkpoint has a vocabulary of {vocab_size} "
-                f"and [ENC]={model.config.enc_token_id}: it was trained with another tokenizer."
+                f"Tokenizer has {len(tokenizer)} tokens and [ENC]={enc}; the checkpoint has a vocabulary of "
+                f"{vocab_size} and [ENC]={model.config.enc_token_id}: it was trained with another tokenizer."
             )
-        tok.model_max_length = model.config.text_config.max_position_embeddings
-        processor = BLIP4CIRProcessor(image_processor=image_processor, tokenizer=tok)
-    card = _model_card(model, original, Path(checkpoint).name, tokenizer)
-    return write_converted(model, processor, card, output_dir, push_to_hub,
-                           overwrite=overwrite_output_dir, protect=[checkpoint])
+    return write_converted(model, processor, _model_card(model, original, checkpoint, tokenizer_name), output_dir,
+                           push_to_hub, overwrite=overwrite_output_dir, protect=[checkpoint])
 
 
-def _model_card(model, original, checkpoint_name, tokenizer) -> str:
+def _model_card(model, original, checkpoint, tokenizer_name) -> str:
     config = model.config
     vision, text = config.vision_config, config.text_config
-    tokenizer_name = tokenizer if isinstance(tokenizer, (str, os.PathLike)) else type(tokenizer).__name__
-    return f"""---
-library_name: transformers
-tags: [composed-image-retrieval, spn4cir, blip4cir]
----
-# BLIP4CIR converted from `{checkpoint_name}`
-
-Converted with `python -m modeling_spn4cir.convert_original_checkpoint` from the original
-`{original.source_format}` format{f" (epoch {original.epoch})" if original.epoch is not None else ""}.
-
-| field | value |
-|---|---|
-| image tower | BLIP ViT patch={vision.patch_size} width={vision.hidden_size} layers={vision.num_hidden_layers} heads={vision.num_attention_heads}, {config.image_size} px |
-| text encoder | BERT width={text.hidden_size} layers={text.num_hidden_layers} heads={text.num_attention_heads}, cross-attention to {config.num_image_tokens} ViT tokens |
-| embedding dim | {config.embed_dim} |
-| temperature (learnable tau) | {model.tau.item():.6g} |
-| tokenizer | {tokenizer_name if tokenizer is not None else "not included"} (+ [DEC], [ENC]; [ENC] replaces [CLS]) |
-| preprocessing | TargetPad 1.25, bicubic, {config.image_size} px, CLIP mean/std |
-
-```python
-import modeling_spn4cir  # or pass trust_remote_code=True
-from transformers import AutoModel, AutoProcessor
-model = AutoModel.from_pretrained("<this repo>")
-processor = AutoProcessor.from_pretrained("<this repo>")
-```
-Reference features (what stage 2 banks) are the reference image's ViT tokens `[N, {config.num_image_tokens}, {vision.hidden_size}]`.
-"""
+    rows = [("image tower", f"BLIP ViT patch={vision.patch_size} width={vision.hidden_size} layers="
+                            f"{vision.num_hidden_layers} heads={vision.num_attention_heads}, {config.image_size} px"),
+            ("text encoder", f"BERT width={text.hidden_size} layers={text.num_hidden_layers} heads="
+                             f"{text.num_attention_heads}, cross-attention to {config.num_image_tokens} ViT tokens"),
+            ("embedding dim", config.embed_dim), ("temperature (learnable tau)", f"{model.tau.item():.6g}"),
+            ("tokenizer", f"{tokenizer_name or 'not included'} (+ [DEC], [ENC]; [ENC] replaces [CLS])"),
+            ("preprocessing", f"TargetPad 1.25, bicubic, {config.image_size} px, CLIP mean/std")]
+    note = ("Reference features (what stage 2 banks) are the reference image's ViT tokens "
+            f"`[N, {config.num_image_tokens}, {vision.hidden_size}]`.")
+    return conversion_card(SPEC.title, [SPEC.name], checkpoint, original, rows, note=note)
 
 
 def main(argv=None):
     parser = converter_parser(__doc__, "SPN4CIR best.pt (stage 2) or BLIP4CIR stage-1 .pt",
                               "BERT tokenizer (Hub id, directory or vocab.txt), e.g. bert-base-uncased", TOWERS,
                               "tau; default: the checkpoint's tau (stage 2), else 0.03")
-    args = parser.parse_args(argv)
-    with allow_nonfinite_weights(args.allow_nonfinite_weights):
-        out = convert_original_checkpoint(args.checkpoint, args.output_dir, tokenizer=args.tokenizer,
-                                          push_to_hub=args.push_to_hub, num_heads=args.num_heads,
-                                          temperature=args.temperature, image_size=args.image_size,
-                                          overwrite_output_dir=args.overwrite_output_dir)
-    print(f"wrote {out}")
+    run_converter(parser, convert_original_checkpoint, argv)
 
 
 if __name__ == "__main__":

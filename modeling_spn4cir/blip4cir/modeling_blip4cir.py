@@ -21,7 +21,7 @@ from torch import nn
 from transformers import BlipTextModel, BlipVisionModel, PreTrainedModel
 from transformers import initialization as init
 
-from .cir_contract import CIRModelMixin, CIRModelOutput
+from .cir_contract import CIRModelMixin, CIRModelOutput, load_base_weights
 from .configuration_blip4cir import BLIP4CIRConfig
 
 
@@ -139,41 +139,24 @@ class BLIP4CIRModel(CIRModelMixin, BLIP4CIRPreTrainedModel):
         """ViT token states `[N, T, Hv]` -> L2-normalized target embeddings `[N, E]`."""
         return self.project_image_tokens(reference_features)
 
-    def get_query_embeds(
-        self,
-        input_ids: torch.LongTensor,
-        attention_mask: torch.Tensor | None = None,
-        reference_features: torch.Tensor | None = None,
-        pixel_values: torch.FloatTensor | None = None,
-        reverse: bool = False,
-    ) -> torch.FloatTensor:
-        """
-        Composed query embeddings `[B, E]`, L2-normalized: `normalize(text_proj(H[:, 0]))`.
-
-        Args:
-            input_ids, attention_mask: `[B, L]` modification texts (position 0 is set to `[ENC]`).
-            reference_features: `[B, T, Hv]` reference ViT tokens (stage 2: read from the reference bank, any dtype).
-            pixel_values: `[B, 3, S, S]` reference images, encoded here when `reference_features` is None.
-            reverse: mark the text as reversed with the learnable reversal token ("+Bi"; needs `bidirectional`).
-        """
-        if reference_features is None:
-            if pixel_values is None:
-                raise ValueError("get_query_embeds needs `reference_features` or reference `pixel_values`.")
-            reference_features = self.get_reference_features(pixel_values)
-        self._check_reference_features(reference_features, input_ids.shape[0])
+    def get_query_embeds(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
+                         reference_features: torch.Tensor | None = None, pixel_values: torch.FloatTensor | None = None,
+                         reverse: bool = False) -> torch.FloatTensor:
+        """Texts `input_ids`, `attention_mask` `[B, L]` (position 0 is set to `[ENC]`) encoded against the references'
+        ViT tokens `[B, T, Hv]` (from a bank, any dtype, or encoded from `pixel_values` `[B, 3, S, S]`) ->
+        `normalize(text_proj(H[:, 0]))` `[B, E]`. `reverse`: mark the texts as reversed with the learnable reversal
+        token ("+Bi"; needs `bidirectional`)."""
+        reference_features = self.reference_features_for(input_ids, reference_features, pixel_values)
+        self._check_reference_features(reference_features)
         hidden = self.encode_text(input_ids, attention_mask, reference_features, reverse=reverse).last_hidden_state
         return F.normalize(self.text_proj(hidden[:, 0, :]), dim=-1)
 
-    def _check_reference_features(self, reference_features: torch.Tensor, batch: int) -> None:
+    def _check_reference_features(self, reference_features: torch.Tensor) -> None:
         width = self.config.vision_config.hidden_size
         if reference_features.ndim != 3 or reference_features.shape[-1] != width:
             raise ValueError(
                 f"reference_features have shape {tuple(reference_features.shape)}, BLIP4CIR expects ViT tokens "
                 f"[B, T, {width}]; was the reference bank built with another model?"
-            )
-        if reference_features.shape[0] != batch:
-            raise ValueError(
-                f"{reference_features.shape[0]} reference features for {batch} texts; pass one reference per text."
             )
 
     def get_temperature(self) -> torch.Tensor:
@@ -185,43 +168,22 @@ class BLIP4CIRModel(CIRModelMixin, BLIP4CIRPreTrainedModel):
         is a stage-1 parameter: stage 2 has no reversed queries, so it stays frozen there.)"""
         return {"text_encoder": self.text_encoder, "text_proj": self.text_proj, "tau": self.tau}
 
-    def train(self, mode: bool = True):
-        """As the mixin; in stage 2 (after `freeze_target_side()`) every submodule also stays in eval mode unless
-        `config.stage2_dropout`: SPN4CIR's train.py calls `model.blip.eval()` before its stage-2 steps."""
-        super().train(mode)
-        if mode and getattr(self, "_target_side_frozen", False) and not self.config.stage2_dropout:
-            for child in self.children():
-                child.eval()
-        return self
+    def eval_mode_modules(self) -> list[nn.Module]:
+        """As the mixin; in stage 2 (after `freeze_target_side()`) every submodule, unless `config.stage2_dropout`:
+        SPN4CIR's train.py calls `model.blip.eval()` before its stage-2 steps."""
+        if self.target_side_frozen and not self.config.stage2_dropout:
+            return list(self.children())
+        return super().eval_mode_modules()
 
-    def forward(
-        self,
-        input_ids: torch.LongTensor,
-        attention_mask: torch.Tensor | None = None,
-        pixel_values: torch.FloatTensor | None = None,
-        reference_features: torch.Tensor | None = None,
-        target_pixel_values: torch.FloatTensor | None = None,
-        target_embeds: torch.Tensor | None = None,
-        return_reverse_terms: bool = False,
-        **kwargs,
-    ) -> BLIP4CIROutput:
-        """
-        Args:
-            input_ids, attention_mask: `[B, L]` modification texts.
-            pixel_values: `[B, 3, S, S]` reference images (or pass `reference_features` `[B, T, Hv]`).
-            target_pixel_values: `[B_t, 3, S, S]` target images (or pass `target_embeds` `[B_t, E]`).
-            return_reverse_terms: with `config.bidirectional`, also compute the "+Bi" reversed queries (target
-                tokens + reversal token + text; needs `target_pixel_values`) and the reference embeddings.
-
-        Returns:
-            [`BLIP4CIROutput`]: `query_embeds` `[B, E]`, `target_embeds`, `logits` `[B, B_t]`
-            (`similarity / tau`), `temperature` (`tau`), and the reverse terms when asked for.
-            No loss: SPN's losses are `trainers.losses` modules.
-        """
-        if reference_features is None:
-            if pixel_values is None:
-                raise ValueError("forward needs `reference_features` or reference `pixel_values`.")
-            reference_features = self.get_reference_features(pixel_values)
+    def forward(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
+                pixel_values: torch.FloatTensor | None = None, reference_features: torch.Tensor | None = None,
+                target_pixel_values: torch.FloatTensor | None = None, target_embeds: torch.Tensor | None = None,
+                return_reverse_terms: bool = False) -> BLIP4CIROutput:
+        """The contract's forward (`reference_features` `[B, T, Hv]`, `target_embeds` `[B_t, E]`) as a
+        [`BLIP4CIROutput`] carrying `temperature` (`tau`; logits are `similarity / tau`). `return_reverse_terms`:
+        with `config.bidirectional`, also the "+Bi" reversed queries (target tokens + reversal token + text; needs
+        `target_pixel_values`) and the reference embeddings. No loss: the losses are loss modules."""
+        reference_features = self.reference_features_for(input_ids, reference_features, pixel_values, "forward")
         query_embeds = self.get_query_embeds(input_ids, attention_mask, reference_features=reference_features)
         target_tokens = None
         if target_embeds is None and target_pixel_values is not None:
@@ -269,17 +231,8 @@ class BLIP4CIRModel(CIRModelMixin, BLIP4CIRPreTrainedModel):
             bidirectional=bidirectional,
             **kwargs,
         )
-        model = cls(config)
         state = {k: v for k, v in blip.state_dict().items() if not k.startswith("itm_head.")}
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        missing = [k for k in missing if k not in ("tau", "reversal_token")]
-        if missing or unexpected:
-            raise ValueError(
-                f"BLIP checkpoint {name_or_path!r} does not match BLIP4CIR: missing {missing[:5]}, "
-                f"unexpected {unexpected[:5]}."
-            )
-        model.name_or_path = str(name_or_path)
-        return model
+        return load_base_weights(cls(config), state, name_or_path, is_new=lambda key: key in ("tau", "reversal_token"))
 
 
 __all__ = ["BLIP4CIRModel", "BLIP4CIROutput", "BLIP4CIRPreTrainedModel"]

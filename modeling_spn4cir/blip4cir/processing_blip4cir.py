@@ -1,8 +1,8 @@
 """Processor of BLIP4CIR: BLIP's BERT tokenizer (with `[DEC]` and `[ENC]`) and an image processor.
 
-The image processor is the project's `CLIP4CIRImageProcessor` configured with BLIP4CIR's preprocessing
-(TargetPad 1.25, bicubic resize, center crop to 384, CLIP mean/std, as SPN4CIR's `blip4cir/data_utils.py`). It
-is referenced by its registered class name, not imported: saved directories carry its own code file.
+The image processor is the shared `CLIP4CIRImageProcessor` (`cir_contract.py`) configured with BLIP4CIR's
+preprocessing (TargetPad 1.25, bicubic resize, center crop to 384, CLIP mean/std, as SPN4CIR's
+`blip4cir/data_utils.py`).
 """
 
 from transformers import BertTokenizer

@@ -1,7 +1,7 @@
 """CLIP4CIR: a CLIP dual encoder for composed image retrieval, with sum fusion (SPN4CIR) or CLIP4Cir's Combiner.
 
-Implements the CIR model contract (`get_target_embeds`, `get_reference_features`, `get_query_embeds`,
-`query_side_parameters`, `forward`). Self-contained on purpose (relative imports only) so that
+Implements the CIR model contract (`get_reference_features`, `target_embeds_from_reference_features`,
+`get_query_embeds`, `query_side_modules`; the contract's default `forward`). Self-contained on purpose (relative imports only) so that
 `save_pretrained` can ship it for `trust_remote_code` loading.
 
 Parameter names of the CLIP parts equal `transformers.CLIPModel`'s (`text_model.*`, `text_projection`,
@@ -15,7 +15,7 @@ from transformers import CLIPModel, CLIPTextModel, CLIPVisionModel
 from transformers import initialization as init
 from transformers.models.clip.modeling_clip import CLIPPreTrainedModel
 
-from .cir_contract import CIRModelMixin, CIRModelOutput
+from .cir_contract import CIRModelMixin, CIRModelOutput, clip_tower_configs, load_base_weights
 from .configuration_clip4cir import CLIP4CIRConfig
 from .modeling_clip_resnet import AttentionPool2d, ModifiedResNet
 
@@ -139,30 +139,12 @@ class CLIP4CIRModel(CIRModelMixin, CLIP4CIRPreTrainedModel):
             return F.normalize(reference_features + text_features, dim=-1)
         return self.combiner(reference_features, text_features)
 
-    def get_query_embeds(
-        self,
-        input_ids: torch.LongTensor,
-        attention_mask: torch.Tensor | None = None,
-        reference_features: torch.Tensor | None = None,
-        pixel_values: torch.FloatTensor | None = None,
-    ) -> torch.FloatTensor:
-        """
-        Composed query embeddings `[B, D]`, L2-normalized.
-
-        Args:
-            input_ids, attention_mask: `[B, L]` modification texts.
-            reference_features: `[B, D]` cached reference features (stage 2: read from the reference bank).
-            pixel_values: `[B, 3, S, S]` reference images, encoded here when `reference_features` is None.
-        """
-        if reference_features is None:
-            if pixel_values is None:
-                raise ValueError("get_query_embeds needs `reference_features` or reference `pixel_values`.")
-            reference_features = self.get_reference_features(pixel_values)
-        if reference_features.shape[0] != input_ids.shape[0]:
-            raise ValueError(
-                f"{reference_features.shape[0]} reference features for {input_ids.shape[0]} texts; "
-                "pass one reference per modification text."
-            )
+    def get_query_embeds(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
+                         reference_features: torch.Tensor | None = None,
+                         pixel_values: torch.FloatTensor | None = None) -> torch.FloatTensor:
+        """Texts `input_ids`, `attention_mask` `[B, L]` fused with the references' features `[B, D]` (from a bank,
+        or encoded from `pixel_values` `[B, 3, S, S]`) -> L2-normalized queries `[B, D]`."""
+        reference_features = self.reference_features_for(input_ids, reference_features, pixel_values)
         if reference_features.shape[-1] != self.config.projection_dim:
             raise ValueError(
                 f"reference_features have dimension {reference_features.shape[-1]}, the model expects "
@@ -178,41 +160,22 @@ class CLIP4CIRModel(CIRModelMixin, CLIP4CIRPreTrainedModel):
             modules["combiner"] = self.combiner
         return modules
 
-    def forward(
-        self,
-        input_ids: torch.LongTensor,
-        attention_mask: torch.Tensor | None = None,
-        pixel_values: torch.FloatTensor | None = None,
-        reference_features: torch.Tensor | None = None,
-        target_pixel_values: torch.FloatTensor | None = None,
-        target_embeds: torch.Tensor | None = None,
-        **kwargs,
-    ) -> CIRModelOutput:
-        """
-        Args:
-            input_ids, attention_mask: `[B, L]` modification texts.
-            pixel_values: `[B, 3, S, S]` reference images (or pass `reference_features` `[B, D]`).
-            target_pixel_values: `[B_t, 3, S, S]` target images (or pass `target_embeds` `[B_t, D]`).
+    def get_text_query_embeds(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None):
+        """Sum fusion composes without an image: the normalized text feature `[B, D]` (a zero reference)."""
+        if self.config.fusion != "sum":
+            return super().get_text_query_embeds(input_ids, attention_mask)
+        no_image = torch.zeros(input_ids.shape[0], self.config.projection_dim, device=input_ids.device)
+        return self.get_query_embeds(input_ids, attention_mask, reference_features=no_image)
 
-        Returns:
-            [`CIRModelOutput`] with `query_embeds` `[B, D]` and, with targets, `target_embeds` `[B_t, D]` and
-            `logits` `[B, B_t]` (`similarity / temperature`). SPN's losses are `trainers.losses` modules.
-        """
-        query_embeds = self.get_query_embeds(input_ids, attention_mask, reference_features, pixel_values)
-        if target_embeds is None and target_pixel_values is not None:
-            target_embeds = self.get_target_embeds(target_pixel_values)
-        return self.cir_output(query_embeds, target_embeds)
-
-    def train(self, mode: bool = True):
-        """As `nn.Module.train`, but the CLIP towers stay in eval mode unless `config.clip_train_mode`: CLIP4Cir
-        and SPN4CIR train the CLIP in eval mode, so BatchNorm (ModifiedResNet) uses and keeps its running
-        statistics. The Combiner follows `mode`."""
-        super().train(mode)
-        if mode and not self.config.clip_train_mode:
-            for tower in (self.text_model, self.text_projection, self.vision_model, self.visual_projection):
-                if tower is not None:
-                    tower.eval()
-        return self
+    def eval_mode_modules(self) -> list[nn.Module]:
+        """As the mixin, plus the CLIP towers unless `config.clip_train_mode`: CLIP4Cir and SPN4CIR train the CLIP in
+        eval mode, so BatchNorm (ModifiedResNet) uses and keeps its running statistics. The Combiner follows
+        `train()`."""
+        modules = super().eval_mode_modules()
+        if not self.config.clip_train_mode:
+            towers = (self.text_model, self.text_projection, self.vision_model, self.visual_projection)
+            modules += [tower for tower in towers if tower is not None]
+        return modules
 
     # --------------------------------------------------------------------------------- construction
     @classmethod
@@ -226,29 +189,9 @@ class CLIP4CIRModel(CIRModelMixin, CLIP4CIRPreTrainedModel):
         from random weights.
         """
         clip = CLIPModel.from_pretrained(clip_name_or_path)
-        projection_dim = clip.config.projection_dim
-        text_config = clip.config.text_config.to_dict()
-        vision_config = clip.config.vision_config.to_dict()
-        text_config["projection_dim"] = vision_config["projection_dim"] = projection_dim
-        config = CLIP4CIRConfig(
-            text_config=text_config,
-            vision_config=vision_config,
-            projection_dim=projection_dim,
-            fusion=fusion,
-            temperature=temperature,
-            **kwargs,
-        )
-        model = cls(config)
+        model = cls(CLIP4CIRConfig(**clip_tower_configs(clip), fusion=fusion, temperature=temperature, **kwargs))
         state = {k: v for k, v in clip.state_dict().items() if k != "logit_scale"}
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        missing = [k for k in missing if not k.startswith("combiner.")]
-        if missing or unexpected:
-            raise ValueError(
-                f"CLIP checkpoint {clip_name_or_path!r} does not match CLIP4CIR: missing {missing[:5]}, "
-                f"unexpected {unexpected[:5]}."
-            )
-        model.name_or_path = str(clip_name_or_path)
-        return model
+        return load_base_weights(model, state, clip_name_or_path, is_new=lambda key: key.startswith("combiner."))
 
 
 __all__ = ["CLIP4CIRModel", "CLIP4CIRPreTrainedModel", "CLIP4CIROutput", "Combiner"]

@@ -25,16 +25,17 @@ class SPRCConfig(PreTrainedConfig):
         Dimension D of the joint space (`vision_projection`, `text_projection`).
     ln_vision_eps (`float`, defaults to 1e-5):
         Epsilon of LAVIS' `ln_vision` (`torch.nn.LayerNorm` default), which differs from the ViT blocks' 1e-6.
-    separate_query_qformer (`bool`, defaults to `False`):
-        `False`: one Q-Former does everything (SPRC stage 1, the original's `query_type = 0`). `True`: the
+    tie_query_side (`bool`, defaults to `True`):
+        `True`: one Q-Former does everything (SPRC stage 1, the original's `query_type = 0`). `False`: the
         second (caption-side) pass runs through a separate copy `qformer_query` (+ its `text_projection`), the
-        modules SPN's stage 2 trains (the original's `init_stage2`, `query_type = 1`).
+        modules SPN's stage 2 trains ([`SPRCModel.untie_query_side`], the original's `init_stage2`,
+        `query_type = 1`). (Configs saved before this field existed say `separate_query_qformer`, its negation.)
     temperature (`float`, defaults to 0.05):
         SPN's stage-2 tau (`--tau`, stored by the original as `temp` after `init_stage2`).
     stage1_temperature (`float`, defaults to 0.07):
         Initial value of SPRC's learnable stage-1 temperature (the parameter `temp`).
     stage1_loss (`str`, defaults to `"sprc"`):
-        The stage-1 objective the trainer selects for this family (`trainers.losses_sprc.SPRCStage1Loss`).
+        The stage-1 objective the trainer selects for this family (`losses_sprc.SPRCStage1Loss`).
     freeze_vision_encoder (`bool`, defaults to `True`):
         SPRC trains with a frozen ViT (`freeze_vit=True`; `ln_vision` stays trainable): the ViT's parameters are
         created with `requires_grad=False`.
@@ -48,7 +49,7 @@ class SPRCConfig(PreTrainedConfig):
     num_query_tokens: int = 32
     embed_dim: int = 256
     ln_vision_eps: float = 1e-5
-    separate_query_qformer: bool = False
+    tie_query_side: bool = True
     temperature: float = 0.05
     stage1_temperature: float = 0.07
     stage1_loss: str = "sprc"
@@ -57,6 +58,8 @@ class SPRCConfig(PreTrainedConfig):
     initializer_range: float = 0.02
 
     def __post_init__(self, **kwargs):
+        if "separate_query_qformer" in kwargs:  # the negated field of configs saved before `tie_query_side`
+            self.tie_query_side = not kwargs.pop("separate_query_qformer")
         if isinstance(self.vision_config, dict):
             vision = {k: v for k, v in self.vision_config.items() if k != "model_type"}
             self.vision_config = Blip2VisionConfig(**vision)

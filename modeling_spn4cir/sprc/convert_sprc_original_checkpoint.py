@@ -25,15 +25,10 @@ from pathlib import Path
 
 import torch
 
-from ..conversion_utils import (
-    CheckpointMismatchError,
-    allow_nonfinite_weights,
-    check_state_dict,
-    converter_parser,
-    load_checkpoint,
-    write_converted,
-)
+from ..conversion_utils import (CheckpointMismatchError, check_image_size, check_state_dict, conversion_card,
+                                converter_parser, load_checkpoint, run_converter, write_converted)
 from ..conversion_utils import parse_num_heads as _parse_num_heads
+from . import SPEC
 from .configuration_sprc import SPRCConfig
 from .modeling_sprc import SPRCModel
 
@@ -190,7 +185,7 @@ def infer_config(state: dict[str, torch.Tensor], num_heads: dict[str, int] | Non
         qformer_config=qformer_config,
         num_query_tokens=_require(state, "query_tokens").shape[1],
         embed_dim=_require(state, "vision_proj.weight").shape[0],
-        separate_query_qformer=separate,
+        tie_query_side=not separate,
         **kwargs,
     )
 
@@ -266,7 +261,7 @@ def convert_state_dict(state: dict[str, torch.Tensor], model: SPRCModel) -> dict
             unmapped.append(key)
             continue
         converted[target] = value
-    if "temp" in converted and model.config.separate_query_qformer:
+    if "temp" in converted and not model.config.tie_query_side:
         # Stage 2 overwrote SPRC's learnt temperature with its tau (config.temperature); the stage-1 one is lost.
         converted["temp"] = torch.tensor(model.config.stage1_temperature)
     if unmapped:
@@ -286,95 +281,46 @@ def load_original_model(checkpoint: str | os.PathLike, num_heads: dict[str, int]
     return model.eval(), original
 
 
-def build_tokenizer(tokenizer: str):
-    """BLIP-2's tokenizer: `BertTokenizer` (a Hub id / directory, or a `vocab.txt` file) + `[DEC]` as `bos_token`."""
-    from transformers import BertTokenizer
-
-    if Path(tokenizer).is_file():
-        tok = BertTokenizer(vocab=str(tokenizer), do_lower_case=True)
-    else:
-        tok = BertTokenizer.from_pretrained(tokenizer)
-    if tok.bos_token != "[DEC]":
-        tok.add_special_tokens({"bos_token": "[DEC]"})
-    return tok
-
-
-def convert_original_checkpoint(
-    checkpoint: str | os.PathLike,
-    output_dir: str | os.PathLike,
-    tokenizer: str | None = None,
-    push_to_hub: str | None = None,
-    num_heads: dict[str, int] | list[str] | None = None,
-    temperature: float | None = None,
-    image_size: int | None = None,
-    overwrite_output_dir: bool = False,
-) -> Path:
+def convert_original_checkpoint(checkpoint: str | os.PathLike, output_dir: str | os.PathLike,
+                                tokenizer: str | None = None, push_to_hub: str | None = None,
+                                num_heads: dict[str, int] | list[str] | None = None, temperature: float | None = None,
+                                image_size: int | None = None, overwrite_output_dir: bool = False) -> Path:
     """Convert and write `output_dir` (model.safetensors, config, code, processor or image processor, model card);
     the directory appears complete or not at all. Returns its path."""
-    from ..clip4cir.image_processing_clip4cir import CLIP4CIRImageProcessor
-    from .processing_sprc import SPRCProcessor
-
     model, original = load_original_model(checkpoint, num_heads, temperature)
-    resolution = model.config.image_size
-    if image_size is not None and image_size != resolution:
-        raise ValueError(f"--image_size {image_size} differs from the checkpoint's resolution {resolution}.")
-    image_processor = CLIP4CIRImageProcessor(preprocessing="targetpad", target_ratio=1.25, size=resolution)
-    processor = image_processor
-    if tokenizer is not None:
-        tok = build_tokenizer(tokenizer)
-        vocab = model.config.qformer_config.vocab_size
-        if len(tok) != vocab:
-            raise ValueError(f"tokenizer {tokenizer!r} has {len(tok)} tokens, the Q-Former's word embeddings {vocab}.")
-        processor = SPRCProcessor(image_processor=image_processor, tokenizer=tok)
-    card = _model_card(model, original, Path(checkpoint).name, tokenizer, ignored_keys(original.state_dict))
-    return write_converted(model, processor, card, output_dir, push_to_hub,
+    check_image_size(model, image_size)
+    tok = SPEC.load_tokenizer(tokenizer) if tokenizer is not None else None
+    if tok is not None and len(tok) != model.config.qformer_config.vocab_size:
+        raise ValueError(f"tokenizer {tokenizer!r} has {len(tok)} tokens, the Q-Former's word embeddings "
+                         f"{model.config.qformer_config.vocab_size}.")
+    card = _model_card(model, original, checkpoint, tokenizer, ignored_keys(original.state_dict))
+    return write_converted(model, SPEC.build_processor(model.config, tok), card, output_dir, push_to_hub,
                            overwrite=overwrite_output_dir, protect=[checkpoint])
 
 
-def _model_card(model, original, checkpoint_name, tokenizer, ignored) -> str:
+def _model_card(model, original, checkpoint, tokenizer, ignored) -> str:
     config = model.config
     vision, qformer = config.vision_config, config.qformer_config
     dropped = sorted({re.sub(r"\.\d+\.", ".N.", k) for k in ignored})
-    return f"""---
-library_name: transformers
-tags: [composed-image-retrieval, spn4cir, sprc, blip-2]
----
-# SPRC converted from `{checkpoint_name}`
-
-Converted with `python -m modeling_spn4cir.convert_original_checkpoint` from the original
-`{original.source_format}` format{f" (epoch {original.epoch})" if original.epoch is not None else ""}.
-
-| field | value |
-|---|---|
-| ViT | width {vision.hidden_size}, {vision.num_hidden_layers} layers, {vision.num_attention_heads} heads, {config.image_size} px |
-| Q-Former | width {qformer.hidden_size}, {qformer.num_hidden_layers} layers, {qformer.num_attention_heads} heads, cross-attention every {qformer.cross_attention_frequency} |
-| query tokens / embedding dim | {config.num_query_tokens} / {config.embed_dim} |
-| stage-2 query-side copy | {"yes (qformer_query)" if config.separate_query_qformer else "no (stage-1 model)"} |
-| temperature (stage-2 tau) | {config.temperature} |
-| tokenizer | {tokenizer or "not included"} |
-| preprocessing | TargetPad 1.25, bicubic, CLIP mean/std; captions: LAVIS pre_caption, 32 tokens |
-| dropped keys | {", ".join(dropped) or "none"} |
-
-```python
-import modeling_spn4cir  # or pass trust_remote_code=True
-from transformers import AutoModel, AutoProcessor
-model = AutoModel.from_pretrained("<this repo>")  # dtype=torch.bfloat16 runs the ViT in bf16, the rest in fp32
-```
-Scores are `max_q query . target[q]` over the 32 target tokens (`model.similarity`).
-"""
+    rows = [("ViT", f"width {vision.hidden_size}, {vision.num_hidden_layers} layers, {vision.num_attention_heads} "
+                    f"heads, {config.image_size} px"),
+            ("Q-Former", f"width {qformer.hidden_size}, {qformer.num_hidden_layers} layers, {qformer.num_attention_heads} "
+                         f"heads, cross-attention every {qformer.cross_attention_frequency}"),
+            ("query tokens / embedding dim", f"{config.num_query_tokens} / {config.embed_dim}"),
+            ("stage-2 query-side copy", "no (stage-1 model)" if config.tie_query_side else "yes (qformer_query)"),
+            ("temperature (stage-2 tau)", config.temperature), ("tokenizer", tokenizer or "not included"),
+            ("preprocessing", "TargetPad 1.25, bicubic, CLIP mean/std; captions: LAVIS pre_caption, 32 tokens"),
+            ("dropped keys", ", ".join(dropped) or "none")]
+    note = ("Scores are `max_q query . target[q]` over the 32 target tokens (`model.similarity`). "
+            "`AutoModel.from_pretrained(..., dtype=torch.bfloat16)` runs the ViT in bf16, the rest in fp32.")
+    return conversion_card(SPEC.title, [SPEC.name, "blip-2"], checkpoint, original, rows, note=note)
 
 
 def main(argv=None):
     parser = converter_parser(__doc__, "SPN4CIR stage-2 best.pt, or SPRC stage-1 .pt",
                               "bert-base-uncased (Hub id or directory) or a vocab.txt; [DEC] is added", TOWERS,
                               "stage-2 tau; default: the stage-2 checkpoint's temp, or 0.05")
-    args = parser.parse_args(argv)
-    with allow_nonfinite_weights(args.allow_nonfinite_weights):
-        out = convert_original_checkpoint(args.checkpoint, args.output_dir, tokenizer=args.tokenizer,
-                                          push_to_hub=args.push_to_hub, num_heads=args.num_heads,
-                                          temperature=args.temperature, image_size=args.image_size,
-                                          overwrite_output_dir=args.overwrite_output_dir)
-    print(f"wrote {out}")
+    run_converter(parser, convert_original_checkpoint, argv)
 
 
 if __name__ == "__main__":

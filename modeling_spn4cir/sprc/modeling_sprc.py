@@ -28,7 +28,7 @@ from transformers import Blip2ForImageTextRetrieval, Blip2QFormerModel, Blip2Vis
 from transformers import initialization as init
 from transformers.models.blip_2.modeling_blip_2 import Blip2PreTrainedModel, Blip2TextEmbeddings
 
-from .cir_contract import CIRModelMixin, CIRModelOutput
+from .cir_contract import CIRModelMixin, CIRModelOutput, load_base_weights
 from .configuration_sprc import SPRCConfig
 
 
@@ -53,6 +53,11 @@ class SPRCOutput(CIRModelOutput):
     prompt_text_embeds: torch.FloatTensor | None = None
     prompt_tokens: torch.FloatTensor | None = None
     temperature: torch.FloatTensor | None = None
+
+
+def _not_in_blip2(key: str) -> bool:
+    """SPRC's parameters that a BLIP-2 retrieval checkpoint has no weights for."""
+    return key in ("prompt_tokens", "temp") or key.startswith("qformer_query.")
 
 
 class SPRCQueryEncoder(nn.Module):
@@ -111,7 +116,7 @@ class SPRCModel(CIRModelMixin, SPRCPreTrainedModel):
       `[h; caption]` without an image; its `[CLS]` output, projected and normalized, is the query `[B, D]`;
     - `similarity` = max over the target's tokens (the contract's 3-D rule).
 
-    SPN's stage 2 (`freeze_target_side`, which first makes the copy as the original's `init_stage2`) trains only
+    SPN's stage 2 (after `untie_query_side`, which makes the copy as the original's `init_stage2`) trains only
     `qformer_query` (its embeddings, Q-Former and text projection).
     """
 
@@ -129,7 +134,7 @@ class SPRCModel(CIRModelMixin, SPRCPreTrainedModel):
         self.itm_head = nn.Linear(hidden, 2)  # kept from BLIP-2 / SPRC checkpoints; unused by retrieval
         self.prompt_tokens = nn.Parameter(torch.zeros(1, config.num_query_tokens, hidden))
         self.temp = nn.Parameter(torch.tensor(float(config.stage1_temperature)))
-        self.qformer_query = SPRCQueryEncoder(config) if config.separate_query_qformer else None
+        self.qformer_query = None if config.tie_query_side else SPRCQueryEncoder(config)
         self.post_init()
         self.freeze_vision_encoder()
 
@@ -193,9 +198,7 @@ class SPRCModel(CIRModelMixin, SPRCPreTrainedModel):
                           reference_features: torch.Tensor) -> torch.FloatTensor:
         """Pass 1: the Q-Former on `[query_tokens; caption]`, the queries cross-attending the reference tokens
         `[B, T, W]` -> last hidden state `[B, Q + L, H]`."""
-        if reference_features.shape[0] != input_ids.shape[0]:
-            raise ValueError(f"{reference_features.shape[0]} reference features for {input_ids.shape[0]} texts; "
-                             "pass one reference per modification text.")
+        reference_features = self.reference_features_for(input_ids, reference_features)
         if reference_features.ndim != 3 or reference_features.shape[-1] != self.config.vision_config.hidden_size:
             raise ValueError(
                 f"reference_features of shape {tuple(reference_features.shape)}; the model expects ViT tokens "
@@ -215,10 +218,8 @@ class SPRCModel(CIRModelMixin, SPRCPreTrainedModel):
                           pixel_values: torch.FloatTensor | None = None) -> torch.FloatTensor:
         """Pass-1 fusion states `h` `[B, Q, H]` of reference images (tokens or pixels) and captions: what the
         original's stage-2 reference bank stores (`get_refer_bank_feats`)."""
-        if reference_features is None:
-            if pixel_values is None:
-                raise ValueError("get_fusion_states needs `reference_features` or reference `pixel_values`.")
-            reference_features = self.get_reference_features(pixel_values)
+        reference_features = self.reference_features_for(input_ids, reference_features, pixel_values,
+                                                         "get_fusion_states")
         output = self.get_fusion_output(input_ids, attention_mask, reference_features)
         return output[:, : self.config.num_query_tokens]
 
@@ -227,7 +228,8 @@ class SPRCModel(CIRModelMixin, SPRCPreTrainedModel):
         if not use:
             return self.embeddings, self.qformer, self.text_projection
         if self.qformer_query is None:
-            raise ValueError("This model has no separate query-side Q-Former (call `init_stage2()` first).")
+            raise ValueError("This model has no separate query-side Q-Former yet: call `model.untie_query_side()` "
+                             "first (CIRTrainer does it for --stage candidate_bank).")
         return self.qformer_query.embeddings, self.qformer_query.qformer, self.qformer_query.text_projection
 
     def get_query_text_output(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None,
@@ -250,24 +252,13 @@ class SPRCModel(CIRModelMixin, SPRCPreTrainedModel):
         output = self.get_query_text_output(input_ids, attention_mask, fusion_states, use_query_qformer)
         return F.normalize(projection(output[:, self.config.num_query_tokens]), dim=-1)
 
-    def get_query_embeds(
-        self,
-        input_ids: torch.LongTensor,
-        attention_mask: torch.Tensor | None = None,
-        reference_features: torch.Tensor | None = None,
-        pixel_values: torch.FloatTensor | None = None,
-        fusion_states: torch.Tensor | None = None,
-    ) -> torch.FloatTensor:
-        """
-        Composed query embeddings `[B, D]`, L2-normalized.
-
-        Args:
-            input_ids, attention_mask: `[B, L]` modification texts (the SPRC processor pads to 32).
-            reference_features: `[B, T, W]` reference ViT tokens (`get_reference_features`, e.g. from a bank).
-            pixel_values: `[B, 3, S, S]` reference images, encoded here when no features are passed.
-            fusion_states: `[B, Q, H]` precomputed pass-1 states (the original's stage-2 `refer_bank`); pass 1 is
-                then skipped.
-        """
+    def get_query_embeds(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
+                         reference_features: torch.Tensor | None = None, pixel_values: torch.FloatTensor | None = None,
+                         fusion_states: torch.Tensor | None = None) -> torch.FloatTensor:
+        """Texts `input_ids`, `attention_mask` `[B, L]` (the SPRC processor pads to 32) composed with the references'
+        ViT tokens `[B, T, W]` (from a bank, or encoded from `pixel_values` `[B, 3, S, S]`) -> L2-normalized queries
+        `[B, D]`. `fusion_states` `[B, Q, H]`: precomputed pass-1 states (the original's stage-2 `refer_bank`);
+        pass 1 is then skipped."""
         if fusion_states is None:
             fusion_states = self.get_fusion_states(input_ids, attention_mask, reference_features, pixel_values)
         return self.query_embeds_from_fusion_states(input_ids, attention_mask, fusion_states)
@@ -288,50 +279,30 @@ class SPRCModel(CIRModelMixin, SPRCPreTrainedModel):
         return F.normalize(self.text_projection(output[:, 0]), dim=-1)
 
     # ----------------------------------------------------------------------------------------------- stages
-    def init_stage2(self) -> None:
-        """The original's `init_stage2`: split the caption-side pass off into a trainable copy (`qformer_query`) of
-        the text embeddings, the Q-Former and `text_projection`. No-op when the model already has it."""
+    def untie_query_side(self) -> None:
+        """SPN's stage-2 preparation, the original's `init_stage2`: split the caption-side pass off into a trainable
+        copy (`qformer_query`) of the text embeddings, the Q-Former and `text_projection`, recorded as
+        `config.tie_query_side = False`. No-op when the model already has it."""
         if self.qformer_query is not None:
             return
         self.qformer_query = SPRCQueryEncoder(self.config, copy_from=self)
-        self.config.separate_query_qformer = True
+        self.config.tie_query_side = False
 
     def query_side_modules(self) -> dict[str, nn.Module]:
         """What SPN's stage 2 trains: the caption-side copy (`Qformer_query` + `text_proj_q` in the original)."""
         if self.qformer_query is None:
             raise RuntimeError("SPRC's stage 2 trains a copy of the caption-side Q-Former that this model does not "
-                               "have yet: call `model.init_stage2()` (freeze_target_side() does it).")
+                               "have yet: call `model.untie_query_side()` first (CIRTrainer does it for --stage "
+                               "candidate_bank).")
         return {"qformer_query": self.qformer_query}
 
-    def freeze_target_side(self) -> None:
-        """Stage 2: make the query-side copy if needed (`init_stage2`), then train only it."""
-        self.init_stage2()
-        super().freeze_target_side()
-
-    def forward(
-        self,
-        input_ids: torch.LongTensor,
-        attention_mask: torch.Tensor | None = None,
-        pixel_values: torch.FloatTensor | None = None,
-        reference_features: torch.Tensor | None = None,
-        target_pixel_values: torch.FloatTensor | None = None,
-        target_embeds: torch.Tensor | None = None,
-        fusion_states: torch.Tensor | None = None,
-        return_stage1_terms: bool = False,
-        **kwargs,
-    ) -> SPRCOutput:
-        """
-        Args:
-            input_ids, attention_mask: `[B, L]` modification texts.
-            pixel_values: `[B, 3, S, S]` reference images (or `reference_features` `[B, T, W]`, or `fusion_states`).
-            target_pixel_values: `[B_t, 3, S, S]` target images (or `target_embeds` `[B_t, Q, D]`).
-            fusion_states: `[B, Q, H]` precomputed pass-1 states (the original's stage-2 reference bank).
-            return_stage1_terms: also return what SPRC's stage-1 objective needs (`trainers.losses_sprc`).
-
-        Returns:
-            [`SPRCOutput`]: `query_embeds` `[B, D]`, with targets `target_embeds` `[B_t, Q, D]` and `logits`
-            `[B, B_t]` (`similarity / config.temperature`). Losses are computed by `trainers` modules.
-        """
+    def forward(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
+                pixel_values: torch.FloatTensor | None = None, reference_features: torch.Tensor | None = None,
+                target_pixel_values: torch.FloatTensor | None = None, target_embeds: torch.Tensor | None = None,
+                fusion_states: torch.Tensor | None = None, return_stage1_terms: bool = False) -> SPRCOutput:
+        """The contract's forward (`reference_features` `[B, T, W]` or pass-1 `fusion_states` `[B, Q, H]`, the
+        original's stage-2 reference bank; `target_embeds` `[B_t, Q, D]`) as an [`SPRCOutput`]; with
+        `return_stage1_terms`, also what SPRC's stage-1 objective needs (`losses_sprc`). No loss is computed here."""
         if fusion_states is None:
             fusion_states = self.get_fusion_states(input_ids, attention_mask, reference_features, pixel_values)
         query_embeds = self.query_embeds_from_fusion_states(input_ids, attention_mask, fusion_states)
@@ -368,17 +339,11 @@ class SPRCModel(CIRModelMixin, SPRCPreTrainedModel):
             temperature=temperature,
             **kwargs,
         )
-        model = cls(config)
-        missing, unexpected = model.load_state_dict(blip.state_dict(), strict=False)
-        missing = [k for k in missing if k not in ("prompt_tokens", "temp") and not k.startswith("qformer_query.")]
-        if missing or unexpected:
-            raise ValueError(f"BLIP-2 checkpoint {blip2_name_or_path!r} does not match SPRC: missing {missing[:5]}, "
-                             f"unexpected {unexpected[:5]}.")
-        if model.qformer_query is not None:  # separate_query_qformer=True asked for: start the copy from the shared
+        model = load_base_weights(cls(config), blip.state_dict(), blip2_name_or_path, _not_in_blip2)
+        if not model.config.tie_query_side:  # an untied model asked for: start the copy from the shared Q-Former
             model.qformer_query = None
-            model.config.separate_query_qformer = False
-            model.init_stage2()
-        model.name_or_path = str(blip2_name_or_path)
+            model.config.tie_query_side = True
+            model.untie_query_side()
         return model
 
 

@@ -1,14 +1,15 @@
 """Processor of the SPRC family: BLIP-2's BERT tokenizer (with `[DEC]`) and LAVIS' caption pre-processing, plus an
 image processor with BLIP-2's resolution and normalization.
 
-The image processor is the project's `CLIP4CIRImageProcessor` (TargetPad 1.25, bicubic resize, center crop, OpenAI
-CLIP mean/std: exactly `blip24cir/data_utils.py:targetpad_transform`), configured at the ViT's resolution (224
-for BLIP-2's ViT-g). It is loaded by class name through `AutoImageProcessor` (its own file travels with saved
-checkpoints), so this file imports nothing from the other families.
+The image processor is the shared `CLIP4CIRImageProcessor` (`cir_contract.py`: TargetPad 1.25, bicubic resize, center
+crop, OpenAI CLIP mean/std: exactly `blip24cir/data_utils.py:targetpad_transform`), configured at the ViT's
+resolution (224 for BLIP-2's ViT-g).
 """
 
 import re
+from pathlib import Path
 
+from transformers import BertTokenizer
 from transformers.processing_utils import ProcessorMixin
 
 from .cir_contract import CIRProcessorMixin
@@ -24,6 +25,17 @@ def pre_caption(caption: str, max_words: int = 50) -> str:
     if len(words) > max_words:
         caption = " ".join(words[:max_words])
     return caption
+
+
+def build_blip2_tokenizer(name_or_path: str):
+    """BLIP-2's tokenizer: `BertTokenizer` (a Hub id / directory, or a `vocab.txt` file) + `[DEC]` as `bos_token`."""
+    if Path(name_or_path).is_file():
+        tokenizer = BertTokenizer(vocab=str(name_or_path), do_lower_case=True)
+    else:
+        tokenizer = BertTokenizer.from_pretrained(name_or_path)
+    if tokenizer.bos_token != "[DEC]":
+        tokenizer.add_special_tokens({"bos_token": "[DEC]"})
+    return tokenizer
 
 
 class SPRCProcessor(CIRProcessorMixin, ProcessorMixin):
@@ -59,4 +71,4 @@ class SPRCProcessor(CIRProcessorMixin, ProcessorMixin):
         return super().encode_text(self.preprocess_text(text), return_tensors, **kwargs)
 
 
-__all__ = ["SPRCProcessor", "pre_caption"]
+__all__ = ["SPRCProcessor", "build_blip2_tokenizer", "pre_caption"]

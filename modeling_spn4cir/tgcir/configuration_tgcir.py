@@ -25,14 +25,15 @@ class TGCIRConfig(PreTrainedConfig):
         P: global tokens = the projected CLIP embedding times `relu(masks.weight[p])`.
     num_local_tokens (`int`, defaults to 8):
         Q: local tokens of the token learner (one sigmoid spatial attention each).
-    share_token_learner (`bool`, defaults to `False`):
+    tie_query_side (`bool`, defaults to `False`):
         `True`: the text side uses the image side's token learner and masks (the original TG-CIR, stage 1).
         `False`: the text side has its own copies (`tokenlearn_text`, `masks_text`; SPN4CIR's stage 2).
-        [`TGCIRModel.freeze_target_side`] unties them the way the original's stage 2 does.
+        [`TGCIRModel.untie_query_side`] unties them the way the original's stage 2 does. (Configs saved before
+        this field existed say `share_token_learner`, read as the same value.)
     temperature (`float`, defaults to 0.02):
         SPN stage-2 InfoNCE temperature tau (0.02 FashionIQ, 0.01 CIRR in the paper configs).
     stage1_loss (`str`, defaults to `"tgcir"`):
-        Name of the stage-1 objective (`trainers.losses_tgcir.TGCIRStage1Loss`: TG-CIR's six-term loss).
+        Name of the stage-1 objective (`losses_tgcir.TGCIRStage1Loss`: TG-CIR's six-term loss).
     stage1_logit_scale_init (`float`, defaults to 10.0):
         Initial value of the learnable stage-1 logit scale (the original's `loss_T`).
     """
@@ -45,7 +46,7 @@ class TGCIRConfig(PreTrainedConfig):
     projection_dim: int = 512
     num_global_tokens: int = 4
     num_local_tokens: int = 8
-    share_token_learner: bool = False
+    tie_query_side: bool = False
     temperature: float = 0.02
     stage1_loss: str = "tgcir"
     stage1_logit_scale_init: float = 10.0
@@ -53,6 +54,8 @@ class TGCIRConfig(PreTrainedConfig):
     initializer_range: float = 0.02
 
     def __post_init__(self, **kwargs):
+        if "share_token_learner" in kwargs:  # the field's name in configs saved before `tie_query_side`
+            self.tie_query_side = bool(kwargs.pop("share_token_learner"))
         if self.text_config is None:
             self.text_config = CLIPTextConfig(projection_dim=self.projection_dim)
         elif isinstance(self.text_config, dict):

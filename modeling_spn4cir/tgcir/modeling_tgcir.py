@@ -23,7 +23,7 @@ from transformers import CLIPModel, CLIPTextModel, CLIPVisionModel
 from transformers import initialization as init
 from transformers.models.clip.modeling_clip import CLIPPreTrainedModel
 
-from .cir_contract import CIRModelMixin, CIRModelOutput
+from .cir_contract import CIRModelMixin, CIRModelOutput, clip_tower_configs, load_base_weights
 from .configuration_tgcir import TGCIRConfig
 
 
@@ -31,7 +31,7 @@ from .configuration_tgcir import TGCIRConfig
 class TGCIROutput(CIRModelOutput):
     """
     [`CIRModelOutput`] plus, with `return_stage1_terms=True`, what TG-CIR's stage-1 objective needs
-    (`trainers.losses_tgcir.TGCIRStage1Loss`).
+    (`losses_tgcir.TGCIRStage1Loss`).
 
     Args:
         reference_tokens, text_tokens, target_tokens (`[B, P + Q, D]`): tokens of the three inputs.
@@ -150,7 +150,7 @@ class TGCIRModel(CIRModelMixin, TGCIRPreTrainedModel):
 
     # ----------------------------------------------------------------------------------------- towers
     def _text_side(self) -> tuple[TGCIRTokenLearner, nn.Embedding]:
-        if self.config.share_token_learner:
+        if self.config.tie_query_side:
             return self.tokenlearn, self.masks
         return self.tokenlearn_text, self.masks_text
 
@@ -210,36 +210,18 @@ class TGCIRModel(CIRModelMixin, TGCIRPreTrainedModel):
         """Image tokens `[N, P + Q, D]` -> L2-normalized target embeddings `[N, D]` (pooled tokens)."""
         return self.pool_tokens(reference_features)
 
-    def get_query_embeds(
-        self,
-        input_ids: torch.LongTensor,
-        attention_mask: torch.Tensor | None = None,
-        reference_features: torch.Tensor | None = None,
-        pixel_values: torch.FloatTensor | None = None,
-    ) -> torch.FloatTensor:
-        """
-        Composed queries `[B, D]`, L2-normalized.
-
-        Args:
-            input_ids: `[B, L]` modification texts. `attention_mask` is accepted for the common interface and
-                NOT used: the original text tower has no padding mask (see `encode_text`).
-            reference_features: `[B, P + Q, D]` cached reference tokens (stage 2: the reference bank).
-            pixel_values: `[B, 3, S, S]` reference images, encoded here when `reference_features` is None.
-        """
-        if reference_features is None:
-            if pixel_values is None:
-                raise ValueError("get_query_embeds needs `reference_features` or reference `pixel_values`.")
-            reference_features = self.get_reference_features(pixel_values)
+    def get_query_embeds(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
+                         reference_features: torch.Tensor | None = None,
+                         pixel_values: torch.FloatTensor | None = None) -> torch.FloatTensor:
+        """Texts `input_ids` `[B, L]` fused with the references' tokens `[B, P + Q, D]` (from a bank, or encoded
+        from `pixel_values` `[B, 3, S, S]`) -> L2-normalized queries `[B, D]`. `attention_mask` is accepted for the
+        common interface and NOT used: the original text tower has no padding mask (see `encode_text`)."""
+        reference_features = self.reference_features_for(input_ids, reference_features, pixel_values)
         expected = (self.config.num_tokens, self.config.projection_dim)
         if reference_features.ndim != 3 or tuple(reference_features.shape[1:]) != expected:
             raise ValueError(
                 f"reference_features have shape {tuple(reference_features.shape)}, TG-CIR expects [B, "
                 f"{expected[0]}, {expected[1]}] tokens; was the reference bank built with another model?"
-            )
-        if reference_features.shape[0] != input_ids.shape[0]:
-            raise ValueError(
-                f"{reference_features.shape[0]} reference features for {input_ids.shape[0]} texts; "
-                "pass one reference per modification text."
             )
         return self.fuse(reference_features, self.encode_text(input_ids))
 
@@ -255,49 +237,26 @@ class TGCIRModel(CIRModelMixin, TGCIRPreTrainedModel):
             "s_remain_map": self.s_remain_map,
         }
 
-    def untie_token_learner(self) -> None:
-        """Give the text side its own copies of the image token learner and masks (the original's
-        `load_ckpt(..., is_origin=True)` at the start of stage 2); no-op when already untied."""
-        if self.config.share_token_learner:
+    def untie_query_side(self) -> None:
+        """SPN's stage-2 preparation: give the text side its own copies of the image token learner and masks (the
+        original's `load_ckpt(..., is_origin=True)` at the start of stage 2), recorded as
+        `config.tie_query_side = False`; no-op when already untied."""
+        if self.config.tie_query_side:
             with torch.no_grad():
                 self.tokenlearn_text.load_state_dict(self.tokenlearn.state_dict())
                 self.masks_text.load_state_dict(self.masks.state_dict())
-            self.config.share_token_learner = False
+            self.config.tie_query_side = False
 
-    def freeze_target_side(self) -> None:
-        """Stage 2: untie the text token learner / masks from the image ones (as the original), then train
-        only `query_side_parameters()`."""
-        self.untie_token_learner()
-        super().freeze_target_side()
-
-    def forward(
-        self,
-        input_ids: torch.LongTensor,
-        attention_mask: torch.Tensor | None = None,
-        pixel_values: torch.FloatTensor | None = None,
-        reference_features: torch.Tensor | None = None,
-        target_pixel_values: torch.FloatTensor | None = None,
-        target_embeds: torch.Tensor | None = None,
-        return_stage1_terms: bool = False,
-        **kwargs,
-    ) -> TGCIROutput:
-        """
-        Args:
-            input_ids: `[B, L]` modification texts (`attention_mask` is ignored, see `encode_text`).
-            pixel_values: `[B, 3, S, S]` reference images (or `reference_features` `[B, P + Q, D]`).
-            target_pixel_values: `[B_t, 3, S, S]` target images (or `target_embeds` `[B_t, D]`).
-            return_stage1_terms: also return what TG-CIR's stage-1 objective needs (needs reference and target
-                pixels, row i of each belonging to text i).
-
-        Returns:
-            [`TGCIROutput`]: `query_embeds` `[B, D]`, with targets `target_embeds` `[B_t, D]` and `logits`
-            (`similarity / temperature`); the stage-1 fields with `return_stage1_terms`. No loss is computed here.
-        """
+    def forward(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
+                pixel_values: torch.FloatTensor | None = None, reference_features: torch.Tensor | None = None,
+                target_pixel_values: torch.FloatTensor | None = None, target_embeds: torch.Tensor | None = None,
+                return_stage1_terms: bool = False) -> TGCIROutput:
+        """The contract's forward (`reference_features` `[B, P + Q, D]`, `target_embeds` `[B_t, D]`; `attention_mask`
+        is ignored, see `encode_text`) as a [`TGCIROutput`]; with `return_stage1_terms`, also what TG-CIR's stage-1
+        objective needs (reference and target pixels, row i of each belonging to text i). No loss is computed here."""
         if not return_stage1_terms:
-            query_embeds = self.get_query_embeds(input_ids, attention_mask, reference_features, pixel_values)
-            if target_embeds is None and target_pixel_values is not None:
-                target_embeds = self.get_target_embeds(target_pixel_values)
-            return TGCIROutput(**self.cir_output(query_embeds, target_embeds))
+            return TGCIROutput(**super().forward(input_ids, attention_mask, pixel_values, reference_features,
+                                                 target_pixel_values, target_embeds))
 
         if target_pixel_values is None or (reference_features is None and pixel_values is None):
             raise ValueError("return_stage1_terms needs reference pixel_values and target_pixel_values.")
@@ -333,45 +292,27 @@ class TGCIRModel(CIRModelMixin, TGCIRPreTrainedModel):
         num_global_tokens: int = 4,
         num_local_tokens: int = 8,
         temperature: float = 0.02,
-        share_token_learner: bool = True,
+        tie_query_side: bool = True,
         **kwargs,
     ) -> "TGCIRModel":
         """
         A TG-CIR model on any pretrained `transformers.CLIPModel` (Hub id or local directory) with a ViT image
         tower: both towers and projections are copied, the TG-CIR modules start from their initialization
-        (masks as the original). `share_token_learner=True` (default) is the original stage-1 model, whose
-        text side uses the image token learner and masks; `freeze_target_side()` unties them for stage 2.
+        (masks as the original). `tie_query_side=True` (default) is the original stage-1 model, whose
+        text side uses the image token learner and masks; `untie_query_side()` unties them for stage 2.
         `kwargs` go to [`TGCIRConfig`].
         """
         clip = CLIPModel.from_pretrained(clip_name_or_path)
-        projection_dim = clip.config.projection_dim
-        text_config = clip.config.text_config.to_dict()
-        vision_config = clip.config.vision_config.to_dict()
-        text_config["projection_dim"] = vision_config["projection_dim"] = projection_dim
-        config = TGCIRConfig(
-            text_config=text_config,
-            vision_config=vision_config,
-            projection_dim=projection_dim,
-            num_global_tokens=num_global_tokens,
-            num_local_tokens=num_local_tokens,
-            temperature=temperature,
-            share_token_learner=share_token_learner,
-            **kwargs,
-        )
+        config = TGCIRConfig(**clip_tower_configs(clip), num_global_tokens=num_global_tokens,
+                             num_local_tokens=num_local_tokens, temperature=temperature, tie_query_side=tie_query_side,
+                             **kwargs)
         model = cls(config)
         state = {k: v for k, v in clip.state_dict().items() if k != "logit_scale"}
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        clip_prefixes = ("text_model.", "text_projection.", "vision_model.", "visual_projection.")
-        missing = [k for k in missing if k.startswith(clip_prefixes)]
-        if missing or unexpected:
-            raise ValueError(
-                f"CLIP checkpoint {clip_name_or_path!r} does not match TG-CIR: missing {missing[:5]}, "
-                f"unexpected {unexpected[:5]}."
-            )
+        clip_parts = ("text_model.", "text_projection.", "vision_model.", "visual_projection.")
+        load_base_weights(model, state, clip_name_or_path, is_new=lambda key: not key.startswith(clip_parts))
         with torch.no_grad():  # the text copies start equal to the image side (as the original's deepcopy)
             model.tokenlearn_text.load_state_dict(model.tokenlearn.state_dict())
             model.masks_text.load_state_dict(model.masks.state_dict())
-        model.name_or_path = str(clip_name_or_path)
         return model
 
 

@@ -1,8 +1,5 @@
-"""Processor of the TG-CIR family: the project's CLIP4CIR image processor (CLIP's resize + center crop
-preprocessing, as SPN4CIR's TG-CIR uses `clip.load`'s transform) and a CLIP tokenizer.
-
-The image processor class is referenced by name only (registered for the TG-CIR config by the package and saved
-with its own `auto_map`), so this file imports nothing from other families.
+"""Processor of the TG-CIR family: the shared `CLIP4CIRImageProcessor` (`cir_contract.py`) with CLIP's resize + center
+crop preprocessing (SPN4CIR's TG-CIR uses `clip.load`'s transform), and a CLIP tokenizer.
 """
 
 from transformers.processing_utils import ProcessorMixin

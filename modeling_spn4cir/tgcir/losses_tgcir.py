@@ -11,9 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modeling_spn4cir.distributed import world
-
-from .losses import ddp_mean_correction, gather_no_grad, gather_with_grad
+from ..distributed import ddp_mean_correction, gather_no_grad, gather_with_grad, world
 
 _TGCIR_CITATION = """@inproceedings{wen2023tgcir,
   title     = {Target-Guided Composed Image Retrieval},

@@ -10,9 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modeling_spn4cir.distributed import world
-
-from .losses import ddp_mean_correction, gather_no_grad, gather_with_grad
+from ..distributed import ddp_mean_correction, gather_no_grad, gather_with_grad, world
 
 _BI_BLIP4CIR_CITATION = """@inproceedings{liu2024bi,
   title     = {Bi-directional Training for Composed Image Retrieval via Text Prompt Learning},
@@ -79,7 +77,7 @@ class BLIP4CIRBidirectionalLoss(nn.Module):
 
     @classmethod
     def from_config(cls, config, temperature: float | None = None, **options) -> BLIP4CIRBidirectionalLoss:
-        """The loss for a `BLIP4CIRConfig` (what `trainers.stage1_losses.stage1_loss_for` calls): the reverse term
+        """The loss for a `BLIP4CIRConfig` (what `trainers.losses.stage1_loss_for` calls): the reverse term
         follows `config.bidirectional`; the temperature is the model's learnable `tau` (carried by the forward
         output), `temperature` (else `config.temperature`) only where an output carries none."""
         options.setdefault("bidirectional", bool(getattr(config, "bidirectional", False)))

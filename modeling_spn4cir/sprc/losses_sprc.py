@@ -6,9 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modeling_spn4cir.distributed import world
-
-from .losses import ddp_mean_correction, gather_no_grad, gather_with_grad
+from ..distributed import ddp_mean_correction, gather_no_grad, gather_with_grad, world
 
 _SPRC_CITATION = """@inproceedings{bai2024sprc,
   title     = {Sentence-level Prompts Benefit Composed Image Retrieval},
