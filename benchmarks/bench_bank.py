@@ -112,8 +112,8 @@ def _build(paths, workers, queue):
     import datasets
     import torch
 
-    from datasets_scripts.image_store import ImageStore
     from modeling_spn4cir import CLIP4CIRImageProcessor
+    from modeling_spn4cir.image_store import ImageStore
     from trainers.candidate_bank import load_or_build_candidate_bank
 
     # a spawned child's default start method is spawn; DataLoader workers fork, as in a training run on Linux

@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from datasets_scripts.gallery_index import CIRIndex
+from modeling_spn4cir.retrieval import CIRIndex
 
 
 def clustered(centres, n, seed):

@@ -20,10 +20,9 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from modeling_spn4cir.distributed import world
+from modeling_spn4cir.image_blocks import plan_image_shards, still_valid
+from modeling_spn4cir.image_store import ImageStore
 from modeling_spn4cir.storage import RecordsCodec, ShardJob, ShardStore, atomic_write_json
-
-from .image_blocks import plan_image_shards, still_valid
-from .image_store import ImageStore
 
 MANIFEST = "manifest.json"
 CACHE_FORMAT = 2  # 2: records carry the image's sha256

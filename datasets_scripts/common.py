@@ -16,10 +16,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
+from modeling_spn4cir.image_store import IMAGE_EXTENSIONS
 from modeling_spn4cir.storage import atomic_directory
 
 SPLITS = ("train", "val", "test")
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 SHARD_BYTES = 256 * 2**20  # images per Parquet shard, by encoded size
 
 CORPUS_FEATURES = {"image_id": datasets.Value("string"), "image": datasets.Image()}

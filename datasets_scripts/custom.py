@@ -16,10 +16,10 @@ import io
 import json
 from pathlib import Path
 
+from modeling_spn4cir.image_store import IMAGE_EXTENSIONS
 from modeling_spn4cir.storage import check_output_dir
 
 from .common import (
-    IMAGE_EXTENSIONS,
     SPLITS,
     AnnotationError,
     SplitData,

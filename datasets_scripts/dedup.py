@@ -18,10 +18,9 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
+from modeling_spn4cir.image_blocks import plan_image_shards, still_valid
+from modeling_spn4cir.image_store import IMAGE_EXTENSIONS
 from modeling_spn4cir.storage import RecordsCodec, ShardJob, ShardStore, atomic_write_json, sha256
-
-from .common import IMAGE_EXTENSIONS
-from .image_blocks import plan_image_shards, still_valid
 
 DEDUP_SHARD_SIZE = 4096
 HASH_FORMAT = 1

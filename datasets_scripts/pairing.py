@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from modeling_spn4cir.ranking import rank_topk
+from modeling_spn4cir.retrieval import rank_topk
 
 
 @dataclass
@@ -86,7 +86,7 @@ def _torch_rankings(x: torch.Tensor, refs: list[int], depth: int, chunk_size: in
     for start in range(0, len(refs), chunk_size):
         idx = torch.tensor(refs[start:start + chunk_size])
         # The reference itself is rank 0, even among exact copies; the others follow, ties by lower index.
-        others = rank_topk(x[idx], x, depth - 1, exclude=idx, chunk_size=chunk_size)
+        others = rank_topk(x[idx], x, depth - 1, exclude=idx, chunk_size=chunk_size).indices
         yield torch.cat([idx[:, None], others], dim=1).numpy()
 
 

@@ -33,9 +33,9 @@ from pathlib import Path
 import datasets
 
 from modeling_spn4cir.families import family_of_release_folder
+from modeling_spn4cir.image_store import ImageStore
 
 from .common import AnnotationError, SplitData, counts_table, read_json, require, write_cir_dataset
-from .image_store import ImageStore
 
 DATASETS = ("fashioniq", "cirr")
 SHORT_NAME = {"fashioniq": "fiq", "cirr": "cirr"}

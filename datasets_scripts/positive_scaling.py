@@ -20,11 +20,11 @@ from pathlib import Path
 
 import datasets
 
+from modeling_spn4cir.image_store import ImageStore, encode_images
 from modeling_spn4cir.storage import check_output_dir
 
 from .captioning import caption_corpus
 from .common import SplitData, counts_table, write_cir_dataset
-from .image_store import ImageStore, encode_images
 from .pairing import Pair, random_pairs, rank_window_pairs
 from .templates import compose_modification_texts, resolve_templates
 

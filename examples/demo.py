@@ -17,7 +17,7 @@ from pathlib import Path
 
 from retrieve import build_pipeline, load_model
 
-from datasets_scripts.gallery_index import CIRIndex
+from modeling_spn4cir.retrieval import CIRIndex
 
 # The built-in recipe's result rows and the directories of their models (examples/spn_recipe/config.py, MODEL_DIRS).
 RECIPE_MODELS = {"stage 1": "stage1", "+N": "stage2_N", "+P": "stage1_P", "+P+N": "stage2_PN"}

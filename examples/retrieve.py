@@ -5,23 +5,26 @@
         --top_k 10 --json hits.json --html hits.html
 
 `index` encodes every image under the folder (or a corpus: `--dataset DIR_OR_HUB_ID --split test`) with the
-model's target side and writes a `CIRIndex` (safetensors + JSON with the model fingerprint); `--add` appends new
-images to an existing index built by the same model. `search` loads the model the index was built with (or
-`--model`; another model is refused), composes the query with the "composed-image-retrieval" pipeline, ranks
-exactly (or `--backend faiss`), prints the results, and writes them as JSON and as an HTML page with thumbnails.
+model's target side and writes a `CIRIndex` (safetensors shards + JSON with the model fingerprint); `--add` appends
+new images to an existing index built by the same model. It encodes in shards kept in `<output>.partial/`, so a
+killed run resumes where it stopped when run again; that folder is removed once the index is written. `search`
+loads the model the index was built with (or `--model`; another model is refused), composes the query with the
+"composed-image-retrieval" pipeline, ranks exactly (or `--backend faiss`), prints the results, and writes them as
+JSON and as an HTML page with thumbnails.
 `--text` alone is a text-only query (sum-fusion CLIP4CIR), `--reference` alone an image-only one.
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 from pathlib import Path
 
 import torch
 
-from datasets_scripts.gallery_index import CIRIndex
 from modeling_spn4cir.loading import load_cir_model_and_processor
+from modeling_spn4cir.retrieval import CIRIndex
 from modeling_spn4cir.storage import atomic_write_bytes, atomic_write_json
 
 
@@ -54,12 +57,14 @@ def index_command(args) -> CIRIndex:
         images = datasets.load_dataset(**dataset)
     else:
         images = args.images
-    kwargs = dict(dataset=dataset, batch_size=args.batch_size, num_workers=args.num_workers)
+    cache_dir = Path(f"{args.output}.partial")
+    kwargs = dict(dataset=dataset, batch_size=args.batch_size, num_workers=args.num_workers, cache_dir=cache_dir)
     if args.add:
         index = CIRIndex.load(args.output).add(model, processor.image_processor, images, **kwargs)
     else:
         index = CIRIndex.build(model, processor.image_processor, images, dtype=getattr(torch, args.dtype), **kwargs)
     index.save(args.output, overwrite=args.add or args.overwrite_output_dir)
+    shutil.rmtree(cache_dir, ignore_errors=True)
     print(f"wrote {args.output}: {index}")
     return index
 
@@ -91,7 +96,7 @@ def write_results_html(path, index: CIRIndex, hits: list[dict], reference: str |
     """One query's results as a self-contained page (the retrieval report's layout)."""
     from PIL import Image
 
-    from trainers.report import ReportHit, ReportRow, render_html
+    from modeling_spn4cir.retrieval import ReportHit, ReportRow, render_html
 
     row = ReportRow(text=text or "", reference_id=Path(reference).name if reference else None,
                     reference_image=Image.open(reference).convert("RGB") if reference else None,

@@ -32,9 +32,9 @@ from transformers import HfArgumentParser
 
 from datasets_scripts.common import TRIPLET_FEATURES
 from datasets_scripts.dedup import dedup_map_for
-from datasets_scripts.image_store import ImageStore
 from datasets_scripts.load import load_cir_data
 from modeling_spn4cir.families import FAMILIES, base_families_help
+from modeling_spn4cir.image_store import ImageStore
 from modeling_spn4cir.loading import load_cir_model_and_processor
 from modeling_spn4cir.storage import atomic_write_json
 from trainers.candidate_bank import bank_image_ids

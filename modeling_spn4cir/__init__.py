@@ -22,7 +22,7 @@ from .clip4cir import (
     Combiner,
 )
 from .families import FamilySpec, register_family
-from .pipeline_cir import ComposedImageRetrievalPipeline  # registers the "composed-image-retrieval" task
+from .retrieval import ComposedImageRetrievalPipeline  # registers the "composed-image-retrieval" task
 from .sprc import SPRCConfig, SPRCModel, SPRCOutput, SPRCPreTrainedModel, SPRCProcessor
 from .tgcir import TGCIRConfig, TGCIRModel, TGCIROutput, TGCIRPreTrainedModel, TGCIRProcessor
 

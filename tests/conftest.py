@@ -166,6 +166,12 @@ def run_two_processes(script_name: str, *args, attempts: int = 2) -> None:
         warnings.warn(f"{script_name} hung once and passed on a retry; the children's stacks:\n{hang}")
 
 
+def brute_force_topk(scores: torch.Tensor, k: int) -> list[list[int]]:
+    """Each row of `scores` `[N, M]` sorted by score, ties by lower index, first k — written independently of the
+    ranker (`modeling_spn4cir.retrieval.rank_topk`)."""
+    return [sorted(range(len(row)), key=lambda j: (-float(row[j]), j))[:k] for row in scores]
+
+
 def solid_images(n, size=40, seed=0):
     """n distinct small RGB images (random blocks), deterministic."""
     import numpy as np
@@ -210,6 +216,35 @@ def tiny_model_dir(tmp_path):
     model.save_pretrained(out)
     processor.save_pretrained(out)
     return out
+
+
+@pytest.fixture
+def image_dir(tmp_path):
+    """A folder of 12 small PNGs, every fourth one in `sub/` (a gallery to index)."""
+    folder = tmp_path / "gallery"
+    (folder / "sub").mkdir(parents=True)
+    for i, image in enumerate(solid_images(12, size=40, seed=3)):
+        image.save(folder / ("sub" if i % 4 == 0 else "") / f"im{i:02d}.png")
+    return folder
+
+
+@pytest.fixture
+def saved_tiny_model(tiny_model_dir):
+    """(directory, model in eval mode, processor) of the saved tiny CLIP4CIR of `tiny_model_dir`."""
+    from modeling_spn4cir import CLIP4CIRModel, CLIP4CIRProcessor
+
+    model = CLIP4CIRModel.from_pretrained(tiny_model_dir).eval()
+    processor = CLIP4CIRProcessor.from_pretrained(tiny_model_dir)
+    return tiny_model_dir, model, processor
+
+
+def retrieval_pipeline(model, processor):
+    """The "composed-image-retrieval" pipeline of `model` and `processor`, on the CPU."""
+    from transformers import pipeline
+
+    import modeling_spn4cir  # noqa: F401  (registers the task)
+
+    return pipeline("composed-image-retrieval", model=model, processor=processor, device=-1)
 
 
 @pytest.fixture

@@ -18,8 +18,8 @@ from safetensors.torch import load_file
 
 import trainers.candidate_bank as cb
 import trainers.evaluation.evaluator as ev
-from datasets_scripts.image_store import ImageStore
 from modeling_spn4cir import CLIP4CIRImageProcessor
+from modeling_spn4cir.image_store import ImageStore
 from modeling_spn4cir.loading import load_cir_model_and_processor
 from trainers.candidate_bank import (
     CandidateBank,

@@ -60,7 +60,7 @@ def test_stage2_trains_only_the_query_side(tiny_cir_dataset, tiny_model_dir, tmp
 
 def test_image_cache_decodes_each_image_once_and_trains_identically(tiny_cir_dataset, tiny_model_dir, tmp_path,
                                                                      monkeypatch):
-    from datasets_scripts.image_store import ImageStore
+    from modeling_spn4cir.image_store import ImageStore
 
     decoded = []
     real_images = ImageStore.images

@@ -12,9 +12,9 @@ import torch
 from conftest import solid_images, tiny_model, tiny_tokenizer
 
 import modeling_spn4cir.storage.fingerprint as fingerprint_module
-from datasets_scripts.gallery_index import CIRIndex, ModelMismatchError, model_fingerprint
-from datasets_scripts.image_store import ImageStore
 from modeling_spn4cir import CLIP4CIRImageProcessor, TGCIRConfig, TGCIRModel
+from modeling_spn4cir.image_store import ImageStore
+from modeling_spn4cir.retrieval import CIRIndex, ModelMismatchError, model_fingerprint
 from modeling_spn4cir.storage import target_side_fingerprint
 from trainers.candidate_bank import load_or_build_candidate_bank
 from trainers.evaluation import CIREvaluator
@@ -107,7 +107,7 @@ def test_dtypes_count_and_processor_class_names_do_not():
     assert renamed.to_dict()["image_processor_type"] != processor.to_dict()["image_processor_type"]
     model = tiny_model()
     assert target_side_fingerprint(model, renamed) == target_side_fingerprint(model, processor)
-    assert model_fingerprint(model, renamed)["digest"] == model_fingerprint(model, processor)["digest"]
+    assert model_fingerprint(model, renamed) == model_fingerprint(model, processor)
 
 
 def test_the_cached_hash_follows_in_place_updates(monkeypatch):

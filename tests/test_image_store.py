@@ -4,7 +4,7 @@ import datasets
 import pytest
 from conftest import solid_images
 
-from datasets_scripts.image_store import ImageStore, UnknownImageError
+from modeling_spn4cir.image_store import ImageStore, UnknownImageError
 
 
 def _corpus(ids):

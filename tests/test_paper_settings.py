@@ -270,7 +270,7 @@ def test_clip4cir_config_runs_on_a_tiny_benchmark(name, fiq_root, cirr_root, tin
 # ------------------------------------------------------------------------------ de-duplication
 def test_dedup_map_is_cached_and_follows_changes(tmp_path):
     from datasets_scripts.dedup import dedup_map_for
-    from datasets_scripts.image_store import ImageStore
+    from modeling_spn4cir.image_store import ImageStore
 
     images = [Image.fromarray(np.full((8, 8, 3), v, dtype=np.uint8)) for v in (10, 20, 10, 30)]
     corpus = datasets.Dataset.from_dict({"image_id": ["a", "b", "c", "d"], "image": images},

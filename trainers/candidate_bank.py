@@ -20,7 +20,7 @@ bank stored in `bank_dir` is a [`ShardStore`] of contiguous blocks of `shard_siz
 
 A killed build resumes shard by shard; a shard's fingerprint covers only its own images, so a changed image
 re-encodes the shard that holds it, not the bank. A warm start reads no image byte and hashes no shard (see
-`datasets_scripts.image_blocks` and the store's stamp rule); a missing, truncated, foreign or unreadable shard and
+`modeling_spn4cir.image_blocks` and the store's stamp rule); a missing, truncated, foreign or unreadable shard and
 a malformed `bank.json` or manifest are rebuilt, never a crash, and the log says why.
 
 Under `torch.distributed` every rank calls `load_or_build_candidate_bank`, and the work is split two ways (the
@@ -41,9 +41,9 @@ from pathlib import Path
 
 import torch
 
-from datasets_scripts.image_blocks import content_sha256, ids_sha256, plan_image_shards
-from datasets_scripts.image_store import ImageStore, encode_images
 from modeling_spn4cir.distributed import broadcast_object, world
+from modeling_spn4cir.image_blocks import content_sha256, ids_sha256, plan_image_shards
+from modeling_spn4cir.image_store import ImageStore, encode_images
 from modeling_spn4cir.storage import (
     SafetensorsCodec,
     Shard,

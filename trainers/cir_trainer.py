@@ -21,7 +21,7 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import ExportableState
 
-from datasets_scripts.image_store import ImageStore
+from modeling_spn4cir.image_store import ImageStore
 from modeling_spn4cir.model_cards import render_card, table
 
 from .candidate_bank import CandidateBank, bank_image_ids, load_or_build_candidate_bank

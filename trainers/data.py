@@ -7,7 +7,7 @@ import random
 
 import torch
 
-from datasets_scripts.image_store import ImageStore
+from modeling_spn4cir.image_store import ImageStore
 
 from .text import compose_text, describe_triplet, tokenize
 

@@ -12,8 +12,9 @@ A family's model mixes [`CIRModelMixin`] into its `PreTrainedModel` and implemen
 and, where the family needs it: `forward` (default: `get_query_embeds`, `get_target_embeds`, `cir_output`; a
 family with more outputs, e.g. its stage-1 terms, extends it), `similarity` (default: dot product, or the max over target tokens for `[N, Q, D]`
 targets), `get_temperature` (default `config.temperature`), `untie_query_side` (stage 1 shares modules between the
-query and the target side), `get_text_query_embeds` (the fusion can compose a query without an image),
-`eval_mode_modules` (submodules `train()` keeps in eval mode).
+query and the target side), `has_own_query_side` (no while the modules stage 2 trains do not exist yet),
+`get_text_query_embeds` (the fusion can compose a query without an image), `eval_mode_modules` (submodules
+`train()` keeps in eval mode).
 
 The mixin derives the rest: `get_target_embeds(pixel_values)` and `get_target_embeds_and_reference_features` (one
 image pass for both roles), `query_side_parameters()`, `target_side_state_dict()`, `freeze_target_side()` /
@@ -118,6 +119,12 @@ class CIRModelMixin:
         side in stage 1, and record it in the config (`config.tie_query_side = False`). Families whose query side
         shares nothing (the default) have nothing to do; idempotent."""
 
+    def has_own_query_side(self) -> bool:
+        """Whether the modules SPN's stage 2 trains (`query_side_modules()`) exist yet. Yes by default; a family whose
+        stage-1 model shares them with the target side until `untie_query_side()` copies them off (SPRC's Q-Former)
+        says no until then: every weight of such a model determines its target embeddings."""
+        return True
+
     def get_text_query_embeds(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None):
         """A query from a modification text alone (`input_ids` `[B, L]`) -> `[B, D]`, where the family's fusion can
         compose one without a reference image; here it cannot."""
@@ -184,7 +191,11 @@ class CIRModelMixin:
 
     def target_side_state_dict(self) -> dict[str, torch.Tensor]:
         """Parameters and buffers outside `query_side_parameters()`: what produces target embeddings and reference
-        features, so what a candidate bank's or a gallery index's fingerprint must cover."""
+        features, so what a candidate bank's or a gallery index's fingerprint must cover. Before the query side has
+        modules of its own (`has_own_query_side()` is False), the whole state: untying then adds the query side's
+        copies and leaves these keys, so a stage-2 model keeps its stage-1 model's fingerprint (bank, index)."""
+        if not self.has_own_query_side():
+            return dict(self.state_dict())
         query_side = {id(p) for p in self.query_side_parameters()}
         names = {name for name, p in self.named_parameters() if id(p) in query_side}
         return {k: v for k, v in self.state_dict().items() if k not in names}

@@ -288,9 +288,13 @@ class SPRCModel(CIRModelMixin, SPRCPreTrainedModel):
         self.qformer_query = SPRCQueryEncoder(self.config, copy_from=self)
         self.config.tie_query_side = False
 
+    def has_own_query_side(self) -> bool:
+        """Only once `untie_query_side()` has made the caption-side copy: before, the Q-Former serves both sides."""
+        return self.qformer_query is not None
+
     def query_side_modules(self) -> dict[str, nn.Module]:
         """What SPN's stage 2 trains: the caption-side copy (`Qformer_query` + `text_proj_q` in the original)."""
-        if self.qformer_query is None:
+        if not self.has_own_query_side():
             raise RuntimeError("SPRC's stage 2 trains a copy of the caption-side Q-Former that this model does not "
                                "have yet: call `model.untie_query_side()` first (CIRTrainer does it for --stage "
                                "candidate_bank).")

@@ -177,7 +177,21 @@ class ShardStore:
         if self.directory is None:
             return [None] * count
         rank = world()[0]
-        return broadcast_object([_read_json(self.manifest_path(k)) for k in range(count)] if rank == 0 else None)
+        return broadcast_object([self.manifest(k) for k in range(count)] if rank == 0 else None)
+
+    def manifest(self, k: int) -> dict | None:
+        """The stored manifest of shard `k` (None where missing or not a JSON object), read by this process alone."""
+        return _read_json(self.manifest_path(k))
+
+    def verify(self, k: int, plan: ShardPlan, manifest: dict | None) -> str | None:
+        """Why the stored shard `k` does not hold what `plan` asks for, or None; reads only (a loader's integrity
+        check). It does not when its `manifest` is missing, has another fingerprint, or describes another file
+        (size, rows, the codec's structure, and the sha256 where the file's stamp is not the one written)."""
+        if manifest is None:
+            return f"its manifest {self.manifest_path(k).name} is missing or is not a JSON object"
+        if manifest.get("fingerprint") != plan.fingerprint:
+            return "its manifest says it holds other rows or was built from other inputs or settings"
+        return self._check_file(self.shard_path(k), manifest, plan)[0]
 
     def read(self, shard: Shard):
         """A shard's payload: in memory, or read from its file."""
@@ -292,11 +306,15 @@ class ShardStore:
             self.index_path.unlink(missing_ok=True)
 
     def _build(self, k: int, plan: ShardPlan, build, number: str) -> Shard:
-        """Build shard `k` and, in a directory, write it: the payload, then its manifest."""
+        """Build shard `k` and hold it ([`write`])."""
         rank, world_size = world()
         where = f" (rank {rank} of {world_size})" if world_size > 1 else ""
         label = "" if self.directory is None else f"shard {number}{where}"
-        payload = build(ShardJob(k, plan, label, lambda: self._previous(k)))
+        return self.write(k, plan, build(ShardJob(k, plan, label, lambda: self._previous(k))))
+
+    def write(self, k: int, plan: ShardPlan, payload) -> Shard:
+        """Hold `payload` (the `plan.stop - plan.start` rows of `plan`) as shard `k`: in a directory, its file and
+        then its manifest, each written atomically (this process alone: no collective); in memory, as it is."""
         rows = self.codec.rows(payload)
         if rows != plan.stop - plan.start:
             raise RuntimeError(f"{self.what} shard {k} was built with {rows} rows for its rows [{plan.start}, "

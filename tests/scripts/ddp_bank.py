@@ -63,7 +63,7 @@ def losses(out):
 def banks(out, bank_dir):
     import datasets
 
-    from datasets_scripts.image_store import ImageStore
+    from modeling_spn4cir.image_store import ImageStore
     from modeling_spn4cir import CLIP4CIRImageProcessor
     from trainers.candidate_bank import load_or_build_candidate_bank
 

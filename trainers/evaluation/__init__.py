@@ -15,7 +15,7 @@ code's in some cases and close to it in the others:
   `evaluation.py` (the test server's) computes in numpy float64: mAP values can differ by float rounding
   (relative 1e-6), never by a hit.
 
-Ranking (`rank_gallery`, on `modeling_spn4cir.ranking.rank_topk`) is exact, computed in query chunks with
+Ranking (`rank_gallery`, on `modeling_spn4cir.retrieval.rank_topk`) is exact, computed in query chunks with
 `torch.topk`, in memory O(chunk * M + N * k); no N x M argsort and no N x M array of strings. Scores are cosine
 similarity by default, or a CIR model's own `similarity` (`similarity=model.similarity`, e.g. SPRC's max over
 target tokens, where `gallery_embeds` is `[M, Q, D]`). **Ties** are broken by gallery order:

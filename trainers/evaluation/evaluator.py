@@ -8,7 +8,8 @@ import logging
 import torch
 from tqdm.auto import tqdm
 
-from datasets_scripts.image_store import ImageStore, encode_images
+from modeling_spn4cir.image_store import ImageStore, encode_images
+from modeling_spn4cir.retrieval.report import evaluation_rows, spread, write_report
 from modeling_spn4cir.storage import same_target_side
 
 from ..text import compose_text, describe_triplet, tokenize
@@ -37,9 +38,9 @@ class CIREvaluator:
         text_mode: `"join"` or `"choice"` (see `trainers.text`); default: the protocol's (`"join"` for FashionIQ).
         name: prefix of the returned metric names (`"{name}_{metric}"`; no prefix when empty).
         submission_dir: for CIRR / CIRCO splits without targets, where to write test-server files.
-        report_dir: where to write a retrieval report after each evaluation (`trainers.report`: an HTML page with
-            embedded thumbnails and a PNG contact sheet of `report_queries` queries spread over the split, their
-            `report_top_k` results, the targets marked and their rank); None writes none.
+        report_dir: where to write a retrieval report after each evaluation (`modeling_spn4cir.retrieval.report`:
+            an HTML page with embedded thumbnails and a PNG contact sheet of `report_queries` queries spread over
+            the split, their `report_top_k` results, the targets marked and their rank); None writes none.
 
     `evaluator(model)` puts the model in eval mode, encodes every gallery image once (features kept on the
     CPU between batches), builds the queries from the cached reference features, ranks with the model's own
@@ -201,8 +202,6 @@ class CIREvaluator:
         return f" {self.name!r}" if self.name else ""
 
     def _write_report(self, model, split: EncodedSplit, texts: list[str]) -> None:
-        from ..report import evaluation_rows, spread, write_report
-
         triplets, protocol = self.triplets, self.protocol
         rows = evaluation_rows(split.queries, split.gallery, split.gallery_ids, split.reference_ids,
                                protocol.ground_truths(triplets), texts, self.images.images, model.similarity,

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 import torch
 
-from modeling_spn4cir.ranking import DEFAULT_CHUNK_SIZE, Similarity
+from modeling_spn4cir.retrieval import DEFAULT_CHUNK_SIZE, Similarity
 
 from .ranking import ABSENT, check_ground_truths, rank_queries, recall_at, target_positions
 

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from datasets_scripts.load import default_protocol
-from modeling_spn4cir.ranking import Similarity
+from modeling_spn4cir.retrieval import Similarity
 
 from .metrics import (
     CIRCO_KS,

@@ -1,9 +1,9 @@
 """The ranking prelude of every metric and submission writer, written once: validate the embeddings and the id
 lists, map ids to gallery rows, rank (optionally without each query's reference).
 
-Ranking runs on `modeling_spn4cir.ranking`: exact, in query chunks, ties by gallery order. Scores are cosine
-similarity by default, or a CIR model's own `similarity` (e.g. SPRC's max over target tokens, where
-`gallery_embeds` is `[M, Q, D]`).
+Ranking runs on the one ranker (`modeling_spn4cir.retrieval.rank_topk`): exact, in query chunks, ties by gallery
+order. Scores are cosine similarity by default, or a CIR model's own `similarity` (e.g. SPRC's max over target
+tokens, where `gallery_embeds` is `[M, Q, D]`).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from modeling_spn4cir.ranking import DEFAULT_CHUNK_SIZE, Similarity, rank_candidates, rank_topk
+from modeling_spn4cir.retrieval import DEFAULT_CHUNK_SIZE, Similarity, rank_candidates, rank_topk
 
 # Position of a target absent from its ranking: beyond any K, so a ranking shorter than K never counts it as a hit.
 ABSENT = torch.iinfo(torch.long).max
@@ -183,7 +183,7 @@ def rank_gallery(
         `[N, min(k, M - (exclude is not None))]` gallery indices, best first, ties by lower index.
     """
     queries, gallery, similarity = _scoring(query_embeds, gallery_embeds, similarity)
-    return rank_topk(queries, gallery, k, similarity, exclude, chunk_size)
+    return rank_topk(queries, gallery, k, similarity, exclude, chunk_size).indices
 
 
 def rank_subsets(
@@ -193,7 +193,7 @@ def rank_subsets(
     """Rank each query's own candidate set: `subset_indices` `[N, S]` gallery indices -> the same indices
     reordered by score (ties by lower gallery index), i.e. the full ranking restricted to the set."""
     queries, gallery, similarity = _scoring(query_embeds, gallery_embeds, similarity)
-    return rank_candidates(queries, gallery, subset_indices, similarity)
+    return rank_candidates(queries, gallery, subset_indices, similarity).indices
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
+from modeling_spn4cir.retrieval import DEFAULT_CHUNK_SIZE, Similarity
 from modeling_spn4cir.storage import atomic_write_json
-from modeling_spn4cir.ranking import DEFAULT_CHUNK_SIZE, Similarity
 
 from .metrics import CIRR_SUBSET_KS
 from .ranking import rank_queries

@@ -5,16 +5,17 @@
     index = CIRIndex.load("my_images.idx")
     hits = index.search(query_embeds, top_k=10, similarity=model.similarity)   # [[{"image_id", "score", "path"}]]
 
-On disk an index is a directory: `embeddings.safetensors` (the target embeddings, `[N, D]` or `[N, Q, D]`) and
-`index.json` (format, image ids, file paths, where the images came from, and the fingerprint of the model side that
-produced the embeddings). The fingerprint covers the target side only — the weights outside
-`query_side_parameters()` and the image preprocessing — so an SPN stage-2 model (whose target side is frozen) reuses
-the index of its stage-1 model, while any other model is refused with an error naming both fingerprints.
+On disk an index is a directory of safetensors shards of the target embeddings (`[N, D]` or `[N, Q, D]`) with
+their manifests, and `index.json` (image ids, file paths, where the images came from, the shard list and the
+fingerprint of the model side that produced the embeddings): see `index_storage`. The fingerprint is the project's
+one target-side fingerprint (`modeling_spn4cir.storage.target_side_fingerprint`: the weights outside
+`query_side_parameters()` and the image preprocessing), so an SPN stage-2 model (whose target side is frozen)
+reuses the index of its stage-1 model, while any other model is refused with an error naming both fingerprints.
 
-Images are encoded with the project's one image-encoding loop (`datasets_scripts.image_store.encode_images`) and
-ranked with its one exact top-k ranker (`modeling_spn4cir.ranking.rank_topk`, ties to the image listed first).
-An optional FAISS backend (`pip install .[faiss]`, inner-product models only) trades exactness for speed on
-galleries of millions of images.
+Images are encoded with the project's one image-encoding loop (`modeling_spn4cir.image_store.encode_images`; with
+`cache_dir`, in resumable shards) and ranked with its one exact top-k ranker (`ranking.rank_topk`, ties to the
+image listed first), whose scores are those of the ranked images. An optional FAISS backend
+(`pip install .[faiss]`, inner-product models only) trades exactness for speed on galleries of millions of images.
 """
 
 from __future__ import annotations
@@ -25,17 +26,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
-from modeling_spn4cir.ranking import rank_topk
-from modeling_spn4cir.storage import atomic_directory, json_sha256, target_side_fingerprint
+from ..image_store import ImageStore, encode_images
+from ..storage import atomic_directory, same_target_side, target_side_fingerprint
+from .gallery_images import gallery_images
+from .index_storage import BUILD_SHARD_SIZE, encode_with_cache, read_index, write_index
+from .ranking import rank_topk
 
-from .common import IMAGE_EXTENSIONS
-from .image_store import ImageStore, encode_images
-
-INDEX_FORMAT = "spn4cir-gallery-index/1"
-EMBEDDINGS_FILE = "embeddings.safetensors"
-INDEX_FILE = "index.json"
 # Scores held at once by an exact search: query chunk x gallery size (128 MiB of float32).
 SCORE_BUDGET = 2**25
 
@@ -45,11 +42,10 @@ class ModelMismatchError(ValueError):
 
 
 def model_fingerprint(model, image_processor) -> dict:
-    """What determines a gallery's embeddings: the target-side fingerprint (the model class, the target side's
-    weights and dtypes, the image preprocessing: `modeling_spn4cir.storage.target_side_fingerprint`, the one the
-    candidate bank and the evaluator compare). `digest` is what indexes compare; `model` is for messages only."""
+    """An index's fingerprint: the target-side fingerprint (the model class, the target side's weights and dtypes,
+    the image preprocessing: `modeling_spn4cir.storage.target_side_fingerprint`, the one the candidate bank and the
+    evaluator compare), and `model`, the model's name or path, for messages and for loading it again."""
     fingerprint = target_side_fingerprint(model, image_processor)
-    fingerprint["digest"] = json_sha256(fingerprint)
     fingerprint["model"] = getattr(model, "name_or_path", "") or getattr(model.config, "_name_or_path", "") or "?"
     return fingerprint
 
@@ -58,55 +54,6 @@ def describe_fingerprint(fingerprint: dict) -> str:
     return (f"{fingerprint.get('model_class')} '{fingerprint.get('model') or '?'}' (target side "
             f"{fingerprint.get('target_side_weights', '?')[:12]}, image processor "
             f"{fingerprint.get('image_processor', '?')[:12]})")
-
-
-def _corpus_from_paths(paths: Sequence[Path], ids: Sequence[str]):
-    import datasets
-
-    return datasets.Dataset.from_dict({"image_id": list(ids), "image": [str(p) for p in paths]},
-                                      features=datasets.Features({"image_id": datasets.Value("string"),
-                                                                  "image": datasets.Image()}))
-
-
-def _resolve_images(images, ids: Sequence[str] | None, dataset: dict | None = None):
-    """-> (ImageStore, ids, paths, source) for a folder, a list of image files or a corpus dataset (`dataset`:
-    how to load that corpus again, `{"path", "name", "split"}` for `datasets.load_dataset`, or None)."""
-    import datasets
-
-    if isinstance(images, datasets.Dataset):
-        missing = {"image_id", "image"} - set(images.column_names)
-        if missing:
-            raise ValueError(f"The corpus has no {sorted(missing)} column; a gallery corpus has `image_id` and `image` "
-                             f"(the project schema), it has {images.column_names}.")
-        if ids is not None:
-            raise ValueError("A corpus brings its own `image_id` column; do not pass ids.")
-        corpus_ids = list(images["image_id"])
-        undecoded = images.cast_column("image", datasets.Image(decode=False))["image"]
-        paths = [v.get("path") if v.get("bytes") is None and v.get("path") and os.path.exists(v["path"]) else None
-                 for v in undecoded]
-        return ImageStore(images), corpus_ids, paths, {"type": "corpus", "dataset": dataset}
-    if isinstance(images, (str, os.PathLike)):
-        root = Path(images)
-        if not root.is_dir():
-            raise FileNotFoundError(f"{root} is not a folder of images; pass a folder, a list of image files or a "
-                                    "corpus dataset.")
-        files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
-        if not files:
-            raise ValueError(f"No images ({', '.join(IMAGE_EXTENSIONS)}) under {root}.")
-        ids = ids if ids is not None else [p.relative_to(root).as_posix() for p in files]
-        source = {"type": "folder", "root": str(root.resolve())}
-    else:
-        files = [Path(p) for p in images]
-        missing = [str(p) for p in files if not p.is_file()]
-        if missing:
-            raise FileNotFoundError(f"{len(missing)} image files do not exist (first: {missing[:5]}).")
-        ids = ids if ids is not None else [str(p) for p in files]
-        source = {"type": "files"}
-    ids = list(ids)
-    if len(ids) != len(files):
-        raise ValueError(f"{len(ids)} ids for {len(files)} images; pass one id per image.")
-    paths = [str(p.resolve()) for p in files]
-    return ImageStore(_corpus_from_paths(paths, ids)), ids, paths, source
 
 
 class CIRIndex:
@@ -146,23 +93,31 @@ class CIRIndex:
 
     # ------------------------------------------------------------------------------------------- building
     @staticmethod
-    def _encode(model, image_processor, images, ids, dataset, batch_size, num_workers, device, dtype,
-                show_progress_bar):
-        store, ids, paths, source = _resolve_images(images, ids, dataset)
+    def _encode(model, image_processor, images, ids, dataset, cache_dir, shard_size, **encoding):
+        """Encode the gallery `images` with `model.get_target_embeds` -> (embeddings `[n, ...]`, ids, paths,
+        source); with `cache_dir`, in the resumable shards of a build cache (`index_storage.encode_with_cache`)."""
+        gallery = gallery_images(images, ids, dataset)
+        if encoding.get("device") is None:
+            encoding["device"] = next(model.parameters()).device
         was_training = model.training
         model.eval()
         try:
-            embeddings = encode_images(model.get_target_embeds, store, ids, image_processor, batch_size, num_workers,
-                                       device=device if device is not None else next(model.parameters()).device,
-                                       dtype=dtype, desc="gallery", show_progress_bar=show_progress_bar)
+            if cache_dir is None:
+                embeddings = encode_images(model.get_target_embeds, gallery.store, gallery.ids, image_processor,
+                                           desc="gallery", **encoding)
+            else:
+                embeddings = encode_with_cache(model.get_target_embeds, gallery.store, gallery.ids, image_processor,
+                                               target_side_fingerprint(model, image_processor), cache_dir,
+                                               shard_size, desc="gallery", **encoding)
         finally:
             model.train(was_training)
-        return embeddings, ids, paths, source
+        return embeddings, gallery.ids, gallery.paths, gallery.source
 
     @classmethod
     def build(cls, model, image_processor, images, ids: Sequence[str] | None = None, dataset: dict | None = None,
               batch_size: int = 64, num_workers: int = 0, device=None, dtype: torch.dtype = torch.float32,
-              show_progress_bar: bool = True) -> "CIRIndex":
+              show_progress_bar: bool = True, cache_dir: str | os.PathLike | None = None,
+              shard_size: int = BUILD_SHARD_SIZE) -> "CIRIndex":
         """
         Encode a gallery with `model.get_target_embeds`.
 
@@ -176,18 +131,25 @@ class CIRIndex:
             batch_size, num_workers: encoding batch and DataLoader workers (decoding and preprocessing).
             device: where the model runs (default: where its parameters are).
             dtype: storage dtype of the embeddings (`torch.float16` halves the index).
+            cache_dir: a directory where the embeddings are built in shards of `shard_size` images, so that a
+                killed build of a large gallery resumes where it stopped (the images are hashed once to fingerprint
+                the shards); delete it once the index is saved. Under `torch.distributed` every rank must call
+                `build` with it: the shards are split over the ranks. None: encode in memory.
         """
-        embeddings, ids, paths, source = cls._encode(model, image_processor, images, ids, dataset, batch_size,
-                                                     num_workers, device, dtype, show_progress_bar)
+        embeddings, ids, paths, source = cls._encode(
+            model, image_processor, images, ids, dataset, cache_dir, shard_size, batch_size=batch_size,
+            num_workers=num_workers, device=device, dtype=dtype, show_progress_bar=show_progress_bar)
         source |= {"start": 0, "stop": len(ids)}
         return cls(embeddings, ids, paths, model_fingerprint(model, image_processor), [source])
 
     def add(self, model, image_processor, images, ids: Sequence[str] | None = None, dataset: dict | None = None,
-            batch_size: int = 64, num_workers: int = 0, device=None, show_progress_bar: bool = True) -> "CIRIndex":
+            batch_size: int = 64, num_workers: int = 0, device=None, show_progress_bar: bool = True,
+            cache_dir: str | os.PathLike | None = None, shard_size: int = BUILD_SHARD_SIZE) -> "CIRIndex":
         """Encode more images (as [`build`]) with the same model and append them; ids must be new. Returns `self`."""
         self.check_model(model, image_processor)
-        embeddings, ids, paths, source = self._encode(model, image_processor, images, ids, dataset, batch_size,
-                                                      num_workers, device, self.embeddings.dtype, show_progress_bar)
+        embeddings, ids, paths, source = self._encode(
+            model, image_processor, images, ids, dataset, cache_dir, shard_size, batch_size=batch_size,
+            num_workers=num_workers, device=device, dtype=self.embeddings.dtype, show_progress_bar=show_progress_bar)
         source |= {"start": len(self), "stop": len(self) + len(ids)}
         clash = [i for i in ids if i in self._position]
         if clash:
@@ -195,16 +157,16 @@ class CIRIndex:
         if embeddings.shape[1:] != self.embeddings.shape[1:]:
             raise ValueError(f"new embeddings have rows of shape {tuple(embeddings.shape[1:])}, the index "
                              f"{tuple(self.embeddings.shape[1:])}.")
-        merged = CIRIndex(torch.cat([self.embeddings, embeddings]), self.image_ids + ids, self.paths + paths,
-                          self.fingerprint, self.sources + [source])
+        merged = CIRIndex(torch.cat([self.embeddings, embeddings]), self.image_ids + ids,
+                          self.paths + paths, self.fingerprint, self.sources + [source])
         self.__dict__.update(merged.__dict__)
         return self
 
     # ------------------------------------------------------------------------------------------ checking
     def check_model(self, model, image_processor) -> None:
         """Raise [`ModelMismatchError`] unless `model` and `image_processor` are what built this index."""
-        theirs = model_fingerprint(model, image_processor)
-        if theirs["digest"] != self.fingerprint.get("digest"):
+        if not same_target_side(self.fingerprint, model, image_processor):
+            theirs = model_fingerprint(model, image_processor)
             raise ModelMismatchError(
                 f"This gallery index was built by {describe_fingerprint(self.fingerprint)}, but it is being used with "
                 f"{describe_fingerprint(theirs)}: their embeddings are not comparable. Rebuild the index with this "
@@ -227,7 +189,8 @@ class CIRIndex:
             exclude: per query, an image id to leave out of its ranking (e.g. the reference image), or None.
 
         Returns:
-            `(indices, scores)`, both `[B, k]` on the CPU, best first.
+            `(indices, scores)`, both `[B, k]` on the CPU, best first; the scores are `similarity` of each query with
+            its ranked rows, from the ranking's own pass (exact) or FAISS's inner products.
         """
         if self.embeddings.ndim == 3 and similarity is None:
             raise ValueError("This gallery holds multi-vector targets [N, Q, D]: pass similarity=model.similarity.")
@@ -237,11 +200,13 @@ class CIRIndex:
         excluded = None
         if exclude is not None:
             if len(exclude) != queries.shape[0]:
-                raise ValueError(f"{len(exclude)} excluded ids for {queries.shape[0]} queries.")
+                raise ValueError(f"{len(exclude)} excluded ids for {queries.shape[0]} queries; pass one id (or None) "
+                                 "per query.")
             if any(e is not None for e in exclude):
                 missing = [e for e in exclude if e is not None and e not in self._position]
                 if missing:
-                    raise KeyError(f"excluded images {missing[:5]} are not in the index.")
+                    raise KeyError(f"excluded images {missing[:5]} are not in the index; exclude only its images "
+                                   "(`index.image_ids`).")
                 # An out-of-range index never matches a row: -1 would wrap, so use a row we then ignore.
                 excluded = torch.tensor([self._position[e] if e is not None else -1 for e in exclude])
         if backend == "faiss":
@@ -251,11 +216,12 @@ class CIRIndex:
         chunk = max(1, min(512, SCORE_BUDGET // max(len(self), 1)))
         if excluded is not None and (excluded < 0).any():
             return self._topk_mixed_exclusion(queries, k, similarity, excluded, chunk)
-        indices = rank_topk(queries, self.embeddings, k, similarity=similarity, exclude=excluded, chunk_size=chunk)
-        return indices, self._scores(queries, indices, similarity)
+        ranked = rank_topk(queries, self.embeddings, k, similarity=similarity, exclude=excluded, chunk_size=chunk)
+        return ranked.indices, ranked.scores
 
     def _topk_mixed_exclusion(self, queries, k, similarity, excluded, chunk):
-        """Some queries exclude an image and some do not: rank the two groups separately."""
+        """Some queries exclude an image and some do not: rank the two groups separately (a query that excludes
+        one has one result less when `k` is the gallery size: padded with index -1 and score NaN)."""
         k = min(k, len(self))
         indices = torch.full((queries.shape[0], k), -1, dtype=torch.long)
         scores = torch.full((queries.shape[0], k), float("nan"))
@@ -263,19 +229,9 @@ class CIRIndex:
             if rows.any():
                 got = rank_topk(queries[rows], self.embeddings, k, similarity=similarity, exclude=exclude,
                                 chunk_size=chunk)
-                indices[rows, : got.shape[1]] = got
-                scores[rows, : got.shape[1]] = self._scores(queries[rows], got, similarity)
+                indices[rows, : got.indices.shape[1]] = got.indices
+                scores[rows, : got.scores.shape[1]] = got.scores
         return indices, scores
-
-    def _scores(self, queries, indices, similarity) -> torch.Tensor:
-        """The scores of the ranked rows (`similarity` of each query with its own top k)."""
-        similarity = similarity or (lambda q, g: q @ g.T)
-        scores = torch.empty(indices.shape, dtype=torch.float32)
-        with torch.no_grad():
-            for i in range(queries.shape[0]):
-                rows = self.embeddings[indices[i].to(self.embeddings.device)]
-                scores[i] = similarity(queries[i : i + 1], rows)[0].float().cpu()
-        return scores
 
     def _faiss_topk(self, queries, k, excluded):
         try:
@@ -324,7 +280,7 @@ class CIRIndex:
         from PIL import Image
 
         if image_id not in self._position:
-            raise KeyError(f"image {image_id!r} is not in the index.")
+            raise KeyError(f"image {image_id!r} is not in the index of {len(self)} images (`index.image_ids`).")
         i = self._position[image_id]
         if self.paths[i] is not None:
             return Image.open(self.paths[i]).convert("RGB")
@@ -341,15 +297,11 @@ class CIRIndex:
 
     # ------------------------------------------------------------------------------------------ saving
     def save(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
-        """Write `embeddings.safetensors` and `index.json` into the directory `path`, atomically. `path` must be
-        new, empty, or (with `overwrite`, e.g. after [`add`]) a previously saved index; never other files."""
+        """Write the index into the directory `path` (`index_storage`: embeddings shards with their manifests and
+        `index.json`), atomically. `path` must be new, empty, or (with `overwrite`, e.g. after [`add`]) a previously
+        saved index; never other files."""
         with atomic_directory(path, tool="CIRIndex", overwrite=overwrite, protect=self._image_roots()) as staging:
-            save_file({"embeddings": self.embeddings.detach().cpu().contiguous()}, str(staging / EMBEDDINGS_FILE))
-            payload = {"format": INDEX_FORMAT, "fingerprint": self.fingerprint, "num_images": len(self),
-                       "embedding_shape": list(self.embeddings.shape[1:]),
-                       "dtype": str(self.embeddings.dtype).removeprefix("torch."), "sources": self.sources,
-                       "image_ids": self.image_ids, "paths": self.paths}
-            (staging / INDEX_FILE).write_text(json.dumps(payload, indent=1))
+            write_index(staging, self.embeddings, self.image_ids, self.paths, self.fingerprint, self.sources)
         return Path(path)
 
     def _image_roots(self) -> list[str]:
@@ -358,20 +310,12 @@ class CIRIndex:
 
     @classmethod
     def load(cls, path: str | os.PathLike, device=None) -> "CIRIndex":
-        path = Path(path)
-        meta_file, embeddings_file = path / INDEX_FILE, path / EMBEDDINGS_FILE
-        if not meta_file.exists() or not embeddings_file.exists():
-            raise FileNotFoundError(f"{path} is not a gallery index (it needs {INDEX_FILE} and {EMBEDDINGS_FILE}); "
-                                    "build one with `python examples/retrieve.py index` or CIRIndex.build(...).save().")
-        meta = json.loads(meta_file.read_text())
-        if meta.get("format") != INDEX_FORMAT:
-            raise ValueError(f"{meta_file} has format {meta.get('format')!r}, this code reads {INDEX_FORMAT!r}; "
-                             "rebuild the index.")
-        embeddings = load_file(str(embeddings_file), device=str(device or "cpu"))["embeddings"]
-        if embeddings.shape[0] != meta["num_images"]:
-            raise ValueError(f"{embeddings_file} holds {embeddings.shape[0]} rows, {meta_file} lists "
-                             f"{meta['num_images']} images (a partial copy?); rebuild the index.")
-        return cls(embeddings, meta["image_ids"], meta["paths"], meta["fingerprint"], meta.get("sources", []))
+        """The index saved in `path`, its embeddings on `device` (default: the CPU). Every embeddings file is checked
+        against its manifest and `index.json`: a swapped, truncated or foreign file, or a non-finite embedding, is an
+        `index_storage.IndexFileError` naming the file; an index of an earlier format is refused (rebuild it)."""
+        saved = read_index(path, device)
+        return cls(saved["embeddings"], saved["image_ids"], saved["paths"], saved["fingerprint"],
+                   saved.get("sources", []))
 
 
 def _counts(items) -> dict:

@@ -1,7 +1,7 @@
 """The `"composed-image-retrieval"` pipeline: a reference image plus a modification text -> the best gallery images.
 
     import modeling_spn4cir                                   # registers the task (and the model families)
-    from datasets_scripts.gallery_index import CIRIndex
+    from modeling_spn4cir.retrieval import CIRIndex
     from transformers import pipeline
 
     pipe = pipeline("composed-image-retrieval", model="out/stage2")
@@ -10,10 +10,11 @@
     # [{"image_id": "dress/B00X.jpg", "score": 0.41, "path": "/data/dress/B00X.jpg"}, ...]
     pipe([image1, image2], ["is red", "has no sleeves"], gallery=gallery, batch_size=2)   # a list per query
 
-Text-only queries (`pipe(text="a red dress", gallery=...)`) work where the fusion allows one (the model contract's
-`get_text_query_embeds`: CLIP4CIR with sum fusion, whose query is the normalized text feature); image-only queries
-(`pipe(image, gallery=...)`) rank the gallery by the reference's own target embedding (`get_image_query_embeds`,
-single-vector families).
+Every query is encoded through the model contract, never a family's internals: a composed query by
+`get_query_embeds`; a text-only one (`pipe(text="a red dress", gallery=...)`) by `get_text_query_embeds`, where the
+model can compose a query without an image (CLIP4CIR summing text and image features: the normalized text feature),
+else its error says so; an image-only one (`pipe(image, gallery=...)`) by `get_image_query_embeds` (the reference's
+own target embedding, single-vector families).
 
 This file imports only torch and transformers, so `pipe.save_pretrained(dir)` / `pipe.push_to_hub(repo)` ship it
 beside the model code and `pipeline(model=dir_or_repo, trust_remote_code=True)` runs it without this package. The
@@ -37,7 +38,7 @@ class ComposedImageRetrievalPipeline(Pipeline):
     Args:
         images: a reference image (PIL image, path or URL), a list of them, or None (text-only queries).
         text: the modification text, a list of them (one per image), or None (image-only queries).
-        gallery: a gallery index built by this model (`datasets_scripts.gallery_index.CIRIndex`); an index built by
+        gallery: a gallery index built by this model (`modeling_spn4cir.retrieval.CIRIndex`); an index built by
             another model is refused with an error naming both models.
         top_k: results per query.
         backend: `"exact"` (default) or `"faiss"` (approximate; see `CIRIndex.topk`).
@@ -99,20 +100,14 @@ class ComposedImageRetrievalPipeline(Pipeline):
         ids, mask, pixels = model_inputs["input_ids"], model_inputs["attention_mask"], model_inputs["pixel_values"]
         # A batch may mix composed, image-only and text-only queries: each kind is encoded by its own rule.
         kinds = ((has_image & has_text, lambda r: self.model.get_query_embeds(ids[r], mask[r], pixel_values=pixels[r])),
-                 (has_image & ~has_text, lambda r: self._image_only(pixels[r])),
-                 (has_text & ~has_image, lambda r: self._text_only(ids[r], mask[r])))
+                 (has_image & ~has_text, lambda r: self.model.get_image_query_embeds(pixels[r])),
+                 (has_text & ~has_image, lambda r: self.model.get_text_query_embeds(ids[r], mask[r])))
         parts = [(rows, encode(rows)) for rows, encode in kinds if rows.any()]
         queries = parts[0][1].new_empty(ids.shape[0], parts[0][1].shape[-1])
         for rows, embeds in parts:
             queries[rows] = embeds.to(queries.dtype)
         indices, scores = gallery.topk(queries, top_k, similarity=self.model.similarity, backend=backend)
         return {"indices": indices, "scores": scores}
-
-    def _image_only(self, pixel_values):
-        return self.model.get_image_query_embeds(pixel_values)
-
-    def _text_only(self, input_ids, attention_mask):
-        return self.model.get_text_query_embeds(input_ids, attention_mask)
 
     def postprocess(self, model_outputs, gallery=None):
         return gallery.hits(model_outputs["indices"], model_outputs["scores"])[0]

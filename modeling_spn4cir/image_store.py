@@ -1,5 +1,5 @@
-"""Images of a corpus by id, and the project's one image-encoding loop (evaluation, candidate bank, positive
-scaling and the synthetic recipe's warm-up all encode images through `encode_images`)."""
+"""Images of a corpus by id, and the project's one image-encoding loop (evaluation, candidate bank, gallery index,
+positive scaling and the synthetic recipe's warm-up all encode images through `encode_images`)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,10 @@ from collections.abc import Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from modeling_spn4cir.storage import file_stamp, sha256
+from .storage import file_stamp, sha256
+
+# The image files the converters and the gallery index look for (lower-case suffixes).
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
 class UnknownImageError(KeyError):
@@ -209,4 +212,4 @@ def encode_images(
     return stacked[0] if single else stacked
 
 
-__all__ = ["ImageStore", "UnknownImageError", "encode_images"]
+__all__ = ["IMAGE_EXTENSIONS", "ImageStore", "UnknownImageError", "encode_images"]

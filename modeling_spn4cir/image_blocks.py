@@ -1,5 +1,6 @@
 """The images behind the row blocks of a shard store (the candidate bank, the caption cache, the de-duplication
-hashes): each block's ids and their content identity, the sha256 of each image's stored bytes.
+hashes, a gallery index's build): each block's ids and their content identity, the sha256 of each image's stored
+bytes.
 
 A warm start reads no image byte: a shard's manifest keeps its images' digests (its `inputs`) under the block's
 stamp, the ids with each image's file stamp (`ImageStore.stamps`). A block whose stamp is unchanged takes its
@@ -13,10 +14,9 @@ from __future__ import annotations
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
-from modeling_spn4cir.distributed import all_gather_object, world
-from modeling_spn4cir.storage import ShardJob, ShardPlan, ShardStore, sha256
-
+from .distributed import all_gather_object, world
 from .image_store import ImageStore
+from .storage import ShardJob, ShardPlan, ShardStore, sha256
 
 
 def ids_sha256(image_ids: Sequence[str]) -> str:

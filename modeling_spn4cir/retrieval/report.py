@@ -3,8 +3,9 @@ their scores, the ground-truth target(s) marked and the target's rank — as a s
 no server needed) and a PNG contact sheet of the same.
 
 `CIREvaluator(..., report_dir=DIR, report_queries=N)` writes one after each evaluation (`evaluation_rows` ranks
-exactly as the protocol does: the same gallery, the reference removed where the protocol removes it, ties to the
-image listed first); `examples/retrieve.py search --html` renders a single query with the same code.
+exactly as the protocol does, with the one ranker: the same gallery, the reference removed where the protocol
+removes it, ties to the image listed first; the shown scores and the targets' ranks come from that ranking's own
+scoring pass); `examples/retrieve.py search --html` renders a single query with the same code.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from modeling_spn4cir.ranking import rank_topk
-from modeling_spn4cir.storage import atomic_write_bytes
+from ..storage import atomic_write_bytes
+from .ranking import rank_topk
 
 HTML_FILE = "retrieval_report.html"
 SHEET_FILE = "retrieval_report.png"
@@ -246,23 +247,18 @@ def evaluation_rows(
         local = {int(g): j for j, g in enumerate(candidates.tolist())}
         reference = position.get(reference_ids[row])
         excluded = local.get(reference) if remove_reference and reference is not None else None
-        query, subset = queries[row : row + 1], gallery[candidates]
-        ranked = rank_topk(query, subset, top_k, similarity=similarity,
-                           exclude=None if excluded is None else torch.tensor([excluded]))[0]
-        with torch.no_grad():
-            scores = similarity(query, subset)[0].float().cpu()
-        if excluded is not None:
-            scores[excluded] = float("-inf")
         targets = [t for t in target_ids[row] if t is not None]
         target_local = {t: local[position[t]] for t in targets if t in position and position[t] in local
                         and local[position[t]] != excluded}
-        # Rank = 1 + better scores + equal scores listed earlier (rank_topk's tie rule).
-        ranks = {t: 1 + int((scores > scores[j]).sum()) + int((scores[:j] == scores[j]).sum())
-                 for t, j in target_local.items()}
-        shown = [int(candidates[j]) for j in ranked.tolist()]
+        # One scoring pass of the query against its gallery: the top k, their scores and the targets' ranks.
+        ranked = rank_topk(queries[row : row + 1], gallery[candidates], top_k, similarity=similarity,
+                           exclude=None if excluded is None else torch.tensor([excluded]),
+                           rank_of=torch.tensor([list(target_local.values())], dtype=torch.long))
+        ranks = dict(zip(target_local, ranked.ranks[0].tolist()))
+        shown = [int(candidates[j]) for j in ranked.indices[0].tolist()]
         images = open_images([gallery_ids[g] for g in shown])
-        hits = [ReportHit(gallery_ids[g], float(scores[j]), image, r + 1, gallery_ids[g] in target_local)
-                for r, (g, j, image) in enumerate(zip(shown, ranked.tolist(), images))]
+        hits = [ReportHit(gallery_ids[g], score, image, r + 1, gallery_ids[g] in target_local)
+                for r, (g, score, image) in enumerate(zip(shown, ranked.scores[0].tolist(), images))]
         missed = [(t, open_images([t])[0], rank) for t, rank in sorted(ranks.items(), key=lambda x: x[1])
                   if rank > len(hits)]
         out.append(ReportRow(

@@ -1,0 +1,304 @@
+"""The gallery index: build / add / save / load round trips, exact search equal to brute force (ties, exclusion,
+multi-vector targets) with the scores of the model's similarity, the one target-side fingerprint (another model is
+refused, a stage-2 model — SPRC's stage 1 included — keeps its stage-1 index), the files on disk checked on load
+(swapped, truncated, foreign, int or NaN embeddings, an old format), the resumable build, and FAISS."""
+
+import copy
+import json
+import shutil
+
+import pytest
+import torch
+from conftest import brute_force_topk, retrieval_pipeline, solid_images, tiny_model
+from safetensors.torch import save_file
+
+import modeling_spn4cir.retrieval.index_storage as index_storage
+from modeling_spn4cir import CLIP4CIRImageProcessor, CLIP4CIRModel
+from modeling_spn4cir.cir_contract import max_token_similarity
+from modeling_spn4cir.retrieval import CIRIndex, IndexFileError, ModelMismatchError, model_fingerprint
+
+
+# ------------------------------------------------------------------------------------------------ index
+def test_index_round_trip_and_add_equal_a_fresh_index(saved_tiny_model, image_dir, tmp_path):
+    _, model, processor = saved_tiny_model
+    fresh = CIRIndex.build(model, processor.image_processor, image_dir, batch_size=5, show_progress_bar=False)
+    assert len(fresh) == 12 and "sub/im00.png" in fresh.image_ids
+    files = sorted(p for p in image_dir.rglob("*.png"))
+    first = CIRIndex.build(model, processor.image_processor, files[:7], ids=[f.relative_to(image_dir).as_posix()
+                                                                              for f in files[:7]],
+                           show_progress_bar=False)
+    first.save(tmp_path / "idx")
+    grown = CIRIndex.load(tmp_path / "idx").add(model, processor.image_processor, files[7:],
+                                                ids=[f.relative_to(image_dir).as_posix() for f in files[7:]],
+                                                show_progress_bar=False)
+    grown.save(tmp_path / "idx", overwrite=True)
+    loaded = CIRIndex.load(tmp_path / "idx")
+    order = [loaded.image_ids.index(i) for i in fresh.image_ids]
+    torch.testing.assert_close(loaded.embeddings[order], fresh.embeddings, rtol=0, atol=1e-6)
+    assert [loaded.paths[i] for i in order] == fresh.paths
+    assert loaded.fingerprint == fresh.fingerprint
+    with pytest.raises(ValueError, match="already in the index"):
+        loaded.add(model, processor.image_processor, files[:1], ids=[fresh.image_ids[0]], show_progress_bar=False)
+
+
+def test_index_topk_equals_brute_force_with_exclusion_and_multivector():
+    torch.manual_seed(0)
+    gallery = torch.nn.functional.normalize(torch.randn(300, 8), dim=-1)
+    gallery[17] = gallery[5]  # an exact tie: the lower index must rank first
+    queries = torch.nn.functional.normalize(torch.randn(7, 8), dim=-1)
+    queries[0] = gallery[5]
+    index = CIRIndex(gallery, [f"g{i}" for i in range(300)], [None] * 300, {"digest": "x"})
+    indices, scores = index.topk(queries, 10)
+    full = queries @ gallery.T
+    assert indices.tolist() == brute_force_topk(full, 10)
+    torch.testing.assert_close(scores, full.gather(1, indices))
+    assert indices[0, :2].tolist() == [5, 17]
+    # Per-query exclusion, some queries excluding nothing.
+    exclude = ["g5", None, "g9", None, None, None, "g0"]
+    got, _ = index.topk(queries, 10, exclude=exclude)
+    masked = full.clone()
+    for row, e in enumerate(exclude):
+        if e is not None:
+            masked[row, int(e[1:])] = float("-inf")
+    assert got.tolist() == brute_force_topk(masked, 10)
+    # Multi-vector targets [N, Q, D] ranked by max over tokens (SPRC).
+    tokens = torch.nn.functional.normalize(torch.randn(50, 4, 8), dim=-1)
+    multi = CIRIndex(tokens, [str(i) for i in range(50)], [None] * 50, {"digest": "x"})
+    with pytest.raises(ValueError, match="similarity=model.similarity"):
+        multi.topk(queries, 5)
+    got, _ = multi.topk(queries, 5, similarity=max_token_similarity)
+    assert got.tolist() == brute_force_topk(max_token_similarity(queries, tokens), 5)
+
+
+def test_model_mismatch_is_refused_naming_both_and_stage2_keeps_the_index(saved_tiny_model, image_dir):
+    _, model, processor = saved_tiny_model
+    index = CIRIndex.build(model, processor.image_processor, image_dir, show_progress_bar=False)
+    other = tiny_model(seed=1)
+    with pytest.raises(ModelMismatchError) as error:
+        index.check_model(other, processor.image_processor)
+    mine, theirs = index.fingerprint, model_fingerprint(other, processor.image_processor)
+    message = str(error.value)
+    assert mine["target_side_weights"][:12] in message and theirs["target_side_weights"][:12] in message
+    with pytest.raises(ModelMismatchError):
+        retrieval_pipeline(other, processor)(None, "red circle", gallery=index)
+    # Another image preprocessing is another model too.
+    with pytest.raises(ModelMismatchError, match="image processor"):
+        index.check_model(model, CLIP4CIRImageProcessor(size=32, preprocessing="resize"))
+    # Stage 2 trains only the query side: the index built by the stage-1 model stays valid.
+    stage2 = CLIP4CIRModel.from_pretrained(mine["model"]).eval()
+    with torch.no_grad():
+        for p in stage2.query_side_parameters():
+            p.add_(0.1)
+    index.check_model(stage2, processor.image_processor)
+
+
+def test_faiss_backend_recall_against_exact():
+    pytest.importorskip("faiss")
+    torch.manual_seed(0)
+    centres = torch.randn(40, 32)
+    gallery = torch.nn.functional.normalize(centres[torch.randint(0, 40, (4000,))] + 0.5 * torch.randn(4000, 32),
+                                            dim=-1)
+    queries = torch.nn.functional.normalize(centres[torch.randint(0, 40, (50,))] + 0.5 * torch.randn(50, 32), dim=-1)
+    index = CIRIndex(gallery, [str(i) for i in range(4000)], [None] * 4000, {"digest": "x"})
+    exact, _ = index.topk(queries, 10)
+    approx, scores = index.topk(queries, 10, backend="faiss")
+    recall = sum(len(set(a) & set(e)) for a, e in zip(approx.tolist(), exact.tolist())) / exact.numel()
+    assert recall >= 0.95
+    torch.testing.assert_close(scores, (queries @ gallery.T).gather(1, approx), atol=1e-5, rtol=0)
+    excluded, _ = index.topk(queries, 10, backend="faiss", exclude=[str(i) for i in exact[:, 0].tolist()])
+    assert not (excluded == exact[:, :1]).any() and excluded.shape == (50, 10)
+
+
+def test_hits_scores_are_the_models_similarity_of_the_hits(saved_tiny_model, image_dir):
+    _, model, processor = saved_tiny_model
+    index = CIRIndex.build(model, processor.image_processor, image_dir, show_progress_bar=False)
+    torch.manual_seed(2)
+    with torch.no_grad():
+        queries = model.get_target_embeds(torch.randn(3, 3, 32, 32))
+        scores = model.similarity(queries, index.embeddings)
+    hits = index.search(queries, top_k=5, similarity=model.similarity, exclude=["im01.png", None, "sub/im04.png"])
+    for row, query_hits in enumerate(hits):
+        positions = [index.image_ids.index(h["image_id"]) for h in query_hits]
+        assert [h["score"] for h in query_hits] == pytest.approx(scores[row, positions].tolist(), abs=1e-6)
+    assert "im01.png" not in [h["image_id"] for h in hits[0]] and len(hits[1]) == 5
+
+
+# ------------------------------------------------------------------------------------------------ on disk
+def _random_index(n=12, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    embeddings = torch.nn.functional.normalize(torch.randn(n, 8, generator=g), dim=-1).to(dtype)
+    fingerprint = {"model_class": "M", "target_side_weights": f"w{seed}", "image_processor": "p", "model": "m"}
+    return CIRIndex(embeddings, [f"g{i}" for i in range(n)], [None] * n, fingerprint, [{"type": "files"}])
+
+
+def _refused(path, *fragments):
+    with pytest.raises(IndexFileError) as error:
+        CIRIndex.load(path)
+    message = str(error.value)
+    assert all(f in message for f in fragments), message
+    assert "rebuild the index" in message or "restore" in message
+    return message
+
+
+def test_a_saved_index_is_shards_with_manifests_and_loads_back(tmp_path, monkeypatch):
+    monkeypatch.setattr(index_storage, "SHARD_ROWS", 5)
+    index = _random_index()
+    index.save(tmp_path / "idx")
+    names = sorted(p.name for p in (tmp_path / "idx").iterdir())
+    assert names == [".spn4cir_output.json", "embeddings-00000.json", "embeddings-00000.safetensors",
+                     "embeddings-00001.json", "embeddings-00001.safetensors", "embeddings-00002.json",
+                     "embeddings-00002.safetensors", "index.json"]
+    meta = json.loads((tmp_path / "idx" / "index.json").read_text())
+    assert [(s["start"], s["stop"]) for s in meta["shards"]] == [(0, 5), (5, 10), (10, 12)]
+    loaded = CIRIndex.load(tmp_path / "idx")
+    assert torch.equal(loaded.embeddings, index.embeddings) and loaded.image_ids == index.image_ids
+    assert loaded.fingerprint == index.fingerprint and loaded.sources == index.sources
+    half = _random_index(dtype=torch.float16)
+    half.save(tmp_path / "half")
+    assert CIRIndex.load(tmp_path / "half").embeddings.dtype == torch.float16
+    # A copied index (new file stamps) is verified by its bytes and loads.
+    shutil.copytree(tmp_path / "idx", tmp_path / "copy")
+    assert torch.equal(CIRIndex.load(tmp_path / "copy").embeddings, index.embeddings)
+
+
+def test_swapped_truncated_or_foreign_embeddings_files_are_refused_naming_the_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(index_storage, "SHARD_ROWS", 5)
+    _random_index(seed=0).save(tmp_path / "ours")
+    _random_index(seed=1).save(tmp_path / "theirs")  # same ids and shapes, another model
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    kept = {name: (ours / name).read_bytes() for name in ("embeddings-00001.safetensors", "embeddings-00001.json")}
+
+    def restore():
+        for name, data in kept.items():
+            (ours / name).write_bytes(data)
+
+    # swapped: another index's file under our manifest (same size, other bytes)
+    shutil.copy(theirs / "embeddings-00001.safetensors", ours / "embeddings-00001.safetensors")
+    _refused(ours, "embeddings-00001.safetensors", "sha256")
+    # foreign: another index's file with its own manifest (another model's embeddings)
+    shutil.copy(theirs / "embeddings-00001.json", ours / "embeddings-00001.json")
+    _refused(ours, "embeddings-00001.safetensors", "other inputs")
+    restore()
+    assert torch.equal(CIRIndex.load(ours).embeddings, _random_index(seed=0).embeddings)  # restored: accepted
+    # truncated
+    (ours / "embeddings-00001.safetensors").write_bytes(kept["embeddings-00001.safetensors"][:-7])
+    _refused(ours, "embeddings-00001.safetensors", "truncated")
+    restore()
+    # a missing file
+    (ours / "embeddings-00002.safetensors").unlink()
+    assert "embeddings-00001" not in _refused(ours, "embeddings-00002.safetensors", "missing")
+
+
+def test_int_or_nan_embeddings_are_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(index_storage, "SHARD_ROWS", 5)
+    with pytest.raises(ValueError, match="float32"):
+        CIRIndex(torch.ones(3, 4, dtype=torch.int32), ["a", "b", "c"], [None] * 3, {}).save(tmp_path / "int")
+    index = _random_index()
+    index.save(tmp_path / "idx")
+    # An int file whose manifest describes it consistently (as another writer would have made it).
+    store = index_storage.embeddings_store(tmp_path / "idx", torch.int32)
+    plan = index_storage._plans(index.fingerprint, "float32", index.image_ids, 5)[1]
+    store.write(1, plan, {"embeddings": torch.ones(5, 8, dtype=torch.int32)})
+    _refused(tmp_path / "idx", "embeddings-00001.safetensors", "I32")
+    nan = _random_index()
+    nan.embeddings[7, 2] = float("nan")
+    nan.save(tmp_path / "nan")
+    _refused(tmp_path / "nan", "embeddings-00001.safetensors", "'g7'", "NaN")
+    meta = json.loads((tmp_path / "nan" / "index.json").read_text())
+    (tmp_path / "nan" / "index.json").write_text(json.dumps({**meta, "dtype": "int64"}))
+    _refused(tmp_path / "nan", "index.json", "int64")
+
+
+def test_an_index_of_the_earlier_format_is_refused_with_rebuild(tmp_path):
+    old = tmp_path / "old"
+    old.mkdir()
+    save_file({"embeddings": torch.zeros(2, 4)}, str(old / "embeddings.safetensors"))
+    (old / "index.json").write_text(json.dumps({"format": "spn4cir-gallery-index/1", "image_ids": ["a", "b"]}))
+    _refused(old, "index.json", "spn4cir-gallery-index/1", "rebuild the index")
+    with pytest.raises(FileNotFoundError, match="not a gallery index"):
+        CIRIndex.load(tmp_path / "nothing")
+
+
+# ------------------------------------------------------------------------------------------ resumable build
+class _Killed(Exception):
+    pass
+
+
+def _counting(model, kill_after=None):
+    """`model`, recording the images its target side encodes; raises `_Killed` on batch `kill_after`."""
+    encode, model.encoded = model.get_target_embeds, []
+
+    def counted(pixels):
+        if kill_after is not None and len(model.encoded) == kill_after:
+            raise _Killed()
+        model.encoded.append(len(pixels))
+        return encode(pixels)
+
+    model.get_target_embeds = counted
+    return model
+
+
+def test_a_killed_build_resumes_from_its_cache_and_a_changed_image_reencodes_its_shard(saved_tiny_model, image_dir,
+                                                                                       tmp_path):
+    model_dir, model, processor = saved_tiny_model
+    fresh = CIRIndex.build(model, processor.image_processor, image_dir, show_progress_bar=False)
+    kwargs = dict(batch_size=2, show_progress_bar=False, cache_dir=tmp_path / "cache", shard_size=4)
+    killed = _counting(CLIP4CIRModel.from_pretrained(model_dir).eval(), kill_after=5)
+    with pytest.raises(_Killed):  # two shards of 4 images done, the third one half encoded
+        CIRIndex.build(killed, processor.image_processor, image_dir, **kwargs)
+    resumed = _counting(CLIP4CIRModel.from_pretrained(model_dir).eval())
+    index = CIRIndex.build(resumed, processor.image_processor, image_dir, **kwargs)
+    assert sum(resumed.encoded) == 4  # only the third shard
+    assert index.image_ids == fresh.image_ids and index.fingerprint == fresh.fingerprint
+    torch.testing.assert_close(index.embeddings, fresh.embeddings, rtol=0, atol=1e-6)
+    assert index.image_ids.index("im06.png") == 4  # in the second shard, rows 4-7
+    solid_images(1, size=40, seed=99)[0].save(image_dir / "im06.png")
+    again = _counting(CLIP4CIRModel.from_pretrained(model_dir).eval())
+    changed = CIRIndex.build(again, processor.image_processor, image_dir, **kwargs)
+    assert sum(again.encoded) == 4
+    assert torch.equal(changed.embeddings[:4], index.embeddings[:4])
+    assert torch.equal(changed.embeddings[8:], index.embeddings[8:])
+    assert not torch.equal(changed.embeddings[4], index.embeddings[4])
+
+
+# ---------------------------------------------------------------------------------------- SPRC's stage 1
+def test_a_stage1_sprc_model_builds_an_index_its_stage2_model_accepts(tmp_path):
+    """SPRC's stage-1 Q-Former serves both sides: its whole state is its target side, and untying for stage 2
+    (a query-side copy) keeps the index."""
+    from test_modeling_sprc import _tiny_blip2
+    from transformers import Blip2ForImageTextRetrieval
+
+    from modeling_spn4cir import SPRCModel
+
+    torch.manual_seed(0)
+    Blip2ForImageTextRetrieval(_tiny_blip2()).save_pretrained(tmp_path / "blip2")
+    stage1 = SPRCModel.from_blip2(str(tmp_path / "blip2")).eval()
+    assert stage1.qformer_query is None
+    processor = CLIP4CIRImageProcessor(size=32)
+    paths = []
+    for i, image in enumerate(solid_images(6)):
+        image.save(tmp_path / f"s{i}.png")
+        paths.append(tmp_path / f"s{i}.png")
+    index = CIRIndex.build(stage1, processor, paths, show_progress_bar=False)
+    assert index.embeddings.shape[:2] == (6, 8)  # 8 query tokens per image
+    index.save(tmp_path / "idx")
+    stage2 = copy.deepcopy(stage1)
+    stage2.untie_query_side()
+    stage2.freeze_target_side()
+    with torch.no_grad():
+        for p in stage2.query_side_parameters():
+            p.add_(0.1)
+    loaded = CIRIndex.load(tmp_path / "idx")
+    loaded.check_model(stage2, processor)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        queries = stage2.get_query_embeds(torch.randint(1, 120, (2, 7)), pixel_values=torch.randn(2, 3, 32, 32))
+        scores = stage2.similarity(queries, stage2.get_target_embeds(processor(
+            [loaded.open_image(i) for i in loaded.image_ids])["pixel_values"]))
+    indices, _ = loaded.topk(queries, 3, similarity=stage2.similarity)
+    assert indices.tolist() == brute_force_topk(scores, 3)
+    other = copy.deepcopy(stage1)
+    with torch.no_grad():
+        other.qformer.encoder.layer[0].output.dense.weight.add_(0.1)  # the Q-Former of the target side
+    with pytest.raises(ModelMismatchError):
+        loaded.check_model(other, processor)
