@@ -1,5 +1,6 @@
 """Shared helpers: tiny CLIP4CIR configs built in the test, nothing downloaded."""
 
+import json
 import os
 import socket
 import subprocess
@@ -180,6 +181,129 @@ def solid_images(n, size=40, seed=0):
     rng = np.random.default_rng(seed)
     return [Image.fromarray(rng.integers(0, 256, (size // 4, size // 4, 3), dtype=np.uint8)).resize((size, size))
             for _ in range(n)]
+
+
+def write_png(path: Path, seed: int, size=(12, 9), fmt=None) -> Path:
+    """A random RGB image of `size` (width, height) at `path` (parents made), deterministic in `seed`."""
+    import numpy as np
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path, format=fmt)
+    return path
+
+
+def dump_json(path: Path, obj) -> Path:
+    """`obj` as JSON at `path` (parents made): annotation files of the official layouts."""
+    import json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj))
+    return path
+
+
+def write_pairs_csv(path: Path, rows, encoding="utf-8") -> Path:
+    """A custom-converter CSV (`reference,text,target`) of `rows`."""
+    import csv
+
+    with open(path, "w", newline="", encoding=encoding) as f:
+        writer = csv.writer(f)
+        writer.writerow(["reference", "text", "target"])
+        writer.writerows(rows)
+    return path
+
+
+def tiny_cirr_layout(root: Path, records=None) -> Path:
+    """A CIRR val split of 3 images (8x8) and one query (or `records`) in the official layout under `root`."""
+    paths = {f"dev-0-0-img{i}": f"./dev/dev-0-0-img{i}.png" for i in range(3)}
+    for i, relative in enumerate(paths.values()):
+        write_png(root / relative, i, size=(8, 8))
+    dump_json(root / "cirr" / "image_splits" / "split.rc2.val.json", paths)
+    dump_json(root / "cirr" / "captions" / "cap.rc2.val.json", records if records is not None else [
+        {"pairid": 0, "reference": "dev-0-0-img0", "target_hard": "dev-0-0-img1", "caption": "add a dog",
+         "img_set": {"id": 0, "members": list(paths)}}])
+    return root
+
+
+# ------------------------------------------ tiny official layouts (FashionIQ, CIRR) and a tiny CLIP4CIR to run on them
+@pytest.fixture
+def fiq_root(tmp_path):
+    """FashionIQ layout: per category 6 train images, 2 train triplets (so 2 images in no triplet), 4 val images and
+    2 val triplets; dress image D3 has the same pixels as D1 (a duplicate the de-duplication must merge)."""
+    root = tmp_path / "fiq"
+    seed = 0
+    for cat, p in (("dress", "D"), ("shirt", "S"), ("toptee", "T")):
+        train = [f"{p}{i}" for i in range(6)]
+        val = [f"{p}V{i}" for i in range(4)]
+        test = [f"{p}X0"]
+        dump_json(root / "image_splits" / f"split.{cat}.train.json", train)
+        dump_json(root / "image_splits" / f"split.{cat}.val.json", val)
+        dump_json(root / "image_splits" / f"split.{cat}.test.json", test)
+        dump_json(root / "captions" / f"cap.{cat}.train.json", [
+            {"candidate": train[0], "target": train[1], "captions": ["is red", "is longer"]},
+            {"candidate": train[2], "target": train[3], "captions": ["is blue", "has buttons"]}])
+        dump_json(root / "captions" / f"cap.{cat}.val.json", [
+            {"candidate": val[0], "target": val[1], "captions": ["is green", "shorter"]},
+            {"candidate": val[2], "target": val[3], "captions": ["is black", "no sleeves"]}])
+        dump_json(root / "captions" / f"cap.{cat}.test.json", [{"candidate": test[0], "captions": ["a", "b"]}])
+        for image_id in train + val + test:
+            seed += 1
+            write_png(root / "images" / f"{image_id}.png", seed, size=(16, 16))
+    (root / "images" / "D3.png").write_bytes((root / "images" / "D1.png").read_bytes())
+    return root
+
+
+@pytest.fixture
+def cirr_root(tmp_path):
+    """CIRR layout: the real val / test1 records (tests/fixtures/annotations) with generated images, and a 6-image
+    train split with 4 triplets."""
+    real = json.loads((FIXTURES / "annotations" / "real_records.json").read_text())
+    root = tmp_path / "cirr_root"
+    for split in ("val", "test1"):
+        paths = real[f"cirr_{split}_paths"]
+        dump_json(root / "cirr" / "captions" / f"cap.rc2.{split}.json", real[f"cirr_{split}"])
+        dump_json(root / "cirr" / "image_splits" / f"split.rc2.{split}.json", paths)
+        for i, relative in enumerate(paths.values()):
+            write_png(root / relative, 100 + i + (50 if split == "test1" else 0), size=(16, 16))
+    names = [f"train-{i}-0-img0" for i in range(6)]
+    dump_json(root / "cirr" / "image_splits" / "split.rc2.train.json", {n: f"./train/1/{n}.png" for n in names})
+    dump_json(root / "cirr" / "captions" / "cap.rc2.train.json", [
+        {"pairid": i, "reference": names[i], "target_hard": names[i + 1], "caption": "add a dog",
+         "img_set": {"id": i, "members": names[:6]}} for i in range(4)])
+    for i, n in enumerate(names):
+        write_png(root / "train" / "1" / f"{n}.png", 7 + i, size=(16, 16))
+    return root
+
+
+@pytest.fixture
+def tiny_vit_dir(tmp_path):
+    """A saved tiny CLIP4CIR (ViT, sum fusion) whose tokenizer knows the tiny layouts' texts."""
+    from modeling_spn4cir import CLIP4CIRImageProcessor, CLIP4CIRProcessor
+
+    model = tiny_model("vit", "sum")
+    model.config.text_config.eos_token_id = model.text_model.eos_token_id = 3
+    processor = CLIP4CIRProcessor(image_processor=CLIP4CIRImageProcessor(size=32),
+                                  tokenizer=tiny_tokenizer(["is red", "add a dog", "and more"]))
+    model.save_pretrained(tmp_path / "vit")
+    processor.save_pretrained(tmp_path / "vit")
+    return tmp_path / "vit"
+
+
+@pytest.fixture
+def custom_tree(tmp_path):
+    """imgs/{a,b,c}.png (8x8) and pairs.csv (two train triplets): the custom converter's input."""
+    for i, name in enumerate("abc"):
+        write_png(tmp_path / "imgs" / f"{name}.png", i, size=(8, 8))
+    write_pairs_csv(tmp_path / "pairs.csv", [("a", "make it blue", "b"), ("b", "add a cat", "c")])
+    return tmp_path
+
+
+def build_custom_tree(root: Path, out: Path, **kw):
+    """The custom converter run on a `custom_tree`."""
+    from datasets_scripts.custom import build_custom
+
+    return build_custom(root / "imgs", root / "pairs.csv", out, **kw)
 
 
 @pytest.fixture

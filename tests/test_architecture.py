@@ -140,3 +140,25 @@ def test_family_knowledge_lives_in_the_family_folders():
                 naming[relative.as_posix()] = sorted(named)
     assert "modeling_spn4cir/__init__.py" in naming  # the counter sees the registration lines
     assert len(naming) <= 2, naming
+
+
+MAX_MODULE_LINES, MAX_FUNCTION_LINES = 450, 80
+
+
+def test_modules_and_functions_stay_short():
+    """No module of the packages or the examples is over 450 lines and no function over 80: a module that grows
+    past it holds more than one concept, a function past it more than one job (split them)."""
+    long_modules, long_functions = [], []
+    for layer in LAYERS:
+        for path in sorted((ROOT / layer).rglob("*.py")):
+            source = path.read_text()
+            relative = path.relative_to(ROOT).as_posix()
+            if len(source.splitlines()) > MAX_MODULE_LINES:
+                long_modules.append(f"{relative}: {len(source.splitlines())} lines")
+            for node in ast.walk(ast.parse(source)):
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    length = node.end_lineno - node.lineno + 1
+                    if length > MAX_FUNCTION_LINES:
+                        long_functions.append(f"{relative}:{node.lineno} {node.name}: {length} lines")
+    assert not long_modules, long_modules
+    assert not long_functions, long_functions

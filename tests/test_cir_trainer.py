@@ -1,17 +1,16 @@
 """CIRTrainer: stage-2 isolation (frozen tower, no image processing, optimizer scope), resume, run_cir.py."""
 
 import json
-from pathlib import Path
+import shutil
 
 import datasets
 import pytest
-import run_cir
 import torch
-from safetensors.torch import load_file
+from conftest import run_two_processes
+from transformers import TrainerCallback
 
 from modeling_spn4cir.loading import load_cir_model_and_processor
 from trainers.cir_trainer import CIRTrainer, CIRTrainingArguments
-from trainers.evaluation import CIREvaluator
 
 
 def _args(tmp_path, stage, **kw):
@@ -112,63 +111,6 @@ def test_resume_from_checkpoint_continues_identically(tiny_cir_dataset, tiny_mod
         (tmp_path / "full" / "checkpoint-4" / "processor_config.json").exists()
 
 
-@pytest.mark.parametrize("stage", ["in_batch", "candidate_bank"])
-def test_run_cir_end_to_end(tiny_cir_dataset, tiny_model_dir, tmp_path, stage):
-    out = tmp_path / f"run_{stage}"
-    results = run_cir.main([
-        "--model_name_or_path", str(tiny_model_dir), "--dataset", str(tiny_cir_dataset), "--stage", stage,
-        "--do_train", "--do_eval", "--output_dir", str(out), "--per_device_train_batch_size", "4",
-        "--num_train_epochs", "1", "--report_to", "none", "--use_cpu", "--disable_tqdm", "true",
-        "--bank_dir", str(tmp_path / "bank"), "--eval_strategy", "epoch", "--save_strategy", "no",
-    ])
-    saved = json.loads((out / "all_results.json").read_text())
-    assert set(saved) == set(results)
-    before = load_file(tiny_model_dir / "model.safetensors")
-    after = load_file(out / "model.safetensors")
-    moved = {k.split(".")[0] for k in before if not torch.equal(before[k], after[k])}
-    if stage == "in_batch":  # stage 1 trains both towers
-        assert {"text_model", "text_projection", "vision_model", "visual_projection"} <= moved
-    else:  # stage 2 trains the query side only
-        assert moved == {"text_model", "text_projection"}
-    for k in ("eval_recall@1", "eval_recall@5", "eval_recall@10", "eval_recall@50"):
-        assert 0.0 <= saved[k] <= 100.0
-    assert "reference removed" in saved["eval_protocol"] and saved["train_loss"] > 0
-    # the trained model reloads and reproduces the reported metrics
-    model, processor = load_cir_model_and_processor(str(out))
-    evaluator = CIREvaluator(datasets.load_dataset(str(tiny_cir_dataset), "corpus", split="val"),
-                             datasets.load_dataset(str(tiny_cir_dataset), "triplets", split="val"),
-                             processor.image_processor, processor.tokenizer, show_progress_bar=False)
-    again = evaluator(model)
-    assert again["recall@10"] == saved["eval_recall@10"]
-    card = (out / "README.md").read_text()
-    assert "Metrics" in card and "eval_recall@10" in card and "reference removed" in card
-
-
-def test_run_cir_reads_a_json_config(tmp_path):
-    config = {"model_name_or_path": "m", "dataset": "cirr", "data_dir": "d", "stage": "candidate_bank",
-              "num_negatives": 100, "output_dir": str(tmp_path / "o"), "protocol": "cirr", "use_cpu": True}
-    path = tmp_path / "config.json"
-    path.write_text(json.dumps(config))
-    model_args, data_args, args = run_cir.parse_args([str(path)])
-    assert model_args.model_name_or_path == "m" and data_args.dataset == "cirr" and data_args.protocol == "cirr"
-    assert args.stage == "candidate_bank" and args.num_negatives == 100 and not args.remove_unused_columns
-    with pytest.raises(ValueError, match="stage must be one of"):
-        run_cir.parse_args(["--dataset", "x", "--stage", "stage3"])
-    config["protocol"] = "fashioniq_remove_refrence"
-    path.write_text(json.dumps(config))
-    with pytest.raises(ValueError, match=r"'fashioniq_remove_refrence'; choose one of .*'fashioniq_remove_reference'"):
-        run_cir.parse_args([str(path)])
-
-
-def test_run_cir_help_shows_both_modes(capsys):
-    assert run_cir.main(["--help"]) is None
-    text = capsys.readouterr().out
-    for training_flag in ("--model_name_or_path", "--dataset", "--stage", "--bank_dir", "--num_negatives",
-                          "--learning_rate"):
-        assert training_flag in text
-    assert "without `--dataset`" in text and "--oracle_captions" in text and "--size" in text
-
-
 def test_stage2_gradient_accumulation_2x4_equals_batch_8(tiny_cir_dataset, tiny_model_dir, tmp_path):
     train = datasets.load_dataset(str(tiny_cir_dataset), "triplets", split="train")
     corpus = datasets.load_dataset(str(tiny_cir_dataset), "corpus", split="train")
@@ -186,25 +128,79 @@ def test_stage2_gradient_accumulation_2x4_equals_batch_8(tiny_cir_dataset, tiny_
         torch.testing.assert_close(weights[1][k], weights[0][k], atol=1e-6, rtol=1e-5, msg=k)
 
 
-# SPN4CIR README stage-2 commands (REFERENCE.md 4.1): batch, epochs, lr, tau per family and dataset.
-PAPER_STAGE2 = {
-    "clip4cir_fiq": (256, 3, 2e-5, 0.02), "clip4cir_cirr": (256, 3, 2e-5, 0.02),
-    "tgcir_fiq": (256, 5, 2e-5, 0.02), "tgcir_cirr": (256, 5, 2e-5, 0.01),
-    "blip4cir_fiq": (128, 10, 5e-6, 0.03), "blip4cir_cirr": (128, 3, 6e-6, 0.02),
-    "sprc_fiq": (32, 3, 1e-5, 0.05), "sprc_cirr": (32, 3, 1e-5, 0.05),
-}
+@pytest.fixture
+def tiny_training(tiny_cir_dataset, tiny_model_dir):
+    train = datasets.load_dataset(str(tiny_cir_dataset), "triplets", split="train")
+    corpus = datasets.load_dataset(str(tiny_cir_dataset), "corpus", split="train")
+
+    def make(out, **kw):
+        model, processor = load_cir_model_and_processor(str(tiny_model_dir))
+        return CIRTrainer(model, _args(out, "in_batch", output_dir=str(out), **kw), train_dataset=train,
+                          corpus=corpus, processor=processor)
+
+    return make
 
 
-@pytest.mark.parametrize("name", sorted(PAPER_STAGE2))
-def test_paper_stage2_configs(name):
-    path = Path(run_cir.__file__).parent / "configs" / f"{name}_stage2.json"
-    model_args, data_args, args = run_cir.parse_args([str(path)])
-    batch, epochs, lr, tau = PAPER_STAGE2[name]
-    assert (args.per_device_train_batch_size, args.num_train_epochs, args.learning_rate, args.temperature) == \
-        (batch, epochs, lr, tau)
-    assert args.stage == "candidate_bank" and args.adam_epsilon == 1e-7 and args.weight_decay == 0.01
-    assert args.lr_scheduler_type == "constant" and args.dataloader_drop_last and args.seed == 42
-    assert args.load_best_model_at_end and args.metric_for_best_model == "average" and args.greater_is_better
-    assert data_args.dataset == ("fashioniq" if name.endswith("fiq") else "cirr") and data_args.extra_triplets
-    # SPN4CIR's CLIP4CIR FashionIQ protocol removes the reference; every other config keeps its dataset's protocol
-    assert data_args.protocol == ("fashioniq_remove_reference" if name == "clip4cir_fiq" else None)
+class _PoisonAfter(TrainerCallback):
+    """Make the model diverge after `step`: one weight becomes NaN (what lr=1e6 does, deterministically)."""
+
+    def __init__(self, model, step):
+        self.model, self.step = model, step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            with torch.no_grad():
+                self.model.text_projection.weight[0, 0] = float("nan")
+
+
+def test_diverging_run_stops_naming_the_step_and_never_saves_nan_weights(tiny_training, tmp_path):
+    trainer = tiny_training(tmp_path / "run")
+    trainer.add_callback(_PoisonAfter(trainer.model, 2))
+    with pytest.raises(RuntimeError, match="Training loss is nan at step 3"):
+        trainer.train()
+    with pytest.raises(RuntimeError, match="weight 'text_projection.weight' contains NaN"):
+        trainer.save_model(str(tmp_path / "final"))
+    assert not (tmp_path / "final" / "model.safetensors").exists()
+    # The issue's case: lr 1e6 used to log loss 0 and save NaN weights; it stops at the first NaN, before its update.
+    diverging = tiny_training(tmp_path / "lr", learning_rate=1e6, num_train_epochs=5)
+    with pytest.raises(RuntimeError, match=r"Training loss is (nan|inf) at step \d+"):
+        diverging.train()
+    assert all(torch.isfinite(p).all() for p in diverging.model.parameters())
+
+
+@pytest.mark.slow
+def test_nan_loss_on_one_rank_stops_every_rank_together(tiny_cir_dataset, tiny_model_dir, tmp_path):
+    """Only rank 0's loss is NaN (from step 2): DDP has averaged its NaN gradients into rank 1's, so both ranks
+    must drop step 2 and both must stop at step 3 — neither steps with NaN weights nor waits for the other."""
+    run_two_processes("ddp_nonfinite.py", tiny_model_dir, tiny_cir_dataset, tmp_path)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for rank, record in enumerate(ranks):
+        assert record["outcome"].startswith("Training loss is"), record
+        assert f"on rank {rank} (non-finite on at least one rank) at step 3" in record["outcome"]
+        assert record["finite"] and record["step1_applied"] and record["step2_dropped"], (rank, record)
+    assert "loss is nan" in ranks[0]["outcome"] and "loss is nan" not in ranks[1]["outcome"]  # rank 1's was finite
+
+
+def test_resume_refuses_a_checkpoint_without_optimizer_state_and_reports_the_whole_runs_loss(tiny_training, tmp_path):
+    full = tiny_training(tmp_path / "full", save_strategy="steps", save_steps=2, max_steps=4)
+    whole = full.train().training_loss
+    # Resumed from step 2, the reported train_loss is the mean over all 4 steps, as in the uninterrupted run.
+    resumed = tiny_training(tmp_path / "resumed", save_strategy="steps", save_steps=2, max_steps=4)
+    output = resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-2"))
+    assert output.training_loss == pytest.approx(whole, rel=1e-6)
+    assert resumed.state.log_history[-1]["train_loss"] == pytest.approx(whole, rel=1e-6)
+
+    partial = tmp_path / "partial"
+    shutil.copytree(tmp_path / "full" / "checkpoint-2", partial)
+    (partial / "optimizer.pt").unlink()
+    refused = tiny_training(tmp_path / "refused", max_steps=4)
+    with pytest.raises(ValueError, match=r"has no optimizer.pt.*--resume_without_optimizer_state"):
+        refused.train(resume_from_checkpoint=str(partial))
+    allowed = tiny_training(tmp_path / "allowed", max_steps=4, resume_without_optimizer_state=True)
+    assert allowed.train(resume_from_checkpoint=str(partial)).global_step == 4
+
+
+def test_batch_larger_than_the_dataset_with_drop_last_names_the_sizes(tiny_training, tmp_path):
+    trainer = tiny_training(tmp_path / "run", per_device_train_batch_size=32, dataloader_drop_last=True)
+    with pytest.raises(ValueError, match=r"16 triplets but one batch takes 32.*at most 16"):
+        trainer.train()

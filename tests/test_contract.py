@@ -228,3 +228,10 @@ def test_an_unknown_stage1_loss_names_the_family_s_objectives():
     model.config.stage1_loss = "tgcri"
     with pytest.raises(ValueError, match=r"stage-1 loss 'tgcri'.*\['in_batch_infonce', 'tgcir'\]"):
         stage1_loss_for(model, 0.02)
+
+
+def test_truncated_model_file_is_named_with_the_fix(tiny_model_dir):
+    weights = tiny_model_dir / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(OSError, match=rf"Cannot read {weights}:.*truncated.*re-download.*re-convert"):
+        load_cir_model_and_processor(str(tiny_model_dir))

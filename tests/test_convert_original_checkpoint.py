@@ -179,3 +179,29 @@ def test_cli_with_tokenizer_and_trust_remote_code(tmp_path, inputs, expected):
     q = torch.load(tmp_path / "q.pt", weights_only=True)
     torch.testing.assert_close(q, expected["vit.query_embeds_sum"], **TOL)
     assert isinstance(CLIP4CIRImageProcessor.from_pretrained(out), CLIP4CIRImageProcessor)
+
+
+def test_converter_refuses_nan_weights_naming_the_key_unless_allowed(tmp_path, caplog):
+    from conftest import FIXTURES
+
+    from modeling_spn4cir.conversion_utils import NonFiniteWeightsError
+    from modeling_spn4cir.convert_original_checkpoint import main
+
+    data = torch.load(FIXTURES / "parity_clip4cir" / "spn4cir_clip4cir_vit_stage2.pt", weights_only=True)
+    data["state_dict"]["clip.text_projection"][0, 0] = float("nan")
+    path = tmp_path / "diverged.pt"
+    torch.save(data, path)
+    with pytest.raises(NonFiniteWeightsError, match=r"text_projection.*--allow_nonfinite_weights"):
+        main(["--checkpoint", str(path), "--output_dir", str(tmp_path / "refused")])
+    assert not (tmp_path / "refused").exists()
+    with caplog.at_level("WARNING"):
+        main(["--checkpoint", str(path), "--output_dir", str(tmp_path / "allowed"), "--allow_nonfinite_weights"])
+    assert (tmp_path / "allowed" / "model.safetensors").exists()
+    assert "text_projection" in caplog.text and "converting anyway" in caplog.text
+    # the family's own converter CLI, which the error's advice also applies to, takes the same flag
+    from modeling_spn4cir.clip4cir.convert_clip4cir_original_checkpoint import main as family_main
+
+    with pytest.raises(NonFiniteWeightsError, match="text_projection"):
+        family_main(["--checkpoint", str(path), "--output_dir", str(tmp_path / "family_refused")])
+    family_main(["--checkpoint", str(path), "--output_dir", str(tmp_path / "family"), "--allow_nonfinite_weights"])
+    assert (tmp_path / "family" / "model.safetensors").exists()

@@ -9,12 +9,19 @@ from pathlib import Path
 import datasets
 import numpy as np
 import pytest
-from conftest import FIXTURES
+from conftest import (
+    FIXTURES,
+    build_custom_tree,
+    dump_json,
+    tiny_cirr_layout,
+    write_pairs_csv,
+    write_png,
+)
 from PIL import Image
 
 from datasets_scripts.circo import build_circo
 from datasets_scripts.cirr import build_cirr
-from datasets_scripts.common import AnnotationError
+from datasets_scripts.common import AnnotationError, BadImageError
 from datasets_scripts.custom import build_custom
 from datasets_scripts.dedup import canonical_map, find_duplicate_groups, pixel_hash
 from datasets_scripts.dedup import main as dedup_main
@@ -23,17 +30,6 @@ from datasets_scripts.publish import check_layout, push_cir_dataset
 from modeling_spn4cir.storage import MARKER
 
 REAL = json.loads((FIXTURES / "annotations" / "real_records.json").read_text())
-
-
-def _png(path: Path, seed: int, size=(12, 9), fmt=None):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(path, format=fmt)
-
-
-def _dump(path: Path, obj):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj))
 
 
 def load(out, config, split):
@@ -67,15 +63,15 @@ def fiq_tree(tmp_path):
     seed = 0
     for cat, splits in trees.items():
         for split, (asins, caps) in splits.items():
-            _dump(root / "image_splits" / f"split.{cat}.{split}.json", asins)
-            _dump(root / "captions" / f"cap.{cat}.{split}.json", caps)
+            dump_json(root / "image_splits" / f"split.{cat}.{split}.json", asins)
+            dump_json(root / "captions" / f"cap.{cat}.{split}.json", caps)
             for asin in asins:
                 if not (root / "images" / f"{asin}.png").exists():
                     seed += 1
-                    _png(root / "images" / f"{asin}.png", seed)
+                    write_png(root / "images" / f"{asin}.png", seed)
     # .jpg is accepted too
     (root / "images" / "BTRAIN0003.png").unlink()
-    _png(root / "images" / "BTRAIN0003.jpg", 999, fmt="JPEG")
+    write_png(root / "images" / "BTRAIN0003.jpg", 999, fmt="JPEG")
     return root
 
 
@@ -123,11 +119,11 @@ def test_fashioniq_malformed_json_and_missing_field(fiq_tree, tmp_path):
     path.write_text('[{"candidate": "SVAL000001", "target": "BSHARED001", "captions": ["a", "b"]},')
     with pytest.raises(AnnotationError, match=r"cap\.shirt\.val\.json: malformed JSON"):
         build_fashioniq(fiq_tree, tmp_path / "out", splits=["val"])
-    _dump(path, [{"candidate": "SVAL000001", "target": "BSHARED001", "captions": ["a", "b"]},
+    dump_json(path, [{"candidate": "SVAL000001", "target": "BSHARED001", "captions": ["a", "b"]},
                  {"candidate": "SVAL000001", "captions": ["a", "b"]}])
     with pytest.raises(AnnotationError, match=r"cap\.shirt\.val\.json: record 1 has no field 'target'"):
         build_fashioniq(fiq_tree, tmp_path / "out", splits=["val"])
-    _dump(path, [{"candidate": "NOTLISTED", "target": "BSHARED001", "captions": ["a", "b"]}])
+    dump_json(path, [{"candidate": "NOTLISTED", "target": "BSHARED001", "captions": ["a", "b"]}])
     with pytest.raises(AnnotationError, match=r"record 0 candidate 'NOTLISTED' is not listed in split\.shirt\.val\.json"):
         build_fashioniq(fiq_tree, tmp_path / "out", splits=["val"])
 
@@ -141,17 +137,17 @@ def cirr_tree(tmp_path):
         paths = dict(REAL[f"cirr_{split}_paths"])
         if split == "val":
             paths["dev-999-0-img0"] = "./dev/dev-999-0-img0.png"  # in the split, in no triplet
-        _dump(root / "cirr" / "captions" / f"cap.rc2.{file_split}.json", records)
-        _dump(root / "cirr" / "image_splits" / f"split.rc2.{file_split}.json", paths)
+        dump_json(root / "cirr" / "captions" / f"cap.rc2.{file_split}.json", records)
+        dump_json(root / "cirr" / "image_splits" / f"split.rc2.{file_split}.json", paths)
         for i, relative in enumerate(paths.values()):
-            _png(root / relative, 100 + i + (50 if split == "test1" else 0))
-    _dump(root / "cirr" / "captions" / "cap.rc2.train.json", [
+            write_png(root / relative, 100 + i + (50 if split == "test1" else 0))
+    dump_json(root / "cirr" / "captions" / "cap.rc2.train.json", [
         {"pairid": 0, "reference": "train-1-0-img0", "target_hard": "train-1-0-img1", "caption": "add a dog",
          "img_set": {"id": 1, "members": ["train-1-0-img0", "train-1-0-img1"]}}])
-    _dump(root / "cirr" / "image_splits" / "split.rc2.train.json",
+    dump_json(root / "cirr" / "image_splits" / "split.rc2.train.json",
           {"train-1-0-img0": "./train/34/train-1-0-img0.png", "train-1-0-img1": "./train/34/train-1-0-img1.png"})
-    _png(root / "train" / "34" / "train-1-0-img0.png", 7)
-    _png(root / "train" / "34" / "train-1-0-img1.png", 8)
+    write_png(root / "train" / "34" / "train-1-0-img0.png", 7)
+    write_png(root / "train" / "34" / "train-1-0-img1.png", 8)
     return root
 
 
@@ -197,11 +193,11 @@ def test_cirr_missing_members_field(cirr_tree, tmp_path):
 def test_circo_multi_target_and_shared_gallery(tmp_path):
     root = tmp_path / "circo"
     for i, coco_id in enumerate([85932, 9761, 489535, 57541, 12, 13]):
-        _png(root / "unlabeled2017" / f"{coco_id:012d}.jpg", i, fmt="JPEG")
-    _dump(root / "annotations" / "val.json", [
+        write_png(root / "unlabeled2017" / f"{coco_id:012d}.jpg", i, fmt="JPEG")
+    dump_json(root / "annotations" / "val.json", [
         {"reference_img_id": 85932, "target_img_id": 9761, "relative_caption": "is held by a girl",
          "shared_concept": "a teddy bear", "gt_img_ids": [9761, 489535, 57541], "id": 13}])
-    _dump(root / "annotations" / "test.json", [
+    dump_json(root / "annotations" / "test.json", [
         {"reference_img_id": 12, "relative_caption": "is red", "shared_concept": "a car", "id": 0}])
     out = build_circo(root, tmp_path / "out")
     val = load(out, "triplets", "val")
@@ -224,7 +220,7 @@ def test_circo_multi_target_and_shared_gallery(tmp_path):
 # ------------------------------------------------------------------------------------------- custom
 def test_custom_csv(tmp_path):
     for i, name in enumerate(["a.png", "b.png", "c.png", "extra.png"]):
-        _png(tmp_path / "imgs" / name, i)
+        write_png(tmp_path / "imgs" / name, i)
     with open(tmp_path / "pairs.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, ["reference", "text", "target", "split"])
         writer.writeheader()
@@ -303,8 +299,185 @@ def test_load_cir_data_converts_once_and_notices_changes(fiq_tree, tmp_path):
     assert len(converted) == 1
     again = load_cir_data("fashioniq", str(fiq_tree), cache_dir=str(tmp_path / "cache"))
     assert len(again.triplets["val"]) == 5 and list((tmp_path / "cache").iterdir()) == converted  # reused
-    _dump(fiq_tree / "captions" / "cap.shirt.val.json", [])  # the official tree changed: convert again
+    dump_json(fiq_tree / "captions" / "cap.shirt.val.json", [])  # the official tree changed: convert again
     changed = load_cir_data("fashioniq", str(fiq_tree), cache_dir=str(tmp_path / "cache"))
     assert len(changed.triplets["val"]) == 4 and len(list((tmp_path / "cache").iterdir())) == 2
     with pytest.raises(ValueError, match="--data_dir"):
         load_cir_data("cirr")
+
+
+# ------------------------------------------------------- bad input: paths, images, annotations (each named)
+def _fiq(root: Path, asins=("B1", "B2", "B3")) -> Path:
+    """A one-category (dress) FashionIQ val split."""
+    for i, asin in enumerate(asins):
+        if "/" not in asin and not asin.startswith(".."):
+            write_png(root / "images" / f"{asin}.png", i, size=(8, 8))
+    dump_json(root / "image_splits" / "split.dress.val.json", list(asins))
+    dump_json(root / "captions" / "cap.dress.val.json",
+          [{"candidate": asins[0], "target": asins[1], "captions": ["is red", "is long"]}])
+    return root
+
+
+def _circo(root: Path, val=None) -> Path:
+    for i, coco_id in enumerate((12, 13, 14)):
+        write_png(root / "unlabeled2017" / f"{coco_id:012d}.jpg", i, size=(8, 8), fmt="JPEG")
+    dump_json(root / "annotations" / "val.json", val if val is not None else [
+        {"id": 0, "reference_img_id": 12, "target_img_id": 13, "gt_img_ids": [13, 14], "relative_caption": "is red",
+         "shared_concept": "a car"}])
+    return root
+
+
+@pytest.mark.parametrize("bad", ["../../secret", "/etc/hostname", "../captions/cap.dress.val"])
+def test_fashioniq_ids_must_stay_inside_the_images(tmp_path, bad):
+    secret = tmp_path / "secret.png"
+    write_png(secret, 9, size=(8, 8))
+    root = _fiq(tmp_path / "fiq", asins=("B1", "B2", bad))
+    with pytest.raises(AnnotationError, match=rf"split\.dress\.val\.json image '{bad}'.*(escapes|absolute)"):
+        build_fashioniq(root, tmp_path / "out", splits=["val"], categories=["dress"])
+    assert not (tmp_path / "out").exists()
+
+
+def test_symlinks_leaving_the_data_dir_are_refused(tmp_path):
+    outside = tmp_path / "private" / "photo.png"
+    write_png(outside, 7, size=(8, 8))
+    fiq = _fiq(tmp_path / "fiq")
+    (fiq / "images" / "B3.png").unlink()
+    (fiq / "images" / "B3.png").symlink_to(outside)
+    with pytest.raises(AnnotationError, match=r"image 'B3'.*escapes .* through a symbolic link"):
+        build_fashioniq(fiq, tmp_path / "o1", splits=["val"], categories=["dress"])
+    circo = _circo(tmp_path / "circo")
+    (circo / "unlabeled2017" / "000000000099.jpg").symlink_to(outside)
+    with pytest.raises(AnnotationError, match=r"000000000099\.jpg.*escapes .* through a symbolic link"):
+        build_circo(circo, tmp_path / "o2", splits=["val"])
+    for name in ("c.png", "c"):  # with its extension, or found by adding one
+        root = tmp_path / f"custom_{name}"
+        for i, image in enumerate("ab"):
+            write_png(root / "imgs" / f"{image}.png", i, size=(8, 8))
+        (root / "imgs" / "c.png").symlink_to(outside)
+        write_pairs_csv(root / "pairs.csv", [("a", "make it blue", name)])
+        with pytest.raises(AnnotationError, match=rf"image '{name}'.*escapes"):
+            build_custom_tree(root, tmp_path / f"o_{name}")
+    # the layout's image folder itself may be a link (images on another disk): per-image links may not leave it
+    moved = tmp_path / "disk" / "images"
+    (fiq / "images" / "B3.png").unlink()
+    write_png(fiq / "images" / "B3.png", 3, size=(8, 8))
+    moved.parent.mkdir()
+    (fiq / "images").rename(moved)
+    (fiq / "images").symlink_to(moved)
+    assert build_fashioniq(fiq, tmp_path / "o3", splits=["val"], categories=["dress"]).exists()
+
+
+def test_corrupt_images_are_named_or_skipped_with_a_count(custom_tree, tmp_path, capsys):
+    imgs = custom_tree / "imgs"
+    good = (imgs / "a.png").read_bytes()
+    (imgs / "trunc.png").write_bytes(good[: len(good) // 2])
+    (imgs / "zero.png").write_bytes(b"")
+    (imgs / "text.png").write_text("this is not an image")
+    write_png(imgs / "j.jpg", 5, size=(8, 8), fmt="JPEG")
+    (imgs / "tj.jpg").write_bytes((imgs / "j.jpg").read_bytes()[:200])
+    (imgs / "dir.png").mkdir()
+    names = ["trunc", "zero", "text", "tj", "dir"]
+    write_pairs_csv(custom_tree / "pairs.csv", [("a", "make it blue", "b")] + [("a", "x", n) for n in names])
+    with pytest.raises(BadImageError, match="5 image file") as error:
+        build_custom_tree(custom_tree, tmp_path / "out")
+    message = str(error.value)
+    assert "zero.png is empty" in message and "dir.png is a directory" in message and "--skip_bad_images" in message
+    for name in ("trunc.png", "text.png", "tj.jpg"):
+        assert f"{name} does not decode" in message
+    assert not (tmp_path / "out").exists()
+    out = build_custom_tree(custom_tree, tmp_path / "out", skip_bad_images=True)
+    printed = capsys.readouterr().out
+    assert "5 images do not decode, left out (--skip_bad_images): dropped 5 triplets (1 kept)" in printed
+    assert "'trunc'" in printed and "'dir'" in printed
+    assert datasets.load_dataset(str(out), "triplets", split="train")["target_id"] == ["b"]
+    assert "train: 5 (" in (out / "README.md").read_text()
+
+
+def test_empty_splits_and_annotations_are_errors(custom_tree, tmp_path):
+    write_pairs_csv(custom_tree / "pairs.csv", [])
+    with pytest.raises(AnnotationError, match=r"pairs\.csv: no records"):
+        build_custom_tree(custom_tree, tmp_path / "o1")
+    cirr = tiny_cirr_layout(tmp_path / "cirr", records=[])
+    with pytest.raises(AnnotationError, match=r"cap\.rc2\.val\.json: no records"):
+        build_cirr(cirr, tmp_path / "o2", splits=["val"])
+    fiq = _fiq(tmp_path / "fiq")
+    dump_json(fiq / "captions" / "cap.dress.val.json", [])
+    with pytest.raises(AnnotationError, match=r"the 'val' split is empty \(captions/cap\.\{dress\}\.val\.json"):
+        build_fashioniq(fiq, tmp_path / "o3", splits=["val"], categories=["dress"])
+    # every triplet dropped by an opt-in skip: still no dataset that cannot load
+    write_pairs_csv(custom_tree / "pairs.csv", [("a", "make it blue", "gone")])
+    with pytest.raises(ValueError, match=r"No triplets to write .* \(1 dropped for missing or bad images\)"):
+        build_custom_tree(custom_tree, tmp_path / "o4", skip_missing_images=True)
+    assert not any((tmp_path / f"o{i}").exists() for i in range(1, 5))
+
+
+def test_circo_ids_outside_the_gallery_or_not_numeric(tmp_path):
+    record = {"id": 0, "reference_img_id": 12, "target_img_id": 99, "gt_img_ids": [13, 14], "relative_caption": "is red",
+              "shared_concept": "a car"}
+    root = _circo(tmp_path / "circo", val=[record])
+    with pytest.raises(FileNotFoundError, match=r"val\.json: record 0 needs image 000000000099\.jpg"):
+        build_circo(root, tmp_path / "out", splits=["val"])
+    dump_json(root / "annotations" / "val.json", [{**record, "target_img_id": 13, "reference_img_id": "abc"}])
+    with pytest.raises(AnnotationError, match=r"val\.json: record 0 field 'reference_img_id' is 'abc', expected a COCO "
+                                              r"image id"):
+        build_circo(root, tmp_path / "out", splits=["val"])
+    dump_json(root / "annotations" / "val.json", [{**record, "target_img_id": 13, "gt_img_ids": [13, None]}])
+    with pytest.raises(AnnotationError, match=r"record 0 field 'gt_img_ids' is None"):
+        build_circo(root, tmp_path / "out", splits=["val"])
+
+
+def test_annotation_errors_name_the_file_the_record_and_the_fix(custom_tree, tmp_path):
+    # latin-1 CSV: the file, the byte and line, the fix
+    write_pairs_csv(custom_tree / "pairs.csv", [("a", "café au lait", "b")], encoding="latin-1")
+    with pytest.raises(AnnotationError, match=r"pairs\.csv: not valid UTF-8 \(byte \d+, line 2.*save the file as UTF-8"):
+        build_custom_tree(custom_tree, tmp_path / "o")
+    # a UTF-8 BOM (Excel) is accepted: the first column is 'reference', not '\ufeffreference'
+    write_pairs_csv(custom_tree / "pairs.csv", [("a", "café au lait", "b")], encoding="utf-8-sig")
+    assert datasets.load_dataset(str(build_custom_tree(custom_tree, tmp_path / "bom")), "triplets",
+                                 split="train")["modification_texts"] == [["café au lait"]]
+    # JSONL: a lone surrogate escape, a list as text, a dict as reference
+    jsonl = custom_tree / "pairs.jsonl"
+    for line, pattern in [
+        ('{"reference": "a", "text": "bad \\udc80 text", "target": "b"}', r"record 0 field 'text' holds .*lone surrogate"),
+        ('{"reference": "a", "text": ["one", "two"], "target": "b"}', r"record 0 field 'text' is a list .*one record per"),
+        ('{"reference": {"id": "a"}, "text": "t", "target": "b"}', r"record 0 field 'reference' is a dict"),
+    ]:
+        jsonl.write_text(line + "\n")
+        with pytest.raises(AnnotationError, match=rf"pairs\.jsonl: {pattern}"):
+            build_custom(custom_tree / "imgs", jsonl, tmp_path / "o")
+    # official JSON layouts: latin-1 bytes, a surrogate escape, a list where one id is expected
+    fiq = _fiq(tmp_path / "fiq")
+    (fiq / "captions" / "cap.dress.val.json").write_bytes(
+        b'[{"candidate": "B1", "target": "B2", "captions": ["caf\xe9", "x"]}]')
+    with pytest.raises(AnnotationError, match=r"cap\.dress\.val\.json: not valid UTF-8 \(byte 54, line 1"):
+        build_fashioniq(fiq, tmp_path / "o", splits=["val"], categories=["dress"])
+    cirr = tiny_cirr_layout(tmp_path / "cirr")
+    path = cirr / "cirr" / "captions" / "cap.rc2.val.json"
+    records = json.loads(path.read_text())
+    path.write_text(json.dumps([{**records[0], "caption": "\udc80"}]))
+    with pytest.raises(AnnotationError, match=r"cap\.rc2\.val\.json: record 0 field 'caption' holds .*lone surrogate"):
+        build_cirr(cirr, tmp_path / "o", splits=["val"])
+    path.write_text(json.dumps([{**records[0], "target_hard": ["dev-0-0-img1", "dev-0-0-img2"]}]))
+    with pytest.raises(AnnotationError, match=r"cap\.rc2\.val\.json: record 0 field 'target_hard' is a list .*expected "
+                                              r"a str"):
+        build_cirr(cirr, tmp_path / "o", splits=["val"])
+    assert not (tmp_path / "o").exists()
+
+
+def test_dedup_map_is_cached_and_follows_changes(tmp_path):
+    from datasets_scripts.dedup import dedup_map_for
+    from modeling_spn4cir.image_store import ImageStore
+
+    images = [Image.fromarray(np.full((8, 8, 3), v, dtype=np.uint8)) for v in (10, 20, 10, 30)]
+    corpus = datasets.Dataset.from_dict({"image_id": ["a", "b", "c", "d"], "image": images},
+                                        features=datasets.Features({"image_id": datasets.Value("string"),
+                                                                    "image": datasets.Image()}))
+    cache = tmp_path / "hashes"
+    assert dedup_map_for(ImageStore(corpus), ["b", "c", "a", "d"], cache, show_progress_bar=False) == {"a": "c"}
+    assert {json.loads(line)["image_id"] for shard in cache.glob("hashes-*.jsonl")
+            for line in shard.read_text().splitlines()} == {"a", "b", "c", "d"}
+    # a changed image is re-hashed (its stored bytes differ from the cached entry)
+    changed = corpus.map(lambda r: {"image": Image.fromarray(np.full((8, 8, 3), 20, dtype=np.uint8))
+                                    if r["image_id"] == "d" else r["image"]})
+    assert dedup_map_for(ImageStore(changed), ["a", "b", "c", "d"], cache, show_progress_bar=False) == {
+        "c": "a", "d": "b"}

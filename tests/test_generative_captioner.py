@@ -1,5 +1,8 @@
 """The embedded default's generative captioner stand-in: a tiny LLaVA trained from scratch, saved like a Hub
-checkpoint and used through MLLMCaptioner (AutoProcessor, chat template, generate)."""
+checkpoint and used through MLLMCaptioner (AutoProcessor, chat template, generate); and how its captions are scored
+(phrase precision against the scene graph)."""
+
+import json
 
 import datasets
 import pytest
@@ -8,6 +11,8 @@ from spn_recipe.generative_captioner import (
     CaptionerConfig,
     _prompt_ids,
     build_captioner,
+    caption_phrases,
+    caption_precision,
     load_captioner,
     train_generative_captioner,
 )
@@ -86,3 +91,19 @@ def test_caption_cache_refuses_captions_of_a_retrained_captioner_at_the_same_pat
     assert captioner_key(load_captioner(tmp_path / "captioner")) != before
     with pytest.raises(ValueError, match="captions of another run .*captioner"):
         caption_corpus(corpus, load_captioner(tmp_path / "captioner"), tmp_path / "cache", show_progress_bar=False)
+
+
+def test_caption_precision_parses_generated_and_retrieved_captions():
+    scene = json.dumps([{"shape": "circle", "colour": "red", "size": "small", "cell": 0},
+                        {"shape": "cross", "colour": "blue", "size": "large", "cell": 4}])
+    # LLaVA-style (articles, commas, "and") and retrieval-style captions name the same phrases
+    assert caption_phrases("a small red circle, a large blue cross and a small green square") == [
+        "small red circle", "large blue cross", "small green square"]
+    assert caption_phrases("small red circle and large blue cross") == ["small red circle", "large blue cross"]
+    p = caption_precision(["a small red circle, a small blue cross and a large green square"], [scene])
+    assert p["phrases"] == 3
+    assert p["phrase_precision"] == pytest.approx(100 / 3)  # only the red circle is exact
+    assert p["colour_shape_precision"] == pytest.approx(200 / 3)  # the blue cross has the wrong size
+    assert p["object_recall"] == 50.0
+    empty = caption_precision([""], [scene])  # an empty caption is one wrong phrase, not a free pass
+    assert empty["phrases"] == 1 and empty["phrase_precision"] == 0.0

@@ -1,9 +1,13 @@
-"""CLIP4CIR model family: the CIR model contract, stage-2 freezing, serialization, Hub readiness."""
+"""CLIP4CIR model family: the CIR model contract, stage-2 freezing, serialization, Hub readiness, and the original's
+train mode (CLIP towers in eval mode during training: ResNet BatchNorm statistics stay; the Combiner's dropout
+follows train mode)."""
 
+import datasets
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY_TEXT, TINY_VIT, run_without_package, tiny_config, tiny_inputs, tiny_model
+from conftest import TINY_TEXT, TINY_VIT, run_without_package, tiny_config, tiny_inputs, tiny_model, tiny_tokenizer
+from PIL import Image
 from transformers import AutoConfig, AutoModel, CLIPConfig, CLIPModel
 
 import modeling_spn4cir  # noqa: F401  (registers the Auto classes)
@@ -168,3 +172,52 @@ def test_trust_remote_code_without_the_package(tmp_path):
         tmp_path,
     )
     assert "OK CLIP4CIRModel" in stdout
+
+
+def _rn_model_dir(tmp_path, **config):
+    from modeling_spn4cir import CLIP4CIRImageProcessor, CLIP4CIRProcessor
+
+    model = tiny_model("resnet", "sum", **config)
+    model.config.text_config.eos_token_id = model.text_model.eos_token_id = 3  # the tiny tokenizer's <eot>
+    processor = CLIP4CIRProcessor(image_processor=CLIP4CIRImageProcessor(size=64),
+                                  tokenizer=tiny_tokenizer(["make it blue", "red circle", "and more"]))
+    return model, processor
+
+
+def _batchnorm_buffers(model):
+    return {n: b.clone() for n, b in model.vision_model.named_buffers() if "running" in n or "num_batches" in n}
+
+
+@pytest.mark.parametrize("clip_train_mode", [False, True])
+def test_stage1_step_keeps_resnet_batchnorm_statistics(tiny_cir_dataset, tmp_path, clip_train_mode):
+    from trainers.cir_trainer import CIRTrainer, CIRTrainingArguments
+
+    model, processor = _rn_model_dir(tmp_path, clip_train_mode=clip_train_mode)
+    train = datasets.load_dataset(str(tiny_cir_dataset), "triplets", split="train")
+    corpus = datasets.load_dataset(str(tiny_cir_dataset), "corpus", split="train")
+    pixels = processor.image_processor([Image.new("RGB", (40, 40), (200, 30, 30))], return_tensors="pt")["pixel_values"]
+    stats = _batchnorm_buffers(model)
+    assert stats
+    conv = model.vision_model.conv1.weight.clone()
+    args = CIRTrainingArguments(output_dir=str(tmp_path / "out"), stage="in_batch", per_device_train_batch_size=4,
+                                max_steps=1, learning_rate=1e-2, report_to=[], use_cpu=True, disable_tqdm=True,
+                                save_strategy="no")
+    CIRTrainer(model, args, train_dataset=train, corpus=corpus, processor=processor).train()
+    assert not torch.equal(model.vision_model.conv1.weight, conv)  # the step did train the image tower
+    after = _batchnorm_buffers(model)
+    unchanged = all(torch.equal(stats[n], after[n]) for n in stats)
+    model.train()
+    with torch.no_grad():
+        in_train_mode = model.get_target_embeds(pixels)
+        model.eval()
+        in_eval_mode = model.get_target_embeds(pixels)
+    if clip_train_mode:  # the option: BatchNorm in training mode moves its statistics and uses batch ones
+        assert not unchanged and not torch.equal(in_train_mode, in_eval_mode)
+    else:  # the original (CLIP4Cir's clip_model.eval())
+        assert unchanged
+        assert torch.equal(in_train_mode, in_eval_mode)
+
+
+def test_combiner_dropout_still_follows_train_mode():
+    model = tiny_model("resnet", "combiner").train()
+    assert model.combiner.training and not model.vision_model.training and not model.text_model.training

@@ -316,3 +316,104 @@ def test_generate_triplets_end_to_end(tiny_cir_dataset, tiny_model_dir, tmp_path
         ref, tgt = captions[row["reference_id"]], captions[row["target_id"]]
         assert ref in ("red circle", "blue square", "green triangle")
         assert row["modification_texts"] == [f"{tgt} instead of {ref}", f"Unlike {ref}, I want {tgt}"]
+
+
+def _scaling_corpus(ids, colours):
+    from PIL import Image
+
+    return datasets.Dataset.from_dict(
+        {"image_id": list(ids), "image": [Image.new("RGB", (8, 8), c) for c in colours]},
+        features=datasets.Features({"image_id": datasets.Value("string"), "image": datasets.Image()}))
+
+
+class _PixelCaptioner:
+    """Captions an image by its colour and records which ids it was asked to caption."""
+
+    def __init__(self):
+        self.seen = []
+
+    def __call__(self, batch):
+        self.seen += batch["image_id"]
+        return [f"a {image.getpixel((0, 0))} square" for image in batch["image"]]
+
+
+def test_positive_scaling_refuses_empty_captions_and_k0_and_never_reuses_stale_captions(tmp_path):
+    from datasets_scripts.captioners import ColumnCaptioner
+    from datasets_scripts.captioning import caption_corpus
+    from datasets_scripts.positive_scaling import generate_scaled_triplets
+
+    ids = [f"g{i:02d}" for i in range(12)]
+    corpus = _scaling_corpus(ids, [(i * 20, 0, 0) for i in range(12)])
+    mapping = {i: f"caption of {i}" for i in ids} | {"g03": "  "}
+    common = dict(rank_window=None, dataset="cirr", show_progress_bar=False)
+    with pytest.raises(ValueError, match=r"empty caption for 1 of 12 images \(first: \['g03'\]\).*skip_empty_captions"):
+        generate_scaled_triplets(corpus, ColumnCaptioner(mapping=mapping), tmp_path / "refused", **common)
+    out = generate_scaled_triplets(corpus, ColumnCaptioner(mapping=mapping), tmp_path / "skipped",
+                                   skip_empty_captions=True, **common).path
+    triplets = datasets.load_dataset(str(out), "triplets", split="train").to_list()
+    assert len(triplets) == 11 and all("g03" not in (t["reference_id"], t["target_id"]) for t in triplets)
+    assert all(t.count("caption of g") == 2 for row in triplets for t in row["modification_texts"])  # both captions
+    with pytest.raises(ValueError, match="k .* must be a positive integer, got 0"):
+        generate_scaled_triplets(corpus, ColumnCaptioner(mapping=mapping), tmp_path / "k0", k=0, **common)
+    assert not (tmp_path / "k0").exists()
+
+    # The cache is keyed by each image's id and content: a changed image and a renamed middle id are captioned
+    # again (only they are), never served the old caption.
+    first = _PixelCaptioner()
+    captions = caption_corpus(corpus, first, tmp_path / "cache", shard_size=4, show_progress_bar=False)
+    assert sorted(first.seen) == ids and captions["g05"] == "a (100, 0, 0) square"
+    colours = [(i * 20, 0, 0) for i in range(12)]
+    colours[5] = (0, 0, 255)
+    renamed = [("h06" if i == "g06" else i) for i in ids]
+    again = _PixelCaptioner()
+    captions = caption_corpus(_scaling_corpus(renamed, colours), again, tmp_path / "cache", shard_size=4,
+                              show_progress_bar=False)
+    assert sorted(again.seen) == ["g05", "h06"]
+    assert captions["g05"] == "a (0, 0, 255) square" and captions["h06"] == "a (120, 0, 0) square"
+    assert "g06" not in captions and len(captions) == 12
+
+
+@pytest.mark.parametrize("pool", ["triplet_images", "corpus"])
+def test_positive_scaling_pairs_within_triplet_images(fiq_root, tiny_vit_dir, tmp_path, monkeypatch, pool):
+    import generate_triplets
+
+    monkeypatch.setenv("SPN4CIR_CACHE", str(tmp_path / "cache"))
+    phrases = tmp_path / "phrases.txt"
+    phrases.write_text("red dress\nblue shirt\n")
+    out = tmp_path / f"gen_{pool}"
+    # random pairs with k = pool size - 1: every pool image is every reference's target once
+    generate_triplets.main([
+        "--dataset", "fashioniq", "--data_dir", str(fiq_root), "--output_dir", str(out), "--captioner", "retrieval",
+        "--encoder", str(tiny_vit_dir), "--phrases", str(phrases), "--random_pairs", "--k", "100",
+        "--templates", "2", "--pool", pool, "--caption_cache_dir", str(tmp_path / f"caps_{pool}"),
+    ])
+    generated = datasets.load_dataset(str(out), "triplets", split="train")
+    used = set(generated["reference_id"]) | set(generated["target_id"])
+    in_triplets = {f"{p}{i}" for p in "DST" for i in range(4)}
+    outside = {f"{p}{i}" for p in "DST" for i in (4, 5)}
+    if pool == "triplet_images":
+        assert used == in_triplets
+    else:
+        assert used == in_triplets | outside
+
+
+def test_K_keeps_a_random_subset_of_the_generated_triplets(fiq_root, tiny_vit_dir, tmp_path, monkeypatch):
+    import generate_triplets
+
+    monkeypatch.setenv("SPN4CIR_CACHE", str(tmp_path / "cache"))
+    phrases = tmp_path / "phrases.txt"
+    phrases.write_text("red dress\nblue shirt\n")
+    common = ["--dataset", "fashioniq", "--data_dir", str(fiq_root), "--captioner", "retrieval",
+              "--encoder", str(tiny_vit_dir), "--phrases", str(phrases), "--random_pairs",
+              "--caption_cache_dir", str(tmp_path / "caps")]
+    generate_triplets.main(common + ["--output_dir", str(tmp_path / "all")])
+    generate_triplets.main(common + ["--output_dir", str(tmp_path / "five"), "--K", "5"])
+    every = datasets.load_dataset(str(tmp_path / "all"), "triplets", split="train")
+    five = datasets.load_dataset(str(tmp_path / "five"), "triplets", split="train")
+    pairs = set(zip(every["reference_id"], every["target_id"]))
+    assert len(every) == 12 and len(five) == 5  # k=1: one per triplet image, then 5 of them
+    assert set(zip(five["reference_id"], five["target_id"])) <= pairs
+    corpus = datasets.load_dataset(str(tmp_path / "five"), "corpus", split="train")
+    assert set(corpus["image_id"]) == set(five["reference_id"]) | set(five["target_id"])
+    with pytest.raises(ValueError, match="num_triplets=13 but 12 triplets"):
+        generate_triplets.main(common + ["--output_dir", str(tmp_path / "x"), "--K", "13"])

@@ -1,0 +1,102 @@
+"""Output safety of every writer (converters, bank, index, training): a user's files and the input data are never
+replaced, an output is overwritten only with --overwrite_output_dir and only when it is this tool's, a second
+writer is locked out (a dead owner's lock is taken over), a killed run's staging is cleaned, and outputs get the
+umask's permissions. Built on the custom converter (`custom_tree`, a few 8x8 images)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import datasets
+import pytest
+from conftest import build_custom_tree, tiny_cirr_layout, write_pairs_csv
+
+from datasets_scripts.cirr import build_cirr
+from datasets_scripts.custom import main as custom_main
+from modeling_spn4cir.storage import (
+    MARKER,
+    OutputDirError,
+    OutputLockedError,
+    atomic_directory,
+    atomic_write_bytes,
+    lock_path,
+    output_lock,
+)
+
+
+def test_user_files_and_input_data_are_never_replaced(custom_tree):
+    root = custom_tree
+    mine = root / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+    for overwrite in (False, True):  # --overwrite_output_dir never applies to someone else's files
+        with pytest.raises(OutputDirError, match=r"mine is not empty and is not an output of datasets_scripts\.custom"):
+            build_custom_tree(root, mine, overwrite_output_dir=overwrite)
+    assert (mine / "thesis.tex").read_text() == "years of work" and sorted(os.listdir(mine)) == ["thesis.tex"]
+    # the data directory itself, a directory above it, and one holding the annotation file are refused too
+    images = sorted(os.listdir(root / "imgs"))
+    for out in (root / "imgs", root, root / "imgs" / ".."):
+        with pytest.raises(OutputDirError, match="is or contains the input"):
+            build_custom_tree(root, out, overwrite_output_dir=True)
+    assert sorted(os.listdir(root / "imgs")) == images and (root / "pairs.csv").exists()
+    # an empty directory is fine
+    (root / "empty").mkdir()
+    assert (build_custom_tree(root, root / "empty") / MARKER).exists()
+
+
+def test_overwrite_replaces_only_a_previous_output_of_the_same_tool(custom_tree, tmp_path):
+    out = build_custom_tree(custom_tree, tmp_path / "out")
+    assert json.loads((out / MARKER).read_text())["tool"] == "datasets_scripts.custom"
+    with pytest.raises(OutputDirError, match="already holds an output of datasets_scripts.custom; pass --overwrite_output_dir"):
+        build_custom_tree(custom_tree, out)
+    write_pairs_csv(custom_tree / "pairs.csv", [("c", "now a single triplet", "a")])
+    custom_main(["--data_dir", str(custom_tree / "imgs"), "--annotations", str(custom_tree / "pairs.csv"),
+                 "--output_dir", str(out), "--overwrite_output_dir"])
+    assert datasets.load_dataset(str(out), "triplets", split="train")["reference_id"] == ["c"]
+    # an output of another tool is not "ours": refused even with overwrite
+    tiny_cirr_layout(tmp_path / "cirr")
+    with pytest.raises(OutputDirError, match="holds an output of datasets_scripts.custom, not of datasets_scripts.cirr"):
+        build_cirr(tmp_path / "cirr", out, splits=["val"], overwrite_output_dir=True)
+    assert datasets.load_dataset(str(out), "triplets", split="train")["reference_id"] == ["c"]
+
+
+def test_lock_refuses_a_second_writer_and_a_dead_owner_is_taken_over(custom_tree, tmp_path):
+    out = tmp_path / "out"
+    with atomic_directory(out, tool="datasets_scripts.custom"):  # a writer in progress (same rules, same lock)
+        with pytest.raises(OutputLockedError, match=rf"out is being written by another process \(pid {os.getpid()} "
+                                                    r".*If that process is no longer running, delete"):
+            build_custom_tree(custom_tree, out, overwrite_output_dir=True)
+    # a lock file left by a process that died (SIGKILL) does not block the next run
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    lock_path(out).write_text(json.dumps({"pid": int(dead.stdout), "host": "here"}))
+    assert datasets.load_dataset(str(build_custom_tree(custom_tree, out, overwrite_output_dir=True)), "triplets", split="train")
+    assert not lock_path(out).exists()
+    with output_lock(out):  # and the lock is free again
+        pass
+
+
+def test_staging_left_by_a_killed_run_is_cleaned(custom_tree, tmp_path):
+    leftovers = [tmp_path / ".out.staging-0123456789ab", tmp_path / ".out.old-0123456789ab",
+                 tmp_path / ".out.k2j_x9ab"]  # the last: mkdtemp's name in earlier versions
+    others = [tmp_path / ".outer.staging-0123456789ab", tmp_path / ".out.v2", tmp_path / "out.keep"]
+    for directory in leftovers + others:
+        directory.mkdir()
+        (directory / "part.parquet").write_bytes(b"x" * 10)
+    build_custom_tree(custom_tree, tmp_path / "out")
+    assert not any(p.exists() for p in leftovers)
+    assert all((p / "part.parquet").exists() for p in others)  # another output's staging, user dirs: untouched
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".out")) == [".out.v2", ".outer.staging-0123456789ab"]
+
+
+def test_outputs_get_the_usual_permissions(custom_tree, tmp_path):
+    old = os.umask(0o027)
+    try:
+        out = build_custom_tree(custom_tree, tmp_path / "out")
+        written = atomic_write_bytes(tmp_path / "results.json", b"{}")
+    finally:
+        os.umask(old)
+    assert out.stat().st_mode & 0o777 == 0o750  # 0777 minus the umask, not mkdtemp's 0700
+    assert (out / "README.md").stat().st_mode & 0o777 == 0o640
+    assert all(p.stat().st_mode & 0o777 == 0o750 for p in out.rglob("*") if p.is_dir())
+    assert written.stat().st_mode & 0o777 == 0o640  # not mkstemp's 0600
