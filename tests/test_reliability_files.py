@@ -17,10 +17,11 @@ from PIL import Image
 
 from datasets_scripts.circo import build_circo
 from datasets_scripts.cirr import build_cirr
-from datasets_scripts.common import AnnotationError, BadImageError
+from datasets_scripts.common import AnnotationError
 from datasets_scripts.custom import build_custom
 from datasets_scripts.custom import main as custom_main
 from datasets_scripts.fashioniq import build_fashioniq
+from datasets_scripts.image_checks import BadImageError
 from modeling_spn4cir.storage import (
     MARKER,
     OutputDirError,
