@@ -1,4 +1,4 @@
-"""Cost of checking that every image decodes at conversion (`datasets_scripts.common.find_bad_images`) against
+"""Cost of checking that every image decodes at conversion (`datasets_scripts.image_checks.find_bad_images`) against
 the whole conversion (`build_custom`, which includes the check), and against a full decode of every image.
 
     python -m benchmarks.bench_image_check [--n 400]
@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from datasets_scripts.common import find_bad_images, image_problem
 from datasets_scripts.custom import build_custom
+from datasets_scripts.image_checks import find_bad_images, image_problem
 
 
 def make_images(folder: Path, n: int, seed: int = 0) -> list[Path]:

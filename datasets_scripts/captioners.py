@@ -44,6 +44,26 @@ def weights_identity(model_name_or_path: str, model) -> str:
     return f"{model_name_or_path}@{getattr(model.config, '_commit_hash', None)}"
 
 
+def load_mllm(model_name_or_path: str, device: str | torch.device = "cpu", dtype=None):
+    """`(processor, model)` of a multimodal chat checkpoint (`AutoProcessor` + `AutoModelForImageTextToText`), the
+    model in eval mode on `device`, the tokenizer padding on the left (batched generation continues every row at
+    its end)."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(model_name_or_path)
+    processor.tokenizer.padding_side = "left"
+    model = AutoModelForImageTextToText.from_pretrained(model_name_or_path, dtype=dtype).to(device).eval()
+    return processor, model
+
+
+def generate_answers(model, processor, inputs, max_new_tokens: int) -> list[str]:
+    """Greedy `generate` on a processed batch (`input_ids` `[B, L]`, left-padded, and the image tensors): the `B`
+    answers, decoded without special tokens (not stripped)."""
+    with torch.no_grad():
+        output = model.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens)
+    return processor.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
 class MLLMCaptioner:
     """
     Caption images with a multimodal LLM, as the paper does with LLaVA (`zscir/captioner_llava.py`).
@@ -66,11 +86,7 @@ class MLLMCaptioner:
     def __init__(self, model_name_or_path: str, prompt: str = IMAGE_PROMPT, num_words: int = 10,
                  max_new_tokens: int | None = None, device: str | torch.device = "cpu", dtype=None,
                  word_limit: int | None = None, prompt_prefix: str = ORIGINAL_PROMPT_PREFIX):
-        from transformers import AutoModelForImageTextToText, AutoProcessor
-
-        self.processor = AutoProcessor.from_pretrained(model_name_or_path)
-        self.processor.tokenizer.padding_side = "left"  # batched generation continues every row at its end
-        self.model = AutoModelForImageTextToText.from_pretrained(model_name_or_path, dtype=dtype).to(device).eval()
+        self.processor, self.model = load_mllm(model_name_or_path, device, dtype)
         self.prompt, self.num_words, self.word_limit, self.prompt_prefix = prompt, num_words, word_limit, prompt_prefix
         self.max_new_tokens = max_new_tokens or (4 * word_limit + 4 if word_limit else ORIGINAL_MAX_NEW_TOKENS)
         self.weights = weights_identity(model_name_or_path, self.model)
@@ -90,10 +106,7 @@ class MLLMCaptioner:
         ]
         inputs = self.processor(images=[im.convert("RGB") for im in images], text=texts, padding=True,
                                 return_tensors="pt").to(self.model.device)
-        with torch.no_grad():
-            output = self.model.generate(**inputs, do_sample=False, max_new_tokens=self.max_new_tokens)
-        new_tokens = output[:, inputs["input_ids"].shape[1]:]
-        decoded = self.processor.batch_decode(new_tokens, skip_special_tokens=True)
+        decoded = generate_answers(self.model, self.processor, inputs, self.max_new_tokens)
         if self.word_limit is None:
             return [text.strip() for text in decoded]
         return [limit_words(text, self.word_limit) for text in decoded]

@@ -10,6 +10,9 @@ Each cached caption is keyed by its image's id **and the sha256 of its stored by
 changed, or a renamed id, is captioned again (only that image; the rest of its shard is reused), never served a
 stale caption. The images' hashes are kept under their file stamps, so a warm start reads no image byte. The
 cache's `manifest.json` records the captioner and the shard size; a different one is refused.
+
+The edit writer's cache (`edit_writer.write_edits`: texts of image pairs) runs on the same machinery
+(`claim_cache`, `sync_records`).
 """
 
 from __future__ import annotations
@@ -36,15 +39,16 @@ def captioner_key(captioner) -> str:
     return json.dumps({"class": type(captioner).__name__, **fields}, sort_keys=True, default=str)
 
 
-def _claim(cache_dir: Path, settings: dict) -> None:
-    """Refuse a cache of another captioner or shard size; mark a new cache as this run's (rank 0)."""
-    manifest_path = cache_dir / MANIFEST
+def claim_cache(cache_dir: Path, settings: dict, manifest: str = MANIFEST, what: str = "captions") -> None:
+    """Refuse a cache of `what` made by another writer or shard size (its `manifest` file differs from `settings`);
+    mark a new cache as this run's (rank 0)."""
+    manifest_path = cache_dir / manifest
     if manifest_path.exists():
         stored = json.loads(manifest_path.read_text())
         if stored != settings:
             changed = sorted(k for k in settings if stored.get(k) != settings[k])
             raise ValueError(
-                f"{cache_dir} holds captions of another run ({', '.join(changed)} differ); use a new cache_dir or "
+                f"{cache_dir} holds {what} of another run ({', '.join(changed)} differ); use a new cache_dir or "
                 "delete this one."
             )
     elif world(from_env=True)[0] == 0:
@@ -83,37 +87,52 @@ def caption_corpus(corpus, captioner, cache_dir: str | Path, shard_size: int = 1
         first_row.setdefault(image_id, row)
     ids = list(first_row)
     settings = {"format": CACHE_FORMAT, "shard_size": shard_size, "captioner": captioner_key(captioner)}
-    _claim(cache_dir, settings)
+    claim_cache(cache_dir, settings)
     store = ShardStore(cache_dir, "captions", RecordsCodec(), "caption cache")
+    images = ImageStore(corpus)
+
+    def plan(only):
+        shards = plan_image_shards(store, images, ids, shard_size, settings, only)
+        return shards.plans, shards.manifests
+
+    with tqdm(desc=f"Captioning (rank {world(from_env=True)[0]})", unit="image", disable=not show_progress_bar) as bar:
+        build = _captioner(corpus, captioner, ids, first_row, batch_size, bar)
+        records = sync_records(store, len(ids), shard_size, settings, plan, build, "Caption")
+    return {r["image_id"]: r["caption"] for r in records}
+
+
+def sync_records(store: ShardStore, rows: int, shard_size: int, settings: dict, plan, build, label: str) -> list[dict]:
+    """Every record of a cache of `rows` rows in shards of `shard_size`: `plan(only)` gives the shard plans and the
+    stored manifests (`only`: the shards wanted, None for all), `build(job)` the records of a shard to build.
+    Under `torch.distributed` the store splits the shards over the ranks; under a launcher without a process group
+    process r builds shards r, r + W, ... and the run is complete when every process has finished (an error naming
+    the `label` shards still missing otherwise)."""
     rank, world_size = world(from_env=True)
     # a launcher's processes without a process group never communicate: each takes every W-th shard
     alone = world()[1] == 1 and world_size > 1
-    mine = set(range(rank, len(store.blocks(len(ids), shard_size)), world_size)) if alone else None
-    images = ImageStore(corpus)
-    with tqdm(desc=f"Captioning (rank {rank})", unit="image", disable=not show_progress_bar) as bar:
-        build = _captioner(corpus, captioner, ids, first_row, batch_size, bar)
-        shards = _sync(store, images, ids, shard_size, settings, build, mine)
-        if alone:
-            shards = _sync(store, images, ids, shard_size, settings, None, None)
-    return {r["image_id"]: r["caption"] for shard in shards for r in store.read(shard)}
+    mine = set(range(rank, len(store.blocks(rows, shard_size)), world_size)) if alone else None
+    shards = _sync(store, rows, shard_size, settings, plan, build, mine, label)
+    if alone:
+        shards = _sync(store, rows, shard_size, settings, plan, None, None, label)
+    return [r for shard in shards for r in store.read(shard)]
 
 
-def _sync(store: ShardStore, images: ImageStore, ids: list[str], shard_size: int, settings: dict, build, only):
-    """The caption shards `only` (all if None) held in `store`, built with `build` (None: only the finished ones
-    of a split run are held, the run is complete or an error says it is not)."""
+def _sync(store: ShardStore, rows: int, shard_size: int, settings: dict, plan, build, only, label: str):
+    """The shards `only` (all if None) held in `store`, built with `build` (None: only the finished ones of a split
+    run are held, the run is complete or an error says it is not)."""
     if build is None:
-        _check_complete(store, store.manifests(len(store.blocks(len(ids), shard_size))))
-    shards = plan_image_shards(store, images, ids, shard_size, settings, only)
-    held = store.sync(shards.plans, build, shards.manifests, settings)
+        _check_complete(store, store.manifests(len(store.blocks(rows, shard_size))), label)
+    plans, manifests = plan(only)
+    held = store.sync(plans, build, manifests, settings)
     if only is None:
-        _check_complete(store, held)
+        _check_complete(store, held, label)
     return held
 
 
-def _check_complete(store: ShardStore, shards: list) -> None:
+def _check_complete(store: ShardStore, shards: list, label: str) -> None:
     missing = [k for k, shard in enumerate(shards) if shard is None]
     if missing:
         raise RuntimeError(
-            f"Caption shards {missing[:10]} are missing or incomplete in {store.directory} (another process has not "
+            f"{label} shards {missing[:10]} are missing or incomplete in {store.directory} (another process has not "
             "finished or crashed); run again to resume."
         )

@@ -3,9 +3,11 @@
     python -m datasets_scripts.circo --data_dir CIRCO --output_dir circo-hf [--skip_missing_images]
 
 Layout: `annotations/{val,test}.json` (records `id`, `reference_img_id`, `target_img_id`, `gt_img_ids`,
-`relative_caption`, `shared_concept`; test has only `id`, `reference_img_id`, `relative_caption`,
-`shared_concept`), gallery = the COCO 2017 unlabeled images `unlabeled2017/<12-digit id>.jpg`. Ids become
-strings without padding (`"85932"`). val and test share one gallery, stored once.
+`relative_caption`, `shared_concept`, `semantic_aspects`; test has only `id`, `reference_img_id`,
+`relative_caption`, `shared_concept`), gallery = the COCO 2017 unlabeled images `unlabeled2017/<12-digit id>.jpg`.
+Ids become strings without padding (`"85932"`). val and test share one gallery, stored once. `target_img_id` (the
+image the caption was written for: the authors' Recall@K) is kept as `target_id`, `semantic_aspects` as they are
+(None where a record has none).
 """
 
 from __future__ import annotations
@@ -19,16 +21,15 @@ from modeling_spn4cir.storage import check_output_dir
 from .common import (
     AnnotationError,
     SplitData,
-    bad_images_error,
     converter_main,
     counts_table,
-    find_bad_images,
     read_records,
     require,
     resolve_inside,
     select_splits,
     write_cir_dataset,
 )
+from .image_checks import bad_images_error, find_bad_images
 
 CIRCO_SPLITS = ("val", "test")
 TOOL = "datasets_scripts.circo"
@@ -75,6 +76,10 @@ def _read_split(data_dir: Path, split: str, gallery: list[dict], skip_missing_im
         if split == "val" and not gts:
             raise AnnotationError(f"{path}: record {index} field 'gt_img_ids' is empty; a val query needs its "
                                   "ground truths.")
+        aspects = record.get("semantic_aspects")
+        if aspects is not None and (not isinstance(aspects, list) or not all(isinstance(a, str) for a in aspects)):
+            raise AnnotationError(f"{path}: record {index} field 'semantic_aspects' is {aspects!r:.80}, expected a "
+                                  "list of strings (e.g. [\"cardinality\"]); fix the record.")
         needed = list(dict.fromkeys([reference] + ([target] if target else []) + gts))
         if any(i in bad for i in needed):  # images that do not decode, left out with --skip_bad_images
             data.skipped_triplets += 1
@@ -95,6 +100,7 @@ def _read_split(data_dir: Path, split: str, gallery: list[dict], skip_missing_im
             "target_ids": gts or None,
             "modification_texts": [record["relative_caption"]],
             "shared_concept": record["shared_concept"],
+            "semantic_aspects": aspects,
             "query_id": str(record["id"]),
             "source": "annotated",
         })
@@ -126,8 +132,9 @@ def build_circo(data_dir: str | Path, output_dir: str | Path, splits=None, skip_
     card = f"""# CIRCO in the spn4cir schema
 
 Converted with `python -m datasets_scripts.circo` (annotations from miccunifi/CIRCO; gallery: COCO 2017
-unlabeled images, CC BY 4.0 per COCO's terms). `target_ids` = `gt_img_ids` (multi-target), `modification_texts`
-= [relative_caption], `query_id` = `id`. val and test share the gallery files.
+unlabeled images, CC BY 4.0 per COCO's terms). `target_ids` = `gt_img_ids` (multi-target), `target_id` =
+`target_img_id`, `modification_texts` = [relative_caption], `shared_concept` and `semantic_aspects` as annotated,
+`query_id` = `id`. val and test share the gallery files.
 
 {counts_table(chosen, shared)}"""
     return write_cir_dataset(
@@ -135,6 +142,7 @@ unlabeled images, CC BY 4.0 per COCO's terms). `target_ids` = `gt_img_ids` (mult
         triplet_extra={
             "target_ids": datasets.List(datasets.Value("string")),
             "shared_concept": datasets.Value("string"),
+            "semantic_aspects": datasets.List(datasets.Value("string")),
             "query_id": datasets.Value("string"),
         },
         card=card,

@@ -21,7 +21,6 @@ from .common import (
     SPLITS,
     AnnotationError,
     SplitData,
-    check_images,
     converter_main,
     counts_table,
     read_nonempty,
@@ -33,6 +32,7 @@ from .common import (
     select_splits,
     write_cir_dataset,
 )
+from .image_checks import check_images
 
 FILE_SPLIT = {"train": "train", "val": "val", "test": "test1"}
 TOOL = "datasets_scripts.cirr"

@@ -1,5 +1,6 @@
 """What every benchmark converter shares: safe paths, strict annotation reading, the corpus + triplets
 schema (DESIGN §3), and writing an HF dataset directory (Parquet shards + README YAML `configs:`) atomically.
+The image checks (every listed image exists and decodes) are `image_checks`.
 """
 
 from __future__ import annotations
@@ -181,121 +182,16 @@ class SplitData:
     bad_images: list[str] = field(default_factory=list)
 
 
-class BadImageError(ValueError):
-    """Image files that do not decode (truncated, empty, not an image, a directory); the message names them."""
-
-
-def image_problem(path: str | os.PathLike) -> str | None:
-    """Why `path` is not a usable image, or None. PNGs are checked with PIL's `verify()` (every chunk and its
-    CRC: truncation shows, several times cheaper than decoding); other formats are decoded, JPEG at 1/8 scale
-    (the whole entropy-coded stream is still read, so a truncated file fails). benchmarks/bench_image_check.py
-    measures the cost against the conversion itself."""
-    from PIL import Image
-
-    path = Path(path)
-    if path.is_dir():
-        return "is a directory, not an image file"
-    try:
-        if path.stat().st_size == 0:
-            return "is empty (0 bytes)"
-        with Image.open(path) as image:
-            if image.format == "PNG":
-                image.verify()
-            else:
-                image.draft(image.mode, (1, 1))
-                image.load()
-    except Exception as error:  # PIL raises OSError, SyntaxError, ValueError, zlib/struct errors, ...
-        return f"does not decode ({type(error).__name__}: {error})"
-    return None
-
-
-def find_bad_images(paths: Iterable[str | os.PathLike]) -> dict[Path, str]:
-    """`{path: problem}` for the images of `paths` that do not decode (checked in threads: PIL decodes without
-    the GIL)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    unique = list(dict.fromkeys(Path(p) for p in paths))
-    if not unique:
-        return {}
-    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
-        problems = list(tqdm(pool.map(image_problem, unique), total=len(unique), desc="checking images", leave=False))
-    return {path: problem for path, problem in zip(unique, problems) if problem}
-
-
-def bad_images_error(bad: dict[Path, str]) -> BadImageError:
-    shown = "; ".join(f"{path} {problem}" for path, problem in list(bad.items())[:5])
-    return BadImageError(
-        f"{len(bad)} image file(s) cannot be used: {shown}{' ...' if len(bad) > 5 else ''}. Replace or remove them, "
-        "or pass --skip_bad_images to leave them out and drop the triplets that use them (counted in the card)."
-    )
-
-
-def drop_images(data: SplitData, gone: set[str]) -> int:
-    """Remove the images `gone` from the corpus of `data` and the triplets that use them; return how many
-    triplets were dropped (added to `skipped_triplets`)."""
-    data.corpus = [row for row in data.corpus if row["image_id"] not in gone]
-    kept = [t for t in data.triplets if not (_triplet_images(t) & gone)]
-    dropped = len(data.triplets) - len(kept)
-    data.skipped_triplets += dropped
-    data.triplets = kept
-    return dropped
-
-
-def check_images(
-    splits: dict[str, SplitData], skip_missing_images: bool, where: str, image_key=lambda t: (),
-    skip_bad_images: bool = False,
-) -> dict[str, SplitData]:
-    """Make sure every image the corpus lists exists and decodes. Without `skip_missing_images` a missing
-    image is an error naming how many and the first ones; with it, the images leave the corpus and the
-    triplets that use them are dropped, counted in `SplitData.skipped_triplets` / `missing_images`. Images
-    that do not decode (or are directories) are an error naming the files, or with `skip_bad_images` leave
-    the same way, counted in `SplitData.bad_images`."""
-    missing_all = {}
-    for split, data in splits.items():
-        missing = [row["image_id"] for row in data.corpus if row["path"] is None or not Path(row["path"]).exists()]
-        if missing:
-            missing_all[split] = list(dict.fromkeys(missing))
-    if missing_all and not skip_missing_images:
-        total = sum(len(v) for v in missing_all.values())
-        first = [f"{s}:{i}" for s, ids in missing_all.items() for i in ids][:5]
-        raise FileNotFoundError(
-            f"{total} images listed in the annotations are missing under {where} (first: {first}); restore them, or "
-            "pass --skip_missing_images to drop the triplets that use them (the counts go into the dataset card)."
-        )
-    for split, missing in missing_all.items():
-        data = splits[split]
-        data.missing_images = missing
-        dropped = drop_images(data, set(missing))
-        print(f"[{split}] {len(missing)} images missing: dropped {dropped} triplets ({len(data.triplets)} kept).")
-    bad = find_bad_images(row["path"] for data in splits.values() for row in data.corpus)
-    if bad and not skip_bad_images:
-        raise bad_images_error(bad)
-    for split, data in splits.items():
-        ids = list(dict.fromkeys(row["image_id"] for row in data.corpus if Path(row["path"]) in bad))
-        if ids:
-            data.bad_images = ids
-            dropped = drop_images(data, set(ids))
-            print(f"[{split}] {len(ids)} images do not decode, left out (--skip_bad_images): dropped {dropped} "
-                  f"triplets ({len(data.triplets)} kept); images: {ids[:20]}{' ...' if len(ids) > 20 else ''}")
-    return splits
-
-
-def _triplet_images(triplet: dict) -> set[str]:
-    ids = {triplet["reference_id"]}
-    if triplet.get("target_id"):
-        ids.add(triplet["target_id"])
-    ids.update(triplet.get("target_ids") or ())
-    ids.update(triplet.get("group_members") or ())
-    return ids
-
-
 # ------------------------------------------------------------------------------------------- writing
 def _image_rows(rows: list[dict], columns: list[str]) -> Iterator[tuple[dict, bytes]]:
     """Yield (one Arrow-ready row with the encoded image embedded, its bytes). A row carries its image as a
-    file `path` or as `image_bytes` (e.g. taken undecoded from another dataset)."""
+    file `path`, as `image_bytes` (e.g. taken undecoded from another dataset) or as `load_image`, a function
+    returning (bytes, file name) when the row is written (a large collection is never held in memory)."""
     for row in rows:
         if row.get("path") is not None:
             data, name = Path(row["path"]).read_bytes(), Path(row["path"]).name
+        elif "load_image" in row:
+            data, name = row["load_image"]()
         else:
             data, name = row["image_bytes"], row.get("image_name")
         out = {c: row.get(c) for c in columns}
@@ -347,9 +243,11 @@ def write_cir_dataset(
     tool: str = "datasets_scripts",
     overwrite: bool = False,
     protect: Iterable[str | os.PathLike | None] = (),
+    corpus_only: bool = False,
 ) -> Path:
     """Write `output_dir` with configs `corpus` and `triplets` (one Parquet split per `splits` key) and a
     README whose YAML `configs:` lets `load_dataset(output_dir, "triplets", split=...)` find them.
+    `corpus_only=True` writes an image collection without triplets: the `corpus` config alone.
 
     `shared_corpus` maps a split to another split whose corpus files it reuses (CIRCO's val and test share
     one gallery, stored once). The directory is built aside and moved into place: complete or absent.
@@ -367,7 +265,7 @@ def write_cir_dataset(
     if empty:
         raise ValueError(f"Split(s) {empty} have no images (left) for {output_dir}; a dataset with an empty split "
                          "cannot be loaded. Check the annotations and images, or leave the split out.")
-    if not any(data.triplets for data in splits.values()):
+    if not corpus_only and not any(data.triplets for data in splits.values()):
         dropped = sum(data.skipped_triplets for data in splits.values())
         raise ValueError(f"No triplets to write to {output_dir}" + (f" ({dropped} dropped for missing or bad images)"
                          if dropped else "") + "; a dataset without triplets cannot be loaded. Check the annotations.")
@@ -391,7 +289,7 @@ def write_cir_dataset(
             )
         for split, source in shared_corpus.items():
             data_files["corpus"][split] = data_files["corpus"][source]
-        (staging / "README.md").write_text(_readme(data_files, card))
+        (staging / "README.md").write_text(_readme({c: f for c, f in data_files.items() if f}, card))
     return output_dir
 
 
@@ -428,17 +326,21 @@ def select_splits(requested: Sequence[str] | None, available: Sequence[str]) -> 
     return requested
 
 
-def converter_main(build, doc: str, splits: Sequence[str], argv=None, extra=None) -> None:
-    """The command line of a benchmark converter: `--data_dir --output_dir [--splits ...] [--skip_missing_images]
-    [--skip_bad_images] [--overwrite_output_dir]` (plus `extra(parser)` options, passed to `build` by name)."""
+def converter_main(build, doc: str, splits: Sequence[str] | None, argv=None, extra=None, source: str = "data_dir",
+                   source_help: str | None = None) -> None:
+    """The command line of a converter: `--{source} --output_dir [--splits ...] [--skip_missing_images]
+    [--skip_bad_images] [--overwrite_output_dir]` (plus `extra(parser)` options, passed to `build` by name).
+    `splits=None` (an image collection: no annotations, so no split to choose and no listed image to miss) leaves
+    out `--splits` and `--skip_missing_images`."""
     import argparse
 
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data_dir", required=True)
+    parser.add_argument(f"--{source}", required=True, help=source_help)
     parser.add_argument("--output_dir", required=True)
-    parser.add_argument("--splits", nargs="+", choices=list(splits))
-    parser.add_argument("--skip_missing_images", action="store_true",
-                        help="drop triplets whose images are missing (counted in the card) instead of failing")
+    if splits is not None:
+        parser.add_argument("--splits", nargs="+", choices=list(splits))
+        parser.add_argument("--skip_missing_images", action="store_true",
+                            help="drop triplets whose images are missing (counted in the card) instead of failing")
     parser.add_argument("--skip_bad_images", action="store_true",
                         help="leave out images that do not decode and drop their triplets (counted) instead of failing")
     parser.add_argument("--overwrite_output_dir", action="store_true",
@@ -446,5 +348,5 @@ def converter_main(build, doc: str, splits: Sequence[str], argv=None, extra=None
     if extra is not None:
         extra(parser)
     args = vars(parser.parse_args(argv))
-    out = build(args.pop("data_dir"), args.pop("output_dir"), **args)
+    out = build(args.pop(source), args.pop("output_dir"), **args)
     print(f"wrote {out}")

@@ -23,13 +23,13 @@ from .common import (
     SPLITS,
     AnnotationError,
     SplitData,
-    check_images,
     check_text,
     counts_table,
     read_text,
     resolve_inside,
     write_cir_dataset,
 )
+from .image_checks import check_images
 
 TOOL = "datasets_scripts.custom"
 

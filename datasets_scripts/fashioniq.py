@@ -21,7 +21,6 @@ from .common import (
     SPLITS,
     AnnotationError,
     SplitData,
-    check_images,
     converter_main,
     counts_table,
     find_image,
@@ -32,6 +31,7 @@ from .common import (
     select_splits,
     write_cir_dataset,
 )
+from .image_checks import check_images
 
 CATEGORIES = ("dress", "shirt", "toptee")
 TOOL = "datasets_scripts.fashioniq"

@@ -69,14 +69,16 @@ def _converted_dir(name: str, data_dir: str, cache_dir: str | None) -> Path:
 def load_cir_data(dataset: str, data_dir: str | None = None, cache_dir: str | None = None,
                   protocol: str | None = None) -> CIRData:
     """`dataset`: `fashioniq`, `cirr`, `circo` (with `data_dir` in the official layout or already converted),
-    or a directory / Hub id in the project schema."""
+    or a directory / Hub id in the project schema. An image collection without triplets (`datasets_scripts.images`,
+    config `corpus` only) has no triplet splits (`triplets` is an empty `DatasetDict`)."""
     if dataset in BENCHMARKS:
         if data_dir is None:
             raise ValueError(f"--dataset {dataset} needs --data_dir (the official layout or a converted directory).")
         path = str(_converted_dir(dataset, data_dir, cache_dir))
     else:
         path = dataset
-    triplets = datasets.load_dataset(path, "triplets")
     corpus = datasets.load_dataset(path, "corpus")
+    has_triplets = "triplets" in datasets.get_dataset_config_names(path)
+    triplets = datasets.load_dataset(path, "triplets") if has_triplets else datasets.DatasetDict()
     return CIRData(dataset, triplets, corpus, protocol or default_protocol(dataset), dataset == "fashioniq",
                    path)

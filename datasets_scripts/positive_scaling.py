@@ -2,7 +2,9 @@
 
 `generate_scaled_triplets` runs the four steps (`caption_images`, `pair_images`, `compose_triplets`,
 `write_scaled_triplets`); `scale_positives` runs the last three on captions already made (e.g. one pool captioned
-once, paired twice). Both return the triplets and the captions they wrote (`ScaledTriplets`).
+once, paired twice). `generate_edited_triplets` pairs and writes each pair's text with an edit writer that sees both
+images (`datasets_scripts.edit_writer`) instead of templates. All return the triplets and the captions they wrote
+(`ScaledTriplets`).
 
 The output has the project schema: `triplets` (split `train`, `source="generated"`, `modification_texts` =
 one text per template, `reference_caption`, `target_caption`, `pair_rank`) and `corpus` (the images used,
@@ -25,6 +27,7 @@ from modeling_spn4cir.storage import check_output_dir
 
 from .captioning import caption_corpus
 from .common import SplitData, counts_table, write_cir_dataset
+from .edit_writer import write_edits
 from .pairing import Pair, random_pairs, rank_window_pairs
 from .templates import compose_modification_texts, resolve_templates
 
@@ -163,22 +166,22 @@ def compose_triplets(corpus, pairs: Sequence[Pair], image_ids: Sequence[str], ca
     triplets = []
     for pair in pairs:
         reference, target = image_ids[pair.reference], image_ids[pair.target]
-        triplets.append({
-            "reference_id": reference,
-            "target_id": target,
-            "modification_texts": compose_modification_texts(captions[reference], captions[target], templates,
-                                                             tokenizer, max_length),
-            "source": "generated",
-            "reference_caption": captions[reference],
-            "target_caption": captions[target],
-            "pair_rank": pair.rank,
-            "category": category.get(reference),
-        })
+        texts = compose_modification_texts(captions[reference], captions[target], templates, tokenizer, max_length)
+        triplets.append(_scaled_triplet(reference, target, texts, captions, pair.rank, category))
     return triplets
 
 
-def used_captions(triplets: Iterable[dict]) -> dict[str, str]:
-    """`{image_id: caption}` of the images `triplets` use, in order of first use."""
+def _scaled_triplet(reference: str, target: str, texts: list[str], captions: dict[str, str] | None, rank: int,
+                    category: dict[str, str]) -> dict:
+    """One row of the scaled-triplets schema (captions None: written without captions)."""
+    captions = captions or {}
+    return {"reference_id": reference, "target_id": target, "modification_texts": texts, "source": "generated",
+            "reference_caption": captions.get(reference), "target_caption": captions.get(target), "pair_rank": rank,
+            "category": category.get(reference)}
+
+
+def used_captions(triplets: Iterable[dict]) -> dict[str, str | None]:
+    """`{image_id: caption}` of the images `triplets` use, in order of first use (None: written without one)."""
     captions = {}
     for t in triplets:
         captions.setdefault(t["reference_id"], t["reference_caption"])
@@ -211,9 +214,14 @@ Generated with `spn4cir` (`datasets_scripts.positive_scaling`): {description}. `
 def describe_scaling(captioned_by: str, rank_window: tuple[int, int] | None, k: int, seed: int,
                      templates: Sequence[str], num_triplets: int | None = None) -> str:
     """The dataset card's line on how the triplets were made."""
-    pairing = "random pairs" if rank_window is None else f"rank window [{rank_window[0]}, {rank_window[1]})"
-    subset = "" if num_triplets is None else f", a random subset of {num_triplets} triplets"
+    pairing, subset = _pairing_words(rank_window, num_triplets)
     return (f"captions by `{captioned_by}`,\n{pairing}, k={k}, seed={seed}, templates {list(templates)}{subset}")
+
+
+def _pairing_words(rank_window: tuple[int, int] | None, num_triplets: int | None) -> tuple[str, str]:
+    """How the pairs were chosen and subsampled, for the dataset card."""
+    pairing = "random pairs" if rank_window is None else f"rank window [{rank_window[0]}, {rank_window[1]})"
+    return pairing, "" if num_triplets is None else f", a random subset of {num_triplets} triplets"
 
 
 def scale_positives(corpus, captions: dict[str, str], output_dir: str | Path, encoder=None, dataset: str | None = None,
@@ -286,3 +294,52 @@ def generate_scaled_triplets(
     return scale_positives(corpus, captions, output_dir, encoder, dataset, reference_ids, rank_window, k, templates,
                            seed, num_triplets, tokenizer, max_length, batch_size, backend, show_progress_bar,
                            overwrite, [caption_cache_dir], type(captioner).__name__)
+
+
+def generate_edited_triplets(
+    corpus,
+    editor,
+    output_dir: str | Path,
+    encoder=None,
+    reference_ids: Sequence[str] | None = None,
+    rank_window: tuple[int, int] | None = (10000, 20000),
+    k: int = 1,
+    seed: int = 42,
+    num_triplets: int | None = None,
+    captions: dict[str, str] | None = None,
+    edit_cache_dir: str | Path | None = None,
+    batch_size: int = 32,
+    shard_size: int = 1000,
+    backend: str = "torch",
+    show_progress_bar: bool = True,
+    overwrite: bool = False,
+    protect: Iterable[str | Path | None] = (),
+) -> ScaledTriplets:
+    """Pair -> write each pair's modification text from both images -> write: positive scaling with texts by an
+    edit writer (`datasets_scripts.edit_writer`, e.g. `MLLMEditWriter`) instead of templates over two captions.
+
+    The arguments are `generate_scaled_triplets`'s; `captions` (optional, e.g. from `caption_images`) are recorded
+    with the triplets and restrict pairing to the captioned images; `edit_cache_dir` keeps the texts (resume after
+    a crash; a temporary directory by default). Each triplet has one modification text, the editor's. An empty
+    text is an error naming the pairs."""
+    check_scaling_request(corpus, reference_ids, k)
+    check_output_dir(output_dir, TOOL, overwrite, [edit_cache_dir, *protect])  # before the expensive steps
+    image_ids = [i for i in dict.fromkeys(corpus["image_id"]) if captions is None or i in captions]
+    pairs = pair_images(corpus, image_ids, encoder, reference_ids, rank_window, k, seed, num_triplets, batch_size,
+                        backend, show_progress_bar)
+    id_pairs = [(image_ids[p.reference], image_ids[p.target]) for p in pairs]
+    with tempfile.TemporaryDirectory() as scratch:
+        texts = write_edits(corpus, id_pairs, editor, edit_cache_dir or scratch, shard_size, batch_size,
+                            show_progress_bar)
+    empty = [pair for pair, text in zip(id_pairs, texts) if not isinstance(text, str) or not text.strip()]
+    if empty:
+        raise ValueError(f"The edit writer returned an empty text for {len(empty)} of {len(id_pairs)} pairs (first: "
+                         f"{empty[:3]}); fix its prompt or max_new_tokens and rerun (the cache keeps the other texts).")
+    category = _categories(corpus)
+    triplets = [_scaled_triplet(r, t, [text], captions, pair.rank, category)
+                for (r, t), text, pair in zip(id_pairs, texts, pairs)]
+    pairing, subset = _pairing_words(rank_window, num_triplets)
+    writer = getattr(editor, "name", type(editor).__name__)
+    description = (f"modification texts written from both images by `{writer}` (prompt "
+                   f"{getattr(editor, 'prompt', None)!r}),\n{pairing}, k={k}, seed={seed}{subset}")
+    return write_scaled_triplets(output_dir, corpus, triplets, description, overwrite, [edit_cache_dir, *protect])

@@ -27,6 +27,15 @@ default the --encoder's tokenizer, else OpenAI CLIP's, openai/clip-vit-base-patc
   Without an MLLM: --captioner retrieval --encoder <CLIP or CIR model> --phrases phrases.txt (zero-shot
   captioning from a phrase vocabulary), or --captioner column --caption_column <column>.
 
+An image collection without annotations (a folder, webdataset shards such as CC3M's, a Hub image dataset; zero-shot
+CIR): convert it with `python -m datasets_scripts.images --images ... --output_dir cc-corpus [--limit 50000]`, then
+    python examples/generate_triplets.py --dataset cc-corpus --pool corpus --random_pairs --captioner ... \
+        --output_dir cc-scaled
+
+Modification texts written by an MLLM that sees both images (instead of the templates, the paper's setting):
+--texts mllm_pairs --editor llava-hf/llava-onevision-qwen2-7b-ov-hf [--edit_prompt ...] [--edit_cache_dir DIR]
+(--captioner is then optional: with it, the captions are recorded with the triplets).
+
 Then train with the generated positives: examples/run_cir.py ... --extra_triplets fiq-scaled
 The paper used Unicom ViT-L/14 for pairing; any CLIP (or CIR) image tower works here.
 """
@@ -43,8 +52,16 @@ from datasets_scripts.captioners import (
     MLLMCaptioner,
     RetrievalCaptioner,
 )
+from datasets_scripts.edit_writer import EDIT_MAX_NEW_TOKENS, EDIT_PROMPT, MLLMEditWriter
 from datasets_scripts.load import load_cir_data
-from datasets_scripts.positive_scaling import generate_scaled_triplets, pairing_pool
+from datasets_scripts.positive_scaling import TOOL as SCALING_TOOL
+from datasets_scripts.positive_scaling import (
+    caption_images,
+    generate_edited_triplets,
+    generate_scaled_triplets,
+    pairing_pool,
+)
+from modeling_spn4cir.storage import check_output_dir
 
 # The original counts tokens with `clip.tokenize` (OpenAI CLIP's BPE, 77 with start and end tokens).
 CLIP_TOKENIZER = "openai/clip-vit-base-patch32"
@@ -58,7 +75,8 @@ def build_parser():
     p.add_argument("--output_dir", required=True)
     p.add_argument("--overwrite_output_dir", action="store_true",
                    help="replace --output_dir when it holds a previous output of this script (never other files)")
-    p.add_argument("--captioner", required=True, help="an MLLM name or path, 'retrieval', or 'column'")
+    p.add_argument("--captioner", help="an MLLM name or path, 'retrieval', or 'column' (required with --texts "
+                                       "templates)")
     p.add_argument("--num_words", type=int, default=None, help="n in the prompt '... in n words' (FashionIQ 5, CIRR 10)")
     p.add_argument("--word_limit", type=int, default=None,
                    help="cut MLLM captions to this many words (default: the whole answer, as the original)")
@@ -79,6 +97,13 @@ def build_parser():
     p.add_argument("--K", type=int, default=None, help="keep a random subset of K generated triplets (BLIP 3000, "
                                                        "BLIP-2 6000 on FashionIQ)")
     p.add_argument("--k", type=int, default=1, help="targets per reference")
+    p.add_argument("--texts", default="templates", choices=["templates", "mllm_pairs"],
+                   help="modification texts from the two captions with templates (the paper's), or written by an "
+                        "MLLM (--editor) that sees both images")
+    p.add_argument("--editor", help="--texts mllm_pairs: a multimodal chat model (name or path) taking two images")
+    p.add_argument("--edit_prompt", default=EDIT_PROMPT, help="--texts mllm_pairs: the prompt after the two images")
+    p.add_argument("--edit_max_new_tokens", type=int, default=EDIT_MAX_NEW_TOKENS)
+    p.add_argument("--edit_cache_dir", help="--texts mllm_pairs: text shards (resume); default: a temporary directory")
     p.add_argument("--templates", nargs="+", help="template indices (0, 1, 2) or strings with {0} and {1}")
     p.add_argument("--tokenizer", help="tokenizer for the too-long fallback to '{1}' (default: the --encoder's, "
                                       "else openai/clip-vit-base-patch32; 'none' turns the fallback off)")
@@ -93,47 +118,86 @@ def build_parser():
     return p
 
 
+def _captioner(args, encoder):
+    if args.captioner == "retrieval":
+        if encoder is None or not args.phrases:
+            raise SystemExit("--captioner retrieval needs --encoder and --phrases.")
+        phrases = [line.strip() for line in Path(args.phrases).read_text().splitlines() if line.strip()]
+        return RetrievalCaptioner(encoder, phrases, top_k=args.top_k_phrases)
+    if args.captioner == "column":
+        return ColumnCaptioner(column=args.caption_column)
+    default_words = 5 if args.dataset == "fashioniq" else 10
+    prompt = args.prompt or (FASHIONIQ_PROMPT if args.dataset == "fashioniq" else IMAGE_PROMPT)
+    return MLLMCaptioner(args.captioner, prompt=prompt, num_words=args.num_words or default_words,
+                         max_new_tokens=args.max_new_tokens, word_limit=args.word_limit, device=args.device)
+
+
+def _tokenizer(args, encoder):
+    """The tokenizer of the too-long fallback to '{1}' (None: no fallback)."""
+    if args.tokenizer and args.tokenizer.lower() == "none":
+        return None
+    if args.tokenizer or encoder is None:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(args.tokenizer or CLIP_TOKENIZER)
+    return encoder.tokenizer
+
+
+def _check_request(args, triplets) -> None:
+    """Options that cannot work together, before any model is loaded."""
+    if args.texts == "templates" and not args.captioner:
+        raise SystemExit("--texts templates needs --captioner (an MLLM, 'retrieval' or 'column').")
+    if args.texts == "mllm_pairs" and not args.editor:
+        raise SystemExit("--texts mllm_pairs needs --editor (a multimodal chat model taking two images).")
+    if triplets is None and (args.pool == "triplet_images" or args.references_only):
+        raise SystemExit(f"{args.dataset} has no annotated triplets in split {args.split!r} (an image collection): "
+                         "pass --pool corpus, without --references_only.")
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     data = load_cir_data(args.dataset, args.data_dir)
+    triplets = data.triplets.get(args.split)
+    _check_request(args, triplets)
     dedup_map = json.loads(Path(args.dedup_map).read_text()) if args.dedup_map else None
-    corpus = pairing_pool(data.corpus[args.split], data.triplets[args.split], args.pool, dedup_map)
+    corpus = pairing_pool(data.corpus[args.split], triplets, args.pool, dedup_map)
     encoder = None
     if args.encoder:
         from modeling_spn4cir.loading import load_cir_model_and_processor
 
         model, processor = load_cir_model_and_processor(args.encoder)
         encoder = EmbeddingAdapter(model.to(args.device).eval(), processor.image_processor, processor.tokenizer)
-    if args.captioner == "retrieval":
-        if encoder is None or not args.phrases:
-            raise SystemExit("--captioner retrieval needs --encoder and --phrases.")
-        phrases = [line.strip() for line in Path(args.phrases).read_text().splitlines() if line.strip()]
-        captioner = RetrievalCaptioner(encoder, phrases, top_k=args.top_k_phrases)
-    elif args.captioner == "column":
-        captioner = ColumnCaptioner(column=args.caption_column)
+    references = list(triplets["reference_id"]) if args.references_only else None
+    rank_window = None if args.random_pairs else (args.rank_min, args.rank_max)
+    if args.texts == "mllm_pairs":
+        out = _edited(args, corpus, encoder, references, rank_window)
     else:
-        default_words = 5 if args.dataset == "fashioniq" else 10
-        prompt = args.prompt or (FASHIONIQ_PROMPT if args.dataset == "fashioniq" else IMAGE_PROMPT)
-        captioner = MLLMCaptioner(args.captioner, prompt=prompt, num_words=args.num_words or default_words,
-                                  max_new_tokens=args.max_new_tokens, word_limit=args.word_limit, device=args.device)
-    tokenizer = None
-    if args.tokenizer and args.tokenizer.lower() == "none":
-        pass
-    elif args.tokenizer or encoder is None:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or CLIP_TOKENIZER)
-    else:
-        tokenizer = encoder.tokenizer
-    references = list(data.triplets[args.split]["reference_id"]) if args.references_only else None
-    out = generate_scaled_triplets(
-        corpus, captioner, args.output_dir, encoder=encoder, dataset=data.name, reference_ids=references,
-        rank_window=None if args.random_pairs else (args.rank_min, args.rank_max), k=args.k,
-        templates=args.templates, seed=args.seed, num_triplets=args.K, tokenizer=tokenizer, max_length=args.max_length,
-        caption_cache_dir=args.caption_cache_dir, batch_size=args.batch_size, backend=args.backend,
-        overwrite=args.overwrite_output_dir, skip_empty_captions=args.skip_empty_captions,
-    )
+        out = generate_scaled_triplets(
+            corpus, _captioner(args, encoder), args.output_dir, encoder=encoder, dataset=data.name,
+            reference_ids=references, rank_window=rank_window, k=args.k, templates=args.templates, seed=args.seed,
+            num_triplets=args.K, tokenizer=_tokenizer(args, encoder), max_length=args.max_length,
+            caption_cache_dir=args.caption_cache_dir, batch_size=args.batch_size, backend=args.backend,
+            overwrite=args.overwrite_output_dir, skip_empty_captions=args.skip_empty_captions,
+        )
     print(f"wrote {out.path}")
+
+
+def _edited(args, corpus, encoder, references, rank_window):
+    """--texts mllm_pairs: (captions, if --captioner,) pairs, texts by the --editor from both images."""
+    check_output_dir(args.output_dir, SCALING_TOOL, args.overwrite_output_dir,
+                     [args.caption_cache_dir, args.edit_cache_dir])  # before captioning, not after it
+    captions = None
+    if args.captioner:
+        captions = caption_images(corpus, _captioner(args, encoder), args.caption_cache_dir, batch_size=args.batch_size,
+                                  skip_empty_captions=args.skip_empty_captions)
+    editor = MLLMEditWriter(args.editor, prompt=args.edit_prompt, max_new_tokens=args.edit_max_new_tokens,
+                            device=args.device)
+    return generate_edited_triplets(
+        corpus, editor, args.output_dir, encoder=encoder, reference_ids=references, rank_window=rank_window,
+        k=args.k, seed=args.seed, num_triplets=args.K, captions=captions, edit_cache_dir=args.edit_cache_dir,
+        batch_size=args.batch_size, backend=args.backend, overwrite=args.overwrite_output_dir,
+        protect=[args.caption_cache_dir],
+    )
 
 
 if __name__ == "__main__":

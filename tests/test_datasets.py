@@ -21,11 +21,12 @@ from PIL import Image
 
 from datasets_scripts.circo import build_circo
 from datasets_scripts.cirr import build_cirr
-from datasets_scripts.common import AnnotationError, BadImageError
+from datasets_scripts.common import AnnotationError
 from datasets_scripts.custom import build_custom
 from datasets_scripts.dedup import canonical_map, find_duplicate_groups, pixel_hash
 from datasets_scripts.dedup import main as dedup_main
 from datasets_scripts.fashioniq import build_fashioniq
+from datasets_scripts.image_checks import BadImageError
 from datasets_scripts.publish import check_layout, push_cir_dataset
 from modeling_spn4cir.storage import MARKER
 

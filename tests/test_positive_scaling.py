@@ -6,6 +6,7 @@ import datasets
 import numpy as np
 import pytest
 import torch
+from conftest import save_tiny_llava
 from PIL import Image
 
 from datasets_scripts.captioners import (
@@ -25,41 +26,8 @@ WORDS = "please briefly describe the image dress shirt in 5 words a red blue gre
 
 @pytest.fixture(scope="module")
 def tiny_llava(tmp_path_factory):
-    """A randomly initialized LLaVA (tiny Llama + tiny CLIP vision tower), a `tokenizers` tokenizer and a chat
-    template, saved like a Hub checkpoint."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
-
-    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.decoder = decoders.WordPiece(prefix="##")
-    tok.train_from_iterator([" ".join(WORDS)], trainers.WordLevelTrainer(
-        special_tokens=["<pad>", "<unk>", "<s>", "</s>", "<image>"]))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<s>",
-                                        eos_token="</s>", extra_special_tokens={"image_token": "<image>"})
-    template = ("{% for m in messages %}{{ m['role'] }}: {% for c in m['content'] %}{% if c['type'] == 'image' %}"
-                "<image> {% else %}{{ c['text'] }}{% endif %}{% endfor %} {% endfor %}"
-                "{% if add_generation_prompt %}assistant: {% endif %}")
-    processor = LlavaProcessor(
-        image_processor=CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
-        tokenizer=tokenizer, patch_size=8, vision_feature_select_strategy="default", chat_template=template,
-        num_additional_image_tokens=1,
-    )
-    config = LlavaConfig(
-        vision_config=dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                           num_attention_heads=2, image_size=32, patch_size=8, projection_dim=16),
-        text_config=dict(model_type="llama", vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
-                         pad_token_id=0, bos_token_id=2, eos_token_id=3),
-        image_token_index=tokenizer.convert_tokens_to_ids("<image>"), vision_feature_select_strategy="default",
-        vision_feature_layer=-1,
-    )
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("llava")
-    LlavaForConditionalGeneration(config).save_pretrained(path)
-    processor.save_pretrained(path)
-    return path
+    """A randomly initialized LLaVA saved like a Hub checkpoint (`conftest.save_tiny_llava`)."""
+    return save_tiny_llava(tmp_path_factory.mktemp("llava"), WORDS)
 
 
 def test_mllm_captioner_end_to_end(tiny_llava):

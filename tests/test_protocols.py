@@ -21,10 +21,10 @@ DRESSES, SHIRTS = list(range(12)), list(range(12, 24))
 
 
 class _Tokenizer:
-    """Each known text -> one token, its row in `texts`."""
+    """Each known text -> one token, its row in `texts` (or the token `aliases` give it)."""
 
-    def __init__(self, texts):
-        self.vocab = {text: i for i, text in enumerate(texts)}
+    def __init__(self, texts, aliases=None):
+        self.vocab = {text: i for i, text in enumerate(texts)} | (aliases or {})
 
     def __call__(self, text, **kwargs):
         ids = torch.tensor([[self.vocab[t]] for t in text])
@@ -79,13 +79,16 @@ def _triplets(queries, texts=None, targets=True):
         "group_members": [group(r, t) for r, t in queries],
         "query_id": [str(j) for j in range(len(queries))],
         "category": [CATEGORIES[t] for _, t in queries],
+        "shared_concept": [f"s{j}" for j in range(len(queries))],
         "modification_texts": texts or [[f"q{j}"] for j in range(len(queries))],
     })
 
 
 def _evaluate(protocol, triplets, orders, texts=None, **kwargs):
     """(the evaluator, its results) for the stand-in model ranking text j as `orders[j]`."""
-    tokenizer = _Tokenizer(texts or [f"q{j}" for j in range(len(orders))])
+    texts = texts or [f"q{j}" for j in range(len(orders))]
+    # the shared-concept protocols read "s{j} q{j}" (query j's shared concept, a space, its text): the same token
+    tokenizer = _Tokenizer(texts, aliases={f"s{j} {text}": j for j, text in enumerate(texts)})
     evaluator = CIREvaluator(_corpus(), triplets, _processor, tokenizer, protocol=protocol, show_progress_bar=False,
                              **kwargs)
     return evaluator, evaluator(_RankingModel(orders))

@@ -13,7 +13,8 @@ code's in some cases and close to it in the others:
 - CIRCO's AP@K is computed in float32 torch tensors, as the CIRCO authors' validation code (SEARLE
   `circo_compute_val_metrics`), and averaged with a Python sum where that code uses `np.mean`; the CIRCO
   `evaluation.py` (the test server's) computes in numpy float64: mAP values can differ by float rounding
-  (relative 1e-6), never by a hit.
+  (relative 1e-6), never by a hit. The Recall@K of `target_img_id` and the mAP@10 per semantic aspect that
+  `evaluation.py` also reports are computed with its own numpy float64 operations and equal its numbers.
 
 Ranking (`rank_gallery`, on `modeling_spn4cir.retrieval.rank_topk`) is exact, computed in query chunks with
 `torch.topk`, in memory O(chunk * M + N * k); no N x M argsort and no N x M array of strings. Scores are cosine
@@ -31,7 +32,10 @@ publish, `PROTOCOLS[name]`):
   ranking is the full ranking restricted to the query's group members minus the reference (5 images).
 - `circo`: mAP@K = mean over queries of sum_{i<=K} P@i * rel(i) / min(|GT|, K); `remove_reference=False` (the
   default, protocol `circo`) ranks the whole gallery as the CIRCO authors' code does; `True`
-  (`circo_remove_reference`) deletes the reference first.
+  (`circo_remove_reference`) deletes the reference first. Where the triplets have them, also `recall@K` of
+  `target_id` and `semantic_map@10_<aspect>` over the queries with that `semantic_aspects` entry (the authors'
+  `evaluation.py`). `circo_shared_concept` (and `..._remove_reference`): the same, the query text
+  `"{shared_concept} {relative_caption}"` (as BGE-VL reports CIRCO).
 
 Bad data is an error naming the query, never a number: a NaN/inf embedding (it would rank by gallery order and
 give finite, plausible metrics), an empty query set, a gallery left empty by `remove_reference`, a CIRR target

@@ -187,7 +187,7 @@ class CIREvaluator:
         position = {image_id: i for i, image_id in enumerate(gallery_ids)}
         reference_ids = list(triplets["reference_id"])
         texts = [compose_text(t, self.text_mode, training=False, triplet=describe_triplet({"reference_id": r}, i))
-                 for i, (t, r) in enumerate(zip(triplets["modification_texts"], reference_ids))]
+                 for i, (t, r) in enumerate(zip(self.protocol.query_texts(triplets), reference_ids))]
         queries = self._query_embeds(model, texts, references[[position[r] for r in reference_ids]])
         split = EncodedSplit(queries, gallery, gallery_ids, reference_ids, triplets, self.corpus, model.similarity)
         if self.report_dir is not None and self.report_queries > 0:

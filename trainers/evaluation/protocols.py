@@ -10,6 +10,7 @@ Say which protocol (its `description`, also `PROTOCOLS[name]`) with every number
 
 from __future__ import annotations
 
+import string
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,6 +70,8 @@ class Protocol:
         gallery_scope: `"split"` (every query ranks the whole split's gallery) or `"category"` (FashionIQ: each
             query ranks the corpus images of its own category; metrics per category, then averaged).
         text_mode: how the modification texts become one query text (`trainers.text.compose_text`).
+        query_text: how each modification text reads in a query: a format string over `text` (the modification
+            text) and the triplet's columns, e.g. `"{shared_concept} {text}"`; see `query_texts`.
         multi_target: the ground truths are the `target_ids` lists (CIRCO), not the single `target_id`.
         metrics: `(protocol, split) -> metrics`; use `protocol.evaluate(split)`.
         submission: `(protocol, split, output_dir, name) -> paths` of the test-server files, or None (no server
@@ -86,6 +89,7 @@ class Protocol:
     multi_target: bool
     metrics: Callable[[Protocol, EncodedSplit], dict[str, float]]
     submission: Callable[[Protocol, EncodedSplit, Path, str], tuple[Path, ...]] | None = None
+    query_text: str = "{text}"
 
     def __post_init__(self):
         if self.gallery_scope not in GALLERY_SCOPES:
@@ -126,6 +130,22 @@ class Protocol:
                 allowed[q] = gallery
         return allowed
 
+    def query_texts(self, triplets) -> list[list[str]]:
+        """Each triplet's `modification_texts` as this protocol reads them: `query_text` filled with each text and
+        the triplet's columns (a column the triplets lack is an error naming it)."""
+        texts = list(triplets["modification_texts"])
+        if self.query_text == "{text}":
+            return texts
+        fields = [f for _, f, _, _ in string.Formatter().parse(self.query_text) if f and f != "text"]
+        missing = [f for f in fields if f not in triplets.column_names]
+        if missing:
+            raise ValueError(f"Protocol {self.name!r} builds its query text {self.query_text!r} from the triplets' "
+                             f"column(s) {missing}, which they lack (columns: {triplets.column_names}); convert the "
+                             f"dataset again (datasets_scripts.{self.benchmark} keeps them), or pick another protocol.")
+        columns = {f: list(triplets[f]) for f in fields}
+        return [[self.query_text.format(text=t, **{f: columns[f][i] for f in fields}) for t in row]
+                for i, row in enumerate(texts)]
+
     def ground_truths(self, triplets) -> list[list[str]]:
         """Per query, its ground-truth target ids (empty where a test split has none)."""
         if self.multi_target and "target_ids" in triplets.column_names:
@@ -156,9 +176,15 @@ def _cirr(protocol: Protocol, split: EncodedSplit) -> dict[str, float]:
 
 
 def _circo(protocol: Protocol, split: EncodedSplit) -> dict[str, float]:
+    """mAP@K, and the CIRCO authors' Recall@K of `target_id` and mAP@10 per `semantic_aspects` where the triplets
+    have those columns."""
+    columns = split.triplets.column_names
+    targets = split.column("target_id") if "target_id" in columns else None
     return circo_metrics(split.queries, split.gallery, split.gallery_ids, split.reference_ids,
                          split.column("target_ids"), similarity=split.similarity,
-                         remove_reference=protocol.remove_reference)
+                         remove_reference=protocol.remove_reference,
+                         target_ids=targets if targets is not None and None not in targets else None,
+                         semantic_aspects=split.column("semantic_aspects") if "semantic_aspects" in columns else None)
 
 
 def _recall(protocol: Protocol, split: EncodedSplit) -> dict[str, float]:
@@ -208,12 +234,23 @@ CIRCO, CIRCO_REMOVE_REFERENCE = _kept_and_removed(
     benchmark="circo", ks=CIRCO_KS, headline="map@10", gallery_scope="split", text_mode="choice", multi_target=True,
     metrics=_circo, submission=_circo_submission,
 )
+# BGE-VL reports CIRCO with the shared concept in the query text. Its exact join is not published with the numbers:
+# here the shared concept, one space, the relative caption.
+_SHARED_CONCEPT = ("CIRCO, query text = \"{shared_concept} {relative_caption}\" (the shared concept, a space, the "
+                   "relative caption, as BGE-VL reports CIRCO), gallery = COCO unlabeled2017, mAP@K with AP@K = sum "
+                   "P@i rel(i) / min(|GT|, K), reference ")
+CIRCO_SHARED_CONCEPT, CIRCO_SHARED_CONCEPT_REMOVE_REFERENCE = _kept_and_removed(
+    "circo_shared_concept", kept=_SHARED_CONCEPT + "kept in the ranking", removed=_SHARED_CONCEPT + "removed from the "
+    "ranking", benchmark="circo", ks=CIRCO_KS, headline="map@10", gallery_scope="split", text_mode="choice",
+    multi_target=True, metrics=_circo, submission=_circo_submission, query_text="{shared_concept} {text}",
+)
 RECALL = Protocol(
     "recall", "Recall@K over the split's gallery, reference removed", benchmark="recall", ks=CIRR_RECALL_KS,
     headline="recall@10", remove_reference=True, gallery_scope="split", text_mode="choice", multi_target=False,
     metrics=_recall)
 
-_BY_NAME = {p.name: p for p in (FASHIONIQ, FASHIONIQ_REMOVE_REFERENCE, CIRR, CIRCO, CIRCO_REMOVE_REFERENCE, RECALL)}
+_BY_NAME = {p.name: p for p in (FASHIONIQ, FASHIONIQ_REMOVE_REFERENCE, CIRR, CIRCO, CIRCO_REMOVE_REFERENCE,
+                                 CIRCO_SHARED_CONCEPT, CIRCO_SHARED_CONCEPT_REMOVE_REFERENCE, RECALL)}
 # The published name -> description table (results and model cards quote these strings).
 PROTOCOLS = {name: p.description for name, p in _BY_NAME.items()}
 
@@ -231,10 +268,11 @@ def protocol_for(dataset: str, remove_reference: bool = False) -> Protocol:
     `circo`: its protocol), or anything else (the generic `recall`).
 
     `remove_reference=True` picks the benchmark's variant that deletes the reference from each ranking where there
-    is one (`fashioniq` -> `fashioniq_remove_reference`, `circo` -> `circo_remove_reference`); CIRR and `recall`
-    always delete it.
+    is one (`fashioniq` -> `fashioniq_remove_reference`, `circo` -> `circo_remove_reference`,
+    `circo_shared_concept` -> `circo_shared_concept_remove_reference`); CIRR and `recall` always delete it.
     """
     protocol = _BY_NAME.get(dataset) or _BY_NAME[default_protocol(dataset)]
     if remove_reference and not protocol.remove_reference:
-        protocol = next(p for p in _BY_NAME.values() if p.benchmark == protocol.benchmark and p.remove_reference)
+        protocol = next(p for p in _BY_NAME.values() if p.benchmark == protocol.benchmark and p.remove_reference
+                        and p.query_text == protocol.query_text)
     return protocol
