@@ -10,7 +10,13 @@ from pathlib import Path
 
 import datasets
 
-from modeling_spn4cir.storage import OutputDirError, OutputLockedError, file_stamp, sha256, wait_for_unlock
+from modeling_spn4cir.storage import (
+    OutputDirError,
+    OutputLockedError,
+    file_stamp,
+    sha256,
+    wait_for_unlock,
+)
 
 # The official benchmarks, converted from their layout. Each is scored by the evaluation protocol of its own name, any
 # other dataset by the generic "recall" protocol: names only here (the protocol objects, `trainers.evaluation`, are

@@ -166,6 +166,20 @@ def run_two_processes(script_name: str, *args, attempts: int = 2) -> None:
         warnings.warn(f"{script_name} hung once and passed on a retry; the children's stacks:\n{hang}")
 
 
+def two_process_gradients(script_name: str, tmp_path) -> dict:
+    """What rank 0 of `tests/scripts/<script_name> OUT` saved in OUT (gradients by run, then by parameter name)."""
+    out = Path(tmp_path) / "grads.pt"
+    run_two_processes(script_name, out)
+    return torch.load(out, weights_only=True)
+
+
+def assert_same_gradients(got: dict, expected: dict, label: str) -> None:
+    """Both runs gave gradients to the same parameters, equal to 1e-5 absolute / 1e-4 relative."""
+    assert set(got) == set(expected), label
+    for name, grad in expected.items():
+        torch.testing.assert_close(got[name], grad, atol=1e-5, rtol=1e-4, msg=f"{label} {name}")
+
+
 def solid_images(n, size=40, seed=0):
     """n distinct small RGB images (random blocks), deterministic."""
     import numpy as np

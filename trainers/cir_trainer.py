@@ -260,9 +260,9 @@ class CIRTrainer(Trainer):
 
     def _stage2_bank(self, model, args, bank, train_dataset, processor, dedup_map, extra_negatives) -> CandidateBank:
         """The bank of the training images (built or loaded unless given), and the extra negatives appended."""
-        options = dict(bank_dir=args.bank_dir, dtype=args.bank_dtype, batch_size=args.per_device_eval_batch_size,
-                       show_progress_bar=not args.disable_tqdm, num_workers=args.dataloader_num_workers,
-                       shard_size=args.bank_shard_size)
+        options = {"bank_dir": args.bank_dir, "dtype": args.bank_dtype, "batch_size": args.per_device_eval_batch_size,
+                   "show_progress_bar": not args.disable_tqdm, "num_workers": args.dataloader_num_workers,
+                   "shard_size": args.bank_shard_size}
         if bank is None or extra_negatives is not None:
             model.to(args.device)
         if bank is None:

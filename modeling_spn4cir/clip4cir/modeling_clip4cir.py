@@ -1,8 +1,9 @@
 """CLIP4CIR: a CLIP dual encoder for composed image retrieval, with sum fusion (SPN4CIR) or CLIP4Cir's Combiner.
 
 Implements the CIR model contract (`get_reference_features`, `target_embeds_from_reference_features`,
-`get_query_embeds`, `query_side_modules`; the contract's default `forward`). Self-contained on purpose (relative imports only) so that
-`save_pretrained` can ship it for `trust_remote_code` loading.
+`get_query_embeds`, `query_side_modules`; the contract's `forward`, which also returns the fusion's inputs on request).
+Self-contained on purpose (relative imports only) so that `save_pretrained` can ship it for `trust_remote_code`
+loading.
 
 Parameter names of the CLIP parts equal `transformers.CLIPModel`'s (`text_model.*`, `text_projection`,
 `vision_model.*`, `visual_projection`), so a CLIPModel state dict loads into this model unchanged.
@@ -20,6 +21,7 @@ from transformers.models.clip.modeling_clip import CLIPPreTrainedModel
 from .cir_contract import CIRModelMixin, CIRModelOutput, clip_tower_configs, load_base_weights
 from .configuration_clip4cir import CLIP4CIRConfig
 from .modeling_clip_resnet import AttentionPool2d, ModifiedResNet
+
 
 @dataclass
 class CLIP4CIROutput(CIRModelOutput):

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from _dist import init_gloo  # this folder: the script's own
+from _dist import init_gloo, save_from_rank0  # this folder: the script's own
 from conftest import solid_images, tiny_model
 
 
@@ -125,10 +125,7 @@ def main(out_path, bank_dir):
     out = {}
     losses(out)
     banks(out, bank_dir)
-    if dist.get_rank() == 0:
-        torch.save(out, out_path)
-    dist.barrier()
-    dist.destroy_process_group()
+    save_from_rank0(out, out_path)
 
 
 if __name__ == "__main__":

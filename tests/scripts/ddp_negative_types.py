@@ -3,13 +3,11 @@ batch of 8 split 4 + 4 and 3 + 5; rank 0 saves the parameter gradients to argv[1
 
 import sys
 
-import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel
-
-from _dist import init_gloo  # this folder: the script's own
+from _dist import init_gloo, save_from_rank0  # this folder: the script's own
 from conftest import tiny_model
 from test_negative_types import negative_types_batch, negative_types_loss
+from torch.nn.parallel import DistributedDataParallel
 
 
 def main(out):
@@ -24,10 +22,7 @@ def main(out):
             ddp = DistributedDataParallel(model)  # held until the backward: its hooks average the gradients
             negative_types_loss(ddp, model, local).backward()
             grads[f"{fusion}-{split}"] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    if rank == 0:
-        torch.save(grads, out)
-    dist.barrier()
-    dist.destroy_process_group()
+    save_from_rank0(grads, out)
 
 
 if __name__ == "__main__":

@@ -8,9 +8,21 @@ import torch.nn.functional as F
 from torch import nn
 
 from modeling_spn4cir.cir_contract import dot_similarity
-from modeling_spn4cir.distributed import batch_sizes, ddp_mean_correction, gather_no_grad, gather_with_grad, world
+from modeling_spn4cir.distributed import (
+    batch_sizes,
+    ddp_mean_correction,
+    gather_no_grad,
+    gather_with_grad,
+    world,
+)
 
-from .in_batch import SPN_CITATION, Similarity, fp32_scores, global_labels, mask_duplicates
+from .in_batch import (
+    SPN_CITATION,
+    Similarity,
+    fp32_scores,
+    global_labels,
+    mask_duplicates,
+)
 
 
 class CandidateBankLoss(nn.Module):

@@ -9,7 +9,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from modeling_spn4cir.cir_contract import dot_similarity
-from modeling_spn4cir.distributed import ddp_mean_correction, gather_no_grad, gather_with_grad, world
+from modeling_spn4cir.distributed import (
+    ddp_mean_correction,
+    gather_no_grad,
+    gather_with_grad,
+    world,
+)
 
 Similarity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 

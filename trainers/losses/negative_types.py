@@ -32,7 +32,13 @@ from torch.utils.checkpoint import checkpoint
 from modeling_spn4cir.cir_contract import dot_similarity
 from modeling_spn4cir.distributed import ddp_mean_correction, gather_with_grad
 
-from .in_batch import SPN_CITATION, Similarity, fp32_scores, global_labels, mask_duplicates
+from .in_batch import (
+    SPN_CITATION,
+    Similarity,
+    fp32_scores,
+    global_labels,
+    mask_duplicates,
+)
 
 NEGATIVE_TYPES = {"target": 4, "query": 8, "text": 2, "reference": 1}  # the original's --neg_type bits
 DEFAULT_NEGATIVE_TYPES = ("target",)
@@ -75,8 +81,8 @@ def composed_scores(compose: Compose, fixed: torch.Tensor, varying: torch.Tensor
                     vary: str, pairs_per_chunk: int = PAIRS_PER_CHUNK) -> torch.Tensor:
     """`scores[i, j] = compose(reference, text) . targets_i` with, for `vary="text"`, reference `fixed_i` and text
     `varying_j`, for `vary="reference"`, reference `varying_j` and text `fixed_i` (`fixed` `[b, D]`, `varying`
-    `[N, D]`, `targets` `[b, D]`) -> `[b, N]`. Rows of i in chunks of `pairs_per_chunk // N` pairs, each under
-    activation checkpointing: only the chunk's `[rows, N]` scores stay for the backward, which composes it again."""
+    `[N, D]`, `targets` `[b, D]`) -> `[b, N]`. The rows i go in chunks of `pairs_per_chunk // N` rows, each under
+    activation checkpointing: only a chunk's `[rows, N]` scores stay for the backward, which composes it again."""
     n = varying.shape[0]
 
     def chunk_scores(rows: torch.Tensor, chunk_targets: torch.Tensor) -> torch.Tensor:

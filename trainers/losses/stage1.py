@@ -9,7 +9,12 @@ from torch import nn
 from modeling_spn4cir.families import family_of
 
 from .in_batch import InBatchInfoNCELoss, Similarity
-from .negative_types import CROSS_TYPES, DEFAULT_NEGATIVE_TYPES, NegativeTypeLoss, check_negative_types
+from .negative_types import (
+    CROSS_TYPES,
+    DEFAULT_NEGATIVE_TYPES,
+    NegativeTypeLoss,
+    check_negative_types,
+)
 
 
 def stage1_loss_for(model, temperature, similarity: Similarity | None = None,
