@@ -110,5 +110,6 @@ def load_extra_corpus(spec: str, data: CIRData, default_split: str = "train") ->
     if missing:
         raise ValueError(f"--bank_extra_images {spec}: its corpus has no {' or '.join(missing)} column "
                          f"(columns: {corpus.column_names}), so its images share no id scheme with the triplets'. "
-                         "Convert the images into the project schema first (python -m datasets_scripts.custom --all_images_in_corpus).")
+                         "Convert the images into the project schema first (python -m datasets_scripts.custom "
+                         "--all_images_in_corpus).")
     return corpus, f"{name}:{split}"

@@ -47,7 +47,7 @@ def test_tiny_study_in_two_lanes_then_resumed(tmp_path):
     assert list(saved["curve"]) == ["negatives/in-batch", "negatives/128", "negatives/bank", "negatives/bank+pool"]
     assert [row["negatives"] for row in saved["curve"].values()] == [31, 128, 239, 359]
     assert all(0 <= row["metrics"]["recall@10"]["mean"] <= 100 for row in saved["types"].values())
-    assert (tmp_path / "negative_types.png").stat().st_size > 0 and (tmp_path / "negatives_curve.png").stat().st_size > 0
+    assert all((tmp_path / name).stat().st_size > 0 for name in ("negative_types.png", "negatives_curve.png"))
     # each point trained with its own negatives (the loss its model card records)
     cards = {key: (tmp_path / "negative_study" / key / "seed_0" / "README.md").read_text()
              for key in (*saved["types"], *saved["curve"])}

@@ -206,7 +206,8 @@ class NegativeTypeLoss(nn.Module):
                 text_features: torch.Tensor | None = None) -> torch.Tensor:
         if self.needs_fusion_features and (reference_features is None or text_features is None):
             raise ValueError(f"negative types {list(self.negative_types)} compose other (reference, text) pairs: pass "
-                             "the fusion's reference_features and text_features (model(..., return_fusion_features=True)).")
+                             "the fusion's reference_features and text_features "
+                             "(model(..., return_fusion_features=True)).")
         types = self.negative_types
         gathered, sizes = {}, None
         for name, tensor, wanted in (("queries", query_embeds, "query" in types),

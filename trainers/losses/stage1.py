@@ -60,9 +60,9 @@ def negative_type_loss_for(model, negative_types: Iterable[str], temperature,
             f"--negative_types {' '.join(cross)}: these negatives compose every reference of the batch with every "
             f"text (B x B queries). {type(model).__name__} has no fusion of two feature vectors "
             "(`combine(reference_features, text_features)` with `forward(..., return_fusion_features=True)`, as "
-            "CLIP4CIR's sum or Combiner): its query is composed inside `get_query_embeds` (TG-CIR, BLIP4CIR and SPRC "
-            "attend over the reference's and the text's tokens together), so each of the B x B pairs would be one "
-            "more query-side pass per step, B times stage 1's cost. Use --negative_types target and/or query."
+            "CLIP4CIR's sum or Combiner): it composes a query inside `get_query_embeds`, attending over the "
+            "reference's and the text's tokens together, so each of the B x B pairs would be one more query-side pass "
+            "per step, B times stage 1's cost. Use --negative_types target and/or query."
         )
     compose = None if getattr(model.config, "fusion", None) == "sum" else model.combine
     return NegativeTypeLoss(types, temperature, similarity, compose=compose)
