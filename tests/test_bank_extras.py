@@ -9,6 +9,7 @@ import datasets
 import pytest
 import torch
 from conftest import solid_images, tiny_model
+from test_paper_settings import cirr_root, fiq_root, tiny_vit_dir  # noqa: F401 (fixtures of the tiny layouts)
 
 import trainers.candidate_bank as cb
 from datasets_scripts.image_store import ImageStore
@@ -163,3 +164,24 @@ def test_an_extra_corpus_without_image_ids_names_the_fix(tmp_path):
                                     "    path: corpus/train.parquet\n---\n")
     with pytest.raises(ValueError, match="no image_id column.*datasets_scripts.custom"):
         load_extra_corpus(str(pool), data)
+
+
+@pytest.mark.parametrize("dataset,extras", [("fashioniq", {"D4", "D5", "S4", "S5", "T4", "T5"}),
+                                              ("cirr", {"train-5-0-img0"})])
+def test_the_benchmarks_pool_is_their_train_split_images_in_no_triplet(dataset, extras, fiq_root, cirr_root,
+                                                                       tiny_vit_dir, tmp_path, monkeypatch):
+    """FashionIQ: 6 train images per category, 4 in its two triplets (D3 is D1's copy); CIRR: train-0..4 in triplets,
+    train-5 in none (the COCO images the original adds to CIRR are not part of the layout)."""
+    import run_cir
+
+    monkeypatch.setenv("SPN4CIR_CACHE", str(tmp_path / "cache"))
+    results = run_cir.main([
+        "--dataset", dataset, "--data_dir", str(fiq_root if dataset == "fashioniq" else cirr_root),
+        "--model_name_or_path", str(tiny_vit_dir), "--stage", "candidate_bank", "--do_train", "--output_dir",
+        str(tmp_path / "out"), "--per_device_train_batch_size", "2", "--max_steps", "1", "--use_cpu", "--report_to",
+        "none", "--disable_tqdm", "true", "--save_strategy", "no", "--bank_dir", str(tmp_path / "bank"),
+        "--bank_extra_images", dataset])
+    stored = json.loads((tmp_path / "bank" / "extra.json").read_text())
+    assert set(stored["image_ids"]) == extras and results["bank_extra_negatives"] == len(extras)
+    bank = json.loads((tmp_path / "bank" / "bank.json").read_text())
+    assert results["bank_size"] == len(bank["image_ids"]) + len(extras)
