@@ -238,31 +238,39 @@ def plot_negative_types(summary: dict, path: Path) -> None:
 
 
 def plot_negatives_curve(summary: dict, path: Path) -> None:
-    """Stage 2's R@1 and R@10 against the number of negatives per query (log scale), mean ± std over the seeds;
-    stage 1 (`target`) as dashed lines."""
+    """Stage 2's R@1 and R@10 (one panel each) against the number of negatives per query (log scale), mean ± std
+    over the seeds: the sampled rows, the bank and the bank + pool as a line, the batch's own targets as a separate
+    marker (other negatives, not fewer of the same), stage 1 (`target`) as a dashed line."""
     plt = pyplot()
-    points = sorted(summary["curve"].items(), key=lambda item: item[1]["negatives"])
-    x = [row["negatives"] for _, row in points]
-    fig, ax = plt.subplots(figsize=(6, 4))
+    curve = summary["curve"]
+    line = sorted((row for key, row in curve.items() if key != "negatives/in-batch"), key=lambda r: r["negatives"])
+    labels = {row["negatives"]: key.split("/", 1)[1] for key, row in curve.items()}
     stage1 = summary["types"].get("types/target")
-    for metric, colour in (("recall@1", "tab:blue"), ("recall@10", "tab:orange")):
-        values = [row["metrics"][metric] for _, row in points]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    for ax, metric in zip(axes, ("recall@1", "recall@10")):
+        x = [row["negatives"] for row in line]
+        values = [row["metrics"][metric] for row in line]
         ax.errorbar(x, [v["mean"] for v in values], yerr=[v["std"] for v in values], marker="o", capsize=3,
-                    color=colour, label=f"stage 2, {metric.replace('recall', 'R')}")
+                    color="tab:orange", label="stage 2: sampled rows, bank, bank + pool")
+        for xi, v in zip(x, values):
+            ax.annotate(labels[xi], (xi, v["mean"]), fontsize=7, textcoords="offset points", xytext=(0, 7),
+                        ha="center")
+        if "negatives/in-batch" in curve:
+            row = curve["negatives/in-batch"]
+            ax.errorbar([row["negatives"]], [row["metrics"][metric]["mean"]], yerr=[row["metrics"][metric]["std"]],
+                        marker="s", capsize=3, color="tab:green", linestyle="none",
+                        label="stage 2: the batch's targets only")
         if stage1:
-            ax.axhline(stage1["metrics"][metric]["mean"], color=colour, linestyle="--", alpha=0.6,
-                       label=f"stage 1, {metric.replace('recall', 'R')}")
-    for (key, row), xi in zip(points, x):
-        ax.annotate(key.split("/", 1)[1], (xi, row["metrics"]["recall@10"]["mean"]), fontsize=7,
-                    textcoords="offset points", xytext=(0, 6), ha="center")
-    ax.set_xscale("log")
-    ax.set_xticks(x, [f"{n:,}" for n in x], fontsize=8)
-    ax.minorticks_off()
-    ax.set_xlabel("negatives per query")
-    ax.set_ylabel("test recall (%)")
-    ax.set_title(f"Number of negatives in stage 2 (synthetic CIR; seeds {summary['seeds']})", fontsize=10)
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
+            ax.axhline(stage1["metrics"][metric]["mean"], color="tab:blue", linestyle="--", alpha=0.7,
+                       label="stage 1 (target)")
+        ax.set_xscale("log")
+        ax.set_xticks(x, [f"{n:,}" for n in x], fontsize=8)
+        ax.minorticks_off()
+        ax.set_xlabel("negatives per query")
+        ax.set_ylabel(f"test {metric.replace('recall', 'R')} (%)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7, loc="lower right")
+    fig.suptitle(f"Number of negatives in stage 2 (synthetic CIR; seeds {summary['seeds']})", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
