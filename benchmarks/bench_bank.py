@@ -2,7 +2,7 @@
 throughput with DataLoader workers, in one run.
 
     python -m benchmarks.bench_bank [--sizes 20000 100000 1000000] [--batch 256] [--width 640] [--repeats 3]
-                                    [--images 96] [--workers 0 1 2] [--json PATH]
+                                    [--images 96] [--workers 0 1 2] [--extra_share 0.98] [--json PATH]
 
 Loss: synthetic L2-normalized embeddings of the RN50x4 width (640), a batch of 256 queries, the whole bank as
 negatives. A step is `CandidateBankLoss(bank)(queries, targets)` + backward to the queries, with the bank held by
@@ -13,12 +13,17 @@ on preallocated tensors. Each size runs in a fresh spawned process; the step and
 every 2 ms, in a separate process with a fixed malloc mmap threshold (so freed tensors leave the resident set and
 the sampling thread does not slow the timed steps): the [B, K] scores, their softmax gradient, the query gradient.
 
+`--extra_share s`: the last share s of each bank's rows are extra negatives (`--bank_extra_images`), held as the
+trainer holds them (`candidate_bank_loss` over `CandidateBank.negatives`; the queries' targets are triplet rows),
+and the row reports the seconds `extra_candidates` takes to pick their ids from a pool of new ids (ids only).
+
 Build: `load_or_build_candidate_bank` (in memory: content hashing, decoding, preprocessing at 288 px, encoding)
 over `--images` real PNGs of 800 x 1000 written to a temporary directory, with 0, 1 and 2 DataLoader workers.
 The model is a tiny CLIP4CIR (640-d output) so that the number measures the data path that workers parallelize
 (decode + preprocess, 20-30 ms per image), not a CPU forward of RN50x4.
 
-`--json PATH` writes `{"rows": [{"bank_size", "step_s", "floor_s", "overhead", "peak_mib"}, ...],
+`--json PATH` writes `{"rows": [{"bank_size", "step_s", "floor_s", "overhead", "peak_mib"[, "extra_rows",
+"select_extra_ids_s"]}, ...],
 "build": [{"workers", "images_per_s"}, ...]}`.
 """
 
@@ -34,7 +39,7 @@ from pathlib import Path
 from benchmarks._measure import peak_rss_mib, spawn
 
 
-def _loss_child(bank_size, batch, width, repeats, mode, queue):
+def _loss_child(bank_size, batch, width, repeats, mode, extra_share, queue):
     import torch
     import torch.nn.functional as F
 
@@ -44,9 +49,14 @@ def _loss_child(bank_size, batch, width, repeats, mode, queue):
     g = torch.Generator().manual_seed(0)
     bank = F.normalize(torch.randn(bank_size, width, generator=g), dim=-1)
     queries = F.normalize(torch.randn(batch, width, generator=g), dim=-1).requires_grad_()
-    targets = torch.randint(bank_size, (batch,), generator=g)
     tau = 0.02
-    loss_fn = CandidateBankLoss(bank, tau, device="cpu")  # the bank as training holds it (moved once)
+    extras = {}
+    if extra_share:
+        loss_fn, extras = _with_extra_negatives(bank, extra_share, tau)
+        bank = loss_fn.bank
+    else:
+        loss_fn = CandidateBankLoss(bank, tau, device="cpu")  # the bank as training holds it (moved once)
+    targets = torch.randint(bank_size - extras.get("extra_rows", 0), (batch,), generator=g)  # triplet rows only
 
     def step():
         queries.grad = None
@@ -68,7 +78,37 @@ def _loss_child(bank_size, batch, width, repeats, mode, queue):
             times[name].append(time.perf_counter() - t0)
 
     step_s, floor_s = statistics.median(times["step"]), statistics.median(times["floor"])
-    queue.put({"bank_size": bank_size, "step_s": step_s, "floor_s": floor_s, "overhead": step_s / floor_s})
+    queue.put({"bank_size": bank_size, "step_s": step_s, "floor_s": floor_s, "overhead": step_s / floor_s,
+               **extras})
+
+
+def _with_extra_negatives(bank, extra_share, tau):
+    """The loss as the trainer builds it for a bank whose last `extra_share` of rows are extra negatives
+    (`candidate_bank_loss` over `CandidateBank.negatives`), and the seconds `extra_candidates` takes to pick those
+    rows' ids out of a pool of new ids (each looked up against the triplets and the de-duplication map; no image
+    is read)."""
+    import datasets
+    import torch
+
+    from modeling_spn4cir.image_store import ImageStore
+    from modeling_spn4cir.cir_contract import dot_similarity
+    from trainers.bank_extras import ExtraImages, extra_candidates
+    from trainers.candidate_bank import CandidateBank, ExtraNegatives
+    from trainers.cir_trainer import CIRTrainingArguments, candidate_bank_loss
+
+    extra_rows = int(len(bank) * extra_share)
+    triplet_ids = [f"t{i}" for i in range(len(bank) - extra_rows)]
+    pool_ids = [f"u{i}" for i in range(extra_rows)]
+    train = ImageStore(datasets.Dataset.from_dict({"image_id": triplet_ids}))
+    pool = ImageStore(datasets.Dataset.from_dict({"image_id": pool_ids}))
+    candidate = CandidateBank(triplet_ids, bank[:len(triplet_ids)], torch.empty(len(triplet_ids), 0), {})
+    t0 = time.perf_counter()
+    ids, _ = extra_candidates(ExtraImages(pool, pool_ids, "bench"), candidate, train)
+    select_s = time.perf_counter() - t0
+    candidate.extra = ExtraNegatives(ids, bank[len(triplet_ids):], {})
+    args = CIRTrainingArguments(output_dir=tempfile.mkdtemp(), stage="candidate_bank", use_cpu=True, report_to=[])
+    loss_fn = candidate_bank_loss(candidate, args, tau, dot_similarity)
+    return loss_fn, {"extra_rows": extra_rows, "select_extra_ids_s": select_s}
 
 
 def _peak_mib(fn) -> float:
@@ -139,6 +179,8 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--images", type=int, default=96)
     parser.add_argument("--workers", type=int, nargs="*", default=[0, 1, 2], help="none: skip the build part")
+    parser.add_argument("--extra_share", type=float, default=None,
+                        help="this share of each bank's rows are extra negatives (--bank_extra_images)")
     parser.add_argument("--json", default=None, help="write the results to this JSON file")
     args = parser.parse_args(argv)
 
@@ -147,14 +189,16 @@ def main(argv=None):
     print("| bank size | step (s) | floor (s) | step / floor | peak extra memory (MiB) |")
     print("|---|---|---|---|---|")
     for size in args.sizes:
-        row = spawn(_loss_child, size, args.batch, args.width, args.repeats, "time")
+        row = spawn(_loss_child, size, args.batch, args.width, args.repeats, "time", args.extra_share)
         os.environ["MALLOC_MMAP_THRESHOLD_"] = "131072"  # the peak's own process: freed tensors leave the RSS
         try:
-            row["peak_mib"] = spawn(_loss_child, size, args.batch, args.width, args.repeats, "peak")
+            row["peak_mib"] = spawn(_loss_child, size, args.batch, args.width, args.repeats, "peak", args.extra_share)
         finally:
             os.environ.pop("MALLOC_MMAP_THRESHOLD_")
         rows.append(row)
-        print(f"| {size:,} | {row['step_s']:.4f} | {row['floor_s']:.4f} | {row['overhead']:.2f}x | "
+        extra = (f" ({row['extra_rows']:,} extra negatives, their ids picked in {row['select_extra_ids_s']:.2f} s)"
+                 if args.extra_share else "")
+        print(f"| {size:,}{extra} | {row['step_s']:.4f} | {row['floor_s']:.4f} | {row['overhead']:.2f}x | "
               f"{row['peak_mib']:.0f} |", flush=True)
 
     build = []

@@ -10,7 +10,13 @@ from pathlib import Path
 
 import datasets
 
-from modeling_spn4cir.storage import OutputDirError, OutputLockedError, file_stamp, sha256, wait_for_unlock
+from modeling_spn4cir.storage import (
+    OutputDirError,
+    OutputLockedError,
+    file_stamp,
+    sha256,
+    wait_for_unlock,
+)
 
 # The official benchmarks, converted from their layout. Each is scored by the evaluation protocol of its own name, any
 # other dataset by the generic "recall" protocol: names only here (the protocol objects, `trainers.evaluation`, are
@@ -82,3 +88,30 @@ def load_cir_data(dataset: str, data_dir: str | None = None, cache_dir: str | No
     triplets = datasets.load_dataset(path, "triplets") if has_triplets else datasets.DatasetDict()
     return CIRData(dataset, triplets, corpus, protocol or default_protocol(dataset), dataset == "fashioniq",
                    path)
+
+
+def load_extra_corpus(spec: str, data: CIRData, default_split: str = "train") -> tuple[datasets.Dataset, str]:
+    """The corpus of `DATASET[:SPLIT]` (`--bank_extra_images`) and its name (`"DATASET:SPLIT"`): the training
+    dataset's own corpus when DATASET is `data`'s name or path (FashionIQ / CIRR: every image of the split file,
+    so its images in no triplet are the extra negatives), else any directory / Hub id in the project schema.
+    SPLIT defaults to `default_split`. A corpus without `image_id`s is an error naming the fix."""
+    name, sep, split = spec.rpartition(":")
+    if not sep or not name or "/" in split or "\\" in split:  # no split given (a path may hold a drive's colon)
+        name, split = spec, default_split
+    if name in (data.name, data.path):
+        corpora = data.corpus
+    elif name in BENCHMARKS:
+        raise ValueError(f"--bank_extra_images {spec}: only the training dataset ({data.name}) is converted here; "
+                         f"pass {name}'s converted directory (its README.md and corpus/ folder) instead.")
+    else:
+        corpora = datasets.load_dataset(name, "corpus")
+    if split not in corpora:
+        raise ValueError(f"--bank_extra_images {spec}: the corpus has no split {split!r}; it has {sorted(corpora)}.")
+    corpus = corpora[split]
+    missing = [column for column in ("image_id", "image") if column not in corpus.column_names]
+    if missing:
+        raise ValueError(f"--bank_extra_images {spec}: its corpus has no {' or '.join(missing)} column "
+                         f"(columns: {corpus.column_names}), so its images share no id scheme with the triplets'. "
+                         "Convert the images into the project schema first (python -m datasets_scripts.custom "
+                         "--all_images_in_corpus).")
+    return corpus, f"{name}:{split}"

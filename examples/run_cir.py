@@ -32,11 +32,12 @@ from transformers import HfArgumentParser
 
 from datasets_scripts.common import TRIPLET_FEATURES
 from datasets_scripts.dedup import dedup_map_for
-from datasets_scripts.load import load_cir_data
+from datasets_scripts.load import load_cir_data, load_extra_corpus
 from modeling_spn4cir.families import FAMILIES, base_families_help
 from modeling_spn4cir.image_store import ImageStore
 from modeling_spn4cir.loading import load_cir_model_and_processor
 from modeling_spn4cir.storage import atomic_write_json
+from trainers.bank_extras import ExtraImages
 from trainers.candidate_bank import bank_image_ids
 from trainers.cir_trainer import CIRTrainer, CIRTrainingArguments
 from trainers.evaluation import PROTOCOLS, CIREvaluator, get_protocol
@@ -78,6 +79,13 @@ class DataArguments:
     dedup_map: str | None = field(default=None, metadata={"help": "JSON {duplicate id: canonical id} to use instead"})
     max_train_samples: int | None = None
     submission_dir: str | None = field(default=None, metadata={"help": "where test-server files go (test splits)"})
+    bank_extra_images: str | None = field(default=None, metadata={
+        "help": "stage 2: DATASET[:SPLIT] whose images in no training triplet are appended to the candidate bank as "
+                "negatives only (the original's train_negplus.py): the training dataset's name (its SPLIT, default "
+                "--train_split: FashionIQ / CIRR hold every image of the split file) or a corpus in the project "
+                "schema (dir or Hub id); stored beside the bank in --bank_dir"})
+    bank_extra_limit: int | None = field(default=None, metadata={
+        "help": "take at most this many extra negatives (the first in corpus order)"})
     report_queries: int = field(default=0, metadata={
         "help": "write a retrieval report of this many eval queries (HTML + PNG contact sheet) into "
                 "OUTPUT_DIR/retrieval_report after each evaluation"})
@@ -138,6 +146,27 @@ def parse_args(argv):
     return parsed
 
 
+def stage2_dedup_map(data_args, data, args, train, corpora) -> dict[str, str] | None:
+    """`--dedup_map`'s mapping, or for stage 2 the training images' copies (pixel hashes cached beside the data)."""
+    if data_args.dedup_map:
+        return json.loads(Path(data_args.dedup_map).read_text())
+    if train is None or args.stage != "candidate_bank" or not data_args.dedup:
+        return None
+    local = data.path and Path(data.path).is_dir()
+    cache = (Path(data.path) if local else Path(args.output_dir)) / f"dedup_hashes.{data_args.train_split}"
+    dedup_map = dedup_map_for(ImageStore(*corpora), bank_image_ids([train]), cache,
+                              show_progress_bar=not args.disable_tqdm)
+    print(f"de-duplication: {len(dedup_map)} training images are copies of another ({cache})")
+    return dedup_map
+
+
+def bank_summary(bank) -> dict:
+    """What `all_results.json` records of a stage-2 bank: its rows, and how many are extra negatives."""
+    extra = bank.extra
+    return {"bank_size": bank.size, "bank_extra_negatives": len(extra.image_ids) if extra else 0,
+            **({"bank_extra_dropped": extra.dropped} if extra else {})}
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     config_file = bool(argv) and argv[0].endswith(CONFIG_SUFFIXES)
@@ -167,16 +196,11 @@ def main(argv=None):
             corpora.append(datasets.load_dataset(data_args.extra_triplets, "corpus", split="train"))
         if data_args.max_train_samples:
             train = train.select(range(min(data_args.max_train_samples, len(train))))
-    dedup_map = None
-    if data_args.dedup_map:
-        dedup_map = json.loads(Path(data_args.dedup_map).read_text())
-    elif train is not None and args.stage == "candidate_bank" and data_args.dedup:
-        local = data.path and Path(data.path).is_dir()
-        cache = (Path(data.path) if local else Path(args.output_dir)) / f"dedup_hashes.{data_args.train_split}"
-        dedup_map = dedup_map_for(ImageStore(*corpora), bank_image_ids([train]), cache,
-                                  show_progress_bar=not args.disable_tqdm)
-        print(f"de-duplication: {len(dedup_map)} training images are copies of another ({cache})")
-
+    dedup_map = stage2_dedup_map(data_args, data, args, train, corpora)
+    extra_negatives = None
+    if data_args.bank_extra_images and args.do_train:
+        corpus, source = load_extra_corpus(data_args.bank_extra_images, data, data_args.train_split)
+        extra_negatives = ExtraImages(ImageStore(corpus), list(corpus["image_id"]), source, data_args.bank_extra_limit)
     evaluator = None
     if args.do_eval or args.eval_strategy != "no":
         evaluator = CIREvaluator(
@@ -189,7 +213,7 @@ def main(argv=None):
         )
     trainer = CIRTrainer(
         model, args, train_dataset=train, corpus=corpora, processor=processor, evaluator=evaluator,
-        join_annotated_captions=data.join_annotated_captions, dedup_map=dedup_map,
+        join_annotated_captions=data.join_annotated_captions, dedup_map=dedup_map, extra_negatives=extra_negatives,
         model_card_info={"base_model": model_args.model_name_or_path,
                          "datasets": data_args.dataset + (f" + {data_args.extra_triplets}" if data_args.extra_triplets else "")},
     )
@@ -198,6 +222,8 @@ def main(argv=None):
         output = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
         trainer.save_model()
         results |= {f"train_{k}" if not k.startswith("train_") else k: v for k, v in output.metrics.items()}
+        if trainer.bank is not None:
+            results |= bank_summary(trainer.bank)
     if args.do_eval:
         results |= trainer.evaluate()
     if evaluator is not None:

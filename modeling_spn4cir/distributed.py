@@ -70,12 +70,19 @@ def ddp_mean_correction(local_size: int, sizes: list[int] | None = None) -> floa
     _, world_size = world()
     if world_size == 1:
         return 1.0
-    if sizes is None:
-        size = torch.tensor([local_size])
-        gathered = [torch.zeros_like(size) for _ in range(world_size)]
-        dist.all_gather(gathered, size)
-        sizes = [int(s) for s in gathered]
+    sizes = batch_sizes(local_size) if sizes is None else sizes
     return local_size * world_size / sum(sizes)
+
+
+def batch_sizes(local_size: int) -> list[int]:
+    """Every rank's batch size, in rank order (`[local_size]` on one process)."""
+    _, world_size = world()
+    if world_size == 1:
+        return [local_size]
+    size = torch.tensor([local_size])
+    gathered = [torch.zeros_like(size) for _ in range(world_size)]
+    dist.all_gather(gathered, size)
+    return [int(s) for s in gathered]
 
 
 def gather_no_grad(tensor: torch.Tensor, sizes: list[int]) -> torch.Tensor:

@@ -132,8 +132,9 @@ WATCHDOG_HEADER = "Timeout ("  # what faulthandler.dump_traceback_later prints f
 
 def run_two_processes(script_name: str, *args, attempts: int = 2) -> None:
     """Run `tests/scripts/<script_name> *args` under `torchrun --nproc_per_node 2` (gloo), with the repository root
-    on PYTHONPATH so the children import this checkout whatever is installed, and `tests/` so that they import its
-    helpers (`conftest`, `test_losses`) as the tests do; fail with their output.
+    on PYTHONPATH so the children import this checkout whatever is installed, and `tests/` and `examples/` so that
+    they import its helpers (`conftest`, `test_losses`) and the example scripts (`run_cir`) as the tests do (the
+    `pythonpath` of setup.cfg's pytest section); fail with their output.
 
     The rendezvous is static on 127.0.0.1 and gloo uses the loopback interface: `--standalone` resolves the
     host's name (`getfqdn`), and one CI run hung there for 300 s with no output from the children. A hang (the
@@ -141,8 +142,8 @@ def run_two_processes(script_name: str, *args, attempts: int = 2) -> None:
     children's stacks; a wrong result or a crash fails at once, never retried."""
     script = Path(__file__).parent / "scripts" / script_name
     tests = Path(__file__).resolve().parent
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(tests.parent), str(tests),
-                                                                     os.environ.get("PYTHONPATH")])),
+    paths = [str(tests.parent), str(tests), str(tests.parent / "examples"), os.environ.get("PYTHONPATH")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, paths)),
            "SPN4CIR_TEST_WATCHDOG_S": "150"}
     if "lo" in {name for _, name in socket.if_nameindex()}:
         env["GLOO_SOCKET_IFNAME"] = "lo"
@@ -211,6 +212,20 @@ def save_tiny_llava(path, words, template=LLAVA_TEMPLATE, seed=0):
     LlavaForConditionalGeneration(config).save_pretrained(path)
     processor.save_pretrained(path)
     return path
+
+
+def two_process_gradients(script_name: str, tmp_path) -> dict:
+    """What rank 0 of `tests/scripts/<script_name> OUT` saved in OUT (gradients by run, then by parameter name)."""
+    out = Path(tmp_path) / "grads.pt"
+    run_two_processes(script_name, out)
+    return torch.load(out, weights_only=True)
+
+
+def assert_same_gradients(got: dict, expected: dict, label: str) -> None:
+    """Both runs gave gradients to the same parameters, equal to 1e-5 absolute / 1e-4 relative."""
+    assert set(got) == set(expected), label
+    for name, grad in expected.items():
+        torch.testing.assert_close(got[name], grad, atol=1e-5, rtol=1e-4, msg=f"{label} {name}")
 
 
 def solid_images(n, size=40, seed=0):

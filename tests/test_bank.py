@@ -21,6 +21,7 @@ import trainers.evaluation.evaluator as ev
 from modeling_spn4cir import CLIP4CIRImageProcessor
 from modeling_spn4cir.image_store import ImageStore
 from modeling_spn4cir.loading import load_cir_model_and_processor
+from trainers.bank_extras import ExtraImages, add_extra_negatives
 from trainers.candidate_bank import (
     CandidateBank,
     ShardedRows,
@@ -577,3 +578,15 @@ def test_two_process_sharded_bank_loss_gradients_and_split_build(tmp_path):
         assert first and second and sorted(first + second) == ids
     assert sorted(p.name for p in (tmp_path / "bank").glob("bank-*.safetensors")) == [
         f"bank-{k:05d}.safetensors" for k in range(4)]
+    # extra negatives appended over two ranks equal one process's
+    one_extra = add_extra_negatives(one, tiny_model("vit", "sum").eval(),
+                                    ExtraImages(ImageStore(ddp_bank.extra_corpus()), ddp_bank.EXTRA_IDS, "pool"),
+                                    ImageStore(corpus), CLIP4CIRImageProcessor(size=32), batch_size=2,
+                                    show_progress_bar=False, shard_size=2).extra
+    for where in ("dir", "memory"):
+        two = got[f"extra-{where}"]
+        torch.testing.assert_close(two["target"], one_extra.target_embeds)
+        assert two["fingerprint"] == one_extra.fingerprint
+        first, second = two["encoded_by_rank"]
+        assert first and second and sorted(first + second) == ddp_bank.EXTRA_IDS
+    assert len(list((tmp_path / "bank").glob("extra-*.safetensors"))) == 3

@@ -1,7 +1,7 @@
 """The caption cache: split over a launcher's processes that never communicate (`RANK` / `WORLD_SIZE` set, no
 process group), each process captions every W-th shard and the run is complete once every process has finished;
 shards that lost their manifests keep their captions. (Resuming and never serving a stale caption:
-test_positive_scaling.py, test_reliability_numbers.py; a retrained captioner: test_generative_captioner.py.)"""
+test_positive_scaling.py; a retrained captioner: test_generative_captioner.py.)"""
 
 import datasets
 import pytest

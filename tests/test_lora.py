@@ -9,7 +9,7 @@ import sys
 import datasets
 import pytest
 import torch
-from conftest import TINY_TEXT, TINY_VIT, run_two_processes, tiny_inputs, tiny_model
+from conftest import TINY_TEXT, TINY_VIT, assert_same_gradients, tiny_inputs, tiny_model, two_process_gradients
 from safetensors.torch import load_file
 
 from modeling_spn4cir.loading import load_cir_model_and_processor
@@ -151,19 +151,15 @@ print("OK", type(model).__name__)
 
 @pytest.mark.slow
 def test_two_process_lora_gradients_equal_one_process(tmp_path):
-    out = tmp_path / "grads.pt"
-    run_two_processes("ddp_lora_gradients.py", out)
+    ddp = two_process_gradients("ddp_lora_gradients.py", tmp_path)
     from test_losses import global_batch, stage_loss
 
-    ddp = torch.load(out, weights_only=True)
     for stage in ("in_batch", "candidate_bank"):
         peft_model, base = lora_model(stage)
         stage_loss(peft_model, base, global_batch(base), stage).backward()
         single = {n: p.grad for n, p in peft_model.named_parameters() if p.grad is not None}
         assert set(single) == {n for n, p in peft_model.named_parameters() if p.requires_grad}
-        assert set(single) == set(ddp[stage]), stage
-        for name, grad in single.items():
-            torch.testing.assert_close(ddp[stage][name], grad, atol=1e-5, rtol=1e-4, msg=f"{stage} {name}")
+        assert_same_gradients(ddp[stage], single, stage)
 
 
 # ------------------------------------------------------------------------------------------ all four families

@@ -5,7 +5,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import run_two_processes, tiny_inputs, tiny_model
+from conftest import (
+    assert_same_gradients,
+    tiny_inputs,
+    tiny_model,
+    two_process_gradients,
+)
 
 from trainers.losses import CandidateBankLoss, InBatchInfoNCELoss
 
@@ -115,9 +120,7 @@ def stage_loss(forward_model, model, batch, stage):
 
 @pytest.mark.slow
 def test_two_process_gradients_equal_one_process(tmp_path):
-    out = tmp_path / "grads.pt"
-    run_two_processes("ddp_gradients.py", out)
-    ddp = torch.load(out, weights_only=True)
+    ddp = two_process_gradients("ddp_gradients.py", tmp_path)
     for stage in ("in_batch", "candidate_bank"):
         model = tiny_model("vit", "combiner", seed=0)
         model.eval()
@@ -128,7 +131,4 @@ def test_two_process_gradients_equal_one_process(tmp_path):
         if stage == "candidate_bank":
             assert not any(n.startswith("vision_model") for n in single)
         for split in ("even", "uneven"):  # 4 + 4 rows, and 3 + 5 rows: both equal the one-process gradient
-            key = f"{stage}-{split}"
-            assert set(single) == set(ddp[key]), key
-            for name, grad in single.items():
-                torch.testing.assert_close(ddp[key][name], grad, atol=1e-5, rtol=1e-4, msg=f"{key} {name}")
+            assert_same_gradients(ddp[f"{stage}-{split}"], single, f"{stage}-{split}")

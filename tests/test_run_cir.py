@@ -174,3 +174,22 @@ def test_clip4cir_config_runs_on_a_tiny_benchmark(name, fiq_root, cirr_root, tin
         # the bank holds each picture once: FashionIQ's D3 is a copy of D1
         assert set(bank["image_ids"]) == used - {"D3"} and (not fiq or {"D1", "D3"} <= used)
         assert (Path(data.path) / "dedup_hashes.train" / "hashes.json").exists()  # the hash cache, complete
+
+
+@pytest.mark.slow
+def test_negative_types_and_extra_negatives_train_end_to_end_under_ddp(tiny_cir_dataset, tiny_model_dir, tmp_path):
+    """`run_cir.py` on two gloo processes: stage 1 with `--negative_types target text`, then stage 2 from it with
+    `--bank_extra_images` (the train split's images in no triplet as negatives only)."""
+    from conftest import run_two_processes
+
+    run_two_processes("ddp_run_cir.py", tiny_model_dir, tiny_cir_dataset, tmp_path)
+    assert json.loads((tmp_path / "world.json").read_text())["world_size"] == 2
+    stage1 = json.loads((tmp_path / "stage1" / "all_results.json").read_text())
+    stage2 = json.loads((tmp_path / "stage2" / "all_results.json").read_text())
+    assert stage1["train_loss"] > 0 and stage2["train_loss"] > 0
+    corpus = datasets.load_dataset(str(tiny_cir_dataset), "corpus", split="train")["image_id"]
+    triplets = datasets.load_dataset(str(tiny_cir_dataset), "triplets", split="train")
+    used = set(triplets["reference_id"]) | set(triplets["target_id"])
+    assert stage2["bank_extra_negatives"] == len(set(corpus) - used) > 0
+    assert stage2["bank_size"] == len(used) + stage2["bank_extra_negatives"]
+    assert json.loads((tmp_path / "stage1" / "config.json").read_text())["model_type"] == "clip4cir"

@@ -60,6 +60,18 @@ KEYS = ("target_embeds", "reference_features")
 
 
 @dataclass
+class ExtraNegatives:
+    """Images of no training triplet appended to the bank as negatives only (`trainers.bank_extras`): their ids,
+    target embeddings `[E, D]` (or `[E, Q, D]`; no reference features: no query starts from them), the fingerprint
+    of their store, and how many candidates the de-duplication against the triplet images dropped, by reason."""
+
+    image_ids: list[str]
+    target_embeds: torch.Tensor
+    fingerprint: dict
+    dropped: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
 class CandidateBank:
     """`image_ids[i]` has target embedding `target_embeds[i]` (`[K, D]`, or `[K, Q, D]` for multi-vector
     families) and reference features `reference_features[i]` (whatever shape the family's
@@ -73,12 +85,26 @@ class CandidateBank:
     fingerprint: dict
     dedup_map: dict[str, str] = field(default_factory=dict)
     image_digests: list[str] | None = None  # sha256 of each image's stored bytes (row order)
+    extra: ExtraNegatives | None = None  # negatives only, after the K rows above
 
     def __post_init__(self):
         self._index = {image_id: i for i, image_id in enumerate(self.image_ids)}
 
     def __len__(self) -> int:
         return len(self.image_ids)
+
+    @property
+    def size(self) -> int:
+        """K + E: the rows of `negatives`."""
+        return len(self) + (len(self.extra.image_ids) if self.extra is not None else 0)
+
+    @property
+    def negatives(self) -> torch.Tensor:
+        """`[K + E, ...]`: what stage 2 scores each query against, the K triplet images' target embeddings (rows
+        `0..K-1`, where `indices` points), then the E extra negatives'."""
+        if self.extra is None:
+            return self.target_embeds
+        return torch.cat([self.target_embeds, self.extra.target_embeds.to(self.target_embeds.dtype)])
 
     def canonical(self, image_id: str) -> str:
         return self.dedup_map.get(image_id, image_id)
@@ -120,7 +146,7 @@ def _checked(image_ids: Sequence[str], images: ImageStore, dtype: str, shard_siz
     return image_ids, int(shard_size)
 
 
-def _common_fingerprint(model, image_processor, dtype: str, shard_size: int) -> dict:
+def common_fingerprint(model, image_processor, dtype: str, shard_size: int) -> dict:
     """The fields every fingerprint of the bank and of its shards holds: the target side (hashed once, on rank 0),
     the storage dtype and the shard size."""
     return broadcast_object({"format": BANK_FORMAT, **target_side_fingerprint(model, image_processor),
@@ -128,7 +154,7 @@ def _common_fingerprint(model, image_processor, dtype: str, shard_size: int) -> 
 
 
 @contextmanager
-def _eval_mode(model):
+def eval_mode(model):
     was_training = model.training
     model.eval()
     try:
@@ -137,17 +163,17 @@ def _eval_mode(model):
         model.train(was_training)
 
 
-def _encoder(model, images, image_ids, image_processor, batch_size, num_workers, dtype, show_progress_bar):
-    """`build` of the bank's shards: a shard's rows encoded by the frozen towers (progress on rank 0)."""
-    def encode(job: ShardJob) -> dict[str, torch.Tensor]:
-        target, reference = encode_images(
-            model.get_target_embeds_and_reference_features, images, image_ids[job.plan.start:job.plan.stop],
-            image_processor, batch_size, num_workers, device=next(model.parameters()).device, dtype=DTYPES[dtype],
-            show_progress_bar=show_progress_bar and world()[0] == 0,
-            desc=f"candidate bank {job.label}".strip())
-        return {"target_embeds": target, "reference_features": reference}
+def shard_encoder(encode, keys: Sequence[str], images: ImageStore, image_ids: Sequence[str], image_processor,
+                  device, batch_size: int, num_workers: int, dtype: str, show_progress_bar: bool, what: str):
+    """`build` of a bank store's shards: a shard's rows encoded by `encode` (`pixel_values -> tensor` or a tuple of
+    them, one per key of `keys`), progress on rank 0."""
+    def build(job: ShardJob) -> dict[str, torch.Tensor]:
+        out = encode_images(encode, images, image_ids[job.plan.start:job.plan.stop], image_processor, batch_size,
+                            num_workers, device=device, dtype=DTYPES[dtype],
+                            show_progress_bar=show_progress_bar and world()[0] == 0, desc=f"{what} {job.label}".strip())
+        return dict(zip(keys, (out,) if isinstance(out, torch.Tensor) else out))
 
-    return encode
+    return build
 
 
 def _assemble(store: ShardStore, shards: list[Shard], image_ids, fingerprint, dedup_map, digests) -> CandidateBank:
@@ -189,11 +215,13 @@ def load_or_build_candidate_bank(
     """
     image_ids, shard_size = _checked(image_ids, images, dtype, shard_size)
     store = _store(bank_dir, dtype)
-    common = _common_fingerprint(model, image_processor, dtype, shard_size)
+    common = common_fingerprint(model, image_processor, dtype, shard_size)
     shards = plan_image_shards(store, images, image_ids, shard_size, common)
     fingerprint = {**common, "image_ids": ids_sha256(image_ids), "image_content": content_sha256(shards.digests),
                    "num_images": len(image_ids)}
-    encode = _encoder(model, images, image_ids, image_processor, batch_size, num_workers, dtype, show_progress_bar)
-    with _eval_mode(model):
+    encode = shard_encoder(model.get_target_embeds_and_reference_features, KEYS, images, image_ids, image_processor,
+                           next(model.parameters()).device, batch_size, num_workers, dtype, show_progress_bar,
+                           "candidate bank")
+    with eval_mode(model):
         held = store.sync(shards.plans, encode, shards.manifests, fingerprint, {"image_ids": image_ids})
     return _assemble(store, held, image_ids, fingerprint, dedup_map, shards.digests)

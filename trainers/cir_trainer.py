@@ -24,6 +24,7 @@ from transformers.trainer_callback import ExportableState
 from modeling_spn4cir.image_store import ImageStore
 from modeling_spn4cir.model_cards import render_card, table
 
+from .bank_extras import ExtraImages, add_extra_negatives
 from .candidate_bank import CandidateBank, bank_image_ids, load_or_build_candidate_bank
 from .data import CIRCollator
 from .evaluation import PROTOCOLS
@@ -35,7 +36,15 @@ from .lora import (
     lora_card_rows,
     write_lora_metadata,
 )
-from .losses import CandidateBankLoss, ShardedCandidateBankLoss, shard_bounds, stage1_loss_for
+from .losses import (
+    DEFAULT_NEGATIVE_TYPES,
+    NEGATIVE_TYPES,
+    CandidateBankLoss,
+    ShardedCandidateBankLoss,
+    check_negative_types,
+    shard_bounds,
+    stage1_loss_for,
+)
 
 logger = logging.getLogger(__name__)
 STAGES = ("in_batch", "candidate_bank")
@@ -55,6 +64,14 @@ class CIRTrainingArguments(LoRAArguments, TrainingArguments):
         "help": "images per bank shard in --bank_dir (memory-mapped; a killed build resumes at the first missing "
                 "shard)"})
     num_negatives: int | None = field(default=None, metadata={"help": "stage 2: sampled negatives (default: whole bank)"})
+    in_batch_negatives: bool = field(default=False, metadata={
+        "help": "stage 2: each query's negatives are only the bank rows of the global batch's other targets "
+                "(stage 1's negatives with a frozen target side), the number-of-negatives study's smallest point"})
+    negative_types: list[str] = field(default_factory=lambda: list(DEFAULT_NEGATIVE_TYPES), metadata={
+        "help": "stage 1: the negative types of SPN's study, any subset: target (query vs in-batch targets, the "
+                "default), query (target vs in-batch queries), text (reference + every in-batch text), reference "
+                "(every in-batch reference + text); the selected InfoNCE losses are averaged",
+        "choices": list(NEGATIVE_TYPES)})
     shard_bank: bool = field(default=False, metadata={
         "help": "stage 2 under DDP: each rank holds 1/W of the bank's rows on its device; the full-bank loss is "
                 "computed exactly (distributed log-sum-exp), for banks that do not fit one device"})
@@ -77,6 +94,13 @@ class CIRTrainingArguments(LoRAArguments, TrainingArguments):
             raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}.")
         if self.remove_unused_columns:
             raise ValueError("CIRTrainer needs remove_unused_columns=False (the collator reads image ids).")
+        self.negative_types = list(check_negative_types(self.negative_types))
+        if self.stage == "candidate_bank" and tuple(self.negative_types) != DEFAULT_NEGATIVE_TYPES:
+            raise ValueError(f"--negative_types {' '.join(self.negative_types)} is a stage-1 option: stage 2's "
+                             "negatives are the bank's targets. Drop it, or train with --stage in_batch.")
+        if self.in_batch_negatives and (self.stage != "candidate_bank" or self.num_negatives or self.shard_bank):
+            raise ValueError("--in_batch_negatives is a stage-2 option of its own: use it with --stage candidate_bank "
+                             "and without --num_negatives or --shard_bank.")
         if self.max_consecutive_nonfinite_losses < 1:
             raise ValueError("max_consecutive_nonfinite_losses must be >= 1, got "
                              f"{self.max_consecutive_nonfinite_losses}.")
@@ -88,14 +112,18 @@ def candidate_bank_loss(bank: CandidateBank, args: CIRTrainingArguments, tempera
     from modeling_spn4cir.distributed import world
 
     rank, world_size = world()
+    if args.in_batch_negatives and bank.extra is not None:
+        raise ValueError("--in_batch_negatives scores the batch's targets only: the extra negatives of "
+                         "--bank_extra_images would never be used. Drop one of the two.")
+    negatives = bank.negatives  # the triplet images' rows, then the extra negatives'
     if args.shard_bank and world_size > 1:
         if args.num_negatives is not None:
             raise ValueError("--shard_bank computes the full-bank loss; it cannot be combined with --num_negatives.")
-        start, stop = shard_bounds(len(bank), rank, world_size)
-        return ShardedCandidateBankLoss(bank.target_embeds[start:stop], start, len(bank), temperature,
+        start, stop = shard_bounds(bank.size, rank, world_size)
+        return ShardedCandidateBankLoss(negatives[start:stop], start, bank.size, temperature,
                                         similarity=similarity, device=args.device)
-    return CandidateBankLoss(bank.target_embeds, temperature, args.num_negatives, similarity=similarity,
-                             device=args.device)
+    return CandidateBankLoss(negatives, temperature, args.num_negatives, similarity=similarity,
+                             device=args.device, in_batch=args.in_batch_negatives)
 
 
 class _CollatorEpoch(TrainerCallback):
@@ -169,6 +197,8 @@ class CIRTrainer(Trainer):
         join_annotated_captions: FashionIQ: join the two captions of annotated triplets (see `trainers.text`).
         dedup_map: `{duplicate image id: canonical id}` (from `datasets_scripts.dedup`).
         bank: a prebuilt `CandidateBank` for stage 2 (otherwise built, or loaded from `args.bank_dir`).
+        extra_negatives: stage 2: images of no training triplet to append to the bank as negatives only
+            ([`ExtraImages`], `trainers.bank_extras`; stored beside the bank in `args.bank_dir`).
         model_card_info: extra fields for the model card (`base_model`, `datasets`, ...).
     """
 
@@ -176,7 +206,8 @@ class CIRTrainer(Trainer):
 
     def __init__(self, model, args: CIRTrainingArguments, train_dataset=None, corpus=None, processor=None,
                  evaluator=None, join_annotated_captions: bool = False, dedup_map=None,
-                 bank: CandidateBank | None = None, model_card_info: dict | None = None, **kwargs):
+                 bank: CandidateBank | None = None, model_card_info: dict | None = None,
+                 extra_negatives: ExtraImages | None = None, **kwargs):
         corpora = corpus if isinstance(corpus, (list, tuple)) else [corpus]
         self.images = ImageStore(*corpora)
         self.evaluator = evaluator
@@ -192,22 +223,19 @@ class CIRTrainer(Trainer):
         if args.stage == "candidate_bank":
             model.untie_query_side()  # SPN's stage-2 preparation (TG-CIR, SPRC copy their shared modules here)
             model.freeze_target_side()
-            if bank is None and train_dataset is not None:
-                model.to(args.device)
-                # Every rank builds its share of the shards (no rank waits idle in a barrier); see the function.
-                bank = load_or_build_candidate_bank(
-                    model, self.images, bank_image_ids([train_dataset], dedup_map), processor.image_processor,
-                    bank_dir=args.bank_dir, dtype=args.bank_dtype, batch_size=args.per_device_eval_batch_size,
-                    dedup_map=dedup_map, show_progress_bar=not args.disable_tqdm,
-                    num_workers=args.dataloader_num_workers, shard_size=args.bank_shard_size,
-                )
+            if train_dataset is not None:
+                bank = self._stage2_bank(model, args, bank, train_dataset, processor, dedup_map, extra_negatives)
             self.bank = bank
             self.loss_fn = candidate_bank_loss(bank, args, self.temperature, model.similarity) if bank else None
             if bank is not None and hasattr(evaluator, "use_bank"):
                 evaluator.use_bank(bank)  # gallery images the bank holds are not encoded again
         else:
+            if extra_negatives is not None:
+                raise ValueError("--bank_extra_images adds rows to stage 2's candidate bank; stage 1 (in_batch) has "
+                                 "no bank. Pass it with --stage candidate_bank.")
             self.bank = None
-            self.loss_fn = stage1_loss_for(model, self.temperature, similarity=model.similarity)
+            self.loss_fn = stage1_loss_for(model, self.temperature, similarity=model.similarity,
+                                           negative_types=args.negative_types)
         if args.lora_r is not None and not is_lora_model(model):
             model = apply_lora(model, args, args.stage)  # after the bank: stage 2's is built from the frozen base
             self.model_card_info.setdefault("base_model", model.peft_config["default"].base_model_name_or_path)
@@ -229,6 +257,21 @@ class CIRTrainer(Trainer):
         # The loss is a mean over queries, never normalized by a token count: let the Trainer scale it for
         # gradient accumulation.
         self.model_accepts_loss_kwargs = False
+
+    def _stage2_bank(self, model, args, bank, train_dataset, processor, dedup_map, extra_negatives) -> CandidateBank:
+        """The bank of the training images (built or loaded unless given), and the extra negatives appended."""
+        options = {"bank_dir": args.bank_dir, "dtype": args.bank_dtype, "batch_size": args.per_device_eval_batch_size,
+                   "show_progress_bar": not args.disable_tqdm, "num_workers": args.dataloader_num_workers,
+                   "shard_size": args.bank_shard_size}
+        if bank is None or extra_negatives is not None:
+            model.to(args.device)
+        if bank is None:
+            # Every rank builds its share of the shards (no rank waits idle in a barrier); see the function.
+            bank = load_or_build_candidate_bank(model, self.images, bank_image_ids([train_dataset], dedup_map),
+                                                processor.image_processor, dedup_map=dedup_map, **options)
+        if extra_negatives is not None:
+            bank = add_extra_negatives(bank, model, extra_negatives, self.images, processor.image_processor, **options)
+        return bank
 
     # ------------------------------------------------------------------------------------- training
     def create_optimizer(self, model=None):

@@ -6,6 +6,7 @@ import argparse
 
 from . import recipe
 from .config import CAPTIONERS, NOISE_LEVELS, RecipeConfig
+from .negative_study import run_negative_study
 from .noise_study import run_caption_noise_study
 from .seeds import run_seeds
 from .text_form_probe import run_text_form_probe
@@ -30,6 +31,12 @@ def recipe_parser() -> argparse.ArgumentParser:
                              "in the generated triplets' form (reuses the default run in OUTPUT_DIR)")
     parser.add_argument("--noise_levels", type=float, nargs="+", default=list(NOISE_LEVELS),
                         help="fractions of phrases to corrupt in --caption_noise_study")
+    parser.add_argument("--negative_study", action="store_true",
+                        help="diagnostic: stage 1 with each negative type (alone, and target + each other), stage 2 "
+                             "with in-batch / 128 / 1000 sampled / whole-bank / bank + unlabeled-pool negatives "
+                             "(reuses the default run in OUTPUT_DIR, or trains stage 0 first)")
+    parser.add_argument("--study_seeds", type=int, nargs="+", default=None,
+                        help="training seeds of each --negative_study point (default: SEED, SEED+1, SEED+2)")
     return parser
 
 
@@ -44,4 +51,6 @@ def main(argv=None) -> dict:
         return run_caption_noise_study(cfg, args.noise_levels)
     if args.text_form_probe:
         return run_text_form_probe(cfg)
+    if args.negative_study:
+        return run_negative_study(cfg, args.study_seeds)
     return recipe.run_default_recipe(cfg)

@@ -51,10 +51,13 @@ def load_model(path: Path) -> CLIP4CIRModel:
 
 
 def train_cir(model, processor, cfg: RecipeConfig, stage: str, train, corpus, out: Path,
-              lora_r: int | None = None, bank_dir: Path | None = None) -> CLIP4CIRModel:
+              lora_r: int | None = None, bank_dir: Path | None = None, seed: int | None = None,
+              extra_negatives=None, **options) -> CLIP4CIRModel:
     """One CIRTrainer run, saved to `out`. `bank_dir`: where stage 2's candidate bank is kept; two runs from the
     same stage-1 model over the same images share one (the bank is fingerprinted, so it is reused only when it
-    matches)."""
+    matches). `seed`: the run's data order and sampling (default `cfg.seed`); `extra_negatives` (stage 2's
+    `ExtraImages`) and `options` (more `CIRTrainingArguments`: `negative_types`, `num_negatives`,
+    `in_batch_negatives`) are the negative study's."""
     epochs, lr, batch = ((cfg.stage1_epochs, cfg.stage1_lr, cfg.stage1_batch_size) if stage == "in_batch"
                          else (cfg.stage2_epochs, cfg.stage2_lr, cfg.stage2_batch_size))
     if lora_r is not None:
@@ -62,12 +65,15 @@ def train_cir(model, processor, cfg: RecipeConfig, stage: str, train, corpus, ou
     args = CIRTrainingArguments(
         output_dir=str(out), stage=stage, num_train_epochs=epochs, learning_rate=lr, per_device_train_batch_size=batch,
         per_device_eval_batch_size=256, warmup_steps=0, weight_decay=0.01, lr_scheduler_type="linear",
-        logging_strategy="epoch", save_strategy="no", report_to=[], seed=cfg.seed, data_seed=cfg.seed,
+        logging_strategy="epoch", save_strategy="no", report_to=[], seed=cfg.seed if seed is None else seed,
+        data_seed=cfg.seed if seed is None else seed,
         disable_tqdm=not cfg.show_progress_bar, use_cpu=True, bank_dir=str(bank_dir or out / "bank"),
         dataloader_drop_last=True, lora_r=lora_r,
         cache_images=stage == "in_batch",  # exact; each epoch would otherwise decode and resize every image again
+        **options,
     )
     trainer = CIRTrainer(model, args, train_dataset=train, corpus=corpus, processor=processor,
+                         extra_negatives=extra_negatives,
                          model_card_info={"base_model": "config (synthetic recipe)", "datasets": "synthetic CIR"})
     result = trainer.train()
     trainer.save_model(str(out))

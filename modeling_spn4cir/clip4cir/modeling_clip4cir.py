@@ -1,12 +1,15 @@
 """CLIP4CIR: a CLIP dual encoder for composed image retrieval, with sum fusion (SPN4CIR) or CLIP4Cir's Combiner.
 
 Implements the CIR model contract (`get_reference_features`, `target_embeds_from_reference_features`,
-`get_query_embeds`, `query_side_modules`; the contract's default `forward`). Self-contained on purpose (relative imports only) so that
-`save_pretrained` can ship it for `trust_remote_code` loading.
+`get_query_embeds`, `query_side_modules`; the contract's `forward`, which also returns the fusion's inputs on request).
+Self-contained on purpose (relative imports only) so that `save_pretrained` can ship it for `trust_remote_code`
+loading.
 
 Parameter names of the CLIP parts equal `transformers.CLIPModel`'s (`text_model.*`, `text_projection`,
 `vision_model.*`, `visual_projection`), so a CLIPModel state dict loads into this model unchanged.
 """
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -19,8 +22,20 @@ from .cir_contract import CIRModelMixin, CIRModelOutput, clip_tower_configs, loa
 from .configuration_clip4cir import CLIP4CIRConfig
 from .modeling_clip_resnet import AttentionPool2d, ModifiedResNet
 
-# CLIP4CIR returns the shared CIR output type.
-CLIP4CIROutput = CIRModelOutput
+
+@dataclass
+class CLIP4CIROutput(CIRModelOutput):
+    """
+    [`CIRModelOutput`], and with `forward(..., return_fusion_features=True)` the fusion's two inputs, for losses
+    that compose other (reference, text) pairs of the batch (the negative types of SPN's study).
+
+    Args:
+        reference_features (`torch.FloatTensor` of shape `[B, D]`, *optional*): unnormalized reference features.
+        text_features (`torch.FloatTensor` of shape `[B, D]`, *optional*): unnormalized text features.
+    """
+
+    reference_features: torch.FloatTensor | None = None
+    text_features: torch.FloatTensor | None = None
 
 
 class Combiner(nn.Module):
@@ -139,19 +154,40 @@ class CLIP4CIRModel(CIRModelMixin, CLIP4CIRPreTrainedModel):
             return F.normalize(reference_features + text_features, dim=-1)
         return self.combiner(reference_features, text_features)
 
-    def get_query_embeds(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
-                         reference_features: torch.Tensor | None = None,
-                         pixel_values: torch.FloatTensor | None = None) -> torch.FloatTensor:
-        """Texts `input_ids`, `attention_mask` `[B, L]` fused with the references' features `[B, D]` (from a bank,
-        or encoded from `pixel_values` `[B, 3, S, S]`) -> L2-normalized queries `[B, D]`."""
+    def get_fusion_features(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
+                            reference_features: torch.Tensor | None = None,
+                            pixel_values: torch.FloatTensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """What `combine` fuses: the references' features `[B, D]` (from a bank, or encoded from `pixel_values`
+        `[B, 3, S, S]`) and the texts' features `[B, D]` of `input_ids`, `attention_mask` `[B, L]`, unnormalized."""
         reference_features = self.reference_features_for(input_ids, reference_features, pixel_values)
         if reference_features.shape[-1] != self.config.projection_dim:
             raise ValueError(
                 f"reference_features have dimension {reference_features.shape[-1]}, the model expects "
                 f"{self.config.projection_dim}; was the reference bank built with another model?"
             )
-        text_features = self.get_text_features(input_ids, attention_mask)
-        return self.combine(reference_features, text_features)
+        return reference_features, self.get_text_features(input_ids, attention_mask)
+
+    def get_query_embeds(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
+                         reference_features: torch.Tensor | None = None,
+                         pixel_values: torch.FloatTensor | None = None) -> torch.FloatTensor:
+        """Texts `input_ids`, `attention_mask` `[B, L]` fused with the references' features `[B, D]` (from a bank,
+        or encoded from `pixel_values` `[B, 3, S, S]`) -> L2-normalized queries `[B, D]`."""
+        return self.combine(*self.get_fusion_features(input_ids, attention_mask, reference_features, pixel_values))
+
+    def forward(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
+                pixel_values: torch.FloatTensor | None = None, reference_features: torch.Tensor | None = None,
+                target_pixel_values: torch.FloatTensor | None = None, target_embeds: torch.Tensor | None = None,
+                return_fusion_features: bool = False) -> CLIP4CIROutput:
+        """The contract's forward (see `CIRModelMixin.forward`); `return_fusion_features=True` also returns the
+        fusion's inputs `reference_features`, `text_features` `[B, D]` ([`CLIP4CIROutput`])."""
+        if not return_fusion_features:
+            return CLIP4CIROutput(**super().forward(input_ids, attention_mask, pixel_values, reference_features,
+                                                    target_pixel_values, target_embeds))
+        references, texts = self.get_fusion_features(input_ids, attention_mask, reference_features, pixel_values)
+        if target_embeds is None and target_pixel_values is not None:
+            target_embeds = self.get_target_embeds(target_pixel_values)
+        return CLIP4CIROutput(**self.cir_output(self.combine(references, texts), target_embeds),
+                              reference_features=references, text_features=texts)
 
     def query_side_modules(self) -> dict[str, nn.Module]:
         """The modules stage 2 trains: text tower, its projection and (if any) the Combiner."""

@@ -14,7 +14,9 @@ family with more outputs, e.g. its stage-1 terms, extends it), `similarity` (def
 targets), `get_temperature` (default `config.temperature`), `untie_query_side` (stage 1 shares modules between the
 query and the target side), `has_own_query_side` (no while the modules stage 2 trains do not exist yet),
 `get_text_query_embeds` (the fusion can compose a query without an image), `eval_mode_modules` (submodules
-`train()` keeps in eval mode).
+`train()` keeps in eval mode), `combine(reference_features, text_features)` with
+`forward(..., return_fusion_features=True)` (the fusion composes any reference feature vector with any text feature
+vector: the `text` / `reference` negative types of `trainers.losses.NegativeTypeLoss`).
 
 The mixin derives the rest: `get_target_embeds(pixel_values)` and `get_target_embeds_and_reference_features` (one
 image pass for both roles), `query_side_parameters()`, `target_side_state_dict()`, `freeze_target_side()` /

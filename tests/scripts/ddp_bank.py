@@ -1,7 +1,8 @@
 """Run under `torchrun --standalone --nproc_per_node 2 ddp_bank.py OUT BANK_DIR`: on 2 gloo ranks,
 (1) the sharded full-bank loss (each rank holds half the bank) and the unsharded loss, with DDP-averaged gradients
 of a small query model, for an even (4 + 4) and an uneven (3 + 5) split of an 8-query global batch;
-(2) the candidate bank built over both ranks, stored in BANK_DIR and in memory. Rank 0 saves everything to OUT."""
+(2) the candidate bank built over both ranks, stored in BANK_DIR and in memory, and extra negatives appended to it
+the same two ways. Rank 0 saves everything to OUT."""
 
 import sys
 
@@ -9,7 +10,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from _dist import init_gloo  # this folder: the script's own
+from _dist import init_gloo, save_from_rank0  # this folder: the script's own
 from conftest import solid_images, tiny_model
 
 
@@ -65,6 +66,7 @@ def banks(out, bank_dir):
 
     from modeling_spn4cir.image_store import ImageStore
     from modeling_spn4cir import CLIP4CIRImageProcessor
+    from trainers.bank_extras import ExtraImages, add_extra_negatives
     from trainers.candidate_bank import load_or_build_candidate_bank
 
     ids = [f"c{i}" for i in range(7)]
@@ -90,9 +92,32 @@ def banks(out, bank_dir):
         out[f"bank-{where}"] = {"target": bank.target_embeds,
                                 "reference": reference if torch.is_tensor(reference) else reference.to_tensor(),
                                 "fingerprint": bank.fingerprint}
-        per_rank = [None] * dist.get_world_size()
-        dist.all_gather_object(per_rank, list(encoded))
-        out[f"bank-{where}"]["encoded_by_rank"] = per_rank
+        out[f"bank-{where}"]["encoded_by_rank"] = _per_rank(encoded)
+        encoded.clear()
+        extra = add_extra_negatives(bank, model, ExtraImages(ImageStore(extra_corpus()), EXTRA_IDS, "pool"),
+                                    ImageStore(corpus), CLIP4CIRImageProcessor(size=32),
+                                    bank_dir=bank_dir if where == "dir" else None, batch_size=2,
+                                    show_progress_bar=False, shard_size=2).extra
+        out[f"extra-{where}"] = {"target": extra.target_embeds, "fingerprint": extra.fingerprint,
+                                 "encoded_by_rank": _per_rank(encoded)}
+
+
+EXTRA_IDS = [f"e{i}" for i in range(5)]
+
+
+def extra_corpus():
+    """Five images in no triplet, appended to the bank as negatives (2 + 2 + 1 rows: shards for both ranks)."""
+    import datasets
+
+    return datasets.Dataset.from_dict({"image_id": EXTRA_IDS, "image": solid_images(5, seed=11)},
+                                      features=datasets.Features({"image_id": datasets.Value("string"),
+                                                                  "image": datasets.Image()}))
+
+
+def _per_rank(values) -> list:
+    per_rank = [None] * dist.get_world_size()
+    dist.all_gather_object(per_rank, list(values))
+    return per_rank
 
 
 def main(out_path, bank_dir):
@@ -100,10 +125,7 @@ def main(out_path, bank_dir):
     out = {}
     losses(out)
     banks(out, bank_dir)
-    if dist.get_rank() == 0:
-        torch.save(out, out_path)
-    dist.barrier()
-    dist.destroy_process_group()
+    save_from_rank0(out, out_path)
 
 
 if __name__ == "__main__":

@@ -3,11 +3,10 @@ saves the parameter gradients of stage 1 (in-batch loss) and stage 2 (candidate-
 
 import sys
 
-import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from _dist import init_gloo  # this folder: the script's own
+from _dist import init_gloo, save_from_rank0  # this folder: the script's own
 from conftest import tiny_model
 from test_losses import global_batch, stage_loss
 
@@ -30,10 +29,7 @@ def main(out):
         loss = stage_loss(ddp, model, local, stage)
         loss.backward()
         grads[f"{stage}-{split}"] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    if rank == 0:
-        torch.save(grads, out)
-    dist.barrier()
-    dist.destroy_process_group()
+    save_from_rank0(grads, out)
 
 
 if __name__ == "__main__":

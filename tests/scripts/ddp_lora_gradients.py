@@ -3,11 +3,10 @@ split 4 + 4 across 2 gloo ranks; rank 0 saves the gradients of the trainable (ad
 
 import sys
 
-import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from _dist import init_gloo  # this folder: the script's own
+from _dist import init_gloo, save_from_rank0  # this folder: the script's own
 from test_lora import lora_model
 from test_losses import global_batch, stage_loss
 
@@ -23,10 +22,7 @@ def main(out):
         ddp = DistributedDataParallel(peft_model)
         stage_loss(ddp, base, local, stage).backward()
         grads[stage] = {n: p.grad.clone() for n, p in peft_model.named_parameters() if p.grad is not None}
-    if rank == 0:
-        torch.save(grads, out)
-    dist.barrier()
-    dist.destroy_process_group()
+    save_from_rank0(grads, out)
 
 
 if __name__ == "__main__":

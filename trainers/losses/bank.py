@@ -1,12 +1,6 @@
-"""Contrastive losses of SPN's two stages, as `nn.Module`s acting on embeddings.
-
-The trainer runs the (possibly DDP-wrapped) model forward and hands the embeddings to these modules, so
-DDP's gradient hooks see a normal forward; the maths lives here, not in the trainer.
-"""
+"""Stage 2 of SPN: InfoNCE against the frozen candidate bank, whole, sampled, or split over the ranks."""
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -14,99 +8,21 @@ import torch.nn.functional as F
 from torch import nn
 
 from modeling_spn4cir.cir_contract import dot_similarity
-from modeling_spn4cir.distributed import ddp_mean_correction, gather_no_grad, gather_with_grad, world
-from modeling_spn4cir.families import family_of
+from modeling_spn4cir.distributed import (
+    batch_sizes,
+    ddp_mean_correction,
+    gather_no_grad,
+    gather_with_grad,
+    world,
+)
 
-Similarity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-_SPN_CITATION = """@inproceedings{feng2024spn,
-  title     = {Improving Composed Image Retrieval via Contrastive Learning with Scaling Positives and Negatives},
-  author    = {Feng, Zhangchi and Zhang, Richong and Nie, Zhijie},
-  booktitle = {ACM Multimedia},
-  year      = {2024}
-}"""
-
-
-def _fp32_scores(similarity: Similarity, queries: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Scores in fp32 with autocast off: under fp16 autocast, logits / tau overflow and a learnable tau's gradient
-    becomes NaN (GradScaler then skips steps); the scores are a small matmul, so fp32 costs little."""
-    dtype = torch.promote_types(queries.dtype, torch.float32)  # never below fp32, never lower a float64 query
-    with torch.autocast(queries.device.type, enabled=False):
-        return similarity(queries.to(dtype), targets.to(dtype))
-
-
-class InBatchInfoNCELoss(nn.Module):
-    """
-    Stage 1 of SPN (and CLIP4Cir's fine-tuning): InfoNCE of each composed query against the targets of the
-    *global* batch. Negatives: the other B_global - 1 targets (~128 in the original), at the cost of encoding
-    every target image each step.
-
-        loss = mean_i CE(similarity(q_i, [t_1 .. t_B]) / tau, i)
-
-    Across processes the target embeddings are gathered with autograd and each rank's labels are offset by
-    the sizes of the ranks before it. A target image that appears twice in the global batch (same key) is
-    masked out of the other query's negatives: it is a second copy of that query's positive, not a negative.
-
-    Args:
-        temperature: tau (a learnable temperature can be passed per call instead).
-        similarity: the model's scoring rule (`model.similarity`; default dot product).
-
-    Inputs: `query_embeds` `[B, D]`, `target_embeds` `[B, D]` or `[B, Q, D]` (row i is query i's target),
-    `target_keys` `[B]` int64 ids of the target images (optional; enables duplicate masking), `temperature`
-    (optional float or tensor overriding the module's).
-    """
-
-    model_kwargs: dict = {}
-
-    def __init__(self, temperature: float = 0.02, similarity: Similarity | None = None):
-        super().__init__()
-        self.temperature = temperature
-        self.similarity = similarity or dot_similarity
-
-    def forward(self, query_embeds: torch.Tensor, target_embeds: torch.Tensor,
-                target_keys: torch.Tensor | None = None, temperature=None) -> torch.Tensor:
-        rank, _ = world()
-        all_targets, sizes = gather_with_grad(target_embeds)
-        offset = sum(sizes[:rank])
-        labels = torch.arange(query_embeds.shape[0], device=query_embeds.device) + offset
-        tau = self.temperature if temperature is None else temperature
-        logits = _fp32_scores(self.similarity, query_embeds, all_targets) / tau
-        if target_keys is not None:
-            all_keys = gather_no_grad(target_keys, sizes)
-            same_image = target_keys[:, None] == all_keys[None, :]
-            same_image[torch.arange(len(labels), device=labels.device), labels] = False
-            logits = logits.masked_fill(same_image, float("-inf"))
-        return F.cross_entropy(logits, labels) * ddp_mean_correction(len(labels), sizes)
-
-    def loss_from_outputs(self, outputs, target_keys: torch.Tensor | None = None) -> torch.Tensor:
-        """The trainer's entry: a model's forward output (`query_embeds`, `target_embeds`, optional
-        learnable `temperature`)."""
-        return self(outputs.query_embeds, outputs.target_embeds, target_keys, getattr(outputs, "temperature", None))
-
-    def get_config_dict(self) -> dict:
-        return {"temperature": float(self.temperature), "negatives": "global in-batch targets, duplicates masked"}
-
-    @property
-    def citation(self) -> str:
-        return _SPN_CITATION
-
-
-def stage1_loss_for(model, temperature, similarity: Similarity | None = None) -> nn.Module:
-    """The stage-1 loss module for `model`: its config's `stage1_loss`, one of its family's objectives
-    (`FamilySpec.stage1_losses`: TG-CIR's six terms, SPRC's itc + rtc + align, Bi-BLIP4CIR's forward + reverse), or
-    plain `InBatchInfoNCELoss` (`"in_batch_infonce"`, the default) when the family brings none.
-
-    Plain InfoNCE uses `temperature` (the trainer's tau) and the model's `similarity`; a family objective is built
-    from the model's config (`from_config`), since it carries its own scales (TG-CIR's `loss_T`, SPRC's `temp`)."""
-    name = getattr(model.config, "stage1_loss", None) or "in_batch_infonce"
-    if name == "in_batch_infonce":
-        return InBatchInfoNCELoss(temperature, similarity)
-    spec = family_of(model)
-    objectives = dict(spec.stage1_losses) if spec is not None else {}
-    if name not in objectives:
-        raise ValueError(f"{type(model).__name__} asks for stage-1 loss {name!r} (config.stage1_loss); its family "
-                         f"has: {sorted(['in_batch_infonce', *objectives])}.")
-    return objectives[name].from_config(model.config, temperature)
+from .in_batch import (
+    SPN_CITATION,
+    Similarity,
+    fp32_scores,
+    global_labels,
+    mask_duplicates,
+)
 
 
 class CandidateBankLoss(nn.Module):
@@ -119,7 +35,8 @@ class CandidateBankLoss(nn.Module):
 
     With `num_negatives=n`, each query is scored against its positive and `n` negatives drawn uniformly
     without replacement from the rest of the bank (the original code's `neg_num` with `random.sample`), for the
-    number-of-negatives study.
+    number-of-negatives study; with `in_batch=True`, only against the bank rows of the global batch's targets (a
+    target twice in the batch masked as in stage 1): stage 2 with stage 1's negatives, the study's smallest point.
 
     The bank (`[K, D]` or `[K, Q, D]`, any storage dtype) is converted once, here, to its compute dtype (fp32, or
     float64 for a float64 bank) and moved once to `device` (or, at the first step, to the query's device); no
@@ -132,10 +49,12 @@ class CandidateBankLoss(nn.Module):
 
     def __init__(self, bank: torch.Tensor, temperature: float = 0.02, num_negatives: int | None = None,
                  similarity: Similarity | None = None, generator: torch.Generator | None = None,
-                 device: torch.device | str | None = None):
+                 device: torch.device | str | None = None, in_batch: bool = False):
         super().__init__()
         if num_negatives is not None and not 0 < num_negatives < bank.shape[0]:
             raise ValueError(f"num_negatives must be in [1, {bank.shape[0] - 1}] for a bank of {bank.shape[0]}.")
+        if in_batch and num_negatives is not None:
+            raise ValueError("in_batch negatives are the batch's targets; they cannot be combined with num_negatives.")
         compute_dtype = torch.promote_types(bank.dtype, torch.float32)
         self.register_buffer("bank", bank.to(device=device if device is not None else bank.device,
                                              dtype=compute_dtype), persistent=False)
@@ -143,6 +62,7 @@ class CandidateBankLoss(nn.Module):
         self.num_negatives = num_negatives
         self.similarity = similarity or dot_similarity
         self.generator = generator
+        self.in_batch = in_batch
 
     def _bank_on(self, device: torch.device) -> torch.Tensor:
         if self.bank.device != device:  # once: the buffer is replaced by its copy on the query's device
@@ -159,20 +79,31 @@ class CandidateBankLoss(nn.Module):
         bank = self._bank_on(query_embeds.device)
         target_index = target_index.to(query_embeds.device)
         tau = self.temperature if temperature is None else temperature
-        scores = _fp32_scores(self.similarity, query_embeds, bank) / tau  # [B, K]
+        if self.in_batch:
+            return self._in_batch_loss(query_embeds, bank, target_index, tau)
+        scores = fp32_scores(self.similarity, query_embeds, bank) / tau  # [B, K]
         correction = ddp_mean_correction(len(target_index))
         if self.num_negatives is None:
             return F.cross_entropy(scores, target_index) * correction
         candidates = torch.cat([target_index[:, None], self.sample_negatives(target_index)], dim=1)  # positive first
         return F.cross_entropy(scores.gather(1, candidates), torch.zeros_like(target_index)) * correction
 
+    def _in_batch_loss(self, query_embeds, bank, target_index, tau) -> torch.Tensor:
+        sizes = batch_sizes(len(target_index))
+        rows = gather_no_grad(target_index, sizes)  # the global batch's targets, as rows of the frozen bank
+        labels = global_labels(len(target_index), sizes, query_embeds.device)
+        logits = mask_duplicates(fp32_scores(self.similarity, query_embeds, bank[rows]) / tau, labels, target_index,
+                                 sizes)
+        return F.cross_entropy(logits, labels) * ddp_mean_correction(len(labels), sizes)
+
     def get_config_dict(self) -> dict:
+        negatives = "in-batch" if self.in_batch else self.num_negatives or "all"
         return {"temperature": float(self.temperature), "bank_size": int(self.bank.shape[0]),
-                "num_negatives": self.num_negatives or "all"}
+                "num_negatives": negatives}
 
     @property
     def citation(self) -> str:
-        return _SPN_CITATION
+        return SPN_CITATION
 
 
 def shard_bounds(num_rows: int, rank: int, world_size: int) -> tuple[int, int]:
@@ -219,7 +150,7 @@ class ShardedCandidateBankLoss(CandidateBankLoss):
         tau = self.temperature if temperature is None else temperature
         queries, sizes = gather_with_grad(query_embeds)
         targets = gather_no_grad(target_index, sizes)
-        scores = _fp32_scores(self.similarity, queries, bank) / tau  # [B_global, K_local]
+        scores = fp32_scores(self.similarity, queries, bank) / tau  # [B_global, K_local]
         peak = scores.detach().amax(dim=1)
         if world_size > 1:
             dist.all_reduce(peak, op=dist.ReduceOp.MAX)
