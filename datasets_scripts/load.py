@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,6 +113,29 @@ def load_extra_corpus(spec: str, data: CIRData, default_split: str = "train") ->
     if missing:
         raise ValueError(f"--bank_extra_images {spec}: its corpus has no {' or '.join(missing)} column "
                          f"(columns: {corpus.column_names}), so its images share no id scheme with the triplets'. "
-                         "Convert the images into the project schema first (python -m datasets_scripts.custom "
-                         "--all_images_in_corpus).")
+                         "Convert the images into the project schema first (python -m datasets_scripts.images "
+                         "--images DIR for an image collection, python -m datasets_scripts.custom "
+                         "--all_images_in_corpus for a custom dataset).")
     return corpus, f"{name}:{split}"
+
+
+def load_extra_corpora(specs: Sequence[str], data: CIRData, default_split: str = "train"
+                       ) -> tuple[list[datasets.Dataset], list[str], str]:
+    """The corpora of several `--bank_extra_images` sources (e.g. CIRR's train split plus a corpus of the COCO
+    images the original appends to CIRR's bank, made with `datasets_scripts.images`), their ids in order and one
+    name for them all (`"cirr:train+coco"`). An id held by two sources would leave one of its images out, so it is
+    an error naming both sources."""
+    corpora, names, owner, ids = [], [], {}, []
+    for spec in specs:
+        corpus, name = load_extra_corpus(spec, data, default_split)
+        for image_id in corpus["image_id"]:
+            if image_id in owner:
+                raise ValueError(
+                    f"--bank_extra_images: image id {image_id!r} is in both {owner[image_id]} and {name}, so one of "
+                    "its images would be left out. Pass each source once, or give one corpus ids of its own (a "
+                    "prefix) when converting it.")
+            owner[image_id] = name
+            ids.append(image_id)
+        corpora.append(corpus)
+        names.append(name)
+    return corpora, ids, "+".join(names)

@@ -32,7 +32,7 @@ from transformers import HfArgumentParser
 
 from datasets_scripts.common import TRIPLET_FEATURES
 from datasets_scripts.dedup import dedup_map_for
-from datasets_scripts.load import load_cir_data, load_extra_corpus
+from datasets_scripts.load import load_cir_data, load_extra_corpora
 from modeling_spn4cir.families import FAMILIES, base_families_help
 from modeling_spn4cir.image_store import ImageStore
 from modeling_spn4cir.loading import load_cir_model_and_processor
@@ -79,11 +79,12 @@ class DataArguments:
     dedup_map: str | None = field(default=None, metadata={"help": "JSON {duplicate id: canonical id} to use instead"})
     max_train_samples: int | None = None
     submission_dir: str | None = field(default=None, metadata={"help": "where test-server files go (test splits)"})
-    bank_extra_images: str | None = field(default=None, metadata={
-        "help": "stage 2: DATASET[:SPLIT] whose images in no training triplet are appended to the candidate bank as "
-                "negatives only (the original's train_negplus.py): the training dataset's name (its SPLIT, default "
-                "--train_split: FashionIQ / CIRR hold every image of the split file) or a corpus in the project "
-                "schema (dir or Hub id); stored beside the bank in --bank_dir"})
+    bank_extra_images: list[str] | None = field(default=None, metadata={
+        "help": "stage 2: one or more DATASET[:SPLIT] whose images in no training triplet are appended to the "
+                "candidate bank as negatives only (the original's train_negplus.py): the training dataset's name "
+                "(its SPLIT, default --train_split: FashionIQ / CIRR hold every image of the split file) or a corpus "
+                "in the project schema (dir or Hub id; e.g. CIRR's train split plus a corpus of COCO images made "
+                "with datasets_scripts.images, as the original adds to CIRR); stored beside the bank in --bank_dir"})
     bank_extra_limit: int | None = field(default=None, metadata={
         "help": "take at most this many extra negatives (the first in corpus order)"})
     report_queries: int = field(default=0, metadata={
@@ -199,8 +200,8 @@ def main(argv=None):
     dedup_map = stage2_dedup_map(data_args, data, args, train, corpora)
     extra_negatives = None
     if data_args.bank_extra_images and args.do_train:
-        corpus, source = load_extra_corpus(data_args.bank_extra_images, data, data_args.train_split)
-        extra_negatives = ExtraImages(ImageStore(corpus), list(corpus["image_id"]), source, data_args.bank_extra_limit)
+        extras, ids, source = load_extra_corpora(data_args.bank_extra_images, data, data_args.train_split)
+        extra_negatives = ExtraImages(ImageStore(*extras), ids, source, data_args.bank_extra_limit)
     evaluator = None
     if args.do_eval or args.eval_strategy != "no":
         evaluator = CIREvaluator(

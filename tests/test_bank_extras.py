@@ -149,6 +149,34 @@ def test_run_cir_appends_the_pool_of_the_training_split(tiny_cir_dataset, tiny_m
         run(tmp_path / "s1", "--bank_extra_images", str(tiny_cir_dataset), "--stage", "in_batch")
 
 
+def test_run_cir_appends_several_sources(tiny_cir_dataset, tiny_model_dir, tmp_path):
+    """The training split's pool plus a corpus made from a folder of other images (as the original adds the COCO
+    images to CIRR's bank): the rows of both, each once; a source passed twice is an error naming both."""
+    import run_cir
+
+    from datasets_scripts.images import build_images
+
+    folder = tmp_path / "coco"
+    folder.mkdir()
+    for i, image in enumerate(solid_images(3, size=40, seed=11)):
+        image.save(folder / f"coco{i}.png")
+    coco = build_images(folder, tmp_path / "coco_corpus")
+
+    def run(out, *sources):
+        return run_cir.main(["--model_name_or_path", str(tiny_model_dir), "--dataset", str(tiny_cir_dataset),
+                             "--stage", "candidate_bank", "--do_train", "--output_dir", str(out),
+                             "--per_device_train_batch_size", "4", "--max_steps", "1", "--report_to", "none",
+                             "--use_cpu", "--disable_tqdm", "true", "--save_strategy", "no", "--bank_dir",
+                             str(tmp_path / "bank"), "--bank_extra_images", *sources])
+
+    results = run(tmp_path / "two", f"{tiny_cir_dataset}:train", str(coco))
+    stored = json.loads((tmp_path / "bank" / "extra.json").read_text())
+    assert stored["image_ids"] == ["img21.png", "img22.png", "img23.png", "coco0.png", "coco1.png", "coco2.png"]
+    assert results["bank_extra_negatives"] == 6 and results["bank_size"] == 21 + 6
+    with pytest.raises(ValueError, match="'coco0.png' is in both .*coco_corpus:train and .*coco_corpus:train"):
+        run(tmp_path / "twice", str(coco), str(coco))
+
+
 def test_an_extra_corpus_without_image_ids_names_the_fix(tmp_path):
     from datasets_scripts.load import CIRData, load_extra_corpus
 
@@ -170,7 +198,7 @@ def test_an_extra_corpus_without_image_ids_names_the_fix(tmp_path):
 def test_the_benchmarks_pool_is_their_train_split_images_in_no_triplet(dataset, extras, fiq_root, cirr_root,
                                                                        tiny_vit_dir, tmp_path, monkeypatch):
     """FashionIQ: 6 train images per category, 4 in its two triplets (D3 is D1's copy); CIRR: train-0..4 in triplets,
-    train-5 in none (the COCO images the original adds to CIRR are not part of the layout)."""
+    train-5 in none (the COCO images the original adds to CIRR come as a second source, tested above)."""
     import run_cir
 
     monkeypatch.setenv("SPN4CIR_CACHE", str(tmp_path / "cache"))
