@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -192,12 +193,25 @@ class ColumnCaptioner:
         if mapping is not None:  # which captions, for the caption cache
             self.weights = json_sha256(mapping)[:16]
 
+    @property
+    def empty_caption_fix(self) -> str:
+        """What to do about images without a caption (`positive_scaling.caption_images`' error)."""
+        source = f"the corpus column {self.column!r}" if self.column is not None else "the caption mapping"
+        return f"{source} holds no caption for them (null or empty): fill them in"
+
     def __call__(self, batch: dict) -> list[str]:
         if self.column is not None:
             if self.column not in batch:
                 raise KeyError(f"The corpus has no column {self.column!r} to take captions from.")
-            return [str(c) for c in batch[self.column]]
+            return [_caption_text(c) for c in batch[self.column]]
         missing = [i for i in batch["image_id"] if i not in self.mapping]
         if missing:
             raise KeyError(f"No caption for {len(missing)} images (first: {missing[:5]}).")
-        return [self.mapping[i] for i in batch["image_id"]]
+        return [_caption_text(self.mapping[i]) for i in batch["image_id"]]
+
+
+def _caption_text(value) -> str:
+    """A stored caption as text; a missing one (None, NaN from a table) is empty, so it is named, never "None"."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    return str(value)

@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
+from modeling_spn4cir.cli import add_debug_flag
 from modeling_spn4cir.image_store import IMAGE_EXTENSIONS
 from modeling_spn4cir.storage import atomic_directory
 
@@ -347,6 +348,7 @@ def converter_main(build, doc: str, splits: Sequence[str] | None, argv=None, ext
                         help="replace --output_dir when it holds a previous output of this converter (never other files)")
     if extra is not None:
         extra(parser)
+    add_debug_flag(parser)
     args = vars(parser.parse_args(argv))
     out = build(args.pop(source), args.pop("output_dir"), **args)
     print(f"wrote {out}")

@@ -4,7 +4,8 @@
 
 Annotation columns: `reference`, `text` (or `modification_text`), `target` (empty for queries without a
 known target), optional `split` (`train`/`val`/`test`, default `--split`). Image names are file names relative
-to `--data_dir`, with or without extension. The corpus of a split is every image its triplets use, plus, with
+to `--data_dir`, with or without extension (names of one file, such as `img5` and `img5.png`, are one image,
+with the id first written; a name without extension that fits two files is an error). The corpus of a split is every image its triplets use, plus, with
 `--all_images_in_corpus`, every image of the folder (a larger gallery of distractors).
 """
 
@@ -16,6 +17,7 @@ import io
 import json
 from pathlib import Path
 
+from modeling_spn4cir.cli import add_debug_flag, run_cli
 from modeling_spn4cir.image_store import IMAGE_EXTENSIONS
 from modeling_spn4cir.storage import check_output_dir
 
@@ -74,10 +76,36 @@ def _image_path(data_dir: Path, name: str, source: str) -> Path:
     path = resolve_inside(data_dir, name, source)
     if path.suffix.lower() in IMAGE_EXTENSIONS or path.exists():
         return path
-    for ext in IMAGE_EXTENSIONS:
-        if (data_dir / f"{name}{ext}").exists():
-            return resolve_inside(data_dir, f"{name}{ext}", source)
-    return path
+    found = [f"{name}{ext}" for ext in dict.fromkeys(e.lower() for e in IMAGE_EXTENSIONS)
+             if (data_dir / f"{name}{ext}").exists()]
+    if len(found) > 1:
+        raise AnnotationError(f"{source}: {name!r} names {len(found)} files under {data_dir} ({', '.join(found)}); "
+                              "write the name with its extension in the annotations.")
+    return resolve_inside(data_dir, found[0], source) if found else path
+
+
+def _one_id_per_file(splits: dict[str, SplitData], data_dir: Path, annotations: Path) -> dict[str, Path]:
+    """`{image id: file}` of every image the triplets name, with names of one file (`img5` and `img5.png`, a link
+    and its target) made one id: the first name the annotations give it, written back into the triplets, so
+    that a file is never two images of the corpus (a copy of the target among its own negatives)."""
+    paths, canonical = {}, {}
+    for data in splits.values():
+        for triplet in data.triplets:
+            for key in ("reference_id", "target_id"):
+                name = triplet[key]
+                if name is None:
+                    continue
+                if name not in canonical:
+                    path = _image_path(data_dir, name, f"{annotations} image {name!r}")
+                    first = next((i for i, p in paths.items() if p == path), None)
+                    canonical[name] = first or name
+                    paths.setdefault(canonical[name], path)
+                triplet[key] = canonical[name]
+    merged = {name: first for name, first in canonical.items() if name != first}
+    if merged:
+        print(f"{len(merged)} image names name the file of another and use its id: "
+              + ", ".join(f"{a!r} -> {b!r}" for a, b in list(merged.items())[:5]))
+    return paths
 
 
 def _id(record: dict, name: str, path: Path, index: int, required: bool) -> str | None:
@@ -134,9 +162,10 @@ def build_custom(
     folder_images = []
     if all_images_in_corpus:
         folder_images = sorted(str(p.relative_to(data_dir)) for p in data_dir.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+    files = _one_id_per_file(splits, data_dir, annotations)
     for name, data in splits.items():
         ids = [t["reference_id"] for t in data.triplets] + [t["target_id"] for t in data.triplets if t["target_id"]]
-        paths = {i: _image_path(data_dir, i, f"{annotations} image {i!r}") for i in dict.fromkeys(ids)}
+        paths = {i: files[i] for i in dict.fromkeys(ids)}
         for image in folder_images:
             path = resolve_inside(data_dir, image, f"{data_dir} file {image!r}")
             if path not in paths.values():
@@ -162,11 +191,11 @@ def main(argv=None):
                         help="leave out images that do not decode and drop their triplets (counted) instead of failing")
     parser.add_argument("--overwrite_output_dir", action="store_true",
                         help="replace --output_dir when it holds a previous output of this converter (never other files)")
-    args = parser.parse_args(argv)
+    args = add_debug_flag(parser).parse_args(argv)
     out = build_custom(args.data_dir, args.annotations, args.output_dir, args.split, args.all_images_in_corpus,
                        args.skip_missing_images, args.skip_bad_images, args.overwrite_output_dir)
     print(f"wrote {out}")
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -12,15 +12,29 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Iterable
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
+from modeling_spn4cir.cli import add_debug_flag, run_cli
 from modeling_spn4cir.image_blocks import plan_image_shards, still_valid
-from modeling_spn4cir.image_store import IMAGE_EXTENSIONS
-from modeling_spn4cir.storage import RecordsCodec, ShardJob, ShardStore, atomic_write_json, sha256
+from modeling_spn4cir.image_files import (
+    BadImageError,
+    bad_images_message,
+    list_image_files,
+    open_image,
+)
+from modeling_spn4cir.storage import (
+    RecordsCodec,
+    ShardJob,
+    ShardStore,
+    atomic_write_json,
+    directory_lock,
+    sha256,
+)
 
 DEDUP_SHARD_SIZE = 4096
 HASH_FORMAT = 1
@@ -73,15 +87,18 @@ def dedup_map_for(images, image_ids, cache_dir: str | Path | None = None, show_p
     ids = list(dict.fromkeys(image_ids))
     if not ids:
         return {}
+    images.check(ids, "images to de-duplicate")  # an id the corpus lacks is named, not a bare KeyError
     store = ShardStore(cache_dir, "hashes", RecordsCodec(), "de-duplication hash cache")
     settings = {"format": HASH_FORMAT, "shard_size": shard_size}
-    shards = plan_image_shards(store, images, ids, shard_size, settings)
-    with tqdm(desc="De-duplication hashes", unit="image", disable=not show_progress_bar) as bar:
-        held = store.sync(shards.plans, _hasher(images, ids, bar), shards.manifests, settings)
     by_hash: dict[str, list[str]] = {}
-    for shard in held:
-        for record in store.read(shard):
-            by_hash.setdefault(record["pixel_hash"], []).append(record["image_id"])
+    # another run sharing the cache waits until this one has read it (it never reads half of another run's shards)
+    with directory_lock(cache_dir, "de-duplication hash cache", wait=True) if cache_dir is not None else nullcontext():
+        shards = plan_image_shards(store, images, ids, shard_size, settings)
+        with tqdm(desc="De-duplication hashes", unit="image", disable=not show_progress_bar) as bar:
+            held = store.sync(shards.plans, _hasher(images, ids, bar), shards.manifests, settings)
+        for shard in held:
+            for record in store.read(shard):
+                by_hash.setdefault(record["pixel_hash"], []).append(record["image_id"])
     return canonical_map([group for group in by_hash.values() if len(group) > 1])
 
 
@@ -97,9 +114,15 @@ def _iter_dataset(path: str, split: str):
 
 
 def _iter_folder(folder: Path):
-    for path in sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS):
-        with Image.open(path) as image:
-            yield str(path.relative_to(folder).with_suffix("")), image.copy()
+    """The images of a folder by the one folder rule, decoded by the one image rule (as `ImageStore` decodes a
+    dataset's images, so that both sources hash the same pixels)."""
+    if not folder.is_dir():
+        raise FileNotFoundError(f"--image_dir {folder} is not a folder; pass the folder of images to compare.")
+    listed = list_image_files(folder)
+    if listed.unreadable:
+        raise BadImageError(bad_images_message(listed.unreadable, "Restore or remove them."))
+    for path in listed.files:
+        yield str(path.relative_to(folder).with_suffix("")), open_image(path)
 
 
 def main(argv=None):
@@ -109,7 +132,7 @@ def main(argv=None):
     source.add_argument("--image_dir", help="a folder of images")
     parser.add_argument("--split", default="train")
     parser.add_argument("--output", help="write {duplicate id: canonical id} JSON here")
-    args = parser.parse_args(argv)
+    args = add_debug_flag(parser).parse_args(argv)
     images = _iter_dataset(args.dataset, args.split) if args.dataset else _iter_folder(Path(args.image_dir))
     groups = find_duplicate_groups(images)
     for group in groups:
@@ -121,4 +144,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import datasets
 
+from modeling_spn4cir.cli import run_cli
 from modeling_spn4cir.storage import check_output_dir
 
 from .common import (
@@ -126,4 +127,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -1,70 +1,21 @@
 """The image checks of the converters: every image a corpus lists must exist and decode; a missing or undecodable
 one is an error naming the files and the fix, or (`--skip_missing_images`, `--skip_bad_images`) leaves the corpus
-with the triplets that use it, counted for the dataset card."""
+with the triplets that use it, counted for the dataset card. Images are checked by the project's one image rule
+(`modeling_spn4cir.image_files.image_problem`)."""
 
 from __future__ import annotations
 
-import io
-import os
-from collections.abc import Callable, Hashable, Iterable
 from pathlib import Path
 
-from tqdm.auto import tqdm
+from modeling_spn4cir.image_files import BadImageError, bad_images_message, find_bad_images, image_problem
 
 from .common import SplitData
 
 
-class BadImageError(ValueError):
-    """Image files that do not decode (truncated, empty, not an image, a directory); the message names them."""
-
-
-def image_problem(path: str | os.PathLike | bytes) -> str | None:
-    """Why `path` (an image file, or an image's encoded bytes) is not a usable image, or None. PNGs are checked
-    with PIL's `verify()` (every chunk and its CRC: truncation shows, several times cheaper than decoding); other
-    formats are decoded, JPEG at 1/8 scale (the whole entropy-coded stream is still read, so a truncated file
-    fails). benchmarks/bench_image_check.py measures the cost against the conversion itself."""
-    from PIL import Image
-
-    encoded = isinstance(path, bytes)
-    if not encoded:
-        path = Path(path)
-        if path.is_dir():
-            return "is a directory, not an image file"
-    try:
-        if (len(path) if encoded else path.stat().st_size) == 0:
-            return "is empty (0 bytes)"
-        with Image.open(io.BytesIO(path) if encoded else path) as image:
-            if image.format == "PNG":
-                image.verify()
-            else:
-                image.draft(image.mode, (1, 1))
-                image.load()
-    except Exception as error:  # PIL raises OSError, SyntaxError, ValueError, zlib/struct errors, ...
-        return f"does not decode ({type(error).__name__}: {error})"
-    return None
-
-
-def find_bad_images(paths: Iterable, problem: Callable[[Hashable], str | None] | None = None) -> dict:
-    """`{path: problem}` for the images of `paths` that do not decode (checked in threads: PIL decodes without
-    the GIL). With `problem`, `paths` are any keys (e.g. the image ids of a dataset) and `problem(key)` says why
-    each one's image is not usable, or None (e.g. `image_problem` of its encoded bytes)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    unique = list(dict.fromkeys(paths if problem is not None else (Path(p) for p in paths)))
-    if not unique:
-        return {}
-    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
-        problems = list(tqdm(pool.map(problem or image_problem, unique), total=len(unique), desc="checking images",
-                             leave=False))
-    return {key: why for key, why in zip(unique, problems) if why}
-
-
 def bad_images_error(bad: dict[Path, str]) -> BadImageError:
-    shown = "; ".join(f"{path} {problem}" for path, problem in list(bad.items())[:5])
-    return BadImageError(
-        f"{len(bad)} image file(s) cannot be used: {shown}{' ...' if len(bad) > 5 else ''}. Replace or remove them, "
-        "or pass --skip_bad_images to leave them out and drop the triplets that use them (counted in the card)."
-    )
+    return BadImageError(bad_images_message(
+        bad, "Replace or remove them, or pass --skip_bad_images to leave them out and drop the triplets that use them "
+             "(counted in the card)."))
 
 
 def drop_images(data: SplitData, gone: set[str]) -> int:
@@ -124,3 +75,6 @@ def _triplet_images(triplet: dict) -> set[str]:
     ids.update(triplet.get("target_ids") or ())
     ids.update(triplet.get("group_members") or ())
     return ids
+
+
+__all__ = ["BadImageError", "bad_images_error", "check_images", "drop_images", "find_bad_images", "image_problem"]

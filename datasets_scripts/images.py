@@ -29,6 +29,8 @@ from pathlib import Path
 
 import datasets
 
+from modeling_spn4cir.image_files import list_image_files
+from modeling_spn4cir.cli import run_cli
 from modeling_spn4cir.storage import OutputDirError, check_output_dir
 
 from .common import IMAGE_EXTENSIONS, SplitData, converter_main, counts_table, resolve_inside, write_cir_dataset
@@ -62,11 +64,15 @@ def _sample(n: int, limit: int | None, seed: int) -> list[int]:
 
 
 def folder_collection(root: Path, limit: int | None, seed: int) -> Collection:
-    """The image files under `root` (recursive, sorted by relative path), a sample of `limit` of them."""
-    names = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+    """The image files under `root` (the one folder rule, `list_image_files`: recursive, hidden folders skipped,
+    sorted by relative path), a sample of `limit` of them. Broken links and unreadable files stay in, so that the
+    decoding check names them (or, with --skip_bad_images, counts them)."""
+    folder = list_image_files(root)
+    names = sorted(p.relative_to(root).as_posix() for p in [*folder.files, *folder.unreadable])
     if not names:
         raise FileNotFoundError(
-            f"No image file ({', '.join(IMAGE_EXTENSIONS)}) under {root} (searched recursively). Pass a folder of "
+            f"No image file ({', '.join(IMAGE_EXTENSIONS)}) under {root} (searched recursively)"
+            f"{'; ' + folder.left_out() if folder.left_out() else ''}. Pass a folder of "
             "images, or a dataset with an image column (a dataset directory, a .parquet / .tar file or a Hub id; "
             "--image_column names the column)."
         )
@@ -249,4 +255,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

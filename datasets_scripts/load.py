@@ -51,13 +51,23 @@ def _tree_fingerprint(root: Path) -> str:
     return sha256(itertools.chain([str(root.resolve()).encode()], stamps))[:16]
 
 
+def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
+    """Where spn4cir keeps what it derives from your data (converted benchmarks, caches it cannot keep beside a
+    read-only dataset): `cache_dir`, else `$SPN4CIR_CACHE`, else `~/.cache/spn4cir`."""
+    return Path(cache_dir or os.environ.get("SPN4CIR_CACHE", Path.home() / ".cache" / "spn4cir"))
+def is_project_dataset(path: str | os.PathLike) -> bool:
+    """Whether the local directory `path` is a dataset in the project schema (a README with its configs, and a
+    `corpus` folder), as the converters and `generate_triplets.py` write."""
+    path = Path(path)
+    return (path / "README.md").is_file() and (path / "corpus").is_dir()
+
+
 def _converted_dir(name: str, data_dir: str, cache_dir: str | None) -> Path:
     data_dir = Path(data_dir)
-    if (data_dir / "README.md").exists() and (data_dir / "triplets").is_dir():
+    if is_project_dataset(data_dir) and (data_dir / "triplets").is_dir():
         return data_dir  # already in the project schema
     key = _tree_fingerprint(data_dir)
-    root = Path(cache_dir or os.environ.get("SPN4CIR_CACHE", Path.home() / ".cache" / "spn4cir"))
-    out = root / f"{name}-{key}"
+    out = cache_root(cache_dir) / f"{name}-{key}"
     if not (out / "README.md").exists():
         from . import circo, cirr, fashioniq
 
@@ -139,3 +149,39 @@ def load_extra_corpora(specs: Sequence[str], data: CIRData, default_split: str =
         corpora.append(corpus)
         names.append(name)
     return corpora, ids, "+".join(names)
+
+
+@dataclass
+class TrainingTriplets:
+    """The triplets `--train_dataset` trains on, the corpora their images come from, and the sources' names."""
+
+    triplets: datasets.Dataset
+    corpora: list[datasets.Dataset]
+    sources: list[str]
+
+
+def load_training_triplets(sources: Sequence[str], split: str = "train",
+                           columns: Sequence[str] = ("reference_id", "target_id", "modification_texts", "source"),
+                           ) -> TrainingTriplets:
+    """The `split` triplets of several datasets in the project schema (directories or Hub ids: e.g. the generated
+    triplets of `examples/generate_triplets.py`), concatenated in order with their core `columns`, and each one's
+    `split` corpus (the images they use). A source without triplets in `split` (an image collection, a dataset of
+    other splits) is an error naming it and the fix."""
+    if not sources:
+        raise ValueError("--train_dataset needs at least one dataset (a directory or Hub id in the project schema).")
+    parts, corpora = [], []
+    for source in sources:
+        data = load_cir_data(source)
+        if split not in data.triplets or len(data.triplets[split]) == 0:
+            has = sorted(data.triplets) or "none (an image collection: caption and pair it first)"
+            raise ValueError(f"--train_dataset {source}: it has no {split!r} triplets to train on (triplet splits: "
+                             f"{has}). Pass the output of examples/generate_triplets.py (or another dataset with "
+                             f"triplets), or choose the split with --train_split.")
+        if split not in data.corpus:
+            raise ValueError(f"--train_dataset {source}: its triplets' images are not there (no {split!r} corpus; "
+                             f"corpus splits: {sorted(data.corpus)}); write the dataset again with its corpus.")
+        triplets = data.triplets[split].select_columns(list(columns))
+        parts.append(triplets if not parts else triplets.cast(parts[0].features))
+        corpora.append(data.corpus[split])
+    triplets = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+    return TrainingTriplets(triplets, corpora, [str(s) for s in sources])

@@ -106,9 +106,10 @@ def caption_images(corpus, captioner, cache_dir: str | Path | None = None, shard
     if empty and not skip_empty_captions:
         raise ValueError(
             f"The captioner returned an empty caption for {len(empty)} of {len(image_ids)} images (first: "
-            f"{empty[:5]}); their modification texts would be garbage (' instead of '). Fix the captioner (prompt, "
-            "max_new_tokens) and rerun (the cache keeps the other captions), or pass skip_empty_captions=True "
-            "(--skip_empty_captions) to leave these images out of pairing."
+            f"{empty[:5]}); their modification texts would be garbage (' instead of '). "
+            f"{getattr(captioner, 'empty_caption_fix', 'Fix the captioner (prompt, max_new_tokens)')} and rerun (the "
+            "cache keeps the other captions), or pass skip_empty_captions=True (--skip_empty_captions) to leave these "
+            "images out of pairing."
         )
     if empty:
         logger.warning("Skipping %d images with empty captions (first: %s): they are left out of pairing.",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from modeling_spn4cir.cli import add_debug_flag, run_cli
 from modeling_spn4cir.storage import MARKER
 
 LICENSE_NOTE = (
@@ -51,9 +52,9 @@ def main(argv=None):
     parser.add_argument("--dataset_dir", required=True)
     parser.add_argument("--repo_id", required=True)
     parser.add_argument("--private", action="store_true")
-    args = parser.parse_args(argv)
+    args = add_debug_flag(parser).parse_args(argv)
     print(push_cir_dataset(args.dataset_dir, args.repo_id, args.private))
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

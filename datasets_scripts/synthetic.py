@@ -29,6 +29,8 @@ import datasets
 import numpy as np
 from PIL import Image, ImageDraw
 
+from modeling_spn4cir.cli import add_debug_flag, run_cli
+
 from .common import SplitData, counts_table, write_cir_dataset
 
 SHAPES = ("circle", "square", "triangle", "diamond", "cross")
@@ -320,9 +322,9 @@ def main(argv=None):
     parser.add_argument("--size", default="default", choices=sorted(SIZES_PRESETS))
     parser.add_argument("--overwrite_output_dir", action="store_true",
                         help="replace --output_dir when it holds a previous output of this generator")
-    args = parser.parse_args(argv)
+    args = add_debug_flag(parser).parse_args(argv)
     print(f"wrote {build_synthetic(args.output_dir, args.seed, args.size, args.overwrite_output_dir)}")
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

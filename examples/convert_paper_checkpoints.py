@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from transformers import HfArgumentParser
 
+from modeling_spn4cir.cli import add_debug_flag, run_cli
 from modeling_spn4cir.families import FAMILIES
 from trainers.zoo import SOURCE_REPO, benchmark_dirs, build_zoo, push_zoo, snapshot
 
@@ -42,7 +43,7 @@ class ZooArguments:
 
 
 def main(argv=None):
-    (args,) = HfArgumentParser(ZooArguments).parse_args_into_dataclasses(argv)
+    (args,) = add_debug_flag(HfArgumentParser(ZooArguments)).parse_args_into_dataclasses(argv)
     if args.push_to_hub and not args.namespace:
         raise SystemExit("--push_to_hub needs --namespace (the Hub user or organization to publish to).")
     tokenizers = {}
@@ -67,4 +68,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

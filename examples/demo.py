@@ -7,16 +7,21 @@
 
 With no `--model`, the demo reads the built-in recipe's `results.json` (`--recipe_dir`, default
 `outputs/spn_recipe`), takes its best model by test Recall@10 and indexes the synthetic benchmark's test gallery
-once (cached next to the recipe's outputs). Everything runs locally; nothing is downloaded.
+once (cached next to the recipe's outputs, rebuilt when the recipe's model changed). An index built by another model
+is refused at start; a query that fails shows its error on the page; the results the page receives carry ids and
+scores, no server paths, and only images under the index's gallery folders are shown. Everything runs locally;
+nothing is downloaded.
 """
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
 from retrieve import build_pipeline, load_model
 
+from modeling_spn4cir.cli import add_debug_flag, run_cli
 from modeling_spn4cir.retrieval import CIRIndex
 
 # The built-in recipe's result rows and the directories of their models (examples/spn_recipe/config.py, MODEL_DIRS).
@@ -34,6 +39,10 @@ def recipe_best_model(recipe_dir: str | Path, metric: str = "recall@10") -> tupl
     return Path(recipe_dir) / RECIPE_MODELS[row], row
 
 
+# What a query can fail with, shown on the page (anything else is a bug: the page shows its traceback).
+QUERY_ERRORS = (ValueError, KeyError, OSError, TypeError, RuntimeError)
+
+
 class RetrievalDemo:
     """The demo's logic without the UI: `query(reference, text, top_k)` is what the page calls."""
 
@@ -45,18 +54,60 @@ class RetrievalDemo:
         return self.pipe(reference, text or None, gallery=self.index, top_k=int(top_k))
 
     def run(self, reference, text: str, top_k: int = 10):
-        """(gallery items `[(PIL image, caption)]`, results) — the outputs of the page."""
-        if reference is None and not text:
+        """(gallery items `[(PIL image, caption)]`, results) — the outputs of the page. The results sent to the
+        browser carry ranks, ids and scores only (no server paths); a query that fails shows its error's message."""
+        if reference is None and not (text or "").strip():
             return [], {"error": "upload or pick a reference image, type a modification, or both"}
-        hits = self.query(reference, text, top_k)
-        items = [(self.index.open_image(h["image_id"]), f"#{rank} {h['score']:.3f} {h['image_id']}")
-                 for rank, h in enumerate(hits, 1)]
-        return items, hits
+        try:
+            hits = self.query(reference, text, top_k)
+            items = [(self.index.open_image(h["image_id"]), f"#{rank} {h['score']:.3f} {h['image_id']}")
+                     for rank, h in enumerate(hits, 1)]
+        except QUERY_ERRORS as error:
+            message = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
+            return [], {"error": f"{type(error).__name__}: {without_paths(str(message) or repr(error))}"}
+        return items, [{"rank": rank, "image_id": h["image_id"], "score": round(h["score"], 6)}
+                       for rank, h in enumerate(hits, 1)]
 
     def examples(self, n: int = 6) -> list:
         """A few gallery images to start from (the first of every len/n)."""
         step = max(1, len(self.index) // n)
         return [self.index.open_image(self.index.image_ids[i]) for i in range(0, len(self.index), step)][:n]
+
+
+def without_paths(message: str) -> str:
+    """`message` with every absolute path shortened to `.../<its last part>`: the browser learns no server folder."""
+    return re.sub(r"(?<![\w.~])/(?:[^\s'\"(),;:/]+/)+([^\s'\"(),;:/]*)", r".../\1", message)
+
+
+def gallery_roots(index: CIRIndex) -> list[str]:
+    """The folders the index serves images from (`CIRIndex.open_image` refuses any file outside them)."""
+    return sorted({s["root"] for s in index.sources if isinstance(s.get("root"), str)})
+
+
+def recipe_index(model, processor, recipe_dir: str | Path, model_path: str) -> CIRIndex:
+    """The built-in recipe's test gallery indexed by `model`, cached next to the recipe's outputs; a cache that is
+    damaged or was built by another model (the recipe was run again) is built again."""
+    from modeling_spn4cir.retrieval import IndexFileError, ModelMismatchError
+
+    cached = Path(recipe_dir) / f"test_gallery.{Path(model_path).name}.idx"
+    if cached.exists():
+        try:
+            index = CIRIndex.load(cached)
+            index.check_model(model, processor.image_processor)
+            return index
+        except (IndexFileError, ModelMismatchError) as error:
+            print(f"rebuilding the cached gallery index {cached}: {error}")
+    benchmark = Path(recipe_dir).resolve() / "benchmark"
+    if not benchmark.is_dir():
+        raise SystemExit(f"--model {model_path} without --index: the demo indexes the built-in recipe's test gallery "
+                         f"({benchmark}), which does not exist. Index your own images with `python examples/retrieve.py"
+                         f" index --model {model_path} --images DIR --output DIR.idx` and pass --index DIR.idx.")
+    import datasets
+
+    dataset = {"path": str(benchmark), "name": "corpus", "split": "test"}
+    index = CIRIndex.build(model, processor.image_processor, datasets.load_dataset(**dataset), dataset=dataset)
+    index.save(cached, overwrite=cached.exists())
+    return index
 
 
 def build_ui(demo: RetrievalDemo, title: str):
@@ -95,27 +146,33 @@ def main(argv=None):
     parser.add_argument("--device", default=None)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=7860)
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    args = add_debug_flag(parser).parse_args(sys.argv[1:] if argv is None else argv)
     title = "Composed image retrieval"
+    benchmark = Path(args.recipe_dir) / "benchmark"
+    if args.model is not None and args.index is None and not benchmark.is_dir():
+        raise FileNotFoundError(
+            f"--model {args.model} without --index searches the built-in recipe's test gallery ({benchmark}), which "
+            "does not exist. Pass --index INDEX, an index of your images built by the same model (python "
+            f"examples/retrieve.py index --model {args.model} --images DIR --output INDEX), or run python "
+            "examples/run_cir.py first (the built-in recipe).")
     if args.model is None:
         model_dir, row = recipe_best_model(args.recipe_dir)
         args.model, title = str(model_dir), f"Composed image retrieval: the built-in recipe's {row} model"
     model, processor = load_model(args.model, args.device)
-    if args.index is not None:
-        index = CIRIndex.load(args.index)
+    if args.index is None:
+        index = recipe_index(model, processor, args.recipe_dir, args.model)
     else:
-        cached = Path(args.recipe_dir) / f"test_gallery.{Path(args.model).name}.idx"
-        if cached.exists():
-            index = CIRIndex.load(cached)
-        else:
-            import datasets
+        from modeling_spn4cir.retrieval import ModelMismatchError
 
-            dataset = {"path": str(Path(args.recipe_dir).resolve() / "benchmark"), "name": "corpus", "split": "test"}
-            index = CIRIndex.build(model, processor.image_processor, datasets.load_dataset(**dataset), dataset=dataset)
-            index.save(cached)
+        index = CIRIndex.load(args.index)
+        try:  # refused now, not on every query
+            index.check_model(model, processor.image_processor)
+        except ModelMismatchError as error:
+            raise SystemExit(f"--index {args.index} does not fit --model {args.model}: {error}") from None
+    print(f"serving {len(index)} gallery images from {', '.join(gallery_roots(index)) or 'their dataset'}")
     demo = RetrievalDemo(build_pipeline(model, processor, args.device), index.to(model.device))
     build_ui(demo, title).launch(server_name=args.host, server_port=args.port)
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -17,8 +17,9 @@ Full recipes (the paper's settings; the caption cache makes a crashed run resuma
         --encoder openai/clip-vit-large-patch14 --rank_min 10000 --rank_max 15000 \\
         --templates 0 1 --output_dir cirr-scaled --caption_cache_dir cirr-captions
 
-  BLIP-family models / zero-shot: add --random_pairs (no encoder needed); BLIP4CIR on FashionIQ --K 3000,
-  SPRC on FashionIQ --K 6000.
+  BLIP-family models / zero-shot: add --random_pairs (no encoder needed); BLIP4CIR on FashionIQ
+  --num_triplets 3000, SPRC on FashionIQ --num_triplets 6000 (the original's --K; its --k is
+  --targets_per_reference here).
 
 As the original (defaults): the pool is the images of the split's annotated triplets (--pool corpus: the whole
 split), the MLLM's whole answer is the caption (--word_limit N cuts it to N words), max_new_tokens 1024, the user
@@ -42,6 +43,7 @@ The paper used Unicom ViT-L/14 for pairing; any CLIP (or CIR) image tower works 
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from datasets_scripts.captioners import (
@@ -61,6 +63,7 @@ from datasets_scripts.positive_scaling import (
     generate_scaled_triplets,
     pairing_pool,
 )
+from modeling_spn4cir.cli import add_debug_flag, renamed_option, run_cli
 from modeling_spn4cir.storage import check_output_dir
 
 # The original counts tokens with `clip.tokenize` (OpenAI CLIP's BPE, 77 with start and end tokens).
@@ -94,9 +97,14 @@ def build_parser():
                    help="images to caption and pair: those of the split's annotated triplets (the original) or the "
                         "whole split's corpus")
     p.add_argument("--dedup_map", help="JSON {duplicate id: canonical id}: duplicates leave the pool")
-    p.add_argument("--K", type=int, default=None, help="keep a random subset of K generated triplets (BLIP 3000, "
-                                                       "BLIP-2 6000 on FashionIQ)")
-    p.add_argument("--k", type=int, default=1, help="targets per reference")
+    p.add_argument("--targets_per_reference", type=int, default=1, help="targets paired with each reference (the "
+                                                                       "original's --k)")
+    p.add_argument("--num_triplets", type=int, default=None,
+                   help="keep a random subset of this many generated triplets (the original's --K: BLIP4CIR 3000, "
+                        "SPRC 6000 on FashionIQ); default: all")
+    # The original's one-letter names differ only in case; a swapped one would silently ask for 3000 targets each.
+    renamed_option(p, "--k", "--targets_per_reference (targets paired with each reference)")
+    renamed_option(p, "--K", "--num_triplets (keep a random subset of this many generated triplets)")
     p.add_argument("--texts", default="templates", choices=["templates", "mllm_pairs"],
                    help="modification texts from the two captions with templates (the paper's), or written by an "
                         "MLLM (--editor) that sees both images")
@@ -115,7 +123,7 @@ def build_parser():
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--backend", default="torch", choices=["torch", "faiss"])
     p.add_argument("--device", default="cpu")
-    return p
+    return add_debug_flag(p)
 
 
 def _captioner(args, encoder):
@@ -154,8 +162,27 @@ def _check_request(args, triplets) -> None:
                          "pass --pool corpus, without --references_only.")
 
 
+def parse_args(argv=None) -> argparse.Namespace:
+    """The arguments; a JSON config as the first argument gives the defaults (the paper's settings in
+    examples/configs/triplets/), the flags after it override them."""
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0].endswith(".json"):
+        config = json.loads(Path(argv[0]).read_text())
+        actions = {action.dest: action for action in parser._actions}
+        unknown = sorted(set(config) - set(actions))
+        if unknown:
+            raise ValueError(f"{argv[0]}: unknown keys {unknown}; `python examples/generate_triplets.py --help` lists "
+                             "the arguments.")
+        for key in config:
+            actions[key].required = False  # given by the config
+        parser.set_defaults(**config)
+        argv = argv[1:]
+    return parser.parse_args(argv)
+
+
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     data = load_cir_data(args.dataset, args.data_dir)
     triplets = data.triplets.get(args.split)
     _check_request(args, triplets)
@@ -174,8 +201,9 @@ def main(argv=None):
     else:
         out = generate_scaled_triplets(
             corpus, _captioner(args, encoder), args.output_dir, encoder=encoder, dataset=data.name,
-            reference_ids=references, rank_window=rank_window, k=args.k, templates=args.templates, seed=args.seed,
-            num_triplets=args.K, tokenizer=_tokenizer(args, encoder), max_length=args.max_length,
+            reference_ids=references, rank_window=rank_window, k=args.targets_per_reference, templates=args.templates,
+            seed=args.seed, num_triplets=args.num_triplets, tokenizer=_tokenizer(args, encoder),
+            max_length=args.max_length,
             caption_cache_dir=args.caption_cache_dir, batch_size=args.batch_size, backend=args.backend,
             overwrite=args.overwrite_output_dir, skip_empty_captions=args.skip_empty_captions,
         )
@@ -194,11 +222,12 @@ def _edited(args, corpus, encoder, references, rank_window):
                             device=args.device)
     return generate_edited_triplets(
         corpus, editor, args.output_dir, encoder=encoder, reference_ids=references, rank_window=rank_window,
-        k=args.k, seed=args.seed, num_triplets=args.K, captions=captions, edit_cache_dir=args.edit_cache_dir,
+        k=args.targets_per_reference, seed=args.seed, num_triplets=args.num_triplets, captions=captions,
+        edit_cache_dir=args.edit_cache_dir,
         batch_size=args.batch_size, backend=args.backend, overwrite=args.overwrite_output_dir,
         protect=[args.caption_cache_dir],
     )
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

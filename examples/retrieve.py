@@ -12,28 +12,61 @@ loads the model the index was built with (or `--model`; another model is refused
 "composed-image-retrieval" pipeline, ranks exactly (or `--backend faiss`), prints the results, and writes them as
 JSON and as an HTML page with thumbnails.
 `--text` alone is a text-only query (sum-fusion CLIP4CIR), `--reference` alone an image-only one.
+
+`--json` and `--html` follow the project's one output-file rule (`modeling_spn4cir.storage.write_output_file`): they
+replace only a previous results file / page, never the reference image, a gallery image, the index's or the model's
+files or any other file (checked before anything is computed). `index --skip_bad_images` leaves out images that
+cannot be used (broken links, unreadable, truncated or undecodable files, decompression bombs), counted, instead of
+stopping at the first one.
 """
 
 from __future__ import annotations
 
 import argparse
-import shutil
+import json
+import os
 import sys
 from pathlib import Path
 
 import torch
 
+from modeling_spn4cir.image_files import open_image
+from modeling_spn4cir.cli import add_debug_flag, run_cli
 from modeling_spn4cir.loading import load_cir_model_and_processor
 from modeling_spn4cir.retrieval import CIRIndex
-from modeling_spn4cir.storage import atomic_write_bytes, atomic_write_json
+from modeling_spn4cir.retrieval.index_storage import build_cache
+from modeling_spn4cir.retrieval.report import HTML_SIGNATURE
+from modeling_spn4cir.storage import check_output_file, write_output_file
+
+RESULTS_FORMAT = "spn4cir-retrieval-results/1"
+RESULTS_SIGNATURE = f'"format": "{RESULTS_FORMAT}"'.encode()  # the first key of every results file
+
+
+def _looks_like_path(name: str) -> bool:
+    """A --model value that can only be a local path (a Hub id is `name` or `org/name`)."""
+    return (os.path.isabs(name) or name.startswith((".", "~")) or "\\" in name or name.count("/") > 1
+            or name.endswith("/"))
 
 
 def load_model(name_or_path: str, device: str | None = None):
     """(model, processor) in eval mode on `device`; a local path is made absolute so that the index records
     where the model is."""
-    local = Path(name_or_path)
+    local = Path(name_or_path).expanduser()
+    if not local.exists() and _looks_like_path(name_or_path):
+        raise SystemExit(f"--model {name_or_path}: no such directory ({local.absolute()}). Pass the directory of a "
+                         "trained or converted CIR model (e.g. out/stage2), or a Hub model id (org/name).")
     model, processor = load_cir_model_and_processor(str(local.resolve()) if local.exists() else name_or_path)
     return model.to(device or "cpu").eval(), processor
+
+
+def index_model(index: CIRIndex, index_path) -> str:
+    """The model that built `index`, as it recorded it; a local directory that is gone is an error naming the fix."""
+    recorded = index.fingerprint["model"]
+    if Path(recorded).is_absolute() and not Path(recorded).exists():
+        raise FileNotFoundError(f"The index {index_path} was built by the model at {recorded}, which does not exist "
+                                "any more (moved or deleted): pass --model with its new location or its Hub id (the "
+                                "same model; another one is refused).")
+    return recorded
 
 
 def build_pipeline(model, processor, device: str | None = None):
@@ -46,9 +79,18 @@ def build_pipeline(model, processor, device: str | None = None):
 
 
 def index_command(args) -> CIRIndex:
-    model, processor = load_model(args.model, args.device)
     if (args.images is None) == (args.dataset is None):
         raise SystemExit("Pass --images DIR or --dataset DIR_OR_HUB_ID (with --split).")
+    # refused before any work: a missing input, an --output the index may not replace, a build folder holding
+    # someone's files
+    if args.images is not None and not Path(args.images).is_dir():
+        raise SystemExit(f"--images {args.images}: no such folder.")
+    if args.add and not Path(args.output, "index.json").is_file():
+        raise SystemExit(f"--add: {args.output} is not a gallery index to add to; build one first (without --add).")
+    CIRIndex.check_output(args.output, overwrite=args.add or args.overwrite_output_dir, protect=[args.images])
+    cache_dir = Path(f"{args.output}.partial")
+    cache = build_cache(cache_dir)
+    model, processor = load_model(args.model, args.device)
     dataset = None
     if args.dataset is not None:
         import datasets
@@ -57,23 +99,45 @@ def index_command(args) -> CIRIndex:
         images = datasets.load_dataset(**dataset)
     else:
         images = args.images
-    cache_dir = Path(f"{args.output}.partial")
-    kwargs = dict(dataset=dataset, batch_size=args.batch_size, num_workers=args.num_workers, cache_dir=cache_dir)
+    kwargs = {"dataset": dataset, "batch_size": args.batch_size, "num_workers": args.num_workers,
+              "cache_dir": cache_dir, "skip_bad_images": args.skip_bad_images}
     if args.add:
         index = CIRIndex.load(args.output).add(model, processor.image_processor, images, **kwargs)
     else:
         index = CIRIndex.build(model, processor.image_processor, images, dtype=getattr(torch, args.dtype), **kwargs)
     index.save(args.output, overwrite=args.add or args.overwrite_output_dir)
-    shutil.rmtree(cache_dir, ignore_errors=True)
+    cache.remove()  # its own files only
     print(f"wrote {args.output}: {index}")
+    left_out = {k: v for k, v in index.sources[-1].items() if k in ("bad_images", "hidden_skipped", "other_files")}
+    if left_out:
+        bad = left_out.pop("bad_images", [])
+        print(f"left out: {len(bad)} images that cannot be used (--skip_bad_images){f' {bad[:10]}' if bad else ''}"
+              + "".join(f", {n} {k.replace('_', ' ')}" for k, n in left_out.items()))
     return index
 
 
+def _check_outputs(args, index: CIRIndex, model_path: str) -> None:
+    """Refuse --json / --html paths the output-file rule forbids, before any work."""
+    if args.json and args.html and Path(args.json).absolute() == Path(args.html).absolute():
+        raise SystemExit(f"--json and --html are both {args.json}; pass two paths.")
+    protect = [args.reference, args.index, model_path if Path(model_path).exists() else None]
+    if args.json:
+        check_output_file(args.json, RESULTS_SIGNATURE, "retrieval results file (--json)", protect)
+    if args.html:
+        check_output_file(args.html, HTML_SIGNATURE, "retrieval page (--html)", protect)
+
+
 def search_command(args) -> list[dict]:
-    if args.reference is None and not args.text:
+    if args.reference is None and not (args.text or "").strip():
         raise SystemExit("Pass --reference IMAGE, --text TEXT, or both.")
+    if args.reference is not None and not args.reference.startswith(("http://", "https://")) \
+            and not Path(args.reference).is_file():
+        raise FileNotFoundError(f"--reference {args.reference}: no such image file. Pass the path (or URL) of the "
+                                "reference image.")
     index = CIRIndex.load(args.index)
-    model, processor = load_model(args.model or index.fingerprint["model"], args.device)
+    model_path = args.model or index_model(index, args.index)
+    _check_outputs(args, index, model_path)
+    model, processor = load_model(model_path, args.device)
     pipe = build_pipeline(model, processor, args.device)
     index.to(model.device)
     hits = pipe(args.reference, args.text, gallery=index, top_k=args.top_k, backend=args.backend)
@@ -82,29 +146,42 @@ def search_command(args) -> list[dict]:
     for rank, hit in enumerate(hits, 1):
         print(f"{rank:>4}  {hit['image_id']:<{width}}  {hit['score']:.4f}")
     query = {"reference": args.reference, "text": args.text}
+    protect = [args.reference, args.index, model_path if Path(model_path).exists() else None]
     if args.json:
-        atomic_write_json(args.json, {"query": query, "model": index.fingerprint["model"], "index": str(args.index),
-                                      "backend": args.backend, "results": hits}, indent=2)
+        results = {"format": RESULTS_FORMAT, "query": query, "model": index.fingerprint["model"],
+                   "index": str(args.index), "backend": args.backend, "results": hits}
+        write_output_file(args.json, json.dumps(results, indent=2).encode(), RESULTS_SIGNATURE,
+                          "retrieval results file (--json)", protect)
         print(f"wrote {args.json}")
     if args.html:
-        write_results_html(args.html, index, hits, args.reference, args.text)
+        write_results_html(args.html, index, hits, args.reference, args.text, protect)
         print(f"wrote {args.html}")
     return hits
 
 
-def write_results_html(path, index: CIRIndex, hits: list[dict], reference: str | None, text: str | None) -> Path:
-    """One query's results as a self-contained page (the retrieval report's layout)."""
-    from PIL import Image
-
+def write_results_html(path, index: CIRIndex, hits: list[dict], reference: str | None, text: str | None,
+                       protect=()) -> Path:
+    """One query's results as a self-contained page (the retrieval report's layout), by the output-file rule."""
     from modeling_spn4cir.retrieval import ReportHit, ReportRow, render_html
+    from modeling_spn4cir.retrieval.report import write_page
 
     row = ReportRow(text=text or "", reference_id=Path(reference).name if reference else None,
-                    reference_image=Image.open(reference).convert("RGB") if reference else None,
+                    reference_image=open_image(reference) if reference else None,
                     hits=[ReportHit(h["image_id"], h["score"], index.open_image(h["image_id"]), rank)
                           for rank, h in enumerate(hits, 1)])
     page = render_html([row], "Composed image retrieval", f"model {index.fingerprint['model']}; gallery "
                        f"{len(index)} images; reference framed blue.")
-    return atomic_write_bytes(path, page.encode())
+    return write_page(path, page, [reference, *protect])
+
+
+def positive_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {value!r}")
+    return number
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -120,7 +197,10 @@ def build_parser() -> argparse.ArgumentParser:
     index.add_argument("--add", action="store_true", help="append the images to the existing index --output")
     index.add_argument("--overwrite_output_dir", action="store_true",
                        help="replace --output when it holds a previously saved index (never other files)")
-    index.add_argument("--batch_size", type=int, default=64)
+    index.add_argument("--skip_bad_images", action="store_true",
+                       help="leave out images that cannot be used (broken links, unreadable, truncated or undecodable "
+                            "files, decompression bombs), counted, instead of stopping at the first one")
+    index.add_argument("--batch_size", type=positive_int, default=64)
     index.add_argument("--num_workers", type=int, default=0, help="DataLoader workers decoding the images")
     index.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     index.add_argument("--device", default=None, help="e.g. cuda:0 (default: cpu)")
@@ -129,11 +209,14 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--model", help="default: the model that built the index")
     search.add_argument("--reference", help="the reference image file")
     search.add_argument("--text", help="the modification text")
-    search.add_argument("--top_k", type=int, default=10)
+    search.add_argument("--top_k", type=positive_int, default=10)
     search.add_argument("--backend", default="exact", choices=["exact", "faiss"])
-    search.add_argument("--json", help="write the results as JSON")
-    search.add_argument("--html", help="write the results as an HTML page with thumbnails")
+    search.add_argument("--json", help="write the results as JSON (replaces only an earlier results file)")
+    search.add_argument("--html", help="write the results as an HTML page with thumbnails (replaces only an earlier "
+                                       "page)")
     search.add_argument("--device", default=None)
+    for command in (index, search):
+        add_debug_flag(command)
     return parser
 
 
@@ -143,4 +226,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -16,8 +16,9 @@ from pathlib import Path
 
 import torch
 
+from .cli import add_debug_flag
+from .model_cards import cir_card_data, render_card, table, usage, with_model_id
 from .storage import atomic_directory
-from .model_cards import USAGE, render_card, table
 
 logger = logging.getLogger(__name__)
 _ALLOW_NONFINITE = contextvars.ContextVar("allow_nonfinite_weights", default=False)
@@ -81,6 +82,24 @@ def count_blocks(state: Mapping, prefix: str) -> int:
     return len({m.group(1) for k in state if (m := pattern.match(k))})
 
 
+# (width, layers) of the standard ViT sizes (EVA ViT-g: 39 blocks in BLIP-2, 40 in EVA-CLIP)
+VIT_SIZES = {(768, 12): "B", (1024, 24): "L", (1280, 32): "H", (1408, 39): "g", (1408, 40): "g"}
+
+
+def vit_backbone(width: int, layers: int, patch: int, image_size: int) -> str:
+    """`"ViT-B/16 384px"`: a ViT by its geometry (a non-standard one by width and depth, `"ViT-w32-l2/8 32px"`); how
+    the model zoo tells checkpoints apart by their weights, not their path."""
+    return f"ViT-{VIT_SIZES.get((width, layers), f'w{width}-l{layers}')}/{patch} {image_size}px"
+
+
+def timm_vit_backbone(state: Mapping, prefix: str = "visual_encoder.") -> str:
+    """The backbone of a timm-style ViT (BLIP's, EVA's: `cls_token`, `pos_embed`, `patch_embed`, `blocks.<i>`)."""
+    patch = state[f"{prefix}patch_embed.proj.weight"].shape[-1]
+    grid = round((state[f"{prefix}pos_embed"].shape[1] - 1) ** 0.5)
+    return vit_backbone(state[f"{prefix}cls_token"].shape[-1], count_blocks(state, f"{prefix}blocks."), patch,
+                        grid * patch)
+
+
 def check_image_size(model, image_size: int | None) -> int:
     """The checkpoint's input resolution (`model.config.image_size`); `--image_size`, when given, must equal it."""
     resolution = model.config.image_size
@@ -119,15 +138,12 @@ CONVERTER_TOOL = "modeling_spn4cir.convert_original_checkpoint"
 def conversion_card(title: str, tags: Iterable[str], checkpoint: str | os.PathLike, original,
                     rows: Iterable[tuple[str, object]], details: str = "", note: str = "") -> str:
     """The card of a converted checkpoint: what was converted from which original format (`original.source_format`,
-    `original.epoch`), a table of `rows`, how to load it, and `note`."""
-    from huggingface_hub import ModelCardData
-
+    `original.epoch`), a table of `rows`, how to use it (its id filled in by `write_converted`), and `note`."""
     epoch = f" (epoch {original.epoch})" if original.epoch is not None else ""
     provenance = (f"Converted with `python -m {CONVERTER_TOOL}` from the original `{original.source_format}` "
                   f"format{epoch}{'; ' + details if details else ''}.")
-    metadata = ModelCardData(library_name="transformers", tags=["composed-image-retrieval", "spn4cir", *tags])
-    return render_card(metadata, f"{title} converted from `{Path(checkpoint).name}`", provenance, table(rows),
-                       USAGE, note)
+    return render_card(cir_card_data(tags=tags), f"{title} converted from `{Path(checkpoint).name}`", provenance,
+                       table(rows), usage(), note)
 
 
 def write_converted(model, processor, model_card: str, output_dir: str | os.PathLike,
@@ -141,7 +157,8 @@ def write_converted(model, processor, model_card: str, output_dir: str | os.Path
     with atomic_directory(output_dir, tool=CONVERTER_TOOL, overwrite=overwrite, protect=protect) as staging:
         model.save_pretrained(staging)
         processor.save_pretrained(staging)
-        (staging / "README.md").write_text(model_card)
+        # the usage snippet loads this directory, or the Hub repo it is pushed to
+        (staging / "README.md").write_text(with_model_id(model_card, push_to_hub or output_dir.name))
     if push_to_hub:
         model.push_to_hub(push_to_hub)
         processor.push_to_hub(push_to_hub)
@@ -210,4 +227,4 @@ def converter_parser(description: str, checkpoint_help: str, tokenizer_help: str
                         help="replace --output_dir when it holds a previous output of a converter (never other files)")
     parser.add_argument("--allow_nonfinite_weights", action="store_true",
                         help="convert a checkpoint with NaN/inf weights anyway (a warning naming the keys)")
-    return parser
+    return add_debug_flag(parser)

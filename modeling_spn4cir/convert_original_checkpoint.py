@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .cli import run_cli
 from .conversion_utils import load_checkpoint
 from .families import FAMILIES, family, family_of_checkpoint
 
@@ -50,4 +51,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -45,6 +45,13 @@ class PaperFacts:
     reported: Mapping[tuple[str, int], tuple[float, ...]]
     stage2_temperature: Mapping[str, float] = field(default_factory=dict)  # dataset -> tau; else the checkpoint's
     removes_reference: frozenset[tuple[str, int]] = frozenset()  # (dataset, stage) evaluated without the reference
+    # the image tower of the released checkpoints as the family's converter names it from the weights (`backbone()`):
+    # only a checkpoint of this backbone carries the paper's numbers in the model zoo
+    backbone_label: str | None = None
+    # The paper's zero-shot rows (trained on generated triplets only): setting -> benchmark -> {metric: value},
+    # metrics keyed like `CIREvaluator`'s; `zero_shot_source` says where they were read.
+    zero_shot: Mapping[str, Mapping[str, Mapping[str, float]]] = field(default_factory=dict)
+    zero_shot_source: str = ""
 
 
 def _tokenizer_as_is(tokenizer, config):

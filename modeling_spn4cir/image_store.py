@@ -8,10 +8,8 @@ from collections.abc import Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from .image_files import IMAGE_EXTENSIONS, open_image
 from .storage import file_stamp, sha256
-
-# The image files the converters and the gallery index look for (lower-case suffixes).
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
 class UnknownImageError(KeyError):
@@ -63,23 +61,28 @@ class ImageStore:
         return where
 
     def images(self, image_ids: Sequence[str]):
-        """PIL RGB images, in the order of `image_ids`."""
+        """PIL RGB images, in the order of `image_ids`, decoded by the project's one image rule
+        (`image_files.open_image`: first frame, EXIF orientation, 16-bit scaled); an image that does not decode is
+        a `BadImageError` naming its id and file."""
         self.check(image_ids)
         out = []
         for image_id in image_ids:
-            ci, row = self._where[image_id]
-            image = self._corpora[ci][row]["image"]
-            out.append(image if image.mode == "RGB" else image.convert("RGB"))
+            value = self._stored(*self._where[image_id])
+            where = f" ({value['path']})" if isinstance(value, dict) and value.get("path") else ""
+            out.append(open_image(value, name=f"{image_id!r}{where}"))
         return out
+
+    def _stored(self, ci: int, row: int):
+        """The stored, undecoded value of an image: `{"bytes", "path"}`."""
+        import datasets
+
+        if ci not in self._undecoded:
+            self._undecoded[ci] = self._corpora[ci].cast_column("image", datasets.Image(decode=False))
+        return self._undecoded[ci][row]["image"]
 
     def raw(self, image_id: str) -> tuple[bytes, str | None]:
         """The stored (encoded) bytes of an image and its file name, without decoding it."""
-        import datasets
-
-        ci, row = self._locate(image_id)
-        if ci not in self._undecoded:
-            self._undecoded[ci] = self._corpora[ci].cast_column("image", datasets.Image(decode=False))
-        value = self._undecoded[ci][row]["image"]
+        value = self._stored(*self._locate(image_id))
         if value.get("bytes") is not None:
             return value["bytes"], value.get("path")
         with open(value["path"], "rb") as f:
@@ -212,4 +215,4 @@ def encode_images(
     return stacked[0] if single else stacked
 
 
-__all__ = ["IMAGE_EXTENSIONS", "ImageStore", "UnknownImageError", "encode_images"]
+__all__ = ["IMAGE_EXTENSIONS", "ImageStore", "UnknownImageError", "encode_images"]  # IMAGE_EXTENSIONS: image_files

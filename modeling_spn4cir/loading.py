@@ -10,6 +10,7 @@ from transformers import AutoConfig, AutoModel, AutoProcessor
 
 from .cir_contract import is_cir_model
 from .families import FAMILIES, BaseOptions, base_model_types, families_for_base, family
+from .model_cards import HUB_ID
 
 # Written beside a LoRA adapter (`trainers.lora`): the base and how to rebuild it.
 LORA_METADATA = "spn4cir_lora.json"
@@ -66,6 +67,7 @@ def _load_lora_adapter(adapter_dir: str, merge: bool):
         raise OSError(f"The LoRA adapter {adapter_dir} was trained on {meta['base_model']!r} ({LORA_METADATA}), "
                       f"which cannot be loaded: {error}. Put the base there, or edit base_model in "
                       f"{Path(adapter_dir) / LORA_METADATA}.") from error
+    _check_lora_base(adapter_dir, meta, model)
     if meta["stage"] == "candidate_bank":  # the stage-2 model the adapter was trained on
         model.untie_query_side()
         model.freeze_target_side()
@@ -79,6 +81,46 @@ def _load_lora_adapter(adapter_dir: str, merge: bool):
     if model.target_side_frozen:
         model.unfreeze_target_side()
     return model, processor
+
+
+def _check_lora_base(adapter_dir: str, meta: dict, model) -> None:
+    """The base found at `meta["base_model"]` is the one the adapter was trained on: the same family, fusion and
+    "+Bi" option, and (adapters from this version on) the same weights by content (`checkpoint_fingerprint`)."""
+    import logging
+
+    from .storage import checkpoint_fingerprint
+
+    base = meta["base_model"]
+    config = model.config
+    found = {"model_type": config.model_type, "fusion": getattr(config, "fusion", "sum"),
+             "bidirectional": bool(getattr(config, "bidirectional", False))}
+    differ = [f"{key} {meta[key]!r} (now {value!r})" for key, value in found.items() if key in meta and meta[key] != value]
+    hint = (f"Restore the base it was trained on at {base}, or retrain the adapter on this one (or edit base_model in "
+            f"{Path(adapter_dir) / LORA_METADATA} to point at the original base).")
+    if differ:
+        raise ValueError(f"The LoRA adapter {adapter_dir} was trained on a base with {', '.join(differ)}: {base} is "
+                         f"another model now, and the adapter would load onto it silently wrong. {hint}")
+    recorded = meta.get("base_fingerprint")
+    if recorded is None:
+        logging.getLogger(__name__).warning(
+            "The LoRA adapter %s records no fingerprint of its base (written by an older version): %s is assumed to "
+            "be the base it was trained on.", adapter_dir, base)
+        return
+    now = checkpoint_fingerprint(base)
+    if recorded.get("revision") is None and now.get("revision") is None and "weights" not in recorded:
+        return  # a Hub base whose revision could not be told, then or now
+    if now != recorded:
+        what = ("other weight files" if "weights" in recorded else
+                f"revision {now.get('revision')}, not {recorded.get('revision')}")
+        raise ValueError(f"The LoRA adapter {adapter_dir} was trained on {base} as it was then; {base} now holds "
+                         f"{what} (retrained, re-converted or replaced in place), so the adapter would give other "
+                         f"embeddings than it was trained to. {hint}")
+def _check_exists(name_or_path: str) -> None:
+    """A path that exists nowhere and cannot be a Hub id: say so (huggingface_hub's "Repo id must be in the form
+    'repo_name' or 'namespace/repo_name'" reads as if the argument were a malformed Hub id)."""
+    if not Path(name_or_path).exists() and not HUB_ID.fullmatch(str(name_or_path)):
+        raise FileNotFoundError(f"{name_or_path} does not exist (no such directory, and not a Hub model id): pass an "
+                                "existing checkpoint directory or a Hub id such as openai/clip-vit-base-patch32.")
 
 
 def _bidirectional_overrides(name: str, where: str = "") -> dict:
@@ -139,6 +181,7 @@ def load_cir_model_and_processor(name_or_path: str, fusion: str = "sum", preproc
     """
     if Path(name_or_path, LORA_METADATA).is_file():
         return _load_lora_adapter(name_or_path, merge_lora)
+    _check_exists(name_or_path)
     config = AutoConfig.from_pretrained(name_or_path)
     with _name_unreadable_weights(name_or_path):
         if config.model_type in base_model_types():

@@ -10,7 +10,11 @@ from collections.abc import Mapping
 
 import torch
 
-from .conversion_utils import count_blocks
+from .conversion_utils import count_blocks, vit_backbone
+
+# (blocks per stage, stem width) of OpenAI's ModifiedResNets
+OPENAI_RESNETS = {((3, 4, 6, 3), 64): "RN50", ((3, 4, 23, 3), 64): "RN101", ((4, 6, 10, 6), 80): "RN50x4",
+                  ((6, 8, 18, 8), 96): "RN50x16", ((3, 15, 36, 10), 128): "RN50x64"}
 
 # Keys of OpenAI checkpoints with no counterpart on purpose: `logit_scale` is CLIP's pre-training temperature (CIR
 # uses `config.temperature`); the other three are metadata that `build_model` deletes.
@@ -127,5 +131,20 @@ def openai_clip_vit_config(state: Mapping[str, torch.Tensor], prefix: str = "",
     }
 
 
-__all__ = ["IGNORED_KEYS", "TRANSPOSED", "convert_openai_clip_entry", "openai_clip_text_config",
+def openai_clip_backbone(state: Mapping[str, torch.Tensor], prefix: str = "") -> str:
+    """`"RN50x4 288px"`, `"ViT-B/16 224px"`: the image tower of the OpenAI CLIP state dict under `prefix`, by its
+    geometry (an unnamed ResNet as `"ModifiedResNet-1-2-1-1-w8 64px"`)."""
+    if f"{prefix}visual.proj" in state:
+        config = openai_clip_vit_config(state, prefix)
+        return vit_backbone(config["hidden_size"], config["num_hidden_layers"], config["patch_size"],
+                            config["image_size"])
+    layers = tuple(count_blocks(state, f"{prefix}visual.layer{b}.") for b in (1, 2, 3, 4))
+    width = state[f"{prefix}visual.layer1.0.conv1.weight"].shape[0]
+    grid = round((state[f"{prefix}visual.attnpool.positional_embedding"].shape[0] - 1) ** 0.5)
+    name = OPENAI_RESNETS.get((layers, width), f"ModifiedResNet-{'-'.join(map(str, layers))}-w{width}")
+    return f"{name} {grid * 32}px"
+
+
+__all__ = ["IGNORED_KEYS", "OPENAI_RESNETS", "TRANSPOSED", "convert_openai_clip_entry", "openai_clip_backbone",
+           "openai_clip_text_config",
            "openai_clip_vit_config"]

@@ -1,5 +1,6 @@
 """Shared helpers: tiny CLIP4CIR configs built in the test, nothing downloaded."""
 
+import contextlib
 import json
 import os
 import socket
@@ -168,6 +169,32 @@ def run_two_processes(script_name: str, *args, attempts: int = 2) -> None:
         warnings.warn(f"{script_name} hung once and passed on a retry; the children's stacks:\n{hang}")
 
 
+@contextlib.contextmanager
+def lock_held_elsewhere(path):
+    """The directory lock of `path` (`modeling_spn4cir.storage.directory_lock`) held by another live process, a forked
+    child, until the block ends; yields the child's pid."""
+    from modeling_spn4cir.storage import output_lock
+
+    ready_r, ready_w = os.pipe()
+    done_r, done_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: hold the lock until told to go
+        try:
+            with output_lock(Path(path).absolute().resolve()):
+                os.write(ready_w, b"1")
+                os.read(done_r, 1)
+        finally:
+            os._exit(0)
+    try:
+        assert os.read(ready_r, 1) == b"1"
+        yield pid
+    finally:
+        os.write(done_w, b"1")
+        os.waitpid(pid, 0)
+        for fd in (ready_r, ready_w, done_r, done_w):
+            os.close(fd)
+
+
 def brute_force_topk(scores: torch.Tensor, k: int) -> list[list[int]]:
     """Each row of `scores` `[N, M]` sorted by score, ties by lower index, first k — written independently of the
     ranker (`modeling_spn4cir.retrieval.rank_topk`)."""
@@ -278,6 +305,19 @@ def tiny_cirr_layout(root: Path, records=None) -> Path:
     dump_json(root / "cirr" / "captions" / "cap.rc2.val.json", records if records is not None else [
         {"pairid": 0, "reference": "dev-0-0-img0", "target_hard": "dev-0-0-img1", "caption": "add a dog",
          "img_set": {"id": 0, "members": list(paths)}}])
+    return root
+
+
+def tiny_circo_layout(root: Path, val=None, images=(12, 13, 14), test=None) -> Path:
+    """CIRCO's official layout under `root`: COCO unlabeled2017 JPEGs (8x8) of the ids `images`,
+    `annotations/val.json` (one query with two ground truths, or `val`) and, given `test`, `annotations/test.json`."""
+    if test is not None:
+        dump_json(root / "annotations" / "test.json", test)
+    for i, coco_id in enumerate(images):
+        write_png(root / "unlabeled2017" / f"{coco_id:012d}.jpg", i, size=(8, 8), fmt="JPEG")
+    dump_json(root / "annotations" / "val.json", val if val is not None else [
+        {"id": 0, "reference_img_id": 12, "target_img_id": 13, "gt_img_ids": [13, 14], "relative_caption": "is red",
+         "shared_concept": "a car"}])
     return root
 
 

@@ -590,3 +590,33 @@ def test_two_process_sharded_bank_loss_gradients_and_split_build(tmp_path):
         first, second = two["encoded_by_rank"]
         assert first and second and sorted(first + second) == ddp_bank.EXTRA_IDS
     assert len(list((tmp_path / "bank").glob("extra-*.safetensors"))) == 3
+
+
+def test_runs_sharing_a_bank_dir_never_read_each_others_shards(parts, tmp_path, caplog):
+    """A second run waits while another holds the bank directory, then loads what is there; a bank rebuilt by
+    another model under a loaded one changes nothing it reads, and a reopened view (a spawned worker) refuses."""
+    import threading
+
+    from conftest import lock_held_elsewhere
+
+    model, store, processor, ids = parts
+    bank_dir = tmp_path / "bank"
+    first = _build(model, store, processor, ids, bank_dir)
+    rows = first.reference_features.to_tensor()
+    results = []
+    with caplog.at_level(logging.WARNING, logger="modeling_spn4cir.storage.locks"):
+        with lock_held_elsewhere(bank_dir) as pid:
+            waiting = threading.Thread(target=lambda: results.append(_build(model, store, processor, ids, bank_dir)))
+            waiting.start()
+            waiting.join(timeout=1.0)
+            assert waiting.is_alive() and not results  # it waits for the holder, reading nothing meanwhile
+        waiting.join(timeout=60)
+    assert f"pid {pid}" in caplog.text and str(bank_dir) in caplog.text
+    _assert_same_bank(results[0], first)  # then reuses the bank it found
+
+    other = tiny_model("vit", "sum", seed=1).eval()  # another model's run rebuilds the bank in the same directory
+    rebuilt = _build(other, store, processor, ids, bank_dir)
+    assert not torch.equal(rebuilt.target_embeds, first.target_embeds)
+    assert torch.equal(first.reference_features.to_tensor(), rows)  # the loaded bank still reads its own rows
+    with pytest.raises(RuntimeError, match=r"bank-00000.safetensors of 'reference_features' is no longer the file"):
+        pickle.loads(pickle.dumps(first.reference_features))[0]

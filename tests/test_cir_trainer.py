@@ -7,6 +7,7 @@ import datasets
 import pytest
 import torch
 from conftest import run_two_processes
+from ddp_grouped_stage2 import train_grouped_stage2, varied_texts
 from transformers import TrainerCallback
 
 from modeling_spn4cir.loading import load_cir_model_and_processor
@@ -204,3 +205,168 @@ def test_batch_larger_than_the_dataset_with_drop_last_names_the_sizes(tiny_train
     trainer = tiny_training(tmp_path / "run", per_device_train_batch_size=32, dataloader_drop_last=True)
     with pytest.raises(ValueError, match=r"16 triplets but one batch takes 32.*at most 16"):
         trainer.train()
+
+
+# ------------------------------------------------------------------------------- output directory and resume
+def test_a_second_training_into_the_same_output_dir_is_refused_naming_it_and_the_holder(tiny_training, tmp_path):
+    from conftest import lock_held_elsewhere
+
+    from modeling_spn4cir.storage import OutputLockedError
+
+    out = tmp_path / "run"
+    trainer = tiny_training(out, max_steps=1)
+    with lock_held_elsewhere(out) as pid, pytest.raises(  # another training writing `out`
+            OutputLockedError, match=rf"Cannot use {out} for this training output: .*pid {pid}"):
+        trainer.train()
+    assert not out.exists() or not any(out.iterdir())  # the refused run wrote nothing there
+    assert trainer.train().global_step == 1  # once the other run is done, it trains
+    # a new run into a directory with an earlier run's checkpoints would mix them (rotation, resume): refused
+    tiny_training(out, max_steps=2, save_strategy="steps", save_steps=2).train()
+    with pytest.raises(ValueError, match=r"holds checkpoints of an earlier run \(checkpoint-2\).*--resume_from_checkpoint"):
+        tiny_training(out, max_steps=2).train()
+
+
+def test_an_interrupted_checkpoint_save_is_never_resumed(tiny_training, tmp_path, monkeypatch, caplog):
+    from transformers import Trainer
+
+    from trainers.checkpoints import RUN_RECORD
+
+    out = tmp_path / "run"
+    real = Trainer._save_rng_state
+
+    def ctrl_c_in_the_second_save(self, output_dir):
+        if str(output_dir).endswith("checkpoint-4"):
+            raise KeyboardInterrupt  # the weights are written, the rest of the save is not
+        return real(self, output_dir)
+
+    monkeypatch.setattr(Trainer, "_save_rng_state", ctrl_c_in_the_second_save)
+    with pytest.raises(KeyboardInterrupt):
+        tiny_training(out, save_strategy="steps", save_steps=2, max_steps=4).train()
+    monkeypatch.undo()
+    half = out / "checkpoint-4"
+    assert (half / "model.safetensors").exists() and not (half / RUN_RECORD).exists()
+    assert (out / "checkpoint-2" / RUN_RECORD).exists()
+    with pytest.raises(ValueError, match=r"checkpoint-4 has no spn4cir_run.json.*interrupted.*newest complete one is "
+                                         r".*checkpoint-2"):
+        tiny_training(out, max_steps=4).train(resume_from_checkpoint=str(half))
+    with caplog.at_level("WARNING", logger="trainers.checkpoints"):
+        resumed = tiny_training(out, save_strategy="steps", save_steps=2, max_steps=4)
+        assert resumed.train(resume_from_checkpoint=True).global_step == 4  # from checkpoint-2
+    assert "Skipping" in caplog.text and "checkpoint-4" in caplog.text
+    assert (half / RUN_RECORD).exists()  # steps 3-4 again, then saved whole
+
+
+def test_resuming_with_other_settings_names_what_differs(tiny_cir_dataset, tiny_model_dir, tmp_path):
+    train = datasets.load_dataset(str(tiny_cir_dataset), "triplets", split="train")
+    corpus = datasets.load_dataset(str(tiny_cir_dataset), "corpus", split="train")
+
+    def trainer(stage, **kw):
+        model, processor = load_cir_model_and_processor(str(tiny_model_dir))
+        args = _args(tmp_path, stage, output_dir=str(tmp_path / kw.pop("out", "other")), **{"max_steps": 2, **kw})
+        return CIRTrainer(model, args, train_dataset=train, corpus=corpus, processor=processor)
+
+    trainer("in_batch", out="stage1", save_strategy="steps", save_steps=2).train()
+    checkpoint = str(tmp_path / "stage1" / "checkpoint-2")
+    with pytest.raises(ValueError, match=r"Cannot resume from .*checkpoint-2: it was saved by a run with other "
+                                         r"settings \(--stage: the checkpoint has 'in_batch', this run "
+                                         r"'candidate_bank'\)"):
+        trainer("candidate_bank").train(resume_from_checkpoint=checkpoint)
+    with pytest.raises(ValueError, match=r"the LoRA options \(--lora_\*\): the checkpoint has None, this run \{'r': 4"):
+        trainer("in_batch", lora_r=4).train(resume_from_checkpoint=checkpoint)
+    assert trainer("in_batch", max_steps=3).train(resume_from_checkpoint=checkpoint).global_step == 3  # same: resumes
+class _RowLosses:
+    """Records, for every training row, its own loss (the trainer's loss module on that query alone), with the rows of
+    each batch read from the collator."""
+
+    def __init__(self, trainer):
+        self.trainer, self.collate, self.loss_fn = trainer, trainer.data_collator, trainer.loss_fn
+        self.rows, self.losses, self.widths = [], [], []
+        trainer.data_collator, trainer.loss_fn = self._collate, self._loss
+
+    def _collate(self, rows):
+        batch = self.collate(rows)
+        self.rows += [r["row_index"] for r in rows]
+        self.widths.append(batch["input_ids"].shape[1])
+        return batch
+
+    def _loss(self, query_embeds, target_index, temperature=None):
+        self.losses += [self.loss_fn(q[None], t[None], temperature).item() for q, t in zip(query_embeds, target_index)]
+        return self.loss_fn(query_embeds, target_index, temperature)
+
+    def by_row(self) -> dict[int, float]:
+        return dict(zip(self.rows, self.losses))
+
+
+def test_stage2_grouped_batches_give_every_query_the_loss_it_has_in_random_batches(tiny_cir_dataset, tiny_model_dir,
+                                                                                      tmp_path):
+    """For fixed weights (lr 0) each query's loss is the same whichever rows share its batch: only the batches (and
+    so the padding, and the order of updates) change."""
+    train = varied_texts(datasets.load_dataset(str(tiny_cir_dataset), "triplets", split="train"))
+    corpus = datasets.load_dataset(str(tiny_cir_dataset), "corpus", split="train")
+    runs = {}
+    for grouped in (False, True):
+        model, processor = load_cir_model_and_processor(str(tiny_model_dir))
+        args = _args(tmp_path / str(grouped), "candidate_bank", learning_rate=0.0, num_train_epochs=2,
+                     group_by_text_length=grouped, length_groups_per_bucket=4, bank_dir=str(tmp_path / "bank"))
+        trainer = CIRTrainer(model, args, train_dataset=train, corpus=corpus, processor=processor,
+                             join_annotated_captions=True)
+        runs[grouped] = _RowLosses(trainer)
+        trainer.train()
+    random_order, grouped = runs[False], runs[True]
+    assert sorted(grouped.rows) == sorted(random_order.rows) == sorted(2 * list(range(len(train))))
+    assert grouped.rows != random_order.rows and sum(grouped.widths) < sum(random_order.widths)
+    for epoch in range(2):  # each epoch draws each row's text anew, the same in both runs
+        half = slice(epoch * len(train), (epoch + 1) * len(train))
+        a = dict(zip(random_order.rows[half], random_order.losses[half]))
+        b = dict(zip(grouped.rows[half], grouped.losses[half]))
+        assert a.keys() == b.keys()
+        for row, loss in a.items():
+            assert b[row] == pytest.approx(loss, abs=1e-5, rel=1e-5), (epoch, row)
+
+
+def test_length_grouping_is_stage_2s_default_and_refused_where_it_would_change_the_negatives(tmp_path):
+    assert _args(tmp_path, "candidate_bank").group_by_text_length
+    assert not _args(tmp_path, "in_batch").group_by_text_length
+    with pytest.raises(ValueError, match="stage-2 option: in stage 1 the batch is each query's negatives"):
+        _args(tmp_path, "in_batch", group_by_text_length=True)
+    with pytest.raises(ValueError, match="--train_sampling_strategy sequential and --group_by_text_length"):
+        _args(tmp_path, "candidate_bank", train_sampling_strategy="sequential")
+    assert not _args(tmp_path, "candidate_bank", train_sampling_strategy="sequential",
+                     group_by_text_length=False).group_by_text_length
+
+
+def test_stage2_groups_whole_updates(tiny_cir_dataset, tiny_model_dir, tmp_path):
+    """The order's unit is one optimizer update (batch x processes x accumulation), and it reads the tokenized texts'
+    lengths: the texts were tokenized once, at construction."""
+    from trainers.length_groups import LengthGroupedOrder
+
+    train = datasets.load_dataset(str(tiny_cir_dataset), "triplets", split="train")
+    corpus = datasets.load_dataset(str(tiny_cir_dataset), "corpus", split="train")
+    model, processor = load_cir_model_and_processor(str(tiny_model_dir))
+    trainer = CIRTrainer(model, _args(tmp_path, "candidate_bank", per_device_train_batch_size=2,
+                                      gradient_accumulation_steps=3), train_dataset=train, corpus=corpus,
+                         processor=processor)
+    sampler = trainer._get_train_sampler()
+    assert isinstance(sampler, LengthGroupedOrder) and sampler.group_size == 6 and sampler.seed == 0
+    assert len(trainer.training_texts) == len(train)
+    assert trainer.training_texts.row_lengths(0).tolist() == [
+        len(processor.tokenizer(t[0])["input_ids"]) for t in train["modification_texts"]]
+    numbered = train.add_column("row_index", list(range(len(train)))[::-1])
+    with pytest.raises(ValueError, match="row_index column that does not number them 0..n-1"):
+        CIRTrainer(model, _args(tmp_path, "candidate_bank"), train_dataset=numbered, corpus=corpus,
+                   processor=processor, bank=trainer.bank)
+
+
+@pytest.mark.slow
+def test_stage2_grouped_batches_train_the_same_updates_on_two_processes_with_accumulation(tiny_cir_dataset,
+                                                                                           tiny_model_dir, tmp_path):
+    """2 processes x batch 2 x 2 accumulation steps = one process x batch 8: the grouped order's updates hold the same
+    rows whatever the split, so two SGD updates give the same weights."""
+    run_two_processes("ddp_grouped_stage2.py", tiny_model_dir, tiny_cir_dataset, tmp_path / "ddp")
+    ddp = torch.load(tmp_path / "ddp" / "ddp.pt", weights_only=True)
+    single = train_grouped_stage2(tiny_model_dir, tiny_cir_dataset, tmp_path / "single", batch=8, accumulation=1)
+    start, _ = load_cir_model_and_processor(str(tiny_model_dir))
+    assert not torch.equal(single["text_projection.weight"], start.text_projection.weight)
+    assert ddp.keys() == single.keys()
+    for name, weight in single.items():
+        torch.testing.assert_close(ddp[name], weight, atol=1e-6, rtol=1e-5, msg=name)

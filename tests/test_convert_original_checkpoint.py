@@ -59,6 +59,7 @@ def test_parity_through_converted_directory(case, tmp_path, inputs, expected, ba
         checkpoint, tmp_path / "converted", combiner_checkpoint=PARITY / combiner if combiner else None
     )
     assert (out_dir / "model.safetensors").exists() and (out_dir / "README.md").exists()
+    assert 'pipeline("composed-image-retrieval", model="converted")' in (out_dir / "README.md").read_text()
     model = AutoModel.from_pretrained(out_dir).eval()
     assert isinstance(model, CLIP4CIRModel)
     assert model.config.fusion == ("combiner" if combiner else "sum")

@@ -13,6 +13,7 @@ from conftest import (
     FIXTURES,
     build_custom_tree,
     dump_json,
+    tiny_circo_layout,
     tiny_cirr_layout,
     write_pairs_csv,
     write_png,
@@ -232,7 +233,9 @@ def test_custom_csv(tmp_path):
     train = load(out, "triplets", "train")
     assert train[0] == {"reference_id": "a", "target_id": "b", "modification_texts": ["make it blue"], "source": "annotated"}
     assert load(out, "triplets", "test")[0]["target_id"] is None
-    assert set(load(out, "corpus", "val")["image_id"]) == {"b.png", "c", "a.png", "extra.png"}
+    # val's "b.png" is the file train names "b": one id in every split (the first written)
+    assert load(out, "triplets", "val")[0]["reference_id"] == "b"
+    assert set(load(out, "corpus", "val")["image_id"]) == {"b", "c", "a.png", "extra.png"}
     with open(tmp_path / "bad.csv", "w") as f:
         f.write("reference,text,target\na,,b\n")
     with pytest.raises(AnnotationError, match=r"bad\.csv: record 0 has no field 'text'"):
@@ -319,13 +322,7 @@ def _fiq(root: Path, asins=("B1", "B2", "B3")) -> Path:
     return root
 
 
-def _circo(root: Path, val=None) -> Path:
-    for i, coco_id in enumerate((12, 13, 14)):
-        write_png(root / "unlabeled2017" / f"{coco_id:012d}.jpg", i, size=(8, 8), fmt="JPEG")
-    dump_json(root / "annotations" / "val.json", val if val is not None else [
-        {"id": 0, "reference_img_id": 12, "target_img_id": 13, "gt_img_ids": [13, 14], "relative_caption": "is red",
-         "shared_concept": "a car"}])
-    return root
+_circo = tiny_circo_layout
 
 
 @pytest.mark.parametrize("bad", ["../../secret", "/etc/hostname", "../captions/cap.dress.val"])
@@ -482,3 +479,21 @@ def test_dedup_map_is_cached_and_follows_changes(tmp_path):
                                     if r["image_id"] == "d" else r["image"]})
     assert dedup_map_for(ImageStore(changed), ["a", "b", "c", "d"], cache, show_progress_bar=False) == {
         "c": "a", "d": "b"}
+
+
+def test_custom_names_of_one_file_are_one_image(custom_tree, tmp_path):
+    # `a` and `a.png` (and a link to it) name one file: one id, the first written, never a copy among its negatives
+    (custom_tree / "imgs" / "link.png").symlink_to(custom_tree / "imgs" / "a.png")
+    write_pairs_csv(custom_tree / "pairs.csv", [("b", "make it blue", "a"), ("a.png", "add a cat", "c"),
+                                                ("link.png", "and more", "b.png")])
+    out = build_custom_tree(custom_tree, tmp_path / "out", all_images_in_corpus=True)
+    triplets = datasets.load_dataset(str(out), "triplets", split="train")
+    corpus = datasets.load_dataset(str(out), "corpus", split="train")
+    assert triplets["reference_id"] == ["b", "a", "a"] and triplets["target_id"] == ["a", "c", "b"]
+    assert sorted(corpus["image_id"]) == ["a", "b", "c"]  # the folder's a.png and link.png are that image too
+    # a name without extension that fits two files is an error naming both
+    write_png(custom_tree / "imgs" / "c.jpg", 9, size=(8, 8))
+    write_pairs_csv(custom_tree / "pairs.csv", [("a", "make it blue", "c")])
+    with pytest.raises(AnnotationError, match=r"'c' names 2 files under .* \(c.png, c.jpg\); write the name with its "
+                                              "extension"):
+        build_custom_tree(custom_tree, tmp_path / "out2")

@@ -95,3 +95,32 @@ def test_blip4cir_plus_bi_stage1_through_run_cir(tiny_cir_dataset, tmp_path):
     assert config["bidirectional"] and config["stage1_loss"] == "blip4cir_bidirectional"
     assert any("reversal" in k for k in load_file(tmp_path / "bi" / "model.safetensors"))
     assert '"reverse_weight": 0.4' in (tmp_path / "bi" / "README.md").read_text()  # the +Bi objective trained it
+
+
+@pytest.mark.parametrize("family", ["clip4cir", *sorted(FAMILIES)])
+def test_a_text_longer_than_the_text_tower_is_truncated_never_a_crash(family, tiny_model_dir, tmp_path):
+    """One text-length rule per family, in its processor: truncation at the text tower's positions (BLIP4CIR used
+    to pass 1802 tokens to a 40-position encoder: "size of tensor a (1802) must match ..."), so training, evaluation
+    and the retrieval pipeline encode any text; a text that fits is encoded as before."""
+    from PIL import Image
+
+    from modeling_spn4cir.loading import load_cir_model_and_processor
+    from trainers.text import tokenize
+
+    model, processor = load_cir_model_and_processor(str(tiny_model_dir if family == "clip4cir"
+                                                        else _convert(family, tmp_path)))
+    model.eval()
+    long, short = " ".join(["red circle"] * 900), "red circle"
+    batch = tokenize(processor, [long, short])
+    text_config = getattr(model.config, "text_config", None) or model.config.qformer_config
+    assert batch["input_ids"].shape[1] <= min(processor.tokenizer.model_max_length,
+                                              text_config.max_position_embeddings) < 1800
+    size = model.config.image_size
+    pixels = processor.image_processor([Image.new("RGB", (size, size), (200, 30, 30))] * 2,
+                                       return_tensors="pt")["pixel_values"]
+    alone = tokenize(processor, [short])
+    with torch.no_grad():
+        query = model.get_query_embeds(batch["input_ids"], batch["attention_mask"], pixel_values=pixels)
+        single = model.get_query_embeds(alone["input_ids"], alone["attention_mask"], pixel_values=pixels[:1])
+    assert torch.isfinite(query).all()
+    torch.testing.assert_close(query[1], single[0], atol=1e-5, rtol=1e-4)

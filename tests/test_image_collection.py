@@ -181,7 +181,7 @@ def test_generate_triplets_captions_and_pairs_a_collection(tmp_path):
                                 "--captioner", "column", "--caption_column", "caption", "--random_pairs"])
     out = tmp_path / "scaled"
     generate_triplets.main(["--dataset", str(corpus_dir), "--pool", "corpus", "--captioner", "column",
-                            "--caption_column", "caption", "--random_pairs", "--k", "2", "--templates", "0", "1",
+                            "--caption_column", "caption", "--random_pairs", "--targets_per_reference", "2", "--templates", "0", "1",
                             "--tokenizer", "none", "--output_dir", str(out)])
     triplets = datasets.load_dataset(str(out), "triplets", split="train")
     ids = _corpus(corpus_dir)["image_id"]

@@ -302,3 +302,113 @@ def test_a_stage1_sprc_model_builds_an_index_its_stage2_model_accepts(tmp_path):
         other.qformer.encoder.layer[0].output.dense.weight.add_(0.1)  # the Q-Former of the target side
     with pytest.raises(ModelMismatchError):
         loaded.check_model(other, processor)
+
+
+# ------------------------------------------------------------------------------------- galleries and queries
+def test_a_folder_gallery_lists_every_format_skips_hidden_folders_and_names_or_counts_bad_images(saved_tiny_model,
+                                                                                                  tmp_path):
+    from modeling_spn4cir.image_files import BadImageError
+
+    _, model, processor = saved_tiny_model
+    folder = tmp_path / "photos"
+    (folder / ".thumbnails").mkdir(parents=True)
+    images = solid_images(8, seed=4)
+    for name, image in zip(("a.png", "b.gif", "c.tif", "d.jpe", "e.webp", "f.bmp", "g.tiff"), images):
+        image.save(folder / name)
+    images[7].save(folder / ".thumbnails" / "a.png")
+    images[7].save(folder / ".hidden.png")
+    (folder / "notes.txt").write_text("not an image")
+    (folder / "gone.png").symlink_to(folder / "deleted.png")
+    kwargs = {"show_progress_bar": False}
+    with pytest.raises(BadImageError, match=r"1 image file\(s\) cannot be used: image 'gone.png' is a broken symbolic "
+                                            r"link.*--skip_bad_images"):
+        CIRIndex.build(model, processor.image_processor, folder, **kwargs)
+    (folder / "cut.png").write_bytes((folder / "a.png").read_bytes()[:60])
+    index = CIRIndex.build(model, processor.image_processor, folder, skip_bad_images=True, **kwargs)
+    assert index.image_ids == ["a.png", "b.gif", "c.tif", "d.jpe", "e.webp", "f.bmp", "g.tiff"]
+    source = index.sources[0]
+    assert sorted(source["bad_images"]) == ["cut.png", "gone.png"]
+    assert source["hidden_skipped"] == 2 and source["other_files"] == 1
+    (folder / "gone.png").unlink()
+    with pytest.raises(BadImageError, match=rf"image 'cut.png' \({folder.resolve() / 'cut.png'}\) does not decode"):
+        CIRIndex.build(model, processor.image_processor, folder, **kwargs)  # found while encoding, named
+
+
+def test_queries_and_embeddings_that_cannot_be_ranked_are_refused():
+    index = _random_index()
+    queries = index.embeddings[:2].clone()
+    for k in (0, -1, True, 2.5):
+        with pytest.raises(ValueError, match=rf"top_k must be a whole number of results of at least 1, got {k!r}"):
+            index.topk(queries, k)
+    queries[1, 3] = float("nan")
+    with pytest.raises(ValueError, match=r"1 of 2 query embeddings hold NaN or inf \(first: query 1\)"):
+        index.search(queries, 3)
+    with pytest.raises(ValueError, match=r"the queries have width 5, the gallery's embeddings width 8: they come from "
+                                         r"different models.*'m'"):
+        index.topk(torch.randn(1, 5), 3)
+    for bad, why in ((torch.ones(3, 8, dtype=torch.int64), "got torch.int64"), (torch.ones(3), "of shape \\(3,\\)")):
+        with pytest.raises(ValueError, match=why):
+            CIRIndex(bad, ["a", "b", "c"], [None] * 3, {})
+    nan = torch.ones(3, 8)
+    nan[2, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"1 gallery embeddings hold NaN or inf \(first: row 2\)"):
+        CIRIndex(nan, ["a", "b", "c"], [None] * 3, {})
+
+
+@pytest.mark.parametrize("damage", ["no shards", "ids cut", "shard without sha256", "no fingerprint", "paths a dict",
+                                    "bad shape", "manifest cut", "embeddings cut"])
+def test_a_damaged_index_names_the_file_and_the_fix(tmp_path, damage):
+    _random_index().save(tmp_path / "idx")
+    meta_file, manifest = tmp_path / "idx" / "index.json", tmp_path / "idx" / "embeddings-00000.json"
+    meta = json.loads(meta_file.read_text())
+    edits = {"no shards": lambda m: m.pop("shards"), "ids cut": lambda m: m["image_ids"].pop(),
+             "shard without sha256": lambda m: m["shards"][0].pop("sha256"),
+             "no fingerprint": lambda m: m["fingerprint"].pop("target_side_weights"),
+             "paths a dict": lambda m: m.update(paths={}), "bad shape": lambda m: m.update(embedding_shape=[0])}
+    if damage in edits:
+        edits[damage](meta)
+        meta_file.write_text(json.dumps(meta))
+        _refused(tmp_path / "idx", str(meta_file), "damaged or was edited")
+    elif damage == "manifest cut":
+        manifest.write_text(manifest.read_text()[:25])
+        _refused(tmp_path / "idx", "embeddings-00000.safetensors", "manifest")
+    else:
+        shard = tmp_path / "idx" / "embeddings-00000.safetensors"
+        shard.write_bytes(shard.read_bytes()[:50])
+        _refused(tmp_path / "idx", "embeddings-00000.safetensors")
+
+
+def test_an_index_serves_only_the_images_under_its_gallery(saved_tiny_model, image_dir, tmp_path):
+    """A path edited into index.json (outside the gallery folder, or escaping it with ..) is refused when an image is
+    opened for a page or the demo, naming the path and the folder; searching still works."""
+    _, model, processor = saved_tiny_model
+    CIRIndex.build(model, processor.image_processor, image_dir, show_progress_bar=False).save(tmp_path / "idx")
+    secret = tmp_path / "private.png"
+    solid_images(1, seed=9)[0].save(secret)
+    meta_file = tmp_path / "idx" / "index.json"
+    meta = json.loads(meta_file.read_text())
+    assert meta["sources"][0]["root"] == str(image_dir.resolve())
+    for crafted in (str(secret), str(image_dir.resolve() / ".." / "private.png")):
+        meta["paths"][0] = crafted
+        meta_file.write_text(json.dumps(meta))
+        index = CIRIndex.load(tmp_path / "idx")
+        assert len(index.search(index.embeddings[:1], 3)[0]) == 3
+        with pytest.raises(IndexFileError, match=rf"listed at {crafted}, outside its gallery folder "
+                                                 rf"{image_dir.resolve()}.*rebuild the index"):
+            index.open_image(index.image_ids[0])
+        assert index.open_image(index.image_ids[1]).size == (40, 40)  # its own images are served
+    meta["sources"][0].pop("root")
+    meta_file.write_text(json.dumps(meta))
+    with pytest.raises(IndexFileError, match="does not record the folder"):
+        CIRIndex.load(tmp_path / "idx").open_image(meta["image_ids"][1])
+
+
+def test_an_empty_gallery_and_an_edited_dataset_reference_are_refused(tmp_path):
+    empty = CIRIndex(torch.empty(0, 8), [], [], {"model_class": "M"})
+    with pytest.raises(ValueError, match="holds no images: there is nothing to rank"):
+        empty.search(torch.ones(1, 8), 3)
+    index = CIRIndex(torch.eye(2), ["a", "b"], [None, None], {"model_class": "M"},
+                     [{"type": "corpus", "dataset": {"path": "corpus_dir", "cache_dir": "/anywhere"}}])
+    with pytest.raises(IndexFileError, match=r"not a dataset reference an index writes \(keys \['name', 'path', "
+                                             r"'split'\]\)"):
+        index.open_image("a")

@@ -102,7 +102,9 @@ def test_lora_training_changes_only_adapters_and_reloads(stage, tiny_cir_dataset
     out = tmp_path / stage
     assert {"adapter_config.json", "adapter_model.safetensors", "spn4cir_lora.json"} <= {p.name for p in out.iterdir()}
     assert not (out / "model.safetensors").exists()
-    assert str(tiny_model_dir) in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()  # the base is local: named as such, its path never in the card
+    assert "| base model | a local checkpoint (not on the Hub) |" in card and str(tmp_path) not in card
+    assert "| LoRA | r=" in card and "base_model" not in card.split("---")[1]
     inputs = _tokenized(out)
     peft_model.eval()
     trained = _query(peft_model, inputs)
@@ -126,6 +128,8 @@ def test_merged_checkpoint_loads_without_peft(tiny_cir_dataset, tiny_model_dir, 
     results = run_cir.main(["--model_name_or_path", str(tmp_path / "s1"), "--stage", "candidate_bank",
                             "--output_dir", str(tmp_path / "s2"), "--merge_lora", *common])
     assert results["merged_checkpoint"] == str(tmp_path / "s2" / "merged")
+    merged_card = (tmp_path / "s2" / "merged" / "README.md").read_text()  # its own id to load, no local path
+    assert 'model="merged"' in merged_card and str(tmp_path) not in merged_card
     assert json.loads((tmp_path / "s2" / "spn4cir_lora.json").read_text())["base_model"] == str(tmp_path / "s1")
     inputs = _tokenized(tmp_path / "s2")
     adapter, _ = load_cir_model_and_processor(str(tmp_path / "s2"), merge_lora=False)

@@ -100,3 +100,85 @@ def test_outputs_get_the_usual_permissions(custom_tree, tmp_path):
     assert (out / "README.md").stat().st_mode & 0o777 == 0o640
     assert all(p.stat().st_mode & 0o777 == 0o750 for p in out.rglob("*") if p.is_dir())
     assert written.stat().st_mode & 0o777 == 0o640  # not mkstemp's 0600
+
+
+def test_an_output_file_replaces_only_an_earlier_output_of_its_kind(tmp_path):
+    """The one output-file rule (`write_output_file`): what `retrieve.py --json/--html` and the retrieval report
+    write by."""
+    from modeling_spn4cir.storage import OutputFileError, write_output_file
+
+    signature = b'"format": "test-results/1"'
+    ours = b'{"format": "test-results/1", "n": 1}'
+    out = write_output_file(tmp_path / "hits.json", ours, signature, "results file")
+    assert write_output_file(out, ours.replace(b"1}", b"2}"), signature, "results file").read_bytes().endswith(b"2}")
+    (tmp_path / "photo.png").write_bytes(b"\x89PNG precious")
+    (tmp_path / "dir.json").mkdir()
+    (tmp_path / "link.json").symlink_to(out)
+    marked = tmp_path / "idx"
+    marked.mkdir()
+    (marked / MARKER).write_text(json.dumps({"tool": "CIRIndex"}))
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    refusals = {tmp_path / "photo.png": "exists and is not a results file written by spn4cir",
+                tmp_path / "dir.json": "is a directory", tmp_path / "link.json": "is a symbolic link",
+                marked / "new.json": "lies inside .*idx, an output of CIRIndex that is written as a whole",
+                inputs / "new.json": "is, or lies inside, an input of this run"}
+    for path, why in refusals.items():
+        with pytest.raises(OutputFileError, match=why):
+            write_output_file(path, ours, signature, "results file", protect=[inputs])
+    assert (tmp_path / "photo.png").read_bytes() == b"\x89PNG precious" and not (marked / "new.json").exists()
+    with pytest.raises(ValueError, match="does not carry its signature"):
+        write_output_file(tmp_path / "other.json", b"{}", signature, "results file")
+
+
+def test_retrieval_writers_never_overwrite_an_input_an_index_or_any_other_file(tiny_model_dir, image_dir, tmp_path):
+    """`retrieve.py search --json/--html` refuses (before any work) the index's files, a gallery image, the reference
+    image and the model's files, and the retrieval report refuses a report folder holding other files."""
+    import retrieve
+
+    from modeling_spn4cir.retrieval.report import HTML_SIGNATURE, write_report
+    from modeling_spn4cir.storage import OutputFileError
+
+    index = tmp_path / "idx"
+    build = ["index", "--model", str(tiny_model_dir), "--images", str(image_dir), "--output", str(index)]
+    partial = tmp_path / "idx.partial"  # where the build keeps its resumable shards, deleted at the end
+    partial.mkdir()
+    (partial / "holiday.jpg").write_bytes(b"someone's photo")
+    with pytest.raises(FileExistsError, match=r"idx.partial holds files that are not an index build's "
+                                              r"\(\['holiday.jpg'\]\)"):
+        retrieve.main(build)
+    (partial / "holiday.jpg").unlink()
+    retrieve.main(build)
+    assert not partial.exists()
+    with pytest.raises(OutputDirError, match="already holds an output of CIRIndex; pass --overwrite_output_dir"):
+        retrieve.main(build)  # refused before the model is loaded or an image encoded
+    reference = image_dir / "im03.png"
+    targets = [index / "index.json", index / "embeddings-00000.safetensors", image_dir / "im01.png", reference,
+               tiny_model_dir / "config.json", tmp_path / "notes.txt"]
+    (tmp_path / "notes.txt").write_text("mine")
+    before = {path: path.read_bytes() for path in targets}
+    search = ["search", "--index", str(index), "--reference", str(reference), "--text", "make it blue"]
+    for path in targets:
+        for option in ("--json", "--html"):
+            with pytest.raises(OutputFileError, match=str(path)):
+                retrieve.main([*search, option, str(path)])
+    assert all(path.read_bytes() == data for path, data in before.items())
+    retrieve.main([*search, "--json", str(tmp_path / "hits.json"), "--html", str(tmp_path / "hits.html")])
+    retrieve.main([*search, "--json", str(tmp_path / "hits.json"), "--html", str(tmp_path / "hits.html")])  # again
+    with pytest.raises(OutputFileError, match="hits.json exists and is not a retrieval page"):
+        retrieve.main([*search, "--html", str(tmp_path / "hits.json")])
+    with pytest.raises(SystemExit, match="--json and --html are both"):
+        retrieve.main([*search, "--json", str(tmp_path / "x"), "--html", str(tmp_path / "x")])
+    report_dir = tmp_path / "report"
+    report_dir.mkdir()
+    (report_dir / "retrieval_report.png").write_bytes(b"a user's picture")
+    with pytest.raises(OutputFileError, match="retrieval_report.png exists and is not a retrieval report sheet"):
+        write_report(report_dir, [], "t")
+    assert (report_dir / "retrieval_report.png").read_bytes() == b"a user's picture"
+    (report_dir / "retrieval_report.png").unlink()
+    assert set(write_report(report_dir, [], "t")) == {"html", "png"} and write_report(report_dir, [], "t")
+    # a report of an earlier version (no generator tag, an untagged sheet beside it) is still recognized as one
+    page = (report_dir / "retrieval_report.html").read_text()
+    (report_dir / "retrieval_report.html").write_text(page.replace(HTML_SIGNATURE[0].decode(), ""))
+    (report_dir / "retrieval_report.png").write_bytes(b"\x89PNG\r\n\x1a\n an old sheet")
+    assert HTML_SIGNATURE[0] in write_report(report_dir, [], "t")["html"].read_bytes()

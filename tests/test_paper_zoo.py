@@ -17,7 +17,12 @@ from transformers import AutoConfig, AutoModel, AutoProcessor
 
 import modeling_spn4cir  # noqa: F401  (registers the families with the Auto classes)
 from datasets_scripts.common import AnnotationError, SplitData, write_cir_dataset
-from datasets_scripts.paper_triplets import convert_extend_file, parse_extend_name, read_dedup_map
+from datasets_scripts.paper_triplets import (
+    convert_extend_file,
+    parse_extend_name,
+    read_dedup_map,
+)
+from modeling_spn4cir.storage import OutputDirError
 from trainers.zoo import build_zoo, reported_metrics
 
 CLIP_ONLY = {
@@ -56,6 +61,24 @@ CIRR_EXTEND = [
 # optimized_images.json: [imagenames, imagepaths, imagename2id]; B002 and B009 are copies of B001 and B004.
 FIQ_OPTIMIZED = [["B000", "B001", "B003", "B004"], ["fashionIQ_dataset/images/B000.png"] * 4,
                  {"B000": 0, "B001": 1, "B002": 1, "B003": 2, "B004": 3, "B009": 3}]
+
+
+# The fake release is made of the tiny parity checkpoints: their image towers stand in for the paper's (RN50x4, ...),
+# as each family's converter names them from the weights (`backbone()`).
+FIXTURE_BACKBONES = {"clip4cir": "ModifiedResNet-1-1-1-1-w8 64px", "tgcir": "ViT-w64-l2/16 64px",
+                     "blip4cir": "ViT-w64-l2/16 64px", "sprc": "ViT-w64-l2/16 64px"}
+VIT_CLIP4CIR = "spn4cir-clip4cir-vit-w64-l2-16-64px"  # the ViT CLIP4CIR fixture: not the paper's backbone
+
+
+@pytest.fixture(autouse=True)
+def fixture_backbones_stand_in_for_the_papers(monkeypatch):
+    from dataclasses import replace
+
+    from modeling_spn4cir.families import FAMILIES
+
+    for name, label in FIXTURE_BACKBONES.items():
+        spec = FAMILIES[name]
+        monkeypatch.setitem(FAMILIES, name, replace(spec, paper=replace(spec.paper, backbone_label=label)))
 
 
 def _png(image) -> bytes:
@@ -213,19 +236,24 @@ def _check_zoo(tmp_path, checkpoints, expected_models, **kwargs):
     report = build_zoo(release, tmp_path / "zoo", tokenizers=_tokenizers(tmp_path), **kwargs)
     models = tmp_path / "zoo" / "models"
     assert sorted(p.name for p in models.iterdir()) == sorted(expected_models)
-    for name, (model_type, dataset, stage) in expected_models.items():
+    for name, (model_type, dataset, stage, *paper) in expected_models.items():
         model = AutoModel.from_pretrained(models / name)
         assert model.config.model_type == model_type
         assert AutoProcessor.from_pretrained(models / name).tokenizer is not None
         card = ModelCard.load(models / name / "README.md")
         assert card.data.model_name == name and f"stage-{stage}" in card.data.tags
         reported = {r.metric_type: r.metric_value for r in card.data.eval_results if "(reported)" in r.metric_name}
-        assert reported == reported_metrics(model_type, dataset, stage)
+        # the paper's numbers only on a checkpoint of the paper's backbone
+        assert reported == (reported_metrics(model_type, dataset, stage) if paper != [False] else {})
         assert all(r.verified is False and "not re-measured" in r.source_name for r in card.data.eval_results
                    if "(reported)" in r.metric_name)
         text = (models / name / "README.md").read_text()
         source = next(e for e in report.of("model") if e.outputs == [f"models/{name}"]).path
         assert f"`{source}`, sha256 `" in text and "evaluation protocol" in text
+        # the release card's license, the Hub's pipeline tag, and one usage snippet, loading this model
+        assert (card.data.license, card.data.pipeline_tag) == ("mit", "image-feature-extraction")
+        namespace = kwargs.get("namespace")
+        assert text.count("```python") == 1 and f'model="{f"{namespace}/" if namespace else ""}{name}"' in text
     return report
 
 
@@ -233,7 +261,7 @@ def test_every_family_converts_loads_and_has_a_card(tmp_path):
     report = _check_zoo(tmp_path, ALL_FAMILIES, {
         "spn4cir-clip4cir-fiq-stage1": ("clip4cir", "fashioniq", 1),
         "spn4cir-clip4cir-fiq": ("clip4cir", "fashioniq", 2),
-        "spn4cir-clip4cir-cirr": ("clip4cir", "cirr", 2),
+        f"{VIT_CLIP4CIR}-cirr": ("clip4cir", "cirr", 2, False),  # checkpoints/cirr_clip/weights is a ViT
         "spn4cir-tgcir-cirr-stage1": ("tgcir", "cirr", 1),
         "spn4cir-tgcir-cirr": ("tgcir", "cirr", 2),
         "spn4cir-blip4cir-fiq-stage1": ("blip4cir", "fashioniq", 1),
@@ -256,14 +284,10 @@ def test_unknown_files_are_reported_and_the_converted_model_matches_the_original
     del broken["state_dict"]["backbone.clip.visual.proj"]
     (tmp_path / "release" / "checkpoints" / "fiq_tgcir").mkdir(parents=True)
     torch.save(broken, tmp_path / "release" / "checkpoints" / "fiq_tgcir" / "best.pt")
-    # a second FashionIQ stage-2 CLIP4CIR checkpoint: one model per (family, benchmark, stage)
-    (tmp_path / "release" / "checkpoints" / "fiq_clip").mkdir(parents=True)
-    shutil.copy(FIXTURES / "parity_clip4cir" / "spn4cir_clip4cir_vit_stage2.pt",
-                tmp_path / "release" / "checkpoints" / "fiq_clip" / "last.pt")
     report = _check_zoo(tmp_path, CLIP_ONLY, {
         "spn4cir-clip4cir-fiq-stage1": ("clip4cir", "fashioniq", 1),
         "spn4cir-clip4cir-fiq": ("clip4cir", "fashioniq", 2),
-        "spn4cir-clip4cir-cirr": ("clip4cir", "cirr", 2),
+        f"{VIT_CLIP4CIR}-cirr": ("clip4cir", "cirr", 2, False),
     })
     saved = json.loads((tmp_path / "zoo" / "conversion_report.json").read_text())
     unrecognized = {e["path"]: e["reason"] for e in saved["unrecognized"]}
@@ -272,7 +296,6 @@ def test_unknown_files_are_reported_and_the_converted_model_matches_the_original
     assert "Combiner" in not_converted["data/clip4cir/combiner.pt"]
     assert "conversion failed" in not_converted["checkpoints/fiq_tgcir/best.pt"]
     assert "backbone.clip.visual.proj" in not_converted["checkpoints/fiq_tgcir/best.pt"]
-    assert "checkpoints/fiq_clip/best.pt was converted" in not_converted["checkpoints/fiq_clip/last.pt"]
     assert "benchmark is needed" in not_converted["fashionIQ_dataset/captions/cap.extend_clip.train.json"]
     assert "captions" in not_converted["mm_data/fiq/fashioniq_it_llava_5.json"]
     every_file = {p.relative_to(tmp_path / "release").as_posix() for p in (tmp_path / "release").rglob("*")
@@ -342,3 +365,73 @@ def test_data_dir_adds_measured_metrics_and_push_to_hub_publishes(tmp_path, monk
     assert any(f.startswith("triplets/") and f.endswith(".parquet") for f in dataset_files)
     assert ModelCard.load(tmp_path / "zoo" / "models" / "spn4cir-clip4cir-fiq" / "README.md").data.base_model == \
         "me/spn4cir-clip4cir-fiq-stage1"
+
+
+def test_checkpoints_are_named_by_their_content_not_their_path(tmp_path):
+    """A ViT CLIP4CIR under fiq_blip/ is named for what it is (no paper numbers on its card); the genuine
+    fiq_clip/best.pt keeps the paper's name and numbers; a byte copy is reported, a checkpoint of the same identity
+    with other weights is converted too (both named by their sha256); the output may not sit in the release."""
+    different = torch.load(FIXTURES / "parity_clip4cir" / "spn4cir_clip4cir_rn_stage2.pt", weights_only=True)
+    different["state_dict"]["clip.text_projection"] = different["state_dict"]["clip.text_projection"] + 0.01
+    release = _release(tmp_path / "release", {
+        "checkpoints/fiq_blip/best.pt": "parity_clip4cir/spn4cir_clip4cir_vit_stage2.pt",  # sorts before fiq_clip/
+        "checkpoints/fiq_clip/best.pt": "parity_clip4cir/spn4cir_clip4cir_rn_stage2.pt",
+        "checkpoints/fiq_clip/copy.pt": "parity_clip4cir/spn4cir_clip4cir_rn_stage2.pt",
+        "checkpoints/cirr_clip/best.pt": "parity_clip4cir/spn4cir_clip4cir_rn_stage2.pt"})
+    torch.save(different, release / "checkpoints" / "cirr_clip" / "retrained.pt")
+    report = build_zoo(release, tmp_path / "zoo", tokenizers=_tokenizers(tmp_path))
+    outputs = {e.path: e.outputs for e in report.of("model")}
+    sha = {e.path: e.details["sha256"][:8] for e in report.of("model")}
+    assert outputs == {"checkpoints/fiq_blip/best.pt": [f"models/{VIT_CLIP4CIR}-fiq"],
+                       "checkpoints/fiq_clip/best.pt": ["models/spn4cir-clip4cir-fiq"],
+                       "checkpoints/cirr_clip/best.pt": [f"models/spn4cir-clip4cir-cirr-{sha['checkpoints/cirr_clip/best.pt']}"],
+                       "checkpoints/cirr_clip/retrained.pt":
+                           [f"models/spn4cir-clip4cir-cirr-{sha['checkpoints/cirr_clip/retrained.pt']}"]}
+    copy = next(e for e in report.entries if e.path == "checkpoints/fiq_clip/copy.pt")
+    assert copy.kind == "not_converted" and "byte-for-byte copy of checkpoints/fiq_clip/best.pt" in copy.reason
+    backbones = {e.path: e.details["backbone"] for e in report.of("model")}
+    assert backbones["checkpoints/fiq_blip/best.pt"] == "ViT-w64-l2/16 64px"  # from its weights, not its folder
+    models = tmp_path / "zoo" / "models"
+    assert not any("(reported)" in key[1] for key in _eval_results(models / f"{VIT_CLIP4CIR}-fiq"))
+    assert "the paper reports CLIP4CIR with OpenAI CLIP RN50x4" in (models / f"{VIT_CLIP4CIR}-fiq" / "README.md").read_text()
+    assert _eval_results(models / "spn4cir-clip4cir-fiq")[("average", "(reported)", "val")] == 55.68
+
+    with pytest.raises(OutputDirError, match=r"is or is inside the release copy"):
+        build_zoo(release, release / "zoo", tokenizers=_tokenizers(tmp_path))  # its outputs would be release files
+    with pytest.raises(OutputDirError, match=r"is or is inside the release copy"):
+        build_zoo(release, release, tokenizers=_tokenizers(tmp_path))
+
+
+def test_the_papers_backbones_are_what_the_converters_name_the_released_geometries(monkeypatch):
+    """RN50x4 (288 px), CLIP ViT-B/16, BLIP base's ViT-B/16 at 384 px, BLIP-2's EVA ViT-g/14 (39 blocks): shape-only
+    state dicts of the released towers get each family's `PaperFacts.backbone_label`."""
+    import importlib
+
+    monkeypatch.undo()  # the real paper facts
+    from modeling_spn4cir.families import family
+
+    meta = lambda *shape: torch.empty(shape, device="meta")
+
+    def resnet(layers, width, size, prefix=""):
+        state = {f"{prefix}visual.layer{b}.{i}.conv1.weight": meta(width, 1, 1, 1)
+                 for b, n in enumerate(layers, 1) for i in range(n)}
+        return state | {f"{prefix}visual.attnpool.positional_embedding": meta((size // 32) ** 2 + 1, 8)}
+
+    def clip_vit(width, layers, patch, size, prefix=""):
+        state = {f"{prefix}visual.transformer.resblocks.{i}.mlp.c_fc.weight": meta(4 * width, width)
+                 for i in range(layers)}
+        return state | {f"{prefix}visual.proj": meta(width, 512), f"{prefix}visual.conv1.weight": meta(width, 3, patch, patch),
+                        f"{prefix}visual.positional_embedding": meta((size // patch) ** 2 + 1, width),
+                        f"{prefix}text_projection": meta(512, 512)}
+
+    def timm_vit(width, layers, patch, size):
+        return {f"visual_encoder.blocks.{i}.mlp.fc1.weight": meta(4, 4) for i in range(layers)} | {
+            "visual_encoder.cls_token": meta(1, 1, width), "visual_encoder.pos_embed": meta(1, (size // patch) ** 2 + 1, width),
+            "visual_encoder.patch_embed.proj.weight": meta(width, 3, patch, patch)}
+
+    released = {"clip4cir": resnet((4, 6, 10, 6), 80, 288), "tgcir": clip_vit(768, 12, 16, 224, "backbone.clip."),
+                "blip4cir": timm_vit(768, 12, 16, 384), "sprc": timm_vit(1408, 39, 14, 224)}
+    for name, state in released.items():
+        converter = importlib.import_module(f"modeling_spn4cir.{name}.convert_{name}_original_checkpoint")
+        assert converter.backbone(converter.OriginalCheckpoint(state, "spn4cir_stage2")) == \
+            family(name).paper.backbone_label, name

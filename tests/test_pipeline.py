@@ -111,6 +111,35 @@ def test_retrieve_cli_end_to_end(tiny_model_dir, image_dir, tmp_path):
     assert all(_decodes(src) for src in page.sections[0]["images"])
 
 
+def test_retrieve_cli_and_pipeline_refuse_what_they_cannot_do_naming_the_option(saved_tiny_model, image_dir,
+                                                                                tmp_path, capsys):
+    import retrieve
+
+    _, model, processor = saved_tiny_model
+    index = CIRIndex.build(model, processor.image_processor, image_dir, show_progress_bar=False)
+    index.save(tmp_path / "idx")
+    search = ["search", "--index", str(tmp_path / "idx"), "--text", "red circle"]
+    for bad in ("-1", "0", "two"):
+        with pytest.raises(SystemExit):
+            retrieve.main([*search, "--top_k", bad])
+        assert f"--top_k: expected a whole number of at least 1, got '{bad}'" in capsys.readouterr().err
+    missing = tmp_path / "models" / "stage2"
+    with pytest.raises(SystemExit, match=rf"--model {missing}: no such directory.*or a Hub model id"):
+        retrieve.main([*search, "--model", str(missing)])
+    with pytest.raises(FileNotFoundError, match=r"--reference .*nope.png: no such image file"):
+        retrieve.main([*search, "--reference", str(tmp_path / "nope.png")])
+    with pytest.raises(SystemExit, match="Pass --reference IMAGE, --text TEXT, or both"):
+        retrieve.main(["search", "--index", str(tmp_path / "idx"), "--text", "  "])
+    pipe = retrieval_pipeline(model, processor)
+    for blank in ("", "   ", "\t\n"):
+        with pytest.raises(ValueError, match="A query needs a reference image, a modification text, or both"):
+            pipe(text=blank, gallery=index)
+    reference = str(image_dir / "im02.png")
+    assert pipe(reference, "   ", gallery=index, top_k=3) == pipe(reference, gallery=index, top_k=3)  # image-only
+    with pytest.raises(ValueError, match="top_k must be a whole number of results of at least 1, got -1"):
+        pipe(reference, "red circle", gallery=index, top_k=-1)
+
+
 # ------------------------------------------------------------------------------------------------ demo
 def test_demo_query_returns_the_pipeline_results(saved_tiny_model, image_dir):
     import demo
@@ -124,7 +153,10 @@ def test_demo_query_returns_the_pipeline_results(saved_tiny_model, image_dir):
     reference = Image.open(image_dir / "im05.png").convert("RGB")
     expected = pipe(reference, "red circle", gallery=index, top_k=6)
     items, hits = app.run(reference, "red circle", 6)
-    assert hits == expected
+    # what the browser receives: ranks, ids and scores, no server path
+    assert hits == [{"rank": r, "image_id": h["image_id"], "score": pytest.approx(h["score"], abs=1e-6)}
+                    for r, h in enumerate(expected, 1)]
+    assert str(image_dir) not in json.dumps(hits)
     assert [caption.split()[-1] for _, caption in items] == [h["image_id"] for h in expected]
     assert items[0][0].size == Image.open(expected[0]["path"]).size
     assert app.run(None, "", 6)[0] == []
@@ -146,9 +178,64 @@ def test_the_room_asks_the_model_contract_not_family_internals():
     pipeline_source = (ROOM / "pipeline_cir.py").read_text()
     assert all(f"self.model.{method}(" in pipeline_source
                for method in ("get_query_embeds", "get_text_query_embeds", "get_image_query_embeds"))
-    # Shipped for `trust_remote_code`: no import of this package, relative or absolute.
+    # Shipped for `trust_remote_code`: no import of this package, relative or absolute, except one guarded by
+    # `except ImportError` (the package's image rule, used where it is installed).
     tree = ast.parse(pipeline_source)
-    imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-    imported |= {n.module.split(".")[0] if n.level == 0 else "."
-                 for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
-    assert imported <= {"__future__", "torch", "transformers", "PIL"}, imported
+    guarded = {id(n) for t in ast.walk(tree) if isinstance(t, ast.Try)
+               and any(isinstance(h.type, ast.Name) and h.type.id == "ImportError" for h in t.handlers)
+               for n in ast.walk(ast.Module(body=t.body, type_ignores=[]))}
+    imports = [n for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom)) and id(n) not in guarded]
+    imported = {a.name.split(".")[0] for n in imports if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module.split(".")[0] if n.level == 0 else "." for n in imports if isinstance(n, ast.ImportFrom)}
+    assert imported <= {"__future__", "os", "torch", "transformers", "PIL"}, imported
+
+
+def test_demo_shows_a_real_error_refuses_a_foreign_index_and_rebuilds_a_stale_cache(saved_tiny_model, image_dir,
+                                                                                  tmp_path):
+    import demo
+    from conftest import tiny_model, write_pairs_csv
+
+    from datasets_scripts.custom import build_custom
+
+    model_dir, model, processor = saved_tiny_model
+    other = tiny_model(seed=5)
+    foreign = CIRIndex.build(other, processor.image_processor, image_dir, show_progress_bar=False)
+    items, shown = demo.RetrievalDemo(retrieval_pipeline(model, processor), foreign).run(None, "red circle", 4)
+    assert items == [] and shown["error"].startswith("ModelMismatchError: This gallery index was built by")
+    assert str(tmp_path) not in shown["error"] and ".../tiny_model" in shown["error"]
+    foreign.save(tmp_path / "foreign.idx")
+    with pytest.raises(SystemExit, match=r"--index .*foreign.idx does not fit --model .*Rebuild the index"):
+        demo.main(["--model", str(model_dir), "--index", str(tmp_path / "foreign.idx")])
+    # the recipe's cached test gallery, built by an earlier model of the same name: built again, not shown stale
+    recipe = tmp_path / "recipe"
+    write_pairs_csv(tmp_path / "pairs.csv", [("im01", "make it blue", "im02"), ("im03", "red circle", "im05")])
+    build_custom(image_dir, tmp_path / "pairs.csv", recipe / "benchmark", split="test", all_images_in_corpus=True)
+    cached = recipe / f"test_gallery.{model_dir.name}.idx"
+    foreign.save(cached)
+    index = demo.recipe_index(model, processor, recipe, str(model_dir))
+    index.check_model(model, processor.image_processor)
+    assert CIRIndex.load(cached).fingerprint == index.fingerprint and len(index) == 12
+    with pytest.raises(SystemExit, match=r"without --index.*retrieve.py index --model"):
+        demo.recipe_index(model, processor, tmp_path / "no_recipe", str(model_dir))
+
+
+@pytest.mark.slow
+def test_the_demo_page_shows_the_error_and_no_server_path(saved_tiny_model, image_dir):
+    """Through the page's own handler and components (gradio, not launched): what the browser would receive."""
+    gr = pytest.importorskip("gradio")
+    import demo
+    from conftest import tiny_model
+
+    _, model, processor = saved_tiny_model
+    pipe = retrieval_pipeline(model, processor)
+    for index, expect_error in ((CIRIndex.build(model, processor.image_processor, image_dir, show_progress_bar=False),
+                                 False),
+                                (CIRIndex.build(tiny_model(seed=5), processor.image_processor, image_dir,
+                                                show_progress_bar=False), True)):
+        ui = demo.build_ui(demo.RetrievalDemo(pipe, index), "demo")
+        handler = next(fn for fn in ui.fns.values() if fn.name == "run")
+        raw = next(block for block in handler.outputs if isinstance(block, gr.JSON))
+        _, shown = handler.fn(None, "red circle", 4)
+        sent = json.dumps(raw.postprocess(shown).model_dump())
+        assert ("This gallery index was built by" in sent) == expect_error and "null" not in sent
+        assert str(image_dir.parent) not in sent  # no folder of the server: the gallery's, the model's

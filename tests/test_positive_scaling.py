@@ -266,7 +266,7 @@ def test_generate_triplets_end_to_end(tiny_cir_dataset, tiny_model_dir, tmp_path
     generate_triplets.main([
         "--dataset", str(tiny_cir_dataset), "--output_dir", str(out), "--captioner", "retrieval",
         "--encoder", str(tiny_model_dir), "--phrases", str(phrases), "--top_k_phrases", "1",
-        "--rank_min", "2", "--rank_max", "8", "--k", "2", "--references_only", "--templates", "0", "1",
+        "--rank_min", "2", "--rank_max", "8", "--targets_per_reference", "2", "--references_only", "--templates", "0", "1",
         "--caption_cache_dir", str(tmp_path / "captions"),
     ])
     corpus = datasets.load_dataset(str(tiny_cir_dataset), "corpus", split="train")
@@ -352,7 +352,7 @@ def test_positive_scaling_pairs_within_triplet_images(fiq_root, tiny_vit_dir, tm
     # random pairs with k = pool size - 1: every pool image is every reference's target once
     generate_triplets.main([
         "--dataset", "fashioniq", "--data_dir", str(fiq_root), "--output_dir", str(out), "--captioner", "retrieval",
-        "--encoder", str(tiny_vit_dir), "--phrases", str(phrases), "--random_pairs", "--k", "100",
+        "--encoder", str(tiny_vit_dir), "--phrases", str(phrases), "--random_pairs", "--targets_per_reference", "100",
         "--templates", "2", "--pool", pool, "--caption_cache_dir", str(tmp_path / f"caps_{pool}"),
     ])
     generated = datasets.load_dataset(str(out), "triplets", split="train")
@@ -365,7 +365,20 @@ def test_positive_scaling_pairs_within_triplet_images(fiq_root, tiny_vit_dir, tm
         assert used == in_triplets | outside
 
 
-def test_K_keeps_a_random_subset_of_the_generated_triplets(fiq_root, tiny_vit_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize(("old", "new"), [("--K", "--num_triplets"), ("--k", "--targets_per_reference")])
+def test_the_originals_one_letter_options_are_errors_naming_the_new_names(old, new, capsys):
+    """The original's --k (targets per reference) and --K (a subset of the triplets) differ only in case: here each
+    has one spelled-out name, and the old one fails naming it instead of meaning something else."""
+    import generate_triplets
+
+    with pytest.raises(SystemExit) as stop:
+        generate_triplets.main(["--dataset", "x", "--output_dir", "y", old, "3000"])
+    assert stop.value.code == 2 and f"{old} is now {new}" in capsys.readouterr().err
+    args = generate_triplets.build_parser().parse_args(["--dataset", "x", "--output_dir", "y", new, "7"])
+    assert (args.num_triplets, args.targets_per_reference) == ((7, 1) if new == "--num_triplets" else (None, 7))
+
+
+def test_num_triplets_keeps_a_random_subset_of_the_generated_triplets(fiq_root, tiny_vit_dir, tmp_path, monkeypatch):
     import generate_triplets
 
     monkeypatch.setenv("SPN4CIR_CACHE", str(tmp_path / "cache"))
@@ -375,7 +388,7 @@ def test_K_keeps_a_random_subset_of_the_generated_triplets(fiq_root, tiny_vit_di
               "--encoder", str(tiny_vit_dir), "--phrases", str(phrases), "--random_pairs",
               "--caption_cache_dir", str(tmp_path / "caps")]
     generate_triplets.main(common + ["--output_dir", str(tmp_path / "all")])
-    generate_triplets.main(common + ["--output_dir", str(tmp_path / "five"), "--K", "5"])
+    generate_triplets.main(common + ["--output_dir", str(tmp_path / "five"), "--num_triplets", "5"])
     every = datasets.load_dataset(str(tmp_path / "all"), "triplets", split="train")
     five = datasets.load_dataset(str(tmp_path / "five"), "triplets", split="train")
     pairs = set(zip(every["reference_id"], every["target_id"]))
@@ -384,4 +397,36 @@ def test_K_keeps_a_random_subset_of_the_generated_triplets(fiq_root, tiny_vit_di
     corpus = datasets.load_dataset(str(tmp_path / "five"), "corpus", split="train")
     assert set(corpus["image_id"]) == set(five["reference_id"]) | set(five["target_id"])
     with pytest.raises(ValueError, match="num_triplets=13 but 12 triplets"):
-        generate_triplets.main(common + ["--output_dir", str(tmp_path / "x"), "--K", "13"])
+        generate_triplets.main(common + ["--output_dir", str(tmp_path / "x"), "--num_triplets", "13"])
+
+
+def test_column_captions_that_are_missing_are_named_not_written_as_none(tmp_path):
+    """`generate_triplets.py --captioner column` on a column with missing captions: an error naming the images (it
+    used to write "None instead of None"), or with --skip_empty_captions those images left out."""
+    import io
+
+    import generate_triplets
+
+    from datasets_scripts.common import SplitData, write_cir_dataset
+
+    def png(colour):
+        buffer = io.BytesIO()
+        from PIL import Image
+
+        Image.new("RGB", (8, 8), colour).save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    captions = [f"a shade {i}" for i in range(6)]
+    captions[2] = captions[4] = None
+    rows = [{"image_id": f"p{i}", "image_bytes": png((40 * i, 0, 0)), "caption": c} for i, c in enumerate(captions)]
+    corpus = write_cir_dataset(tmp_path / "corpus", {"train": SplitData(corpus=rows)}, corpus_only=True,
+                               corpus_extra={"caption": datasets.Value("string")})
+    argv = ["--dataset", str(corpus), "--pool", "corpus", "--captioner", "column", "--caption_column", "caption",
+            "--random_pairs", "--targets_per_reference", "1", "--tokenizer", "none"]
+    with pytest.raises(ValueError, match=r"empty caption for 2 of 6 images \(first: \['p2', 'p4'\]\).*the corpus "
+                                         r"column 'caption' holds no caption for them.*--skip_empty_captions"):
+        generate_triplets.main([*argv, "--output_dir", str(tmp_path / "refused")])
+    generate_triplets.main([*argv, "--skip_empty_captions", "--output_dir", str(tmp_path / "out")])
+    triplets = datasets.load_dataset(str(tmp_path / "out"), "triplets", split="train")
+    assert len(triplets) == 4 and not {"p2", "p4"} & set(list(triplets["reference_id"]) + list(triplets["target_id"]))
+    assert not any("None" in t for row in triplets["modification_texts"] for t in row)

@@ -5,12 +5,16 @@ two; a lane that dies is an error, not a hang; a plan that cannot run is refused
 import json
 import multiprocessing
 import types
+from pathlib import Path
 
+import datasets
 import pytest
 import torch
+from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 from spn_recipe import ROWS, run_default_recipe
 from spn_recipe.config import RecipeConfig
+from spn_recipe.edit_study import run_edit_writer_study
 from spn_recipe.lanes import Step, run_steps
 from spn_recipe.noise_study import run_caption_noise_study
 from spn_recipe.recipe import recipe_lanes, recipe_steps
@@ -116,6 +120,12 @@ def test_miniature_recipe(tmp_path):
     assert saved["retrieval_report"]["model"] in ROWS and html.count("<img") >= 8 * 9  # 8 queries: reference + top 8
     # each stage changes what it trains, and stage 2 nothing else
     run = tmp_path / "run"
+    # every row's model card holds the row: the evaluation its trainer ran, on the named test split
+    for row, directory in (("+N", "stage2_N"), ("+N (LoRA)", "stage2_N_lora"), ("zero-shot", "zero_shot")):
+        card = ModelCard.load(run / directory / "README.md")
+        assert {r.metric_type: r.metric_value for r in card.data.eval_results} == \
+            {k: round(v, 4) for k, v in summary["results"][row].items()}
+        assert {r.dataset_split for r in card.data.eval_results} == {"test"} and "stage-2" in card.data.tags
 
     def changed(before, after):
         a, b = load_file(run / before / "model.safetensors"), load_file(run / after / "model.safetensors")
@@ -133,6 +143,11 @@ def test_miniature_recipe(tmp_path):
     # zero-shot: stage 1 then stage 2 on generated triplets only (no annotated triplet), from stage 0
     assert {"text_model", "vision_model"} <= changed("stage0", "zero_shot_stage1")
     assert changed("zero_shot_stage1", "zero_shot") == {"text_model", "text_projection"}
+    # its data took the zero-shot path: the pool as webdataset shards, converted (same ids), paired at random
+    assert [p.name for p in Path(saved["zero_shot_data"]["collection"]).glob("*.tar")] == ["00000.tar"]
+    pool = datasets.load_dataset(str(run / "pool_corpus"), "corpus", split="train")["image_id"]
+    zero_shot = datasets.load_dataset(saved["zero_shot_data"]["path"], "triplets", split="train")
+    assert list(zero_shot["reference_id"]) == pool and set(zero_shot["source"]) == {"generated"}
     # same seed, same numbers, from scratch in another directory (nothing reused but nothing differs)
     again = run_default_recipe(RecipeConfig.tiny(str(tmp_path / "again"), show_progress_bar=False))
     assert again["results"] == summary["results"]
@@ -154,6 +169,14 @@ def test_miniature_recipe(tmp_path):
     probe = run_text_form_probe(cfg)
     assert {row: v["annotated texts"] for row, v in probe["rows"].items()} == summary["results"]
     assert " instead of " in probe["example"]["generated form"] != probe["example"]["annotated"]
+    # texts written from both images: the default's pairs, the editor's texts, the template rows as they were
+    study = run_edit_writer_study(cfg)
+    assert {row: study["results"][row] for row in ("stage 1", "+P", "zero-shot")} == {
+        row: summary["results"][row] for row in ("stage 1", "+P", "zero-shot")}
+    assert all(w["same_pairs_as_templates"] for w in study["written_texts"].values())
+    written = datasets.load_dataset(str(run / "edit_writer_study" / "generated_random"), "triplets", split="train")
+    assert len(written) == 120 and all(len(texts) == 1 for texts in written["modification_texts"])
+    assert study["editor"]["heldout"]["texts"] > 0 and (run / "edit_writer_study" / "editor" / "config.json").exists()
 
 
 def test_seed_aggregation_and_table():

@@ -35,6 +35,7 @@ from .candidate_bank import (
     DTYPES,
     CandidateBank,
     ExtraNegatives,
+    bank_dir_lock,
     common_fingerprint,
     eval_mode,
     shard_encoder,
@@ -114,15 +115,16 @@ def add_extra_negatives(bank: CandidateBank, model, extra: ExtraImages, train_im
     store = ShardStore(bank_dir, "extra", SafetensorsCodec(["target_embeds"], DTYPES[dtype]),
                        "candidate bank's extra negatives")
     common = {**common_fingerprint(model, image_processor, dtype, shard_size), "extra_format": EXTRA_FORMAT}
-    shards = plan_image_shards(store, extra.images, ids, shard_size, common)
-    fingerprint = {**common, "image_ids": ids_sha256(ids), "image_content": content_sha256(shards.digests),
-                   "num_images": len(ids)}
-    encode = shard_encoder(model.get_target_embeds, ["target_embeds"], extra.images, ids, image_processor,
-                           next(model.parameters()).device, batch_size, num_workers, dtype, show_progress_bar,
-                           "extra negatives")
-    with eval_mode(model):
-        held = store.sync(shards.plans, encode, shards.manifests, fingerprint, {"image_ids": ids})
-    target = torch.cat([store.read(s)["target_embeds"] for s in held])
+    with bank_dir_lock(bank_dir):
+        shards = plan_image_shards(store, extra.images, ids, shard_size, common)
+        fingerprint = {**common, "image_ids": ids_sha256(ids), "image_content": content_sha256(shards.digests),
+                       "num_images": len(ids)}
+        encode = shard_encoder(model.get_target_embeds, ["target_embeds"], extra.images, ids, image_processor,
+                               next(model.parameters()).device, batch_size, num_workers, dtype, show_progress_bar,
+                               "extra negatives")
+        with eval_mode(model):
+            held = store.sync(shards.plans, encode, shards.manifests, fingerprint, {"image_ids": ids})
+        target = torch.cat([store.read(s)["target_embeds"] for s in held])
     seen = set(bank.image_digests or ())
     keep = []
     for row, digest in enumerate(shards.digests):  # a copy of a triplet image (or of an earlier extra) by its bytes

@@ -35,7 +35,7 @@ that reads the rows a batch asks for.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,6 +50,7 @@ from modeling_spn4cir.storage import (
     ShardedRows,
     ShardJob,
     ShardStore,
+    directory_lock,
     target_side_fingerprint,
 )
 
@@ -153,6 +154,13 @@ def common_fingerprint(model, image_processor, dtype: str, shard_size: int) -> d
                              "dtype": dtype, "shard_size": shard_size} if world()[0] == 0 else None)
 
 
+def bank_dir_lock(bank_dir: str | Path | None):
+    """The lock of a stored bank's directory, held from reading its manifests until the bank is loaded (its target
+    embeddings read, its shards mapped): a second run sharing `bank_dir` waits, then reuses the bank or rebuilds it,
+    and never loads another run's shards. Nothing for an in-memory bank."""
+    return directory_lock(bank_dir, "candidate bank", wait=True) if bank_dir is not None else nullcontext()
+
+
 @contextmanager
 def eval_mode(model):
     was_training = model.training
@@ -216,12 +224,13 @@ def load_or_build_candidate_bank(
     image_ids, shard_size = _checked(image_ids, images, dtype, shard_size)
     store = _store(bank_dir, dtype)
     common = common_fingerprint(model, image_processor, dtype, shard_size)
-    shards = plan_image_shards(store, images, image_ids, shard_size, common)
-    fingerprint = {**common, "image_ids": ids_sha256(image_ids), "image_content": content_sha256(shards.digests),
-                   "num_images": len(image_ids)}
-    encode = shard_encoder(model.get_target_embeds_and_reference_features, KEYS, images, image_ids, image_processor,
-                           next(model.parameters()).device, batch_size, num_workers, dtype, show_progress_bar,
-                           "candidate bank")
-    with eval_mode(model):
-        held = store.sync(shards.plans, encode, shards.manifests, fingerprint, {"image_ids": image_ids})
-    return _assemble(store, held, image_ids, fingerprint, dedup_map, shards.digests)
+    with bank_dir_lock(bank_dir):
+        shards = plan_image_shards(store, images, image_ids, shard_size, common)
+        fingerprint = {**common, "image_ids": ids_sha256(image_ids), "image_content": content_sha256(shards.digests),
+                       "num_images": len(image_ids)}
+        encode = shard_encoder(model.get_target_embeds_and_reference_features, KEYS, images, image_ids,
+                               image_processor, next(model.parameters()).device, batch_size, num_workers, dtype,
+                               show_progress_bar, "candidate bank")
+        with eval_mode(model):
+            held = store.sync(shards.plans, encode, shards.manifests, fingerprint, {"image_ids": image_ids})
+        return _assemble(store, held, image_ids, fingerprint, dedup_map, shards.digests)

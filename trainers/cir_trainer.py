@@ -12,98 +12,46 @@ with the processor and a model card.
 
 from __future__ import annotations
 
-import json
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import Trainer, TrainerCallback, TrainingArguments
-from transformers.trainer_callback import ExportableState
+from transformers import Trainer, TrainerCallback
 
 from modeling_spn4cir.image_store import ImageStore
-from modeling_spn4cir.model_cards import render_card, table
+from modeling_spn4cir.storage import directory_lock
 
 from .bank_extras import ExtraImages, add_extra_negatives
 from .candidate_bank import CandidateBank, bank_image_ids, load_or_build_candidate_bank
-from .data import CIRCollator
+from .checkpoints import (
+    WholeRunLoss,
+    check_fresh_output_dir,
+    check_optimizer_state,
+    check_resume,
+    resolve_resume,
+    run_record,
+    write_run_record,
+)
+from .data import CIRCollator, check_training_triplets, tokenize_training_texts
 from .evaluation import PROTOCOLS
+from .length_groups import LengthGroupedOrder
 from .lora import (
-    LoRAArguments,
     apply_lora,
     check_lora_optimizer_scope,
     is_lora_model,
-    lora_card_rows,
     write_lora_metadata,
 )
+from .model_card import base_description, logged_evaluation, trainer_card
 from .losses import (
-    DEFAULT_NEGATIVE_TYPES,
-    NEGATIVE_TYPES,
     CandidateBankLoss,
     ShardedCandidateBankLoss,
-    check_negative_types,
     shard_bounds,
     stage1_loss_for,
 )
+from .optimizer import decay_parameter_names, fused_adamw_supported
+from .training_args import STAGES, CIRTrainingArguments
 
 logger = logging.getLogger(__name__)
-STAGES = ("in_batch", "candidate_bank")
-
-
-@dataclass
-class CIRTrainingArguments(LoRAArguments, TrainingArguments):
-    """`TrainingArguments` plus SPN's knobs (and the LoRA options of `trainers.lora.LoRAArguments`)."""
-
-    stage: str = field(default="in_batch", metadata={"help": "in_batch (stage 1) or candidate_bank (stage 2)"})
-    temperature: float | None = field(default=None, metadata={
-        "help": "InfoNCE tau; default: the model config's. Written into the model config, so the saved "
-                "checkpoint records the tau it was trained with"})
-    bank_dir: str | None = field(default=None, metadata={"help": "where the stage-2 bank is cached (fingerprinted)"})
-    bank_dtype: str = field(default="float32", metadata={"help": "float32, float16 or bfloat16"})
-    bank_shard_size: int = field(default=1024, metadata={
-        "help": "images per bank shard in --bank_dir (memory-mapped; a killed build resumes at the first missing "
-                "shard)"})
-    num_negatives: int | None = field(default=None, metadata={"help": "stage 2: sampled negatives (default: whole bank)"})
-    in_batch_negatives: bool = field(default=False, metadata={
-        "help": "stage 2: each query's negatives are only the bank rows of the global batch's other targets "
-                "(stage 1's negatives with a frozen target side), the number-of-negatives study's smallest point"})
-    negative_types: list[str] = field(default_factory=lambda: list(DEFAULT_NEGATIVE_TYPES), metadata={
-        "help": "stage 1: the negative types of SPN's study, any subset: target (query vs in-batch targets, the "
-                "default), query (target vs in-batch queries), text (reference + every in-batch text), reference "
-                "(every in-batch reference + text); the selected InfoNCE losses are averaged",
-        "choices": list(NEGATIVE_TYPES)})
-    shard_bank: bool = field(default=False, metadata={
-        "help": "stage 2 under DDP: each rank holds 1/W of the bank's rows on its device; the full-bank loss is "
-                "computed exactly (distributed log-sum-exp), for banks that do not fit one device"})
-    max_text_length: int | None = field(default=None, metadata={"help": "truncate modification texts (tokens)"})
-    cache_images: bool = field(default=False, metadata={
-        "help": "stage 1: keep every preprocessed image in memory after its first use, so later epochs decode and "
-                "resize nothing (3*S*S*4 bytes per image: 49 KB at 64 px, 1 MB at 288 px; per dataloader worker). "
-                "For corpora that fit in RAM; exact, as preprocessing is deterministic"})
-    remove_unused_columns: bool = field(default=False, metadata={"help": "kept False: the collator needs the ids"})
-    max_consecutive_nonfinite_losses: int = field(default=1, metadata={
-        "help": "stop training with an error naming the step when this many consecutive steps have a NaN/inf "
-                "loss; below it, the gradients accumulated so far in that optimizer step are dropped"})
-    resume_without_optimizer_state: bool = field(default=False, metadata={
-        "help": "allow resuming from a checkpoint that lacks optimizer.pt or scheduler.pt (the optimizer and the "
-                "learning-rate schedule then restart from scratch); refused by default"})
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.stage not in STAGES:
-            raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}.")
-        if self.remove_unused_columns:
-            raise ValueError("CIRTrainer needs remove_unused_columns=False (the collator reads image ids).")
-        self.negative_types = list(check_negative_types(self.negative_types))
-        if self.stage == "candidate_bank" and tuple(self.negative_types) != DEFAULT_NEGATIVE_TYPES:
-            raise ValueError(f"--negative_types {' '.join(self.negative_types)} is a stage-1 option: stage 2's "
-                             "negatives are the bank's targets. Drop it, or train with --stage in_batch.")
-        if self.in_batch_negatives and (self.stage != "candidate_bank" or self.num_negatives or self.shard_bank):
-            raise ValueError("--in_batch_negatives is a stage-2 option of its own: use it with --stage candidate_bank "
-                             "and without --num_negatives or --shard_bank.")
-        if self.max_consecutive_nonfinite_losses < 1:
-            raise ValueError("max_consecutive_nonfinite_losses must be >= 1, got "
-                             f"{self.max_consecutive_nonfinite_losses}.")
 
 
 def candidate_bank_loss(bank: CandidateBank, args: CIRTrainingArguments, temperature: float, similarity):
@@ -116,14 +64,24 @@ def candidate_bank_loss(bank: CandidateBank, args: CIRTrainingArguments, tempera
         raise ValueError("--in_batch_negatives scores the batch's targets only: the extra negatives of "
                          "--bank_extra_images would never be used. Drop one of the two.")
     negatives = bank.negatives  # the triplet images' rows, then the extra negatives'
+    if args.shard_bank and args.num_negatives is not None:  # in one process as under DDP
+        raise ValueError("--shard_bank computes the full-bank loss; it cannot be combined with --num_negatives.")
     if args.shard_bank and world_size > 1:
-        if args.num_negatives is not None:
-            raise ValueError("--shard_bank computes the full-bank loss; it cannot be combined with --num_negatives.")
         start, stop = shard_bounds(bank.size, rank, world_size)
         return ShardedCandidateBankLoss(negatives[start:stop], start, bank.size, temperature,
                                         similarity=similarity, device=args.device)
     return CandidateBankLoss(negatives, temperature, args.num_negatives, similarity=similarity,
                              device=args.device, in_batch=args.in_batch_negatives)
+
+
+def _numbered(triplets):
+    """The triplets with a `row_index` column 0..n-1 (the key of each row's random text draws and of its tokens)."""
+    if "row_index" not in triplets.column_names:
+        return triplets.add_column("row_index", list(range(len(triplets))))
+    if list(triplets["row_index"]) != list(range(len(triplets))):
+        raise ValueError("The training triplets have a row_index column that does not number them 0..n-1 in order; "
+                         "CIRTrainer numbers the rows itself: remove the column (triplets.remove_columns('row_index')).")
+    return triplets
 
 
 class _CollatorEpoch(TrainerCallback):
@@ -134,34 +92,6 @@ class _CollatorEpoch(TrainerCallback):
 
     def on_epoch_begin(self, args, state, control, **kwargs):
         self.collator.epoch = int(state.epoch or 0)
-
-
-class _WholeRunLoss(TrainerCallback, ExportableState):
-    """Carries the sum of the training losses of every step so far through checkpoints (in `trainer_state.json`),
-    so that a resumed run reports the whole run's `train_loss`, not only the resumed steps' (the Trainer's)."""
-
-    def __init__(self, trainer=None):
-        self.trainer = trainer
-
-    def state(self) -> dict:
-        trainer = self.trainer
-        if trainer is None or not hasattr(trainer, "_tr_loss") or trainer._prior_loss_sum is None:
-            return {"args": {}, "attributes": {}}  # unknown: a later resume reports only its own steps
-        return {"args": {}, "attributes": {"loss_sum": trainer._whole_run_loss_sum()}}
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        if self.trainer is None:
-            return
-        saved = state.stateful_callbacks.get(type(self).__name__) if state.global_step > 0 else None
-        attributes = saved.get("attributes", {}) if isinstance(saved, dict) else {}
-        if state.global_step == 0:
-            self.trainer._prior_loss_sum = 0.0
-        elif "loss_sum" in attributes:
-            self.trainer._prior_loss_sum = float(attributes["loss_sum"])
-        else:
-            self.trainer._prior_loss_sum = None
-            logger.warning("The checkpoint records no loss sum (written by an older version): train_loss will average "
-                           "only the %d resumed steps.", state.max_steps - state.global_step)
 
 
 def _on_which_rank() -> str:
@@ -199,7 +129,9 @@ class CIRTrainer(Trainer):
         bank: a prebuilt `CandidateBank` for stage 2 (otherwise built, or loaded from `args.bank_dir`).
         extra_negatives: stage 2: images of no training triplet to append to the bank as negatives only
             ([`ExtraImages`], `trainers.bank_extras`; stored beside the bank in `args.bank_dir`).
-        model_card_info: extra fields for the model card (`base_model`, `datasets`, ...).
+        model_card_info: what the model card says of the run (`base_model` as a Hub id, `datasets`, `license`,
+            the evaluated dataset and split, `sections`: markdown sections appended after the usage, ...: see
+            `trainers.model_card`).
     """
 
     can_return_loss = True
@@ -210,8 +142,11 @@ class CIRTrainer(Trainer):
                  extra_negatives: ExtraImages | None = None, **kwargs):
         corpora = corpus if isinstance(corpus, (list, tuple)) else [corpus]
         self.images = ImageStore(*corpora)
+        if train_dataset is not None:
+            check_training_triplets(train_dataset, self.images)  # a bad row named now, not at its step
         self.evaluator = evaluator
-        self.model_card_info = dict(model_card_info or {})
+        base, base_text = base_description(getattr(model, "name_or_path", None) or None)
+        self.model_card_info = {"base_model": base, "base": base_text, **(model_card_info or {})}
         if args.temperature is not None:
             model.config.temperature = args.temperature  # one tau: the loss's is the one the checkpoint records
         self.temperature = model.config.temperature
@@ -238,17 +173,21 @@ class CIRTrainer(Trainer):
                                            negative_types=args.negative_types)
         if args.lora_r is not None and not is_lora_model(model):
             model = apply_lora(model, args, args.stage)  # after the bank: stage 2's is built from the frozen base
-            self.model_card_info.setdefault("base_model", model.peft_config["default"].base_model_name_or_path)
+        self.training_texts = None
+        if train_dataset is not None:
+            train_dataset = _numbered(train_dataset)
+            # tokenized once here, not per step; stage 2's length-grouped order reads their lengths
+            self.training_texts = tokenize_training_texts(train_dataset, processor, join_annotated_captions,
+                                                          args.max_text_length, args.seed)
         collator = CIRCollator(
             processor, args.stage, image_processor=processor.image_processor, images=self.images,
             bank=self.bank, join_annotated_captions=join_annotated_captions, max_length=args.max_text_length,
-            dedup_map=dedup_map, seed=args.seed, cache_images=args.cache_images,
+            dedup_map=dedup_map, seed=args.seed, cache_images=args.cache_images, texts=self.training_texts,
         )
-        if train_dataset is not None and "row_index" not in train_dataset.column_names:
-            train_dataset = train_dataset.add_column("row_index", list(range(len(train_dataset))))
         self._prior_loss_sum: float | None = None
         self._nonfinite_streak = 0
-        callbacks = list(kwargs.pop("callbacks", None) or []) + [_CollatorEpoch(collator), _WholeRunLoss(self)]
+        self._card_metrics: dict | None = None  # the last evaluation of the weights the output directory holds
+        callbacks = list(kwargs.pop("callbacks", None) or []) + [_CollatorEpoch(collator), WholeRunLoss(self)]
         if evaluator is not None:
             # Trainer insists on an eval_dataset when eval_strategy is set; the evaluator owns the real one.
             kwargs.setdefault("eval_dataset", evaluator.triplets)
@@ -274,6 +213,42 @@ class CIRTrainer(Trainer):
         return bank
 
     # ------------------------------------------------------------------------------------- training
+    def _get_train_sampler(self, train_dataset=None):
+        if not self.args.group_by_text_length or self.training_texts is None:
+            return super()._get_train_sampler(train_dataset)
+        args = self.args
+        update = args.train_batch_size * args.world_size * args.gradient_accumulation_steps  # rows per update
+        return LengthGroupedOrder(self.training_texts.row_lengths, len(self.training_texts), update,
+                                  seed=args.data_seed if args.data_seed is not None else args.seed,
+                                  groups_per_bucket=args.length_groups_per_bucket)
+
+    def get_decay_parameter_names(self, model) -> list[str]:
+        if self.args.decay_norms_and_biases:
+            return decay_parameter_names(model)
+        return super().get_decay_parameter_names(model)
+
+    @staticmethod
+    def get_optimizer_cls_and_kwargs(args, model=None):
+        optimizer_cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
+        if kwargs.get("fused") and model is not None and not fused_adamw_supported(model.parameters()):
+            logger.info("No fused AdamW kernel for these parameters' device: torch's default AdamW (the same update).")
+            kwargs = {**kwargs, "fused": False}
+        return optimizer_cls, kwargs
+
+    def floating_point_ops(self, inputs) -> int:
+        """The Trainer's estimate (6 x input tokens x non-embedding parameters), with the parameters counted once, not
+        at every step (a walk over every module)."""
+        if getattr(self, "_counted", (None,))[0] is not self.model:
+            count = self.model.num_parameters(exclude_embeddings=True) if hasattr(self.model, "num_parameters") else 0
+            self._counted = (self.model, count)
+        tokens = inputs["input_ids"].numel() if "input_ids" in inputs else 0
+        return 6 * tokens * self._counted[1]
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        if grad_norm is None and self.args.max_grad_norm <= 0:
+            return None  # no clipping (the original's procedure): no pass over every gradient only to log its norm
+        return super()._get_grad_norm(model, grad_norm)
+
     def create_optimizer(self, model=None):
         if self.optimizer is None and is_lora_model(self.model):
             check_lora_optimizer_scope(self.model, self.args.stage)  # adapters + modules_to_save, nothing else
@@ -328,7 +303,7 @@ class CIRTrainer(Trainer):
     def _load_callback_state(self) -> None:
         super()._load_callback_state()
         for callback in self.callback_handler.callbacks:  # restore_callback_states_from_checkpoint re-creates them
-            if isinstance(callback, _WholeRunLoss) and callback.trainer is None:
+            if isinstance(callback, WholeRunLoss) and callback.trainer is None:
                 callback.trainer = self
 
     def _whole_run_loss_sum(self) -> float:
@@ -343,8 +318,19 @@ class CIRTrainer(Trainer):
         super().log(logs, start_time)
 
     def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
+        """`Trainer.train` holding the lock of `output_dir` (a second run into it fails naming this one), resuming
+        only from a complete checkpoint of a run with the same settings (`trainers.checkpoints`)."""
         self._check_batch_fits()
-        output = super().train(resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs)
+        with directory_lock(self.args.output_dir, "training output"):
+            checkpoint = resolve_resume(resume_from_checkpoint, self.args.output_dir)
+            if checkpoint is None:
+                check_fresh_output_dir(self.args.output_dir)
+            else:
+                check_resume(checkpoint, run_record(self.model, self.args.stage, self.bank))
+            output = super().train(checkpoint, trial, ignore_keys_for_eval, **kwargs)
+        if self.args.load_best_model_at_end and self.state.best_model_checkpoint:
+            best_step = int(self.state.best_model_checkpoint.rsplit("-", 1)[-1])
+            self._card_metrics = logged_evaluation(self.state.log_history, best_step)  # the weights loaded back
         return output._replace(training_loss=output.metrics.get("train_loss", output.training_loss))
 
     def _check_batch_fits(self) -> None:
@@ -364,30 +350,27 @@ class CIRTrainer(Trainer):
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         if checkpoint is not None and not self.is_deepspeed_enabled:
-            saved = {p.name for p in Path(checkpoint).iterdir()} if Path(checkpoint).is_dir() else set()
-            # optimizer.pt, optimizer.bin (accelerate), an optimizer folder (FSDP) or per-rank optimizer files
-            has_optimizer = any(name.startswith("optimizer") or name.endswith("-optimizer.pt") for name in saved)
-            found = {"optimizer.pt": has_optimizer, "scheduler.pt": "scheduler.pt" in saved}
-            missing = [name for name, present in found.items() if not present]
-            if missing and not self.args.resume_without_optimizer_state:
-                raise ValueError(
-                    f"Checkpoint {checkpoint} has no {' or '.join(missing)}: resuming would silently restart the "
-                    "optimizer state and the learning-rate schedule. Resume from a complete checkpoint, or pass "
-                    "--resume_without_optimizer_state to accept a fresh optimizer / schedule."
-                )
-            if missing:
-                logger.warning("Checkpoint %s has no %s: the optimizer state and/or the learning-rate schedule restart "
-                               "from scratch (resume_without_optimizer_state=True).", checkpoint, " or ".join(missing))
+            check_optimizer_state(checkpoint, self.args.resume_without_optimizer_state)
         return super()._load_optimizer_and_scheduler(checkpoint)
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
+        self.accelerator.wait_for_everyone()  # every rank's files (RNG states) are written before the mark
+        if self.args.should_save and folder.is_dir():
+            write_run_record(folder, run_record(self.model, self.args.stage, self.bank))
 
     # ----------------------------------------------------------------------------------- evaluation
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
         if self.evaluator is None:
             return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
-        metrics = {f"{metric_key_prefix}_{k}": v for k, v in self.evaluator(self.model).items()}
+        evaluation = self.evaluator(self.model)
+        metrics = {f"{metric_key_prefix}_{k}": v for k, v in evaluation.items()}
         metrics[f"{metric_key_prefix}_epoch"] = self.state.epoch or 0.0
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        self._card_metrics = evaluation
+        self._write_card(Path(self.args.output_dir), only_if_saved=True)
         return metrics
 
     # --------------------------------------------------------------------------------------- saving
@@ -401,36 +384,32 @@ class CIRTrainer(Trainer):
                 )
         super()._save(output_dir, state_dict)
         output_dir = Path(output_dir or self.args.output_dir)
-        (output_dir / "README.md").write_text(self.model_card())
+        self._write_card(output_dir)
         if is_lora_model(self.model):
             write_lora_metadata(self.model, output_dir, self.processing_class)
 
+    # ------------------------------------------------------------------------------------------ model card
     def create_model_card(self, *args, **kwargs) -> None:
-        """`push_to_hub` calls this: publish our CIR card (stage, protocol, metrics) instead of the generic one."""
-        if self.is_world_process_zero():
-            (Path(self.args.output_dir) / "README.md").write_text(self.model_card())
+        """`push_to_hub` calls this: publish our CIR card (stage, settings, the last evaluation) instead of the
+        generic one."""
+        self._write_card(Path(self.args.output_dir))
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        self._write_card(Path(self.args.output_dir))  # pushed while training: the card of the weights it copies
+        super()._push_from_checkpoint(checkpoint_folder)
 
     def model_card(self) -> str:
-        """A model card: base model, datasets, stage, protocol and the latest evaluation metrics."""
-        from huggingface_hub import ModelCardData
+        """The model card (`trainers.model_card`) with the metrics of the last evaluation."""
+        metrics = self._card_metrics if self._card_metrics is not None else logged_evaluation(self.state.log_history)
+        return trainer_card(self, metrics)
 
-        info = self.model_card_info
-        evals = [log for log in self.state.log_history if any(k.startswith("eval_") for k in log)]
-        metrics = {k: v for k, v in (evals[-1] if evals else {}).items() if isinstance(v, float) and k.startswith("eval_")}
-        protocol = self.evaluator.protocol_description if self.evaluator is not None else "not evaluated"
-        stage = {"in_batch": "stage 1 (in-batch InfoNCE)", "candidate_bank": "stage 2 (candidate-bank InfoNCE)"}
-        loss_config = json.dumps(self.loss_fn.get_config_dict()) if self.loss_fn is not None else "{}"
-        rows = [("base model", info.get("base_model", "unknown")), ("training data", info.get("datasets", "unknown")),
-                ("stage", stage[self.args.stage]), ("loss", loss_config),
-                ("steps / epochs", f"{self.state.global_step} / {self.state.epoch or 0:.2f}")]
-        fields = table(rows) + "\n" + lora_card_rows(self.model) + f"| evaluation protocol | {protocol} |"
-        scores = table([(k, f"{v:.2f}") for k, v in metrics.items()] or [("(no evaluation yet)", "")],
-                       header=("metric", "value"))
-        metadata = ModelCardData(library_name="transformers", tags=["composed-image-retrieval", "spn4cir"],
-                                 base_model=info.get("base_model", "unknown"))
-        return render_card(metadata, info.get("title", "spn4cir CIR model"),
-                           f"Trained with `spn4cir` (SPN: Feng et al., ACM MM 2024) — {stage[self.args.stage]}.",
-                           fields, f"## Metrics (latest evaluation, percent)\n\n{scores}")
+    def _write_card(self, output_dir: Path, only_if_saved: bool = False) -> None:
+        """README.md of `output_dir` (from the main process); `only_if_saved`: only where a model is saved, so that
+        an evaluation during training leaves the output directory alone until the model is written there."""
+        saved = any((output_dir / name).is_file() for name in ("config.json", "adapter_config.json"))
+        if self.args.should_save and (saved or not only_if_saved):
+            output_dir.mkdir(parents=True, exist_ok=True)
+            (output_dir / "README.md").write_text(self.model_card())
 
 
-__all__ = ["CIRTrainer", "CIRTrainingArguments", "PROTOCOLS", "STAGES"]
+__all__ = ["PROTOCOLS", "STAGES", "CIRTrainer", "CIRTrainingArguments"]

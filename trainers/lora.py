@@ -30,7 +30,13 @@ import torch
 from torch import nn
 
 from modeling_spn4cir.loading import LORA_METADATA, load_cir_model_and_processor
-from modeling_spn4cir.storage import atomic_write_json
+from modeling_spn4cir.model_cards import cir_card_data, hub_base_model, render_card, with_model_id
+from modeling_spn4cir.storage import (
+    OutputDirError,
+    atomic_directory,
+    atomic_write_json,
+    checkpoint_fingerprint,
+)
 
 VOCABULARY_ROWS = 1024  # an nn.Embedding this large is a token table, never a "small head"
 
@@ -154,10 +160,14 @@ def apply_lora(model: nn.Module, args: LoRAArguments, stage: str):
                          "without gradient; drop use_reentrant from --gradient_checkpointing_kwargs.")
     # The adapters' initial weights come from a generator seeded with the run's seed, not from whatever state the
     # global RNG is in (which depends on what ran before): the same seed gives the same adapters and results.
+    base = getattr(model, "name_or_path", None)
+    # what the base is by content, taken before training: the adapter is refused on anything else later
+    fingerprint = checkpoint_fingerprint(base) if base else None
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(getattr(args, "seed", 0))
         peft_model = get_peft_model(model, lora_config_for(model, args, stage))
     peft_model.cir_lora_stage = stage
+    peft_model.cir_lora_base_fingerprint = fingerprint
     # Non-reentrant checkpointing (transformers' default, enforced above) needs no gradient on the embeddings'
     # output; the hook transformers adds for it turns that output into a leaf that BLIP's in-place position-embedding
     # sum then rejects once LoRA has frozen the embeddings.
@@ -224,39 +234,54 @@ def write_lora_metadata(peft_model, output_dir, processor=None) -> None:
         "preprocessing": getattr(image_processor, "preprocessing", "targetpad"),
         "bidirectional": bool(getattr(config, "bidirectional", False)),
         "temperature": float(config.temperature),
+        "base_fingerprint": getattr(peft_model, "cir_lora_base_fingerprint", None),
     }
     atomic_write_json(Path(output_dir) / LORA_METADATA, metadata, indent=2)
 
 
-def lora_card_rows(model) -> str:
-    """Model-card rows describing the adapter ("" without LoRA)."""
+def lora_card_rows(model) -> list[tuple[str, str]]:
+    """Model-card rows describing the adapter (none without LoRA); the card names the base model itself."""
     if not is_lora_model(model):
-        return ""
+        return []
     config = model.peft_config["default"]
     saved = ", ".join(sorted(config.modules_to_save or [])) or "none"
     trainable = sum(p.numel() for p in lora_trainable_parameters(model))
     total = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n and "modules_to_save" not in n)
-    return (f"| LoRA adapter on | {config.base_model_name_or_path} |\n"
-            f"| LoRA | r={config.r}, alpha={config.lora_alpha}, dropout={config.lora_dropout}; "
-            f"{len(adapted_layers(model))} adapted layers; trained in full: {saved} |\n"
-            f"| trainable parameters | {trainable:,} of {total:,} |\n"
-            f"| load | `modeling_spn4cir.loading.load_cir_model_and_processor(dir)` (needs `peft`); "
-            f"`trainers.lora.merge_lora(dir, out)` writes a plain checkpoint |\n")
+    shape = (f"r={config.r}, alpha={config.lora_alpha}, dropout={config.lora_dropout}; "
+             f"{len(adapted_layers(model))} adapted layers; trained in full: {saved}")
+    load = ("`modeling_spn4cir.loading.load_cir_model_and_processor(dir)` (needs `peft`); "
+            "`trainers.lora.merge_lora(dir, out)` writes a plain checkpoint")
+    return [("LoRA", shape), ("trainable parameters", f"{trainable:,} of {total:,}"), ("load", load)]
 
 
-def merge_lora(adapter_dir, output_dir) -> Path:
+def merge_lora(adapter_dir, output_dir, overwrite: bool = False) -> Path:
     """Merge the adapter in `adapter_dir` into its base and write a plain checkpoint (weights, config, code for
-    `trust_remote_code`, processor, card) that `AutoModel.from_pretrained` loads without `peft`."""
+    `trust_remote_code`, processor, card) that `AutoModel.from_pretrained` loads without `peft`. `output_dir` is
+    written atomically and must not be (or contain) the adapter or its base: merging into the base would overwrite
+    it, and the adapter, which names that base, would then be applied twice. `overwrite`: replace an earlier merge."""
+    adapter_dir, output_dir = Path(adapter_dir), Path(output_dir)
+    metadata = json.loads((adapter_dir / LORA_METADATA).read_text())
+    base = Path(metadata["base_model"]) if Path(metadata["base_model"]).is_dir() else None
+    for source, what in ((base, "its base"), (adapter_dir, "the adapter")):
+        out, src = output_dir.resolve(), source.resolve() if source is not None else None
+        if src is not None and (out == src or out in src.parents):
+            twice = " (and the adapter, which names it, would then be applied twice)" if source is base else ""
+            raise OutputDirError(
+                f"merge_lora: the output directory {output_dir} is or contains {what} {source}: writing it would "
+                f"overwrite {what}{twice}. Write the merged checkpoint to a new directory (run_cir.py --merge_lora "
+                "writes <output_dir>/merged).")
     model, processor = load_cir_model_and_processor(str(adapter_dir))  # merged
-    output_dir = Path(output_dir)
-    model.save_pretrained(output_dir)
-    processor.save_pretrained(output_dir)
-    metadata = json.loads((Path(adapter_dir) / LORA_METADATA).read_text())
-    card = Path(adapter_dir) / "README.md"
-    text = card.read_text() if card.exists() else f"---\nbase_model: {metadata['base_model']}\n---\n"
-    (output_dir / "README.md").write_text(
-        text + f"\nThis checkpoint is the LoRA adapter `{Path(adapter_dir).name}` merged into "
-               f"`{metadata['base_model']}`: a plain checkpoint, no `peft` needed.\n")
+    hub_base = hub_base_model(metadata["base_model"])  # a Hub id, never a local path
+    card = adapter_dir / "README.md"
+    text = card.read_text() if card.exists() else render_card(cir_card_data(base_model=hub_base), output_dir.name)
+    into = "its base model" if Path(metadata["base_model"]).exists() or hub_base is None else f"`{hub_base}`"
+    with atomic_directory(output_dir, tool="trainers.lora.merge_lora", overwrite=overwrite,
+                          protect=[adapter_dir, base]) as staging:
+        model.save_pretrained(staging)
+        processor.save_pretrained(staging)
+        (staging / "README.md").write_text(with_model_id(
+            text + f"\nThis checkpoint is the LoRA adapter `{adapter_dir.name}` merged into {into}: a plain "
+                   "checkpoint, no `peft` needed.\n", output_dir.name))
     return output_dir
 
 

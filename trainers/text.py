@@ -22,15 +22,42 @@ def fashioniq_eval_caption(captions: Sequence[str]) -> str:
 def fashioniq_train_caption(captions: Sequence[str], rng: random.Random) -> str:
     """FashionIQ training text, randomized as the original `generate_randomized_fiq_caption`:
     "c0 and c1", "c1 and c0", "c0" or "c1", each with probability 1/4 (after stripping `.?, `)."""
-    if len(captions) == 1:
-        return captions[0].strip(_STRIP)
-    c0, c1 = captions[0].strip(_STRIP), captions[1].strip(_STRIP)
-    return (f"{c0} and {c1}", f"{c1} and {c0}", c0, c1)[rng.randrange(4)]
+    return compose_text(captions, "join", True, rng)
+
+
+def text_variants(texts: Sequence[str], mode: str, training: bool, triplet: str = "a triplet") -> list[str]:
+    """Every text a triplet can train (or evaluate) with, in the order `variant_index` draws from.
+
+    `"join"` (FashionIQ's two captions): training gives "c0 and c1", "c1 and c0", "c0", "c1" (the original's
+    `generate_randomized_fiq_caption`; one caption: itself), evaluation "c0 and c1" (`fashioniq_eval_caption`).
+    `"choice"` (alternatives: CIRR, CIRCO, generated): training any of them, evaluation the first.
+    """
+    if not texts:
+        raise ValueError(f"{triplet} has no modification text (modification_texts is {texts!r}); every triplet "
+                         "needs at least one: fix or drop it in the dataset.")
+    if mode not in TEXT_MODES:
+        raise ValueError(f"text mode must be one of {TEXT_MODES}, got {mode!r}.")
+    if mode == "choice":
+        return list(texts) if training else [texts[0]]
+    if not training:
+        return [fashioniq_eval_caption(texts)]
+    if len(texts) == 1:
+        return [texts[0].strip(_STRIP)]
+    c0, c1 = texts[0].strip(_STRIP), texts[1].strip(_STRIP)
+    return [f"{c0} and {c1}", f"{c1} and {c0}", c0, c1]
+
+
+def variant_index(num_variants: int, mode: str, training: bool, rng: random.Random | None = None) -> int:
+    """Which of `text_variants` a training row uses: uniform, one draw from `rng` (none for evaluation or for a
+    FashionIQ triplet with one caption, as the original)."""
+    if not training or (mode == "join" and num_variants == 1):
+        return 0
+    return (rng or random).randrange(num_variants)
 
 
 def compose_text(texts: Sequence[str], mode: str, training: bool, rng: random.Random | None = None,
                  triplet: str = "a triplet") -> str:
-    """One modification text from a triplet's list.
+    """One modification text from a triplet's list: `text_variants(...)[variant_index(...)]`.
 
     Args:
         texts: the triplet's `modification_texts` (at least one).
@@ -39,14 +66,8 @@ def compose_text(texts: Sequence[str], mode: str, training: bool, rng: random.Ra
         rng: the random source for training.
         triplet: which triplet this is, for the error message (e.g. `describe_triplet(row)`).
     """
-    if not texts:
-        raise ValueError(f"{triplet} has no modification text (modification_texts is {texts!r}); every triplet "
-                         "needs at least one: fix or drop it in the dataset.")
-    if mode not in TEXT_MODES:
-        raise ValueError(f"text mode must be one of {TEXT_MODES}, got {mode!r}.")
-    if mode == "join":
-        return fashioniq_train_caption(texts, rng or random) if training else fashioniq_eval_caption(texts)
-    return (rng or random).choice(list(texts)) if training else texts[0]
+    variants = text_variants(texts, mode, training, triplet)
+    return variants[variant_index(len(variants), mode, training, rng)]
 
 
 def describe_triplet(row: dict, index: int | None = None) -> str:

@@ -6,6 +6,7 @@ import argparse
 
 from . import recipe
 from .config import CAPTIONERS, NOISE_LEVELS, RecipeConfig
+from .edit_study import run_edit_writer_study
 from .negative_study import run_negative_study
 from .noise_study import run_caption_noise_study
 from .seeds import run_seeds
@@ -35,6 +36,10 @@ def recipe_parser() -> argparse.ArgumentParser:
                         help="diagnostic: stage 1 with each negative type (alone, and target + each other), stage 2 "
                              "with in-batch / 128 / 1000 sampled / whole-bank / bank + unlabeled-pool negatives "
                              "(reuses the default run in OUTPUT_DIR, or trains stage 0 first)")
+    parser.add_argument("--edit_writer_study", action="store_true",
+                        help="diagnostic: +P and zero-shot with modification texts written from both images by a "
+                             "two-image stand-in editor trained on 'pretrain' pairs, against the templates (reuses "
+                             "the default run in OUTPUT_DIR)")
     parser.add_argument("--study_seeds", type=int, nargs="+", default=None,
                         help="training seeds of each --negative_study point (default: SEED, SEED+1, SEED+2)")
     return parser
@@ -53,4 +58,6 @@ def main(argv=None) -> dict:
         return run_text_form_probe(cfg)
     if args.negative_study:
         return run_negative_study(cfg, args.study_seeds)
+    if args.edit_writer_study:
+        return run_edit_writer_study(cfg)
     return recipe.run_default_recipe(cfg)

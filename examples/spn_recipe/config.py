@@ -39,6 +39,8 @@ class RecipeConfig:
     # graph, i.e. perfect captions).
     captioner: str = "generative"
     captioner_config: dict = field(default_factory=dict)  # overrides of generative_captioner.CaptionerConfig
+    # overrides of generative_editor.EditorConfig: the --edit_writer_study diagnostic's editor, never the default's
+    editor_config: dict = field(default_factory=dict)
     oracle_captions: bool = False  # the same as captioner="oracle"
     show_progress_bar: bool = True
     # 2: the steps run in two lanes, processes with one thread each (`lanes.run_steps`); 1: one process, the steps
@@ -53,7 +55,9 @@ class RecipeConfig:
                     stage1_batch_size=16, stage2_batch_size=32,
                     model_sizes=dict(hidden=32, layers=2, text_layers=2, heads=2, patch=16),
                     captioner_config=dict(hidden=32, heads=2, vision_layers=1, text_layers=1, patch=16, epochs=1,
-                                          batch_size=16, heldout=40))
+                                          batch_size=16, heldout=40),
+                    editor_config=dict(hidden=32, heads=2, vision_layers=1, text_layers=1, epochs=1, batch_size=16,
+                                       heldout=40, max_new_tokens=24))
         base.update(kw)
         return cls(**base)
 

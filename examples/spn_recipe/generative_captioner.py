@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from datasets_scripts.captioners import IMAGE_PROMPT, ORIGINAL_PROMPT_PREFIX, MLLMCaptioner
+from modeling_spn4cir.cli import add_debug_flag, run_cli
 
 from .minibatch import train_minibatches
 from .stamps import store_summary, stored_summary
@@ -71,26 +72,39 @@ def _word_tokenizer(texts):
 def build_captioner(captions: list[str], cfg: CaptionerConfig, seed: int = 0):
     """A randomly initialized tiny LLaVA and its processor; the vocabulary is the training captions' words plus
     the prompt's and the chat template's."""
-    from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+    tokenizer = _word_tokenizer(list(captions) + [PROMPT, "user : assistant :"])
+    processor = llava_processor(tokenizer, cfg)
+    return tiny_llava(tokenizer, cfg, (cfg.image_size // cfg.patch) ** 2 + 32 + MAX_NEW_TOKENS, seed), processor
+
+
+def llava_processor(tokenizer, cfg):
+    """A `LlavaProcessor` of `cfg`'s image size and patch, with the chat template of the stand-ins (any number of
+    images per turn)."""
+    from transformers import LlavaProcessor
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-    prompt = PROMPT
-    tokenizer = _word_tokenizer(list(captions) + [prompt, "user : assistant :"])
     size = cfg.image_size
-    processor = LlavaProcessor(
+    return LlavaProcessor(
         image_processor=CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size}),
         tokenizer=tokenizer, patch_size=cfg.patch, vision_feature_select_strategy="default",
         chat_template=CHAT_TEMPLATE, num_additional_image_tokens=1,
     )
+
+
+def tiny_llava(tokenizer, cfg, max_positions: int, seed: int = 0):
+    """A randomly initialized `LlavaForConditionalGeneration` of `cfg`'s sizes (a CLIP vision tower + a Llama
+    decoder of `max_positions` positions), generating with `tokenizer`'s special tokens."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     config = LlavaConfig(
         vision_config=dict(model_type="clip_vision_model", hidden_size=cfg.hidden, intermediate_size=2 * cfg.hidden,
-                           num_hidden_layers=cfg.vision_layers, num_attention_heads=cfg.heads, image_size=size,
-                           patch_size=cfg.patch, projection_dim=cfg.hidden),
+                           num_hidden_layers=cfg.vision_layers, num_attention_heads=cfg.heads,
+                           image_size=cfg.image_size, patch_size=cfg.patch, projection_dim=cfg.hidden),
         text_config=dict(model_type="llama", vocab_size=len(tokenizer), hidden_size=cfg.hidden,
                          intermediate_size=2 * cfg.hidden, num_hidden_layers=cfg.text_layers,
                          num_attention_heads=cfg.heads, num_key_value_heads=cfg.heads,
-                         max_position_embeddings=(size // cfg.patch) ** 2 + 32 + MAX_NEW_TOKENS,
+                         max_position_embeddings=max_positions,
                          pad_token_id=ids["<pad>"], bos_token_id=ids["<s>"], eos_token_id=ids["</s>"]),
         image_token_index=ids["<image>"], vision_feature_select_strategy="default", vision_feature_layer=-1,
     )
@@ -99,7 +113,7 @@ def build_captioner(captions: list[str], cfg: CaptionerConfig, seed: int = 0):
     model.generation_config.pad_token_id = ids["<pad>"]
     model.generation_config.eos_token_id = ids["</s>"]
     model.generation_config.bos_token_id = ids["<s>"]
-    return model, processor
+    return model
 
 
 def _prompt_ids(processor, image) -> list[int]:
@@ -115,10 +129,19 @@ def train_captioner(model, processor, images, captions: list[str], cfg: Captione
                     show_progress_bar: bool = True) -> list[float]:
     """Teacher-forced next-token loss on the answer (`caption </s>`) after the captioner's prompt; AdamW with a
     linear decay, seeded shuffling. Returns the per-step losses."""
-    tokenizer = processor.tokenizer
     prompt = torch.tensor(_prompt_ids(processor, images[0]))
     pixels = processor.image_processor(images, return_tensors="pt")["pixel_values"]
-    answers = [ids + [tokenizer.eos_token_id] for ids in tokenizer(list(captions), add_special_tokens=False)["input_ids"]]
+    return train_answers(model, processor, prompt, pixels, captions, cfg, seed, "Captioner: training on 'pretrain'",
+                         show_progress_bar)
+
+
+def train_answers(model, processor, prompt: torch.Tensor, pixels: torch.Tensor, answers: list[str], cfg, seed: int,
+                  desc: str, show_progress_bar: bool = True) -> list[float]:
+    """Teacher-forced next-token loss on each `answer </s>` after the same `prompt` (token ids, image tokens
+    expanded), the example's images `pixels[i]` (`[N, 3, S, S]`, or `[N, k, 3, S, S]` for k images per prompt);
+    AdamW with a linear decay, seeded shuffling. Returns the per-step losses."""
+    tokenizer = processor.tokenizer
+    answers = [ids + [tokenizer.eos_token_id] for ids in tokenizer(list(answers), add_special_tokens=False)["input_ids"]]
     length = len(prompt) + max(len(a) for a in answers)
     input_ids = torch.full((len(answers), length), tokenizer.pad_token_id)
     labels = torch.full((len(answers), length), -100)
@@ -131,11 +154,12 @@ def train_captioner(model, processor, images, captions: list[str], cfg: Captione
 
     def batch_loss(idx: torch.Tensor) -> torch.Tensor:
         width = int(attention[idx].sum(1).max())  # drop the columns that are padding for the whole batch
+        images = pixels[idx] if pixels.dim() == 4 else pixels[idx].flatten(0, 1)  # each prompt's images in order
         return model(input_ids=input_ids[idx, :width], attention_mask=attention[idx, :width],
-                     pixel_values=pixels[idx], labels=labels[idx, :width]).loss
+                     pixel_values=images, labels=labels[idx, :width]).loss
 
     return train_minibatches(model, len(answers), cfg.batch_size, cfg.epochs, cfg.learning_rate, seed, batch_loss,
-                             "Captioner: training on 'pretrain'", show_progress_bar)
+                             desc, show_progress_bar)
 
 
 _SPLIT = re.compile(r"\s*,\s*|\s+and\s+")
@@ -231,7 +255,7 @@ def main(argv=None):
     parser.add_argument("--output_dir", default="outputs/captioner_selection")
     parser.add_argument("--candidates", nargs="*", default=list(SWEEP), choices=list(SWEEP))
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    args = add_debug_flag(parser).parse_args(argv)
     pretrain = datasets.load_dataset(args.benchmark, "corpus", split="pretrain")
     rows = {}
     for name in args.candidates:
@@ -249,4 +273,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -116,14 +116,13 @@ class NegativeStudy:
     def _trained_metrics(self, point: StudyPoint, seed: int) -> dict:
         out = self.model_dir(point, seed)
         if point.stage == "in_batch":
-            return self.run.evaluator(self.run.train("stage0", "in_batch", self.run.annotated, out, seed=seed,
-                                                     negative_types=list(point.negative_types)))
+            return self.run.scored("stage0", "in_batch", self.run.annotated, out, seed=seed,
+                                   negative_types=list(point.negative_types))
         options = {"in-batch": {"in_batch_negatives": True}, "bank": {},
                    "bank + pool": {"extra_negatives": self._pool()}}.get(point.negatives)
         options = {"num_negatives": point.negatives} if options is None else options
-        model = self.run.train(self.model_dir(self.stage1, self.cfg.seed), "candidate_bank", self.run.annotated,
+        return self.run.scored(self.model_dir(self.stage1, self.cfg.seed), "candidate_bank", self.run.annotated,
                                out, seed=seed, bank_dir=self.bank_dir(), **options)
-        return self.run.evaluator(model)
 
     def _pool(self) -> ExtraImages:
         """The train split's images; those of no annotated triplet (the unlabeled pool) become negatives."""

@@ -80,8 +80,8 @@ def noise_level(run: RecipeRun, level: float) -> dict:
                         pairing_encoder(run.out, run.processor, run.tokenizer))
     train = run.with_annotated(scaled.triplets)
     row = {"corrupted": level, **pool_precision(run.pool, scaled.captions),
-           "+P": run.evaluator(run.train("stage0", "in_batch", train, f"{name}/P"))}
-    row["+P+N"] = run.evaluator(run.train(f"{name}/P", "candidate_bank", train, f"{name}/PN"))
+           "+P": run.scored("stage0", "in_batch", train, f"{name}/P")}
+    row["+P+N"] = run.scored(f"{name}/P", "candidate_bank", train, f"{name}/PN")
     stamp(run.out / name / "point.json", run.cfg, point=row)
     say(f"{_level_name(level)}: caption precision {row['phrase_precision']:.1f}%, +P R@10 "
         f"{row['+P']['recall@10']:.2f}, +P+N R@10 {row['+P+N']['recall@10']:.2f}")

@@ -122,7 +122,8 @@ def write_results(run: RecipeRun, done: StepsRun, start: float, cpu_start: float
         "captioner": captions["description"],
         "captioner_heldout": values["captioner"],
         "generated_triplets": len(values["positive scaling"]),
-        "zero_shot_triplets": len(values["zero-shot triplets"]),
+        "zero_shot_triplets": len(values["zero-shot triplets"]["triplets"]),
+        "zero_shot_data": {k: v for k, v in values["zero-shot triplets"].items() if k != "triplets"},
         "annotated_triplets": len(run.annotated),
         "seconds": round(elapsed, 1),
         "seconds_by_step": done.seconds,  # per lane (they run at once when workers > 1)

@@ -17,18 +17,20 @@ from modeling_spn4cir.storage import atomic_write_json, json_sha256
 STAGE0 = "stage0.json"  # stage 0 of this config is done (the noise study reuses it)
 BENCHMARK = "recipe_manifest.json"
 REPORTING = ("output_dir", "show_progress_bar")  # where a run is written and how it reports: no effect on models
+DIAGNOSTIC_ONLY = ("editor_config",)  # settings of a diagnostic's own models (stamped by them), not the default's
 
 
 def config_key(cfg) -> dict:
-    """What determines a run's models (JSON types): the config without where it is written or how it reports."""
-    return json.loads(json.dumps({k: v for k, v in asdict(cfg).items() if k not in REPORTING}))
+    """What determines a run's models (JSON types): the config without where it is written or how it reports, nor
+    the settings only a diagnostic's own models read."""
+    return json.loads(json.dumps({k: v for k, v in asdict(cfg).items() if k not in REPORTING + DIAGNOSTIC_ONLY}))
 
 
 def finished(path: Path, cfg) -> dict | None:
     """The config stamp at `path` (a dict with `"config"`) if a run of the same config wrote it, else None."""
     if path.exists():
         stored = json.loads(path.read_text())
-        if {k: v for k, v in stored["config"].items() if k not in REPORTING} == config_key(cfg):
+        if {k: v for k, v in stored["config"].items() if k not in REPORTING + DIAGNOSTIC_ONLY} == config_key(cfg):
             return stored
     return None
 

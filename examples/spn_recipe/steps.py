@@ -11,6 +11,7 @@ from pathlib import Path
 import datasets
 
 from datasets_scripts.common import TRIPLET_FEATURES
+from datasets_scripts.load import load_training_triplets
 from datasets_scripts.positive_scaling import ScaledTriplets, caption_images, scale_positives
 from datasets_scripts.synthetic import build_synthetic, phrase_vocabulary
 from modeling_spn4cir import CLIP4CIRImageProcessor, CLIP4CIRProcessor
@@ -24,6 +25,7 @@ from .captions import (
     retrieval_captioner,
     retrieval_captions,
 )
+from .collection import pool_as_collection
 from .config import RecipeConfig, say
 from .generative_captioner import CaptionerConfig, train_generative_captioner
 from .report import precision_line, recall_line
@@ -72,16 +74,28 @@ class RecipeRun:
                                               if image_id not in used])
 
     # ------------------------------------------------------------------------------------------- helpers
-    def evaluate(self, row: str, model) -> dict:
-        """`row`'s test metrics (the ablation table's cells)."""
-        metrics = self.evaluator(model)
+    def evaluate(self, row: str, metrics: dict) -> dict:
+        """`row`'s test metrics (the ablation table's cells), printed."""
         say(recall_line(row, metrics))
         return metrics
 
-    def train(self, start: str, stage: str, train, out: str, **kw):
-        """`train_cir` from the model in OUTPUT_DIR/`start` into OUTPUT_DIR/`out`."""
-        return train_cir(load_model(self.out / start), self.processor, self.cfg, stage, train, self.train_corpus,
-                         self.out / out, **kw)
+    def train(self, start: str, stage: str, train, out: str, corpus=None, **kw):
+        """`train_cir` from the model in OUTPUT_DIR/`start` into OUTPUT_DIR/`out`, the images from `corpus` (default:
+        the benchmark's train corpus); -> the trained model."""
+        return self._train(start, stage, train, out, None, corpus, **kw)[0]
+
+    def scored(self, start: str, stage: str, train, out: str, corpus=None, **kw) -> dict:
+        """`train`, then the model's test metrics, evaluated by its trainer (so its model card records them)."""
+        return self._train(start, stage, train, out, self.evaluator, corpus, **kw)[1]
+
+    def _train(self, start: str, stage: str, train, out: str, evaluator, corpus, **kw):
+        card = {"base": f"the recipe's `{start}` model (a small CLIP4CIR built from a config)",
+                "training_data": f"{len(train)} triplets of the synthetic CIR benchmark (seed {self.cfg.seed}, size "
+                                 f"{self.cfg.size})",
+                "eval_dataset": ("spn4cir-synthetic", "the synthetic CIR benchmark"), "eval_split": "test"}
+        return train_cir(load_model(self.out / start), self.processor, self.cfg, stage, train,
+                         self.train_corpus if corpus is None else corpus, self.out / out, evaluator=evaluator,
+                         card=card, **kw)
 
     def as_dataset(self, triplets: list[dict]) -> datasets.Dataset:
         """Generated triplets (rows of the scaled-triplets schema) with the annotated triplets' columns and types."""
@@ -127,7 +141,7 @@ class RecipeRun:
 
     def stage1(self) -> dict:
         """Step 4: in-batch CIR fine-tuning on the annotated triplets."""
-        return self.evaluate("stage 1", self.train("stage0", "in_batch", self.annotated, "stage1"))
+        return self.evaluate("stage 1", self.scored("stage0", "in_batch", self.annotated, "stage1"))
 
     def train_captioner(self) -> dict | None:
         """Step 5: the generative captioner (a tiny LLaVA trained only on `pretrain`); nothing for the others."""
@@ -155,36 +169,48 @@ class RecipeRun:
             f"(rank window {window} of the stage-0 model's ranking)")
         return scaled.triplets
 
-    def zero_shot_triplets(self, captions: dict) -> list[dict]:
-        """Step 6c: the zero-shot data, as the original's in-domain ZS-CIR: the pool paired at random (zscir,
-        `--model zs`), the same captions."""
-        return self.scaled(captions, "generated_zero_shot", None).triplets
+    def zero_shot_triplets(self, captions: dict) -> dict:
+        """Step 6c: the zero-shot data as real zero-shot data is made (README: Zero-shot CIR): the pool written as an
+        image collection (webdataset shards) and converted with `datasets_scripts.images`; that corpus captioned by
+        the same captioner (the pool's caption cache holds its images: same ids, same bytes) and paired at random, as
+        the original's in-domain ZS-CIR (zscir, `--model zs`). Returns the triplets and the dataset's path."""
+        corpus = pool_as_collection(self.pool, self.out)
+        captioner, _ = pool_captioner(self.cfg, self.pool, self.out, self.processor, self.tokenizer)
+        converted = caption_images(corpus, captioner, captions["cache"], batch_size=256,
+                                   show_progress_bar=self.cfg.show_progress_bar)
+        scaled = scale_positives(
+            corpus, converted, self.out / "generated_zero_shot", dataset="cirr", rank_window=None, k=self.cfg.k,
+            seed=self.cfg.seed, tokenizer=self.tokenizer, max_length=self.tokenizer.model_max_length, batch_size=256,
+            show_progress_bar=self.cfg.show_progress_bar, overwrite=True, protect=[captions["cache"]],
+            captioned_by=captions["captioned_by"])
+        return {"triplets": scaled.triplets, "path": str(scaled.path), "collection": str(self.out / "pool_shards")}
 
     def plus_n(self) -> dict:
         """Step 7: stage 2 on the annotated triplets (+N); its candidate bank is shared with +N (LoRA): the same
         frozen stage-1 towers over the same images."""
-        return self.evaluate("+N", self.train("stage1", "candidate_bank", self.annotated, "stage2_N",
-                                              bank_dir=self.out / "bank_stage1"))
+        return self.evaluate("+N", self.scored("stage1", "candidate_bank", self.annotated, "stage2_N",
+                                               bank_dir=self.out / "bank_stage1"))
 
     def plus_n_lora(self) -> dict:
-        return self.evaluate("+N (LoRA)", self.train("stage1", "candidate_bank", self.annotated, "stage2_N_lora",
-                                                     lora_r=self.cfg.lora_r, bank_dir=self.out / "bank_stage1"))
+        return self.evaluate("+N (LoRA)", self.scored("stage1", "candidate_bank", self.annotated, "stage2_N_lora",
+                                                      lora_r=self.cfg.lora_r, bank_dir=self.out / "bank_stage1"))
 
     def plus_p(self, triplets: list[dict]) -> dict:
         """Step 8: stage 1 with the generated positives (+P) ..."""
-        return self.evaluate("+P", self.train("stage0", "in_batch", self.with_annotated(triplets), "stage1_P"))
+        return self.evaluate("+P", self.scored("stage0", "in_batch", self.with_annotated(triplets), "stage1_P"))
 
     def plus_p_n(self, triplets: list[dict]) -> dict:
         """... then stage 2 (+P+N) ..."""
-        return self.evaluate("+P+N", self.train("stage1_P", "candidate_bank", self.with_annotated(triplets),
+        return self.evaluate("+P+N", self.scored("stage1_P", "candidate_bank", self.with_annotated(triplets),
                                                 "stage2_PN"))
 
-    def zero_shot(self, triplets: list[dict]) -> dict:
-        """... and zero-shot (SPN's low-resource setting): no annotated triplet at all, stage 1 then stage 2 on
-        the generated ones."""
-        train = self.as_dataset(triplets)
-        self.train("stage0", "in_batch", train, "zero_shot_stage1")
-        return self.evaluate("zero-shot", self.train("zero_shot_stage1", "candidate_bank", train, "zero_shot"))
+    def zero_shot(self, data: dict) -> dict:
+        """... and zero-shot (SPN's low-resource setting): no annotated triplet at all, stage 1 then stage 2 on the
+        generated ones, read as `run_cir.py --train_dataset` reads them (their images from their own corpus)."""
+        train = load_training_triplets([data["path"]], columns=TRIPLET_COLUMNS)
+        self.train("stage0", "in_batch", train.triplets, "zero_shot_stage1", corpus=train.corpora)
+        return self.evaluate("zero-shot", self.scored("zero_shot_stage1", "candidate_bank", train.triplets,
+                                                     "zero_shot", corpus=train.corpora))
 
     def caption_precision(self, captions: dict) -> dict:
         """The pool's captions scored against the scene graph, and the stage-1 model's retrieval captions next to

@@ -52,12 +52,14 @@ def load_model(path: Path) -> CLIP4CIRModel:
 
 def train_cir(model, processor, cfg: RecipeConfig, stage: str, train, corpus, out: Path,
               lora_r: int | None = None, bank_dir: Path | None = None, seed: int | None = None,
-              extra_negatives=None, **options) -> CLIP4CIRModel:
-    """One CIRTrainer run, saved to `out`. `bank_dir`: where stage 2's candidate bank is kept; two runs from the
-    same stage-1 model over the same images share one (the bank is fingerprinted, so it is reused only when it
-    matches). `seed`: the run's data order and sampling (default `cfg.seed`); `extra_negatives` (stage 2's
-    `ExtraImages`) and `options` (more `CIRTrainingArguments`: `negative_types`, `num_negatives`,
-    `in_batch_negatives`) are the negative study's."""
+              extra_negatives=None, evaluator=None, card: dict | None = None,
+              **options) -> tuple[CLIP4CIRModel, dict | None]:
+    """One CIRTrainer run, saved to `out`; -> (the model, its metrics by `evaluator`, or None without one).
+    `bank_dir`: where stage 2's candidate bank is kept; two runs from the same stage-1 model over the same images
+    share one (the bank is fingerprinted, so it is reused only when it matches). `seed`: the run's data order and
+    sampling (default `cfg.seed`); `extra_negatives` (stage 2's `ExtraImages`) and `options` (more
+    `CIRTrainingArguments`: `negative_types`, `num_negatives`, `in_batch_negatives`) are the negative study's.
+    `card`: the model card's `model_card_info` (`trainers.model_card`)."""
     epochs, lr, batch = ((cfg.stage1_epochs, cfg.stage1_lr, cfg.stage1_batch_size) if stage == "in_batch"
                          else (cfg.stage2_epochs, cfg.stage2_lr, cfg.stage2_batch_size))
     if lora_r is not None:
@@ -73,10 +75,15 @@ def train_cir(model, processor, cfg: RecipeConfig, stage: str, train, corpus, ou
         **options,
     )
     trainer = CIRTrainer(model, args, train_dataset=train, corpus=corpus, processor=processor,
-                         extra_negatives=extra_negatives,
-                         model_card_info={"base_model": "config (synthetic recipe)", "datasets": "synthetic CIR"})
+                         extra_negatives=extra_negatives, model_card_info=card)
     result = trainer.train()
     trainer.save_model(str(out))
     say(f"{out.name}: {stage}, {len(train)} triplets, {epochs} epochs, final loss "
         f"{trainer.state.log_history[-2].get('loss', result.training_loss):.3f}")
-    return model
+    if evaluator is None:
+        return model, None
+    # Given after construction, so that stage 2 does not hand it the bank: every row of the table is scored by the
+    # one test evaluator in the same way, as the recipe's published numbers were.
+    trainer.evaluator = evaluator
+    metrics = trainer.evaluate()  # and the model card in `out` records them
+    return model, {k[len("eval_"):]: v for k, v in metrics.items() if k.startswith("eval_") and k != "eval_epoch"}

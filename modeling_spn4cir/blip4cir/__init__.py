@@ -27,6 +27,7 @@ SPEC = FamilySpec(
     stage1_losses={"blip4cir_bidirectional": BLIP4CIRBidirectionalLoss},
     bidirectional_overrides={"bidirectional": True, "stage1_loss": "blip4cir_bidirectional"},
     paper=PaperFacts(
+        backbone_label="ViT-B/16 384px",
         method="BLIP4CIR+Bi", backbone="BLIP base (model_base.pth)", release_folder="blip", original_code="BLIP4CIR",
         reported={("fashioniq", 2): (44.52, 67.13, 45.68, 67.96, 50.74, 73.79, 46.98, 69.63, 58.30),
                   ("fashioniq", 1): (44.22, 67.08, 45.00, 66.68, 49.72, 73.02, 46.31, 68.93, 57.62),

@@ -22,9 +22,11 @@ from pathlib import Path
 
 import torch
 
+from ..cli import run_cli
 from ..conversion_utils import (CheckpointMismatchError, check_image_size, check_state_dict, conversion_card,
                                 converter_parser, count_blocks, load_checkpoint, run_converter, write_converted)
 from ..conversion_utils import parse_num_heads as _parse_num_heads
+from ..conversion_utils import timm_vit_backbone
 from . import SPEC
 from .configuration_blip4cir import BLIP_VIT_LAYER_NORM_EPS, BLIP4CIRConfig
 from .modeling_blip4cir import BLIP4CIRModel
@@ -98,6 +100,12 @@ def read_original_checkpoint(path: str | os.PathLike) -> OriginalCheckpoint:
         f"{path}: unknown checkpoint format (top-level keys {sorted(data)[:10]}); expected 'state_dict' (SPN4CIR "
         "stage 2), 'BLIP_Retrieval' (stage 1) or a bare BLIP_Retrieval state dict."
     )
+
+
+def backbone(original: OriginalCheckpoint) -> str:
+    """BLIP's ViT by its weights (`"ViT-B/16 384px"` for BLIP base): the model zoo's identity of a checkpoint,
+    whatever its path."""
+    return timm_vit_backbone(original.blip_state_dict)
 
 
 def parse_num_heads(values) -> dict[str, int]:
@@ -280,4 +288,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -38,7 +38,8 @@ def build_blip_tokenizer(name_or_path: str = "bert-base-uncased", **kwargs):
 class BLIP4CIRProcessor(CIRProcessorMixin, ProcessorMixin):
     r"""
     `processor(images=..., text=...)` -> `pixel_values` `[N, 3, S, S]` and/or `input_ids`, `attention_mask`
-    `[B, L]`: tokenized with padding to the longest caption, then `[ENC]` written at position 0 in place of
+    `[B, L]`: tokenized with padding to the longest caption (truncated at the text encoder's positions, the
+    tokenizer's `model_max_length`), then `[ENC]` written at position 0 in place of
     `[CLS]` (BLIP's image-grounded encoding, blip_cir.py); the attention mask is unchanged.
 
     Args:
@@ -55,7 +56,10 @@ class BLIP4CIRProcessor(CIRProcessorMixin, ProcessorMixin):
     def enc_token_id(self) -> int:
         return self.tokenizer.convert_tokens_to_ids(ENC_TOKEN)
 
-    text_defaults = {"padding": "longest"}  # no truncation, as the original
+    # Padded to the longest, as the original; truncated at the tokenizer's `model_max_length`, which the family's
+    # processor sets to the text encoder's position count (`FamilySpec.prepare_tokenizer`): the original has no
+    # truncation and stops with a shape error on a longer text, so the two agree on every text it can encode.
+    text_defaults = {"padding": "longest", "truncation": True}
 
     def encode_text(self, text, return_tensors, **kwargs):
         """Tokenize, then put `[ENC]` in place of `[CLS]` at position 0 (the mask is unchanged)."""

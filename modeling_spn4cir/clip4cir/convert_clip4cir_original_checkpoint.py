@@ -19,9 +19,11 @@ from pathlib import Path
 
 import torch
 
+from ..cli import run_cli
 from ..conversion_utils import (CheckpointMismatchError, check_image_size, check_state_dict, conversion_card,
                                 converter_parser, count_blocks, load_checkpoint, run_converter, write_converted)
-from ..openai_clip_conversion import convert_openai_clip_entry, openai_clip_text_config, openai_clip_vit_config
+from ..openai_clip_conversion import (convert_openai_clip_entry, openai_clip_backbone, openai_clip_text_config,
+                                      openai_clip_vit_config)
 from . import SPEC
 from .configuration_clip4cir import CLIP4CIRConfig
 from .modeling_clip4cir import CLIP4CIRModel
@@ -60,6 +62,12 @@ def read_original_checkpoint(path: str | os.PathLike) -> OriginalCheckpoint:
         f"{path}: unknown checkpoint format (top-level keys {sorted(data)[:10]}); expected 'state_dict' "
         "(SPN4CIR), 'CLIP' (CLIP4Cir) or a bare OpenAI CLIP state dict."
     )
+
+
+def backbone(original: OriginalCheckpoint) -> str:
+    """The image tower of the checkpoint by its weights (`"RN50x4 288px"`, `"ViT-B/32 224px"`): the model zoo's
+    identity of a checkpoint, whatever its path."""
+    return openai_clip_backbone(original.clip_state_dict)
 
 
 def read_combiner_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -191,4 +199,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -21,20 +21,31 @@ image listed first), whose scores are those of the ranked images. An optional FA
 from __future__ import annotations
 
 import json
+import numbers
 import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
+from ..image_files import open_image
 from ..image_store import ImageStore, encode_images
-from ..storage import atomic_directory, same_target_side, target_side_fingerprint
-from .gallery_images import gallery_images
-from .index_storage import BUILD_SHARD_SIZE, encode_with_cache, read_index, write_index
+from ..storage import atomic_directory, check_output_dir, same_target_side, target_side_fingerprint
+from .gallery_images import DATASET_KEYS, gallery_images
+from .index_storage import (
+    BUILD_SHARD_SIZE,
+    REBUILD,
+    IndexFileError,
+    encode_with_cache,
+    nonfinite_rows,
+    read_index,
+    write_index,
+)
 from .ranking import rank_topk
 
 # Scores held at once by an exact search: query chunk x gallery size (128 MiB of float32).
 SCORE_BUDGET = 2**25
+OUTPUT_TOOL = "CIRIndex"  # the marker of a saved index's directory (`storage.atomic_directory`)
 
 
 class ModelMismatchError(ValueError):
@@ -65,20 +76,27 @@ class CIRIndex:
         image_ids: one unique string id per row.
         paths: the image file of each row, or None where the image lives only inside a dataset.
         fingerprint: [`model_fingerprint`] of the model and image processor that produced `embeddings`.
-        sources: where the images came from (folders, file lists, corpora), in the order they were added.
+        sources: where the images came from (folders, file lists, corpora), in the order they were added, each with
+            the folder its files lie in (`root`: only files under it are served by [`open_image`]). Default: one
+            source of the given files, rooted at their common folder.
     """
 
     def __init__(self, embeddings: torch.Tensor, image_ids: Sequence[str], paths: Sequence[str | None],
-                 fingerprint: dict, sources: Sequence[dict] = ()):
-        image_ids = list(image_ids)
+                 fingerprint: dict, sources: Sequence[dict] | None = None):
+        image_ids, paths = list(image_ids), list(paths)
         if embeddings.shape[0] != len(image_ids) or len(paths) != len(image_ids):
             raise ValueError(f"{embeddings.shape[0]} embeddings, {len(image_ids)} ids and {len(paths)} paths; "
                              "they must describe the same rows.")
+        _check_embeddings(embeddings)
+        if sources is None:
+            folders = [os.path.dirname(os.path.abspath(p)) for p in paths if p is not None]
+            sources = [{"type": "files", "root": os.path.commonpath(folders), "start": 0, "stop": len(paths)}] \
+                if folders else []
         duplicates = [i for i, n in _counts(image_ids).items() if n > 1]
         if duplicates:
             raise ValueError(f"{len(duplicates)} image ids occur more than once in the gallery (first: "
                              f"{duplicates[:5]}); image ids must be unique.")
-        self.embeddings, self.image_ids, self.paths = embeddings, image_ids, list(paths)
+        self.embeddings, self.image_ids, self.paths = embeddings, image_ids, paths
         self.fingerprint, self.sources = dict(fingerprint), list(sources)
         self._position = {image_id: i for i, image_id in enumerate(image_ids)}
         self._faiss = None
@@ -93,10 +111,10 @@ class CIRIndex:
 
     # ------------------------------------------------------------------------------------------- building
     @staticmethod
-    def _encode(model, image_processor, images, ids, dataset, cache_dir, shard_size, **encoding):
+    def _encode(model, image_processor, images, ids, dataset, cache_dir, shard_size, skip_bad_images, **encoding):
         """Encode the gallery `images` with `model.get_target_embeds` -> (embeddings `[n, ...]`, ids, paths,
         source); with `cache_dir`, in the resumable shards of a build cache (`index_storage.encode_with_cache`)."""
-        gallery = gallery_images(images, ids, dataset)
+        gallery = gallery_images(images, ids, dataset, skip_bad_images)
         if encoding.get("device") is None:
             encoding["device"] = next(model.parameters()).device
         was_training = model.training
@@ -117,7 +135,7 @@ class CIRIndex:
     def build(cls, model, image_processor, images, ids: Sequence[str] | None = None, dataset: dict | None = None,
               batch_size: int = 64, num_workers: int = 0, device=None, dtype: torch.dtype = torch.float32,
               show_progress_bar: bool = True, cache_dir: str | os.PathLike | None = None,
-              shard_size: int = BUILD_SHARD_SIZE) -> "CIRIndex":
+              shard_size: int = BUILD_SHARD_SIZE, skip_bad_images: bool = False) -> "CIRIndex":
         """
         Encode a gallery with `model.get_target_embeds`.
 
@@ -135,20 +153,25 @@ class CIRIndex:
                 killed build of a large gallery resumes where it stopped (the images are hashed once to fingerprint
                 the shards); delete it once the index is saved. Under `torch.distributed` every rank must call
                 `build` with it: the shards are split over the ranks. None: encode in memory.
+            skip_bad_images: check every image first and leave out those that cannot be used (broken links,
+                unreadable, truncated or undecodable files, decompression bombs), listed in the source's
+                `bad_images`; without it the first such image is an error naming it (folders: every hidden
+                folder and file is skipped, counted in the source).
         """
         embeddings, ids, paths, source = cls._encode(
-            model, image_processor, images, ids, dataset, cache_dir, shard_size, batch_size=batch_size,
+            model, image_processor, images, ids, dataset, cache_dir, shard_size, skip_bad_images, batch_size=batch_size,
             num_workers=num_workers, device=device, dtype=dtype, show_progress_bar=show_progress_bar)
         source |= {"start": 0, "stop": len(ids)}
         return cls(embeddings, ids, paths, model_fingerprint(model, image_processor), [source])
 
     def add(self, model, image_processor, images, ids: Sequence[str] | None = None, dataset: dict | None = None,
             batch_size: int = 64, num_workers: int = 0, device=None, show_progress_bar: bool = True,
-            cache_dir: str | os.PathLike | None = None, shard_size: int = BUILD_SHARD_SIZE) -> "CIRIndex":
+            cache_dir: str | os.PathLike | None = None, shard_size: int = BUILD_SHARD_SIZE,
+            skip_bad_images: bool = False) -> "CIRIndex":
         """Encode more images (as [`build`]) with the same model and append them; ids must be new. Returns `self`."""
         self.check_model(model, image_processor)
         embeddings, ids, paths, source = self._encode(
-            model, image_processor, images, ids, dataset, cache_dir, shard_size, batch_size=batch_size,
+            model, image_processor, images, ids, dataset, cache_dir, shard_size, skip_bad_images, batch_size=batch_size,
             num_workers=num_workers, device=device, dtype=self.embeddings.dtype, show_progress_bar=show_progress_bar)
         source |= {"start": len(self), "stop": len(self) + len(ids)}
         clash = [i for i in ids if i in self._position]
@@ -194,6 +217,7 @@ class CIRIndex:
         """
         if self.embeddings.ndim == 3 and similarity is None:
             raise ValueError("This gallery holds multi-vector targets [N, Q, D]: pass similarity=model.similarity.")
+        self._check_queries(query_embeds, k)
         queries = query_embeds.to(self.embeddings.device)
         if similarity is None:
             queries = queries.to(self.embeddings.dtype)
@@ -218,6 +242,28 @@ class CIRIndex:
             return self._topk_mixed_exclusion(queries, k, similarity, excluded, chunk)
         ranked = rank_topk(queries, self.embeddings, k, similarity=similarity, exclude=excluded, chunk_size=chunk)
         return ranked.indices, ranked.scores
+
+    def _check_queries(self, query_embeds: torch.Tensor, k) -> None:
+        """A ranking needs k >= 1 and finite `[B, D]` queries of the gallery's width: anything else is an error
+        saying which (never an empty or NaN ranking)."""
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
+            raise ValueError(f"top_k must be a whole number of results of at least 1, got {k!r}.")
+        if len(self) == 0:
+            raise ValueError("The gallery index holds no images: there is nothing to rank. Add images to it "
+                             "(`index.add(...)`, `retrieve.py index --add`).")
+        if query_embeds.ndim != 2:
+            raise ValueError(f"queries must be [B, D] embeddings (model.get_query_embeds), got shape "
+                             f"{tuple(query_embeds.shape)}.")
+        if query_embeds.shape[-1] != self.embeddings.shape[-1]:
+            raise ValueError(
+                f"the queries have width {query_embeds.shape[-1]}, the gallery's embeddings width "
+                f"{self.embeddings.shape[-1]}: they come from different models. Query the index with the model that "
+                f"built it ({describe_fingerprint(self.fingerprint)}), or rebuild the index with this model.")
+        bad = nonfinite_rows(query_embeds.detach())
+        if bad:
+            raise ValueError(f"{len(bad)} of {query_embeds.shape[0]} query embeddings hold NaN or inf (first: query "
+                             f"{bad[0]}): they cannot be ranked. The model produced non-finite outputs: check its "
+                             "weights (a diverged checkpoint, fp16 overflow) and the query's image and text.")
 
     def _topk_mixed_exclusion(self, queries, k, similarity, excluded, chunk):
         """Some queries exclude an image and some do not: rank the two groups separately (a query that excludes
@@ -275,32 +321,59 @@ class CIRIndex:
         return self
 
     def open_image(self, image_id: str):
-        """The PIL RGB image of `image_id`: from its file, or from the corpus it was encoded from when the index
-        knows how to load that corpus (`dataset=` of [`build`])."""
-        from PIL import Image
-
+        """The PIL RGB image of `image_id` (decoded by the project's one image rule, `image_files.open_image`, as it
+        was encoded): from its file, which must lie under its source's folder (`root`; an index serves only its
+        gallery's images), or from the corpus it was encoded from when the index knows how to load that corpus
+        (`dataset=` of [`build`])."""
         if image_id not in self._position:
             raise KeyError(f"image {image_id!r} is not in the index of {len(self)} images (`index.image_ids`).")
         i = self._position[image_id]
-        if self.paths[i] is not None:
-            return Image.open(self.paths[i]).convert("RGB")
         source = next((s for s in self.sources if s.get("start", 0) <= i < s.get("stop", len(self))), {})
+        if self.paths[i] is not None:
+            return open_image(self._served_path(image_id, self.paths[i], source), name=f"{image_id!r} "
+                              f"({self.paths[i]})")
         if not source.get("dataset"):
             raise FileNotFoundError(f"The index does not know where image {image_id!r} is stored (it was encoded from "
                                     "an in-memory corpus); build it with dataset={'path', 'name', 'split'}.")
-        key = json.dumps(source["dataset"], sort_keys=True)
+        spec = source["dataset"]
+        if not isinstance(spec, dict) or not set(spec) <= DATASET_KEYS:
+            # an edited index.json must not pass other arguments to load_dataset (cache_dir, data_files, ...)
+            raise IndexFileError(f"The index says image {image_id!r} is stored in the dataset {spec!r}, which is not "
+                                 f"a dataset reference an index writes (keys {sorted(DATASET_KEYS)}); {REBUILD}.")
+        key = json.dumps(spec, sort_keys=True)
         if key not in self._stores:
             import datasets
 
             self._stores[key] = ImageStore(datasets.load_dataset(**source["dataset"]))
         return self._stores[key].images([image_id])[0]
 
+    @staticmethod
+    def _served_path(image_id: str, path: str, source: dict) -> str:
+        """`path`, if it lies under the folder its source records; else an `IndexFileError` (an edited or damaged
+        `index.json` must not make a page or the demo show other files of the host)."""
+        root = source.get("root")
+        if not isinstance(root, str):
+            raise IndexFileError(f"The index does not record the folder image {image_id!r} lies in (no 'root' in its "
+                                 f"source: an index of an earlier version, or an edited index.json), so it does not "
+                                 f"serve {path}; {REBUILD}.")
+        root, served = os.path.abspath(root), os.path.abspath(path)
+        if os.path.commonpath([root, served]) != root:
+            raise IndexFileError(f"Image {image_id!r} is listed at {path}, outside its gallery folder {root}: an index "
+                                 f"serves only the images under its gallery (its index.json was edited or damaged); "
+                                 f"{REBUILD}.")
+        return served
+
     # ------------------------------------------------------------------------------------------ saving
+    @staticmethod
+    def check_output(path: str | os.PathLike, overwrite: bool = False, protect=()) -> None:
+        """Raise `storage.OutputDirError` unless [`save`] may write `path` (to refuse before encoding a gallery)."""
+        check_output_dir(path, OUTPUT_TOOL, overwrite, protect)
+
     def save(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
         """Write the index into the directory `path` (`index_storage`: embeddings shards with their manifests and
         `index.json`), atomically. `path` must be new, empty, or (with `overwrite`, e.g. after [`add`]) a previously
         saved index; never other files."""
-        with atomic_directory(path, tool="CIRIndex", overwrite=overwrite, protect=self._image_roots()) as staging:
+        with atomic_directory(path, tool=OUTPUT_TOOL, overwrite=overwrite, protect=self._image_roots()) as staging:
             write_index(staging, self.embeddings, self.image_ids, self.paths, self.fingerprint, self.sources)
         return Path(path)
 
@@ -316,6 +389,19 @@ class CIRIndex:
         saved = read_index(path, device)
         return cls(saved["embeddings"], saved["image_ids"], saved["paths"], saved["fingerprint"],
                    saved.get("sources", []))
+
+
+def _check_embeddings(embeddings: torch.Tensor) -> None:
+    """Gallery embeddings are floating point `[N, D]` / `[N, Q, D]` and finite: integer ones score every image 0,
+    NaN ones give NaN scores."""
+    if not embeddings.is_floating_point() or embeddings.ndim not in (2, 3):
+        raise ValueError(f"gallery embeddings are floating point (float32, float16, bfloat16) [N, D] or [N, Q, D] "
+                         f"(model.get_target_embeds), got "
+                         f"{embeddings.dtype} of shape {tuple(embeddings.shape)}; convert them first (e.g. .float()).")
+    bad = nonfinite_rows(embeddings)
+    if bad:
+        raise ValueError(f"{len(bad)} gallery embeddings hold NaN or inf (first: row {bad[0]}); the model that encoded "
+                         "them produced non-finite outputs: check its weights and encode the gallery again.")
 
 
 def _counts(items) -> dict:

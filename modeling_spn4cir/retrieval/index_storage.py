@@ -98,13 +98,59 @@ def _read_meta(path: Path) -> dict:
     if meta.get("dtype") not in DTYPES:
         raise IndexFileError(f"{meta_file} says the embeddings are {meta.get('dtype')!r}, not one of "
                              f"{sorted(DTYPES)}; {REBUILD}.")
+    problem = _meta_problem(meta)
+    if problem is not None:
+        raise IndexFileError(f"{meta_file} {problem}: it is damaged or was edited; {REBUILD}.")
     return meta
 
 
+_FIELDS = {"fingerprint": dict, "image_ids": list, "paths": list, "num_images": int, "embedding_shape": list,
+           "shard_rows": int, "shards": list, "sources": list}
+_JSON_NAMES = {dict: "an object", list: "an array", int: "a whole number", str: "a string"}
+_SHARD_FIELDS = {"file": str, "start": int, "stop": int, "bytes": int, "sha256": str}
+
+
+def _is(value, kind) -> bool:
+    return isinstance(value, kind) and not isinstance(value, bool)
+
+
+def _meta_problem(meta: dict) -> str | None:
+    """What makes an `index.json` of the current format unusable (a missing or mistyped field), or None."""
+    for key, kind in _FIELDS.items():
+        if not _is(meta.get(key), kind):
+            return f"has no valid {key!r} field ({_JSON_NAMES[kind]} expected, found {meta.get(key)!r:.60})"
+    ids, paths = meta["image_ids"], meta["paths"]
+    if len(paths) != len(ids) or meta["num_images"] != len(ids):
+        return f"lists {len(ids)} image ids, {len(paths)} paths and num_images {meta['num_images']}"
+    if not all(_is(i, str) for i in ids) or not all(p is None or _is(p, str) for p in paths):
+        return "lists image ids that are not strings or paths that are neither strings nor null"
+    shape = meta["embedding_shape"]
+    if len(shape) not in (1, 2) or not all(_is(d, int) and d > 0 for d in shape) or meta["shard_rows"] < 1:
+        return f"has an embedding shape {shape} or shard size {meta['shard_rows']} no index has"
+    if not all(_is(f, str) for f in (meta["fingerprint"].get(k) for k in ("model_class", "target_side_weights",
+                                                                          "image_processor"))):
+        return "has a fingerprint without its model class, target-side weights or image processor"
+    for n, shard in enumerate(meta["shards"]):
+        if not _is(shard, dict) or not all(_is(shard.get(k), kind) for k, kind in _SHARD_FIELDS.items()):
+            return f"lists an embeddings file (entry {n} of 'shards') without its {sorted(_SHARD_FIELDS)}"
+    if not all(_is(source, dict) for source in meta["sources"]):
+        return "lists sources that are not objects"
+    return None
+
+
+def nonfinite_rows(embeddings: torch.Tensor, chunk: int = 2**14) -> list[int]:
+    """The rows of `embeddings` `[N, ...]` holding a NaN or inf (checked in chunks: no `[N, ...]` mask at once)."""
+    rows = []
+    for start in range(0, embeddings.shape[0], chunk):
+        part = embeddings[start:start + chunk]
+        bad = ~torch.isfinite(part).flatten(1).all(dim=1)
+        rows += (torch.nonzero(bad).flatten() + start).tolist()
+    return rows
+
+
 def _check_finite(embeddings: torch.Tensor, file: Path, image_ids: Sequence[str]) -> None:
-    bad = ~torch.isfinite(embeddings.float()).flatten(1).all(dim=1)
-    if bad.any():
-        rows = torch.nonzero(bad).flatten().tolist()
+    rows = nonfinite_rows(embeddings)
+    if rows:
         raise IndexFileError(f"{file} holds {len(rows)} embeddings with NaN or inf (first: image {image_ids[rows[0]]!r}"
                              f"); the model that built it produced non-finite outputs: check its weights and "
                              f"{REBUILD}.")
@@ -143,6 +189,21 @@ def read_index(path: str | Path, device=None) -> dict:
     return {**meta, "embeddings": embeddings.to(device or "cpu")}
 
 
+def build_cache(cache_dir: str | Path) -> ShardStore:
+    """The store of a resumable index build in `cache_dir`; a directory holding other files is refused (the build
+    writes its shards there and removes them once the index is saved: `ShardStore.remove`)."""
+    store = embeddings_store(cache_dir, torch.float32, "gallery index build")
+    if Path(cache_dir).exists() and not Path(cache_dir).is_dir():
+        raise FileExistsError(f"{cache_dir} is a file; an index build keeps its resumable shards in a directory there. "
+                              "Move the file away, or write the index elsewhere.")
+    foreign = store.foreign_files()
+    if foreign:
+        raise FileExistsError(f"{cache_dir} holds files that are not an index build's ({foreign[:5]}); the build keeps "
+                              "its resumable shards there and deletes them once the index is saved. Move those files "
+                              "away, or write the index elsewhere.")
+    return store
+
+
 def encode_with_cache(encode: Callable[[torch.Tensor], torch.Tensor], images: ImageStore, image_ids: list[str],
                       image_processor, settings: dict, cache_dir: str | Path, shard_size: int = BUILD_SHARD_SIZE,
                       **encoding) -> torch.Tensor:
@@ -166,4 +227,5 @@ def encode_with_cache(encode: Callable[[torch.Tensor], torch.Tensor], images: Im
     return torch.cat([store.codec.read(shard.path)["embeddings"] for shard in held])
 
 
-__all__ = ["INDEX_FORMAT", "INDEX_FILE", "IndexFileError", "encode_with_cache", "read_index", "write_index"]
+__all__ = ["INDEX_FORMAT", "INDEX_FILE", "IndexFileError", "build_cache", "encode_with_cache", "read_index",
+           "write_index"]

@@ -16,17 +16,25 @@ model can compose a query without an image (CLIP4CIR summing text and image feat
 else its error says so; an image-only one (`pipe(image, gallery=...)`) by `get_image_query_embeds` (the reference's
 own target embedding, single-vector families).
 
-This file imports only torch and transformers, so `pipe.save_pretrained(dir)` / `pipe.push_to_hub(repo)` ship it
-beside the model code and `pipeline(model=dir_or_repo, trust_remote_code=True)` runs it without this package. The
-gallery is any object with the methods of `CIRIndex` used here: `check_model`, `topk` and `hits`.
+This file imports only torch and transformers (and the package's image rule where it is installed), so
+`pipe.save_pretrained(dir)` / `pipe.push_to_hub(repo)` ship it beside the model code and
+`pipeline(model=dir_or_repo, trust_remote_code=True)` runs it without this package (images are then loaded by
+transformers' `load_image`: EXIF applied, 16-bit grayscale not scaled). The gallery is any object with the methods of `CIRIndex` used here: `check_model`, `topk` and `hits`.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 from transformers import AutoModel, Pipeline
 from transformers.image_utils import load_image
 from transformers.pipelines import PIPELINE_REGISTRY
+
+try:  # the project's one image rule (first frame, EXIF, 16-bit), as the index encoded its images
+    from modeling_spn4cir.image_files import open_image
+except ImportError:  # shipped without the package (`trust_remote_code`): transformers' loader (EXIF applied)
+    open_image = None
 
 TASK = "composed-image-retrieval"
 
@@ -82,11 +90,17 @@ class ComposedImageRetrievalPipeline(Pipeline):
 
     def preprocess(self, inputs):
         image, text = inputs.get("image"), inputs.get("text")
-        if image is None and not text:
-            raise ValueError("A query needs a reference image, a modification text, or both.")
+        if text is not None and not isinstance(text, str):
+            raise TypeError(f"A modification text is a string (or None), got {type(text).__name__}: {text!r:.80}.")
+        text = text if text and text.strip() else None  # blank text is no text, as ""
+        if image is None and text is None:
+            raise ValueError("A query needs a reference image, a modification text, or both (the text is blank).")
         tokens = self.processor(text=[text or ""], return_tensors="pt")
         if image is not None:
-            pixels = self.image_processor([load_image(image)], return_tensors="pt")["pixel_values"]
+            # URLs, base64 strings and missing files: transformers' loader (and its error)
+            picture = load_image(image) if open_image is None or (isinstance(image, str) and not os.path.isfile(
+                image)) else open_image(image)
+            pixels = self.image_processor([picture], return_tensors="pt")["pixel_values"]
         else:
             from PIL import Image
 

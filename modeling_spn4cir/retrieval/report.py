@@ -20,11 +20,18 @@ from pathlib import Path
 
 import torch
 
-from ..storage import atomic_write_bytes
+from ..storage import check_output_file, write_output_file
 from .ranking import rank_topk
 
 HTML_FILE = "retrieval_report.html"
 SHEET_FILE = "retrieval_report.png"
+# What marks a page or sheet as written here (`storage.write_output_file` replaces only files carrying it).
+GENERATOR = "spn4cir retrieval page"
+# A page carries its generator tag; pages written before it are recognized by their own style sheet's first rule.
+HTML_SIGNATURE = (f"<meta name='generator' content='{GENERATOR}'>".encode(),
+                  b"<style>\nbody { font-family: system-ui, sans-serif; margin: 24px; color: #111; background: #fafafa; }")
+SHEET_SIGNATURE = b"Software\x00" + GENERATOR.encode()  # the PNG text chunk `Software`
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TARGET_COLOUR = (22, 163, 74)  # green: the ground truth
 REFERENCE_COLOUR = (37, 99, 235)  # blue: the query's reference
 
@@ -94,7 +101,8 @@ figcaption { word-break: break-all; margin-top: 2px; }
 def render_html(rows: Sequence[ReportRow], title: str, notes: str = "", thumb_size: int = 112) -> str:
     """A self-contained HTML page: one section per query; the reference has a blue frame, targets a green one."""
     css = _CSS % {"size": thumb_size, "ref": REFERENCE_COLOUR, "target": TARGET_COLOUR}
-    parts = [f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
+    parts = [(f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'>{HTML_SIGNATURE[0].decode()}"
+              f"<title>{html.escape(title)}</title>"),
              f"<style>{css}</style></head><body>", f"<h1>{html.escape(title)}</h1>"]
     if notes:
         parts.append(f"<p class='notes'>{html.escape(notes)}</p>")
@@ -192,14 +200,49 @@ def contact_sheet(rows: Sequence[ReportRow], thumb_size: int = 96, text_width: i
     return sheet
 
 
+def _sheet_signature(out_dir: Path) -> tuple[bytes, ...]:
+    """What marks the contact sheet in `out_dir` as a report's: its text chunk, or (a sheet written before the chunk)
+    being a PNG beside a report page."""
+    page = out_dir / HTML_FILE
+    beside_a_page = page.is_file() and not page.is_symlink() and any(
+        signature in page.read_bytes()[:65536] for signature in HTML_SIGNATURE)
+    return (SHEET_SIGNATURE, PNG_MAGIC) if beside_a_page else (SHEET_SIGNATURE,)
+
+
+def check_report_dir(out_dir: str | os.PathLike, protect=()) -> None:
+    """Raise `storage.OutputFileError` unless [`write_report`] may write into `out_dir` (before the work)."""
+    out_dir = Path(out_dir)
+    check_output_file(out_dir / HTML_FILE, HTML_SIGNATURE, "retrieval report page", protect)
+    check_output_file(out_dir / SHEET_FILE, _sheet_signature(out_dir), "retrieval report sheet", protect)
+
+
+def write_page(path: str | os.PathLike, page: str, protect=()) -> Path:
+    """Write a page of [`render_html`] to `path` by the project's output-file rule (`storage.write_output_file`:
+    never over an input, an index's files or any file that is not such a page)."""
+    return write_output_file(path, page.encode(), HTML_SIGNATURE, "retrieval page", protect)
+
+
+def sheet_png(sheet) -> bytes:
+    """A contact sheet as PNG bytes, carrying the signature of this module's outputs."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("Software", GENERATOR)
+    buffer = io.BytesIO()
+    sheet.save(buffer, format="PNG", optimize=True, pnginfo=info)
+    return buffer.getvalue()
+
+
 def write_report(out_dir: str | os.PathLike, rows: Sequence[ReportRow], title: str, notes: str = "",
                  thumb_size: int = 112) -> dict[str, Path]:
-    """Write `retrieval_report.html` and `retrieval_report.png` into `out_dir` (each atomically)."""
+    """Write `retrieval_report.html` and `retrieval_report.png` into `out_dir` (each atomically, each replacing only
+    a previous report: `check_report_dir`)."""
     out_dir = Path(out_dir)
-    page = atomic_write_bytes(out_dir / HTML_FILE, render_html(rows, title, notes, thumb_size).encode())
-    buffer = io.BytesIO()
-    contact_sheet(rows, thumb_size=min(thumb_size, 96)).save(buffer, format="PNG", optimize=True)
-    sheet = atomic_write_bytes(out_dir / SHEET_FILE, buffer.getvalue())
+    check_report_dir(out_dir)
+    signature = _sheet_signature(out_dir)  # before the page is replaced
+    page = write_page(out_dir / HTML_FILE, render_html(rows, title, notes, thumb_size))
+    sheet = write_output_file(out_dir / SHEET_FILE, sheet_png(contact_sheet(rows, thumb_size=min(thumb_size, 96))),
+                              signature, "retrieval report sheet")
     return {"html": page, "png": sheet}
 
 
@@ -270,5 +313,5 @@ def evaluation_rows(
     return out
 
 
-__all__ = ["ReportHit", "ReportRow", "render_html", "contact_sheet", "write_report", "evaluation_rows", "spread",
-           "thumbnail"]
+__all__ = ["HTML_SIGNATURE", "ReportHit", "ReportRow", "check_report_dir", "contact_sheet", "evaluation_rows",
+           "render_html", "spread", "thumbnail", "write_page", "write_report"]

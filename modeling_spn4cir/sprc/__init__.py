@@ -20,6 +20,7 @@ SPEC = FamilySpec(
     default_tokenizer="bert-base-uncased", converter=f"{__name__}.convert_sprc_original_checkpoint",
     checkpoint_prefixes=("blip_model.", "Blip2QformerCirAlignPrompt"), stage1_losses={"sprc": SPRCStage1Loss},
     paper=PaperFacts(
+        backbone_label="ViT-g/14 224px",
         method="SPRC", backbone="BLIP-2 (LAVIS blip2_cir_align_prompt, EVA ViT-g)", release_folder="blip2",
         original_code="SPRC",
         reported={("fashioniq", 2): (50.57, 74.12, 57.70, 75.27, 60.84, 79.96, 56.37, 76.45, 66.41),

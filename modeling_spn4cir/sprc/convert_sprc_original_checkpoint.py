@@ -25,9 +25,11 @@ from pathlib import Path
 
 import torch
 
+from ..cli import run_cli
 from ..conversion_utils import (CheckpointMismatchError, check_image_size, check_state_dict, conversion_card,
                                 converter_parser, load_checkpoint, run_converter, write_converted)
 from ..conversion_utils import parse_num_heads as _parse_num_heads
+from ..conversion_utils import timm_vit_backbone
 from . import SPEC
 from .configuration_sprc import SPRCConfig
 from .modeling_sprc import SPRCModel
@@ -92,6 +94,12 @@ def read_original_checkpoint(path: str | os.PathLike) -> OriginalCheckpoint:
         return OriginalCheckpoint(dict(data), "bare", None)
     raise ValueError(f"{path}: unknown checkpoint format (top-level keys {sorted(data)[:10]}); expected 'state_dict' "
                      f"(SPN4CIR stage 2), {STAGE1_KEY!r} (SPRC stage 1) or a bare Blip2QformerCirAlignPrompt state dict.")
+
+
+def backbone(original: OriginalCheckpoint) -> str:
+    """BLIP-2's image tower by its weights (`"ViT-g/14 224px"`, EVA ViT-g): the model zoo's identity of a
+    checkpoint, whatever its path."""
+    return timm_vit_backbone(original.state_dict)
 
 
 def parse_num_heads(values) -> dict[str, int]:
@@ -324,4 +332,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

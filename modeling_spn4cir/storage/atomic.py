@@ -1,6 +1,9 @@
 """Atomic writes: a file or directory appears complete or not at all (a crash leaves the old one or none).
 
-Output directories are guarded (`atomic_directory`): a writer replaces only an empty directory or a previous
+Output files named by the user (`write_output_file`: a CLI's `--json` / `--html`, a report) follow one rule: never a
+directory or a link, never an input of the run, never inside a directory another writer replaces as a whole (its
+marker), and an existing file only when it is a previous output of the same kind (its signature), never any other
+file. Output directories are guarded (`atomic_directory`): a writer replaces only an empty directory or a previous
 output of the same tool (recognized by its marker file `.spn4cir_output.json`, and only when asked to
 overwrite), never a directory that is or contains its input data, and never while another process writes the
 same directory (a lock file beside it names the owner's pid; a lock left by a dead process is taken over).
@@ -76,6 +79,89 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
 
 def atomic_write_json(path: str | os.PathLike, payload, **dump_kwargs) -> Path:
     return atomic_write_bytes(path, json.dumps(payload, **dump_kwargs).encode())
+
+
+def writable_dir(path: str | os.PathLike) -> bool:
+    """Whether this process can create `path` (a directory, with its parents) and write files in it: tried, not
+    guessed from permission bits (a read-only mount, a root-owned folder, a file in the way all say no)."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+        probe = _create(path, ".write-probe-", ".tmp", lambda p: os.close(os.open(p, flags)))
+        os.remove(probe)
+        return True
+    except OSError:
+        return False
+# ------------------------------------------------------------------------------------------------ output files
+SIGNATURE_BYTES = 65536  # where a file's signature must appear (a JSON's first key, an HTML head, a PNG text chunk)
+
+
+class OutputFileError(ValueError):
+    """An output file this writer must not write (an input, a file inside another output, someone else's file)."""
+
+
+def _is_inside(path: Path, others: Iterable[str | os.PathLike | None]) -> str | None:
+    """The first of `others` that `path` is, or lies inside (compared as given and with links resolved)."""
+    forms = {path.absolute(), path.resolve()}
+    for other in others:
+        if other is None:
+            continue
+        for candidate in {Path(other).absolute(), Path(other).resolve()}:
+            if any(form == candidate or candidate in form.parents for form in forms):
+                return str(other)
+    return None
+
+
+def _holds(path: Path, signatures: tuple[bytes, ...]) -> bool:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(SIGNATURE_BYTES)
+    except OSError:
+        return False
+    return any(signature in head for signature in signatures)
+
+
+def check_output_file(path: str | os.PathLike, signature: bytes | tuple[bytes, ...], what: str,
+                      protect: Iterable[str | os.PathLike | None] = ()) -> Path:
+    """Raise `OutputFileError`, naming `path` and the fix, unless `write_output_file(path, ..., signature)` may
+    write it: `path` is not a directory or a link, not one of `protect` (the run's inputs) nor inside one of those
+    that are folders, not inside a directory written as a whole by `atomic_directory` (a gallery index, a dataset),
+    and either new or a previous output of this kind (its first bytes hold `signature`, or one of a tuple of them:
+    the current one first, then those of earlier versions). Returns `path`."""
+    signatures = signature if isinstance(signature, tuple) else (signature,)
+    path = Path(path)
+    if path.is_symlink():
+        raise OutputFileError(f"The output path {path} for the {what} is a symbolic link (to {os.readlink(path)}); "
+                              "pass a real file path.")
+    if path.is_dir():
+        raise OutputFileError(f"The output path {path} for the {what} is a directory; pass a file path.")
+    source = _is_inside(path, protect)
+    if source is not None:
+        raise OutputFileError(f"The output path {path} for the {what} is, or lies inside, an input of this run "
+                              f"({source}); writing there would destroy it. Choose another path.")
+    marker = read_marker(path.parent)
+    if marker is not None:
+        raise OutputFileError(
+            f"The output path {path} for the {what} lies inside {path.parent}, an output of {marker['tool']} that is "
+            f"written as a whole: the file would change that output, and be lost when it is next written. Choose a "
+            f"path outside it (e.g. {path.parent.parent / path.name}).")
+    if path.exists() and not _holds(path, signatures):
+        raise OutputFileError(
+            f"{path} exists and is not a {what} written by spn4cir; refusing to replace it (it may be an image, an "
+            "index file, or anyone's data). Choose a new path, or move or delete that file yourself.")
+    return path
+
+
+def write_output_file(path: str | os.PathLike, data: bytes, signature: bytes | tuple[bytes, ...], what: str,
+                      protect: Iterable[str | os.PathLike | None] = ()) -> Path:
+    """`atomic_write_bytes(path, data)` under the rule of `check_output_file`; `data` carries `signature` (the
+    first of a tuple) in its first bytes, so that the next run recognizes the file as its own."""
+    current = signature[0] if isinstance(signature, tuple) else signature
+    if current not in data[:SIGNATURE_BYTES]:
+        raise ValueError(f"the {what} written to {path} does not carry its signature {current!r} in its first "
+                         f"{SIGNATURE_BYTES} bytes")
+    return atomic_write_bytes(check_output_file(path, signature, what, protect), data)
 
 
 # ------------------------------------------------------------------------------------------------ locking

@@ -1,17 +1,21 @@
-"""The one target-side fingerprint: what decides whether two models give the same target embeddings and reference
+"""The fingerprints of model content. The one target-side fingerprint: what decides whether two models give the same target embeddings and reference
 features for the same image — the weights outside `query_side_parameters()` (names, shapes, dtypes, bytes) and
 the image preprocessing. The candidate bank, the gallery index and the evaluator's bank reuse all compare it, so
 an SPN stage-2 model (its target side frozen) keeps the bank and the index of its stage-1 model, and any other
-model is refused by all three."""
+model is refused by all three. And a checkpoint's own fingerprint (`checkpoint_fingerprint`: its weight files' bytes, or
+its Hub revision), by which a LoRA adapter names the base it was trained on."""
 
 from __future__ import annotations
 
 import json
 import weakref
+from pathlib import Path
 
 import torch
 
-from .hashing import sha256
+from .hashing import file_sha256, sha256
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 # Keys of an image processor's dict that name classes rather than change pixels.
 PROCESSOR_NAME_KEYS = frozenset({"image_processor_type", "processor_class", "_processor_class", "auto_map"})
@@ -69,3 +73,21 @@ def same_target_side(fingerprint: dict, model, image_processor) -> bool:
     """Whether `fingerprint` (a bank's, an index's: any dict holding a target-side fingerprint's keys) was made
     by a model and image processor with the target side of these."""
     return all(fingerprint.get(k) == v for k, v in target_side_fingerprint(model, image_processor).items())
+
+
+def checkpoint_fingerprint(name_or_path: str) -> dict:
+    """What a checkpoint is by content: for a local directory `{"weights": {file name: sha256}}` of its weight files
+    (`*.safetensors`, `*.bin`, `*.pt`, `*.pth`; a retrained, re-converted or replaced checkpoint has other bytes),
+    for a Hub id `{"revision": commit}` of the snapshot in the local cache (None when it cannot be told offline)."""
+    folder = Path(name_or_path)
+    if folder.is_dir():
+        files = sorted(p for p in folder.iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES))
+        return {"weights": {p.name: file_sha256(p) for p in files}}
+    try:
+        from transformers.utils import cached_file
+        from transformers.utils.hub import extract_commit_hash
+
+        resolved = cached_file(name_or_path, "config.json", local_files_only=True)  # loaded just before
+        return {"revision": extract_commit_hash(resolved, None)}
+    except (OSError, ValueError):  # offline without a cached copy, a gated repo, ...: the revision cannot be told
+        return {"revision": None}

@@ -193,6 +193,23 @@ class ShardStore:
             return "its manifest says it holds other rows or was built from other inputs or settings"
         return self._check_file(self.shard_path(k), manifest, plan)[0]
 
+    def foreign_files(self) -> list[str]:
+        """The names of the entries of the store's directory that are not the store's own files (a user's files)."""
+        if self.directory is None or not self.directory.is_dir():
+            return []
+        return sorted(p.name for p in self.directory.iterdir()
+                      if not (p.is_file() and (p.name == self.index_path.name or self._ours.fullmatch(p.name))))
+
+    def remove(self) -> None:
+        """Delete the store's own files, and its directory once empty (never another file)."""
+        if self.directory is None or not self.directory.is_dir():
+            return
+        for path in self.directory.iterdir():
+            if path.is_file() and (path.name == self.index_path.name or self._ours.fullmatch(path.name)):
+                path.unlink(missing_ok=True)
+        if not any(self.directory.iterdir()):
+            self.directory.rmdir()
+
     def read(self, shard: Shard):
         """A shard's payload: in memory, or read from its file."""
         return shard.payload if shard.path is None else self.codec.read(shard.path)

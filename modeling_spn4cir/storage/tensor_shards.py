@@ -11,6 +11,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
+from .stamps import file_stat
+
 _SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
@@ -59,6 +61,13 @@ class SafetensorsCodec:
         return None
 
 
+def _stamp_or_none(path: str) -> list[int] | None:
+    try:
+        return file_stat(path)
+    except OSError:
+        return None
+
+
 class ShardedRows:
     """Read-only rows of one tensor stored across safetensors shards (row blocks), memory-mapped.
 
@@ -81,7 +90,9 @@ class ShardedRows:
         self._starts = [0]
         for count in row_counts:
             self._starts.append(self._starts[-1] + int(count))
-        # opened now: the maps keep reading these files even if a later build replaces them in the directory
+        # opened now: the maps keep reading these files even if a later build replaces them in the directory; their
+        # stamps tell a reopening (a spawned DataLoader worker) whether they are still the files mapped here
+        self._stamps = [file_stat(f) for f in self.files]
         self._handles: dict[int, object] = {}
         for k in range(len(self.files)):
             self._slice(k)
@@ -108,6 +119,11 @@ class ShardedRows:
     def _slice(self, k: int):
         handle = self._handles.get(k)
         if handle is None:
+            if _stamp_or_none(self.files[k]) != self._stamps[k]:
+                raise RuntimeError(
+                    f"shard {self.files[k]} of {self.name!r} is no longer the file this view was made from (another "
+                    "run rebuilt it in the same directory, e.g. a shared --bank_dir): reading it would mix two banks. "
+                    "Restart this run (its bank is loaded again), or give each run its own bank directory.")
             try:
                 handle = safe_open(self.files[k], framework="pt")
             except Exception as error:

@@ -21,6 +21,7 @@ SPEC = FamilySpec(
     converter=f"{__name__}.convert_tgcir_original_checkpoint", checkpoint_prefixes=("backbone.",),
     stage1_losses={"tgcir": TGCIRStage1Loss},
     paper=PaperFacts(
+        backbone_label="ViT-B/16 224px",
         method="TG-CIR", backbone="OpenAI CLIP ViT-B/16", release_folder="tgcir", original_code="TG-CIR",
         stage2_temperature={"fashioniq": 0.02, "cirr": 0.01},
         reported={("fashioniq", 2): (36.84, 60.83, 41.85, 63.89, 45.59, 68.79, 41.43, 64.50, 52.97),

@@ -30,10 +30,12 @@ from pathlib import Path
 
 import torch
 
+from ..cli import run_cli
 from ..conversion_utils import (CheckpointMismatchError, check_image_size, check_state_dict, conversion_card,
                                 converter_parser, count_blocks, load_checkpoint, run_converter, write_converted)
 from ..conversion_utils import parse_num_heads as _parse_num_heads
-from ..openai_clip_conversion import convert_openai_clip_entry, openai_clip_text_config, openai_clip_vit_config
+from ..openai_clip_conversion import (convert_openai_clip_entry, openai_clip_backbone, openai_clip_text_config,
+                                      openai_clip_vit_config)
 from . import SPEC
 from .configuration_tgcir import TGCIRConfig
 from .modeling_tgcir import TGCIRModel
@@ -82,6 +84,12 @@ def read_original_checkpoint(path: str | os.PathLike) -> OriginalCheckpoint:
     has_copies = any(k.startswith(TEXT_COPY_PREFIXES) for k in state)
     epoch = data.get("epoch") if isinstance(data.get("epoch"), int) else None
     return OriginalCheckpoint(state, "spn4cir_stage2" if has_copies else "tgcir_stage1", epoch)
+
+
+def backbone(original: OriginalCheckpoint) -> str:
+    """The CLIP image tower of the checkpoint by its weights (`"ViT-B/16 224px"`): the model zoo's identity of a
+    checkpoint, whatever its path."""
+    return openai_clip_backbone(original.state_dict, CLIP_PREFIX)
 
 
 def parse_num_heads(values) -> dict[str, int]:
@@ -252,4 +260,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -1,6 +1,7 @@
 """Exact CIR evaluation, in one room: the protocols as objects (`protocols`), the ranking prelude every metric shares
-(`ranking`), FashionIQ / CIRR / CIRCO / Recall@K metrics (`metrics`), test-server files (`submissions`) and the
-evaluator that encodes a split with a CIR model (`evaluator.CIREvaluator`).
+(`ranking`), FashionIQ / CIRR / CIRCO / Recall@K metrics (`metrics`), test-server files (`submissions`), the
+evaluator that encodes a split with a CIR model (`evaluator.CIREvaluator`), and several benchmarks in one run, each
+with its protocol (`eval_datasets`: `run_cir.py --eval_datasets`, `SequentialEvaluator`).
 
 What is exact: the ranking (the top-K lists of the reference code, for the same scores and without exact ties)
 and therefore every hit count and the set of hits at each rank. The arithmetic on those counts is the reference
@@ -46,6 +47,12 @@ A ranking shorter than K (a small gallery, or 50-deep id lists with the referenc
 target as a **miss**, never a hit. Embeddings may be torch tensors or numpy arrays.
 """
 
+from .eval_datasets import (
+    EvalDataset,
+    EvalDatasetError,
+    SequentialEvaluator,
+    parse_eval_datasets,
+)
 from .evaluate_modules import metric_info
 from .evaluator import CIREvaluator
 from .metrics import (
@@ -73,6 +80,10 @@ __all__ = [
     "get_protocol",
     "protocol_for",
     "CIREvaluator",
+    "SequentialEvaluator",
+    "EvalDataset",
+    "EvalDatasetError",
+    "parse_eval_datasets",
     "rank_gallery",
     "rank_subsets",
     "rank_queries",

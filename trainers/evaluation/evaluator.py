@@ -9,7 +9,7 @@ import torch
 from tqdm.auto import tqdm
 
 from modeling_spn4cir.image_store import ImageStore, encode_images
-from modeling_spn4cir.retrieval.report import evaluation_rows, spread, write_report
+from modeling_spn4cir.retrieval.report import check_report_dir, evaluation_rows, spread, write_report
 from modeling_spn4cir.storage import same_target_side
 
 from ..text import compose_text, describe_triplet, tokenize
@@ -77,6 +77,8 @@ class CIREvaluator:
         self.submission_dir = submission_dir
         self.show_progress_bar = show_progress_bar
         self.report_dir, self.report_queries, self.report_top_k = report_dir, report_queries, report_top_k
+        if report_dir is not None:  # refused now, not after the first evaluation
+            check_report_dir(report_dir)
         self.images = ImageStore(corpus)
         self.bank = None
         self._digests: tuple[list, list[str]] | None = None  # (stamps, sha256) of the gallery images

@@ -17,10 +17,11 @@ from modeling_spn4cir.storage import (
     OutputDirError,
     atomic_write_bytes,
     atomic_write_json,
+    directory_lock,
 )
 
 from ..evaluation import CIREvaluator
-from .cards import model_card
+from .cards import model_card, release_license
 from .paper import (
     SOURCE_REPO,
     default_tokenizers,
@@ -77,12 +78,24 @@ def build_zoo(snapshot_dir: str | Path, output_dir: str | Path, fashioniq_dir: s
     snapshot_dir, output_dir = Path(snapshot_dir), Path(output_dir)
     if not snapshot_dir.is_dir():
         raise FileNotFoundError(f"{snapshot_dir} is not a directory; pass a snapshot of {SOURCE_REPO}.")
-    tokenizers = {**default_tokenizers(), **(tokenizers or {})}
-    benchmarks = _benchmarks(fashioniq_dir, cirr_dir)
+    out, source = output_dir.resolve(), snapshot_dir.resolve()
+    if out == source or source in out.parents:
+        raise OutputDirError(
+            f"--output_dir {output_dir} is or is inside the release copy {snapshot_dir} (--local_dir): "
+            "the zoo would be written among the release's files, and a later run would convert its own outputs as "
+            "release files. Choose an output directory outside the release copy.")
+    with directory_lock(output_dir, "model zoo"):  # a second zoo build into it fails, naming this one
+        return _build(snapshot_dir, output_dir, benchmarks=_benchmarks(fashioniq_dir, cirr_dir),
+                      tokenizers={**default_tokenizers(), **(tokenizers or {})}, namespace=namespace,
+                      eval_batch_size=eval_batch_size, overwrite=overwrite)
+
+
+def _build(snapshot_dir: Path, output_dir: Path, benchmarks: dict, tokenizers: dict, namespace: str | None,
+           eval_batch_size: int, overwrite: bool) -> ZooReport:
     release = classify_release(snapshot_dir, output_dir)
+    license = release_license(snapshot_dir)
     for model in _convert_models(release, tokenizers, benchmarks, eval_batch_size, overwrite):
-        card = model_card(model.directory.name, model.family, model.dataset, model.stage, Path(model.entry.path),
-                          model.sha256, model.source_format, model.conversion_card, model.measured, namespace)
+        card = model_card(model, model.conversion_card, model.measured, namespace, license)
         atomic_write_bytes(model.directory / "README.md", card.encode())
     maps = _write_dedup_maps(release.dedups, benchmarks, output_dir)
     _write_datasets(release.extends, benchmarks, maps, output_dir, overwrite)
@@ -92,18 +105,11 @@ def build_zoo(snapshot_dir: str | Path, output_dir: str | Path, fashioniq_dir: s
 
 def _convert_models(release: Release, tokenizers: dict, benchmarks: dict, eval_batch_size: int,
                     overwrite: bool) -> list[ZooModel]:
-    """One model per (family, benchmark, stage): the first of its candidates that converts; the others are
-    reported as not converted."""
-    converted = []
-    for candidates in release.models.values():
-        for model in candidates:
-            if converted and converted[-1].directory == model.directory:
-                model.entry.kind, model.entry.outputs = "not_converted", []
-                model.entry.reason = (f"{model.family} {model.dataset} stage {model.stage} again: "
-                                      f"{converted[-1].entry.path} was converted")
-            elif _convert(model, tokenizers, benchmarks, eval_batch_size, overwrite):
-                converted.append(model)
-    return converted
+    """Every named checkpoint (`release.name_models`: copies are reported, not converted), converted; one whose
+    conversion fails is reported, the others still convert."""
+    return [model for candidates in release.models.values() for model in candidates
+            if model.directory is not None and model.entry.kind == "model"
+            and _convert(model, tokenizers, benchmarks, eval_batch_size, overwrite)]
 
 
 def _convert(model: ZooModel, tokenizers: dict, benchmarks: dict, eval_batch_size: int, overwrite: bool) -> bool:

@@ -27,6 +27,32 @@ REPORTED_NOTE = {
 BENCHMARK = {"fashioniq": ("FashionIQ", "fashioniq", "val", "Table 2"), "cirr": ("CIRR", "cirr", "test", "Table 3")}
 
 
+# Zero-shot CIR methods of other papers, for comparison with a model trained on generated triplets only (SPN's
+# zero-shot setting): as BGE-VL's zero-shot table prints them (CIRCO test mAP@5, CIRR test R@1, FashionIQ val mean
+# R@10), keyed like `CIREvaluator`'s metrics. Not methods of this package.
+ZERO_SHOT_BASELINES = {
+    "Pic2Word": {"circo": {"map@5": 8.7}, "cirr": {"recall@1": 23.9}, "fashioniq": {"average_recall@10": 24.7}},
+    "SEARLE (CLIP ViT-L/14)": {"circo": {"map@5": 11.7}, "cirr": {"recall@1": 24.2},
+                               "fashioniq": {"average_recall@10": 25.6}},
+}
+ZERO_SHOT_BASELINES_SOURCE = "BGE-VL's zero-shot table (MegaPairs, Zhou et al. 2024), CIRCO and CIRR test, FashionIQ val"
+
+
+def zero_shot_references() -> list[dict]:
+    """The zero-shot rows to compare a zero-shot model with: the SPN paper's (every family's
+    `PaperFacts.zero_shot`) and the other methods' (`ZERO_SHOT_BASELINES`), one dict per (row, benchmark):
+    `{"row", "benchmark", "metrics", "source"}`, all labelled as reported, never measured here."""
+    rows = []
+    for spec in FAMILIES.values():
+        for setting, benchmarks in (spec.paper.zero_shot.items() if spec.paper else ()):
+            rows += [{"row": f"{setting}, {spec.title}", "benchmark": name, "metrics": dict(metrics),
+                      "source": f"{PAPER}: {spec.paper.zero_shot_source}"} for name, metrics in benchmarks.items()]
+    for method, benchmarks in ZERO_SHOT_BASELINES.items():
+        rows += [{"row": method, "benchmark": name, "metrics": dict(metrics), "source": ZERO_SHOT_BASELINES_SOURCE}
+                 for name, metrics in benchmarks.items()]
+    return rows
+
+
 def reported_metrics(family_name: str, dataset: str, stage: int) -> dict[str, float]:
     """The paper's numbers for a (family, benchmark, stage), keyed like `CIREvaluator`'s metrics."""
     return dict(zip(METRIC_KEYS[dataset], family(family_name).paper.reported[(dataset, stage)]))
@@ -56,5 +82,6 @@ def stage2_temperature(family_name: str, dataset: str) -> dict:
     return {"temperature": taus[dataset]} if dataset in taus else {}
 
 
-__all__ = ["BENCHMARK", "METRIC_KEYS", "PAPER", "PAPER_URL", "REPORTED_NOTE", "SOURCE_REPO", "default_tokenizers",
-           "original_codes", "reported_metrics", "reported_protocol", "stage2_temperature"]
+__all__ = ["BENCHMARK", "METRIC_KEYS", "PAPER", "PAPER_URL", "REPORTED_NOTE", "SOURCE_REPO", "ZERO_SHOT_BASELINES",
+           "default_tokenizers", "original_codes", "reported_metrics", "reported_protocol", "stage2_temperature",
+           "zero_shot_references"]

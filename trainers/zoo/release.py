@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from datasets_scripts.paper_triplets import SHORT_NAME, ExtendFile, parse_extend_name
-from modeling_spn4cir.families import FAMILIES, family_of_checkpoint
+from modeling_spn4cir.families import FAMILIES, family, family_of_checkpoint
 from modeling_spn4cir.storage import file_sha256
 
 KINDS = ("model", "dataset", "dedup_map", "not_converted", "unrecognized")
@@ -55,10 +55,22 @@ class ZooModel:
     stage: int
     source_format: str
     source_path: Path
-    directory: Path
+    directory: Path | None  # set by `name_models`
     sha256: str
+    backbone: str | None = None  # the image tower by its weights (the converter's `backbone()`)
     conversion_card: str = ""
     measured: dict | None = None
+
+    @property
+    def paper_backbone(self) -> bool:
+        """Whether this is the backbone of the paper's checkpoints, the one its reported numbers are for."""
+        paper = family(self.family).paper
+        return paper is not None and self.backbone is not None and self.backbone == paper.backbone_label
+
+    @property
+    def identity(self) -> tuple:
+        """What the checkpoint is by content (family, backbone, stage), and by path only its benchmark."""
+        return self.family, self.backbone, self.dataset, self.stage
 
 
 @dataclass
@@ -66,7 +78,7 @@ class Release:
     """The classified snapshot: the report (every file), and the files the zoo converts."""
 
     report: ZooReport = field(default_factory=ZooReport)
-    models: dict[tuple, list[ZooModel]] = field(default_factory=dict)  # (family, benchmark, stage) -> in path order
+    models: dict[tuple, list[ZooModel]] = field(default_factory=dict)  # ZooModel.identity -> in path order
     extends: list[tuple[Entry, ExtendFile]] = field(default_factory=list)
     dedups: list[tuple[Entry, Path]] = field(default_factory=list)
 
@@ -145,15 +157,40 @@ def classify_release(snapshot_dir: Path, output_dir: Path) -> Release:
             entry.kind, entry.reason = ("not_converted", kind) if kind else ("unrecognized", "a JSON file of no "
                                                                                "known SPN4CIR format")
         elif _looks_like_checkpoint(path):
-            model = _classify_checkpoint(path, relative, entry, output_dir)
+            model = _classify_checkpoint(path, relative, entry)
             if model is not None:
-                release.models.setdefault((model.family, model.dataset, model.stage), []).append(model)
+                release.models.setdefault(model.identity, []).append(model)
         else:
             entry.reason = "neither a checkpoint (torch zip / pickle) nor a JSON file of SPN4CIR"
+    name_models(release, output_dir)
     return release
 
 
-def _classify_checkpoint(path: Path, relative: Path, entry: Entry, output_dir: Path) -> ZooModel | None:
+def model_id(model: ZooModel, suffix: str = "") -> str:
+    """`spn4cir-<family>[-<backbone>]-<fiq|cirr>[-stage1]`: the backbone named unless it is the paper's."""
+    label = model.backbone or "unknown backbone"
+    backbone = "" if model.paper_backbone else "-" + re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")
+    return f"spn4cir-{model.family}{backbone}-{SHORT_NAME[model.dataset]}{suffix}{'-stage1' if model.stage == 1 else ''}"
+
+
+def name_models(release: Release, output_dir: Path) -> None:
+    """Each checkpoint's model id, from its content: a byte-for-byte copy of another is reported, not converted; two
+    different checkpoints of one identity (family, backbone, benchmark, stage) are both converted, each named with
+    its sha256's first 8 digits; whatever the order of their paths."""
+    for candidates in release.models.values():
+        distinct: dict[str, ZooModel] = {}
+        for model in candidates:
+            first = distinct.setdefault(model.sha256, model)
+            if first is not model:
+                model.entry.kind = "not_converted"
+                model.entry.reason = f"a byte-for-byte copy of {first.entry.path} (same sha256), which is converted"
+        for model in distinct.values():
+            name = model_id(model, f"-{model.sha256[:8]}" if len(distinct) > 1 else "")
+            model.directory = output_dir / "models" / name
+            model.entry.kind, model.entry.outputs = "model", [f"models/{name}"]
+
+
+def _classify_checkpoint(path: Path, relative: Path, entry: Entry) -> ZooModel | None:
     try:
         spec = family_of_checkpoint(_load_keys_only(path))
     except Exception as error:  # anything torch cannot read as a checkpoint dict is reported with its reason
@@ -162,11 +199,17 @@ def _classify_checkpoint(path: Path, relative: Path, entry: Entry, output_dir: P
     if spec is None:
         entry.reason = f"a checkpoint whose keys match no supported family ({', '.join(FAMILIES)})"
         return None
+    converter = spec.converter_module()
     try:
-        source_format = spec.converter_module().read_original_checkpoint(path).source_format
-    except ValueError as error:  # e.g. a CLIP4Cir Combiner alone: recognized, but no model by itself
+        original = converter.read_original_checkpoint(path)
+    except (ValueError, KeyError) as error:  # e.g. a CLIP4Cir Combiner alone: recognized, but no model by itself
         entry.kind, entry.reason = "not_converted", f"recognized as {spec.name}, but not a model by itself: {error}"
         return None
+    try:  # a tower whose geometry cannot be read has no name; its conversion then says what is wrong
+        backbone = converter.backbone(original) if hasattr(converter, "backbone") else None
+    except (KeyError, ValueError, IndexError):
+        backbone = None
+    source_format = original.source_format
     stage = 2 if source_format == "spn4cir_stage2" else 1 if source_format.endswith("_stage1") else None
     dataset = _dataset_from_path(relative)
     if stage is None:
@@ -177,12 +220,11 @@ def _classify_checkpoint(path: Path, relative: Path, entry: Entry, output_dir: P
         entry.kind = "not_converted"
         entry.reason = f"{spec.name} stage {stage}, but the path does not say FashionIQ (fiq) or CIRR (cirr)"
         return None
-    name = f"spn4cir-{spec.name}-{SHORT_NAME[dataset]}{'-stage1' if stage == 1 else ''}"
-    entry.kind, entry.outputs = "model", [f"models/{name}"]
     sha256 = file_sha256(path)
-    entry.details = {"family": spec.name, "dataset": dataset, "stage": stage, "source_format": source_format,
-                     "sha256": sha256}
-    return ZooModel(entry, spec.name, dataset, stage, source_format, path, output_dir / "models" / name, sha256)
+    entry.details = {"family": spec.name, "backbone": backbone, "dataset": dataset, "stage": stage,
+                     "source_format": source_format, "sha256": sha256}
+    return ZooModel(entry, spec.name, dataset, stage, source_format, path, None, sha256, backbone)
 
 
-__all__ = ["Entry", "Release", "ZooModel", "ZooReport", "classify_release", "release_files"]
+__all__ = ["Entry", "Release", "ZooModel", "ZooReport", "classify_release", "model_id", "name_models",
+           "release_files"]
