@@ -19,7 +19,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from modeling_spn4cir.image_store import ImageStore
-from modeling_spn4cir.storage import directory_lock
+from modeling_spn4cir.storage import atomic_write_bytes, directory_lock
 
 from .bank_extras import ExtraImages, add_extra_negatives
 from .candidate_bank import CandidateBank, bank_image_ids, load_or_build_candidate_bank
@@ -186,7 +186,8 @@ class CIRTrainer(Trainer):
         )
         self._prior_loss_sum: float | None = None
         self._nonfinite_streak = 0
-        self._card_metrics: dict | None = None  # the last evaluation of the weights the output directory holds
+        self._card_metrics: dict | None = None  # the last evaluation, which the model card shows
+        self._output_dir_step: int | None = None  # the step whose weights this trainer saved into args.output_dir
         callbacks = list(kwargs.pop("callbacks", None) or []) + [_CollatorEpoch(collator), WholeRunLoss(self)]
         if evaluator is not None:
             # Trainer insists on an eval_dataset when eval_strategy is set; the evaluator owns the real one.
@@ -370,7 +371,8 @@ class CIRTrainer(Trainer):
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         self._card_metrics = evaluation
-        self._write_card(Path(self.args.output_dir), only_if_saved=True)
+        if self._output_dir_step == self.state.global_step:  # the output directory holds the weights just evaluated
+            self._write_card(Path(self.args.output_dir))
         return metrics
 
     # --------------------------------------------------------------------------------------- saving
@@ -384,6 +386,8 @@ class CIRTrainer(Trainer):
                 )
         super()._save(output_dir, state_dict)
         output_dir = Path(output_dir or self.args.output_dir)
+        if output_dir.resolve() == Path(self.args.output_dir).resolve():
+            self._output_dir_step = self.state.global_step
         self._write_card(output_dir)
         if is_lora_model(self.model):
             write_lora_metadata(self.model, output_dir, self.processing_class)
@@ -403,13 +407,10 @@ class CIRTrainer(Trainer):
         metrics = self._card_metrics if self._card_metrics is not None else logged_evaluation(self.state.log_history)
         return trainer_card(self, metrics)
 
-    def _write_card(self, output_dir: Path, only_if_saved: bool = False) -> None:
-        """README.md of `output_dir` (from the main process); `only_if_saved`: only where a model is saved, so that
-        an evaluation during training leaves the output directory alone until the model is written there."""
-        saved = any((output_dir / name).is_file() for name in ("config.json", "adapter_config.json"))
-        if self.args.should_save and (saved or not only_if_saved):
-            output_dir.mkdir(parents=True, exist_ok=True)
-            (output_dir / "README.md").write_text(self.model_card())
+    def _write_card(self, output_dir: Path) -> None:
+        """README.md of `output_dir`, from the main process."""
+        if self.args.should_save:
+            atomic_write_bytes(output_dir / "README.md", self.model_card().encode())
 
 
 __all__ = ["PROTOCOLS", "STAGES", "CIRTrainer", "CIRTrainingArguments"]
