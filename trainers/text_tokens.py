@@ -72,16 +72,18 @@ class TokenizedTexts:
         flat = [text for row in variants for text in row]
         ids, masks, lengths = [], [], []
         keep_padding = _fixed_length(text_processor)
+        self.dtypes = (torch.long, torch.long)
         for start in range(0, len(flat), _CHUNK):
             batch = tokenize(text_processor, flat[start:start + _CHUNK], max_length)
             mask = batch["attention_mask"]
             own = torch.full((mask.shape[0],), mask.shape[1]) if keep_padding else mask.sum(1)
             keep = self._own_positions(own, mask.shape[1])
-            ids.append(batch["input_ids"][keep])
-            masks.append(mask[keep])
+            self.dtypes = (batch["input_ids"].dtype, mask.dtype)  # what a batch gives back
+            ids.append(batch["input_ids"][keep].to(torch.int32))  # stored compact: 5 bytes a token
+            masks.append(mask[keep].to(torch.uint8))
             lengths.append(own)
-        self.ids = torch.cat(ids) if ids else torch.zeros(0, dtype=torch.long)
-        self.mask = torch.cat(masks) if masks else torch.zeros(0, dtype=torch.long)
+        self.ids = torch.cat(ids) if ids else torch.zeros(0, dtype=torch.int32)
+        self.mask = torch.cat(masks) if masks else torch.zeros(0, dtype=torch.uint8)
         self.lengths = torch.cat(lengths) if lengths else torch.zeros(0, dtype=torch.long)  # per variant
         self.starts = torch.cat([torch.zeros(1, dtype=torch.long), self.lengths.cumsum(0)])  # variant -> first token
         self._drawn: tuple[int, torch.Tensor] | None = None
@@ -118,11 +120,11 @@ class TokenizedTexts:
         if bool((lengths != width).any()) and self.pad_token_id is None:
             raise ValueError("The tokenizer has no pad token, so texts of different lengths cannot be batched: set "
                              "tokenizer.pad_token (or pad_token_id) before training.")
-        input_ids = torch.full((len(variants), width), self.pad_token_id or 0, dtype=self.ids.dtype)
-        attention_mask = torch.zeros((len(variants), width), dtype=self.mask.dtype)
+        input_ids = torch.full((len(variants), width), self.pad_token_id or 0, dtype=self.dtypes[0])
+        attention_mask = torch.zeros((len(variants), width), dtype=self.dtypes[1])
         keep = self._own_positions(lengths, width)
         before = lengths.cumsum(0) - lengths  # where each row's tokens start among the batch's
         tokens = torch.repeat_interleave(self.starts[variants] - before, lengths) + torch.arange(int(lengths.sum()))
-        input_ids[keep] = self.ids[tokens]
-        attention_mask[keep] = self.mask[tokens]
+        input_ids[keep] = self.ids[tokens].to(input_ids.dtype)
+        attention_mask[keep] = self.mask[tokens].to(attention_mask.dtype)
         return {"input_ids": input_ids, "attention_mask": attention_mask}
