@@ -275,13 +275,15 @@ def test_resuming_with_other_settings_names_what_differs(tiny_cir_dataset, tiny_
         trainer("in_batch", lora_r=4).train(resume_from_checkpoint=checkpoint)
     assert trainer("in_batch", max_steps=3).train(resume_from_checkpoint=checkpoint).global_step == 3  # same: resumes
 class _RowLosses:
-    """Records, for every training row, its own loss (the trainer's loss module on that query alone), with the rows of
-    each batch read from the collator."""
+    """Records the rows of each batch (from the collator) and, with `losses`, every row's own loss (the trainer's loss
+    module on that query alone)."""
 
-    def __init__(self, trainer):
+    def __init__(self, trainer, losses: bool = True):
         self.trainer, self.collate, self.loss_fn = trainer, trainer.data_collator, trainer.loss_fn
         self.rows, self.losses, self.widths = [], [], []
-        trainer.data_collator, trainer.loss_fn = self._collate, self._loss
+        trainer.data_collator = self._collate
+        if losses:
+            trainer.loss_fn = self._loss
 
     def _collate(self, rows):
         batch = self.collate(rows)
@@ -370,3 +372,28 @@ def test_stage2_grouped_batches_train_the_same_updates_on_two_processes_with_acc
     assert ddp.keys() == single.keys()
     for name, weight in single.items():
         torch.testing.assert_close(ddp[name], weight, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_stage2_grouped_order_resumes_mid_epoch_identically(tiny_cir_dataset, tiny_model_dir, tmp_path):
+    """Resumed in the middle of the second epoch, the grouped order (and each row's text) continues as without the
+    interruption: the order is a function of the seed and the epoch, which the resumed dataloader's sampler is told."""
+    train = varied_texts(datasets.load_dataset(str(tiny_cir_dataset), "triplets", split="train"))
+    corpus = datasets.load_dataset(str(tiny_cir_dataset), "corpus", split="train")
+
+    def trainer_for(out):
+        model, processor = load_cir_model_and_processor(str(tiny_model_dir))
+        args = _args(tmp_path, "candidate_bank", output_dir=str(out), save_strategy="steps", save_steps=6,
+                     num_train_epochs=2, length_groups_per_bucket=2, bank_dir=str(tmp_path / "bank"))
+        return CIRTrainer(model, args, train_dataset=train, corpus=corpus, processor=processor,
+                          join_annotated_captions=True)
+
+    full = trainer_for(tmp_path / "full")
+    rows = _RowLosses(full, losses=False)
+    full.train()
+    resumed = trainer_for(tmp_path / "resumed")
+    rows_resumed = _RowLosses(resumed, losses=False)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-6"))
+    assert len(_losses(full)) == 8 and resumed.state.global_step == 8
+    assert _losses(resumed)[-2:] == pytest.approx(_losses(full)[-2:], abs=1e-6)  # steps 7 and 8, after the resume
+    assert rows.rows[:16] != rows.rows[16:] and sorted(rows.rows[:16]) == sorted(rows.rows[16:])  # a new order
+    assert rows_resumed.rows[-8:] == rows.rows[-8:]  # the resumed dataloader's last two batches: the same rows
