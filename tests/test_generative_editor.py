@@ -33,6 +33,12 @@ def test_training_pairs_are_pretrain_pairs_described_by_the_grammar(pretrain):
     for r, t, text in pairs:  # the text says exactly the modification from the reference to the target
         assert parse_edit(text) == difference(scene_from_json(scenes[r]), scene_from_json(scenes[t]))
     assert pairs == pretrain_pairs(scenes, range(160), 2, seed=0) != pretrain_pairs(scenes, range(160), 2, seed=1)
+    # near=True: each row's first partner is one of the nearest of its candidates, the second a random one
+    mixed = pretrain_pairs(scenes, range(160), 2, seed=0, near=True, candidates=40)
+    first, second = {}, {}
+    for r, t, text in mixed:
+        (second if r in first else first)[r] = len(parse_edit(text))
+    assert sum(first.values()) / len(first) < 0.75 * sum(second.values()) / len(second)
 
 
 def test_training_prompt_is_the_one_the_edit_writer_sends_with_both_images(pretrain, tmp_path):

@@ -52,19 +52,28 @@ class EditorConfig:
     epochs: int = 10
     learning_rate: float = 1e-3
     batch_size: int = 64
-    pairs_per_image: int = 2  # random partners per training image
+    pairs_per_image: int = 2  # partners per training image
+    near_pairs: bool = True  # the first partner a near one (see `pretrain_pairs`), the others random
     heldout: int = 500  # the last `heldout` pretrain images: never trained on, their pairs score the editor
     max_new_tokens: int = 96  # a random pair's text is at most ~80 words here
 
 
-def pretrain_pairs(scenes: list[str], rows: range, k: int, seed: int) -> list[tuple[int, int, str]]:
+def pretrain_pairs(scenes: list[str], rows: range, k: int, seed: int, near: bool = False,
+                   candidates: int = 64) -> list[tuple[int, int, str]]:
     """`(reference row, target row, text)` for `k` random partners of each row of `rows` (among `rows`, never
-    itself), the text the world's grammar says of the pair; pairs of equal scenes (no modification) are left out."""
+    itself), the text the world's grammar says of the pair; pairs of equal scenes (no modification) are left out.
+    `near=True` makes the first partner of each row a near one instead: of `candidates` random rows, one whose
+    scene differs by the fewest clauses (short texts, closer to a benchmark query's single modification)."""
     rng = random.Random(seed)
     parsed = {r: scene_from_json(scenes[r]) for r in rows}
     pairs = []
     for r in rows:
-        for t in rng.sample([x for x in rows if x != r], k):
+        others = [x for x in rows if x != r]
+        partners = rng.sample(others, k)
+        if near:
+            pool = [x for x in rng.sample(others, min(candidates, len(others))) if difference(parsed[r], parsed[x])]
+            partners[0] = min(pool, key=lambda x: len(difference(parsed[r], parsed[x])))
+        for t in partners:
             if difference(parsed[r], parsed[t]):
                 pairs.append((r, t, describe_difference(parsed[r], parsed[t], rng)))
     return pairs
@@ -116,7 +125,7 @@ def train_generative_editor(pretrain, output_dir: str | Path, cfg: EditorConfig 
         return done
     start = time.perf_counter()
     scenes, images = list(pretrain["scene"]), list(pretrain["image"])
-    pairs = pretrain_pairs(scenes, range(n_train), cfg.pairs_per_image, seed)
+    pairs = pretrain_pairs(scenes, range(n_train), cfg.pairs_per_image, seed, near=cfg.near_pairs)
     model, processor = build_editor([text for _, _, text in pairs], cfg, seed)
     if vision_from is not None:
         start_vision_from(model, vision_from)
