@@ -495,12 +495,12 @@ def test_the_checkpoint_is_chosen_by_the_named_metric_of_one_eval_dataset(tiny_c
         "--model_name_or_path", str(tiny_vit_dir), "--dataset", str(tiny_cir_dataset), "--do_train", "--do_eval",
         "--eval_datasets", f"cirr={cirr_root}", f"mine={tiny_cir_dataset}", "--metric_for_best_model",
         "mine_recall@1", "--load_best_model_at_end", "true", "--eval_strategy", "epoch", "--save_strategy", "epoch",
-        "--num_train_epochs", "3", "--learning_rate", "5e-3", "--per_device_train_batch_size", "4",
+        "--num_train_epochs", "2", "--learning_rate", "5e-3", "--per_device_train_batch_size", "4",
         "--per_device_eval_batch_size", "16", "--output_dir", str(out), "--report_to", "none", "--use_cpu",
         "--disable_tqdm", "true"])
     last = max(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
     state = json.loads((last / "trainer_state.json").read_text())
     history = [log["eval_mine_recall@1"] for log in state["log_history"] if "eval_mine_recall@1" in log]
-    assert len(history) == 3 and {"eval_cirr_average", "eval_mine_recall@10"} <= set(results)
+    assert len(history) == 2 and {"eval_cirr_average", "eval_mine_recall@10"} <= set(results)
     assert state["best_metric"] == max(history) == results["eval_mine_recall@1"]  # the best epoch, reloaded
     assert results["train_datasets"] == [str(tiny_cir_dataset)] and results["train_triplets"] == 16
