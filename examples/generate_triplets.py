@@ -33,6 +33,11 @@ CIR): convert it with `python -m datasets_scripts.images --images ... --output_d
     python examples/generate_triplets.py --dataset cc-corpus --pool corpus --random_pairs --captioner ... \
         --output_dir cc-scaled
 
+The paper's zero-shot settings are ready configs (the first argument; flags after it override):
+    accelerate launch examples/generate_triplets.py examples/configs/triplets/zeroshot_cc_fiq.json \
+        --dataset cc-corpus --output_dir cc-fiq-triplets
+(zeroshot_cc_fiq / zeroshot_cc_cirr: CC3M out of domain; zeroshot_fiq / zeroshot_cirr: the benchmark's own images).
+
 Modification texts written by an MLLM that sees both images (instead of the templates, the paper's setting):
 --texts mllm_pairs --editor llava-hf/llava-onevision-qwen2-7b-ov-hf [--edit_prompt ...] [--edit_cache_dir DIR]
 (--captioner is then optional: with it, the captions are recorded with the triplets).

@@ -8,6 +8,10 @@
         --model_name_or_path out/stage1 --dataset fashioniq --data_dir fashionIQ_dataset \\
         --extra_triplets <generated triplets dir or Hub id> --stage candidate_bank --do_train --do_eval \\
         --learning_rate 2e-5 --per_device_train_batch_size 256 --num_train_epochs 3 --output_dir out/stage2
+    accelerate launch examples/run_cir.py examples/configs/zeroshot_fiq_stage1.json \
+        --train_dataset <generated triplets> --data_dir fashionIQ_dataset     # zero-shot: generated triplets only
+    python examples/run_cir.py --model_name_or_path out/stage2 --do_eval \
+        --eval_datasets fashioniq_remove_reference=fashionIQ_dataset cirr=CIRR circo=CIRCO   # three benchmarks
     python examples/run_cir.py config.json                    # the same arguments from a JSON or YAML file
     python examples/run_cir.py examples/configs/clip4cir_fiq_stage2.json --data_dir D --model_name_or_path M
                                                               # a paper config; later flags override its values
@@ -15,8 +19,9 @@
 Two modes:
 - with `--dataset` (and `--model_name_or_path`): train (`--stage in_batch` = SPN stage 1, `--stage candidate_bank` =
   stage 2) and/or evaluate on a real benchmark or your own data, with every `transformers.TrainingArguments` option
-  plus SPN's (listed below). Writes `all_results.json` (train and eval metrics, with the evaluation protocol) into
-  `--output_dir`.
+  plus SPN's (listed below). `--train_dataset` trains on other triplets only (generated ones: zero-shot),
+  `--eval_datasets` evaluates on several benchmarks at once. Writes `all_results.json` (train and eval metrics, the
+  evaluation protocols, the training data and its size) into `--output_dir`.
 - without `--dataset`: the built-in SPN recipe (stage 0 warm-up, a generative captioner trained on separate data,
   stage 1, positive scaling, stage 2, the ablation table with a zero-shot row) on a procedurally generated
   benchmark, on a CPU (README: the embedded default, for its time); its options are listed at the end.
