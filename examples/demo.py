@@ -1,4 +1,6 @@
 """A web demo: upload or pick a reference image, type the modification, see the top-k gallery images with scores.
+A picked gallery image is queried by its id and, like an uploaded copy of a gallery image, left out of its own
+results (as the evaluation protocols do) unless "keep the reference" is ticked.
 
     pip install -e ".[demo]"
     python examples/demo.py --model out/stage2 --index my_images.idx      # an index from examples/retrieve.py
@@ -22,7 +24,8 @@ from pathlib import Path
 from retrieve import build_pipeline, load_model
 
 from modeling_spn4cir.cli import add_debug_flag, run_cli
-from modeling_spn4cir.retrieval import CIRIndex
+from modeling_spn4cir.retrieval import CIRIndex, ReportHit
+from modeling_spn4cir.retrieval.report import hit_figure, report_css
 
 # The built-in recipe's result rows and the directories of their models (examples/spn_recipe/config.py, MODEL_DIRS).
 RECIPE_MODELS = {"stage 1": "stage1", "+N": "stage2_N", "+P": "stage1_P", "+P+N": "stage2_PN"}
@@ -44,34 +47,69 @@ QUERY_ERRORS = (ValueError, KeyError, OSError, TypeError, RuntimeError)
 
 
 class RetrievalDemo:
-    """The demo's logic without the UI: `query(reference, text, top_k)` is what the page calls."""
+    """The demo's logic without the UI: `run(...)` is what the page calls."""
 
-    def __init__(self, pipe, index: CIRIndex):
-        self.pipe, self.index = pipe, index
+    def __init__(self, pipe, index: CIRIndex, thumb_size: int = 144):
+        self.pipe, self.index, self.thumb_size = pipe, index, thumb_size
 
-    def query(self, reference, text: str, top_k: int = 10) -> list[dict]:
-        """The pipeline's results (`[{"image_id", "score", "path"}, ...]`) for a reference image and/or a text."""
-        return self.pipe(reference, text or None, gallery=self.index, top_k=int(top_k))
+    def query(self, reference, text: str, top_k: int = 10, reference_id: str | None = None,
+              keep_reference: bool = False) -> list[dict]:
+        """The pipeline's results (`[{"image_id", "score", "path"}, ...]`) for a reference (an image, or a gallery
+        image by `reference_id`) and/or a text; the reference is left out of its results unless `keep_reference`."""
+        if reference_id is not None:
+            return self.pipe(reference_id=reference_id, text=text or None, gallery=self.index, top_k=int(top_k),
+                             keep_reference=keep_reference)
+        return self.pipe(reference, text or None, gallery=self.index, top_k=int(top_k), keep_reference=keep_reference)
 
-    def run(self, reference, text: str, top_k: int = 10):
-        """(gallery items `[(PIL image, caption)]`, results) — the outputs of the page. The results sent to the
-        browser carry ranks, ids and scores only (no server paths); a query that fails shows its error's message."""
-        if reference is None and not (text or "").strip():
-            return [], {"error": "upload or pick a reference image, type a modification, or both"}
+    def run(self, reference, text: str, top_k: int = 10, reference_id: str | None = None,
+            keep_reference: bool = False) -> tuple[str, list[dict] | dict, str]:
+        """(the results as HTML, the results as JSON, the status line) — the outputs of the page. The JSON results
+        carry ranks, ids and scores only (no server paths); a query that fails shows its error's message (server
+        folders shortened) in the status line and the JSON."""
+        if reference is None and reference_id is None and not (text or "").strip():
+            return "", {}, f"**{EMPTY_QUERY}.**"
         try:
-            hits = self.query(reference, text, top_k)
-            items = [(self.index.open_image(h["image_id"]), f"#{rank} {h['score']:.3f} {h['image_id']}")
-                     for rank, h in enumerate(hits, 1)]
+            hits = self.query(reference, text, top_k, reference_id, keep_reference)
+            page = self.results_html(hits)
         except QUERY_ERRORS as error:
             message = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
-            return [], {"error": f"{type(error).__name__}: {without_paths(str(message) or repr(error))}"}
-        return items, [{"rank": rank, "image_id": h["image_id"], "score": round(h["score"], 6)}
-                       for rank, h in enumerate(hits, 1)]
+            shown = f"{type(error).__name__}: {without_paths(str(message) or repr(error))}"
+            return "", {"error": shown}, f"**{shown}**"
+        rows = [{"rank": rank, "image_id": h["image_id"], "score": round(h["score"], 6)}
+                for rank, h in enumerate(hits, 1)]
+        return page, rows, self.describe(reference is not None, reference_id, keep_reference, len(hits))
 
-    def examples(self, n: int = 6) -> list:
-        """A few gallery images to start from (the first of every len/n)."""
+    def results_html(self, hits: list[dict]) -> str:
+        """The ranked images as figures (thumbnail, then rank, score and id below it), wrapping into rows."""
+        figures = [hit_figure(ReportHit(h["image_id"], h["score"], self.index.open_image(h["image_id"]), rank),
+                              self.thumb_size) for rank, h in enumerate(hits, 1)]
+        return f"<div class='row' id='hits'>{''.join(figures)}</div>"
+
+    def describe(self, has_image: bool, reference_id: str | None, keep_reference: bool, shown: int) -> str:
+        """The status line above the results: how many are shown, and what the reference was."""
+        if not has_image and reference_id is None:
+            return f"top {shown} of {len(self.index)} images; a text-only query"
+        where = f"gallery image `{reference_id}`" if reference_id is not None else "the uploaded image"
+        kept = "kept in its results" if keep_reference else "left out of its results when it is in the gallery"
+        return f"top {shown} of {len(self.index)} images; reference: {where} ({kept})"
+
+    def examples(self, n: int = 6) -> list[str]:
+        """The ids of a few gallery images to start from (the first of every len/n)."""
         step = max(1, len(self.index) // n)
-        return [self.index.open_image(self.index.image_ids[i]) for i in range(0, len(self.index), step)][:n]
+        return [self.index.image_ids[i] for i in range(0, len(self.index), step)][:n]
+
+
+EMPTY_QUERY = "Upload or pick a reference image, type a modification, or both"
+# Small gallery images are drawn at the reference box's size (not at their own few pixels), sharp; the pick strip
+# holds its thumbnails in two rows without a scrollbar of its own.
+CSS = report_css(144) + """
+#reference img { width: 100% !important; height: 100% !important; object-fit: contain; image-rendering: pixelated; }
+#picks .grid-wrap { overflow: visible !important; min-height: 0 !important; max-height: none !important;
+  height: auto !important; }
+#picks .grid-container { min-height: 0 !important; padding-top: 30px !important; }
+#results_html .row { gap: 10px; }
+#status p { margin: 4px 0; }
+"""
 
 
 def without_paths(message: str) -> str:
@@ -113,28 +151,53 @@ def recipe_index(model, processor, recipe_dir: str | Path, model_path: str) -> C
 def build_ui(demo: RetrievalDemo, title: str):
     import gradio as gr
 
+    picks_ids = demo.examples()
     with gr.Blocks(title=title) as ui:
         gr.Markdown(f"## {title}\nA reference image plus a modification text; the gallery's best matches, by the "
                     f"model's own similarity ({len(demo.index)} images).")
+        picked = gr.State(None)  # the gallery id of a picked reference (None: an upload, or nothing)
         with gr.Row():
             with gr.Column(scale=1):
-                reference = gr.Image(type="pil", label="reference image", height=256)
-                text = gr.Textbox(label="modification", placeholder="e.g. make the red circle blue")
+                reference = gr.Image(type="pil", label="reference image", height=256, elem_id="reference")
+                shown_id = gr.Markdown("reference: none yet", elem_id="picked")
+                text = gr.Textbox(label="modification", placeholder="e.g. make the red circle blue", elem_id="text")
                 top_k = gr.Slider(1, 50, value=10, step=1, label="top k")
-                button = gr.Button("Search", variant="primary")
-                picks = gr.Gallery(value=demo.examples(), label="or pick a reference from the gallery", columns=6,
-                                   height=140, allow_preview=False)
+                keep = gr.Checkbox(False, label="keep the reference in its results")
+                button = gr.Button("Search", variant="primary", elem_id="search")
+                # Thumbnails without captions: the picked image's id is shown above once picked.
+                picks = gr.Gallery(value=[demo.index.open_image(i) for i in picks_ids], columns=3, rows=2,
+                                   label="or pick a reference from the gallery", height="auto", allow_preview=False,
+                                   object_fit="contain", buttons=[], elem_id="picks")
             with gr.Column(scale=2):
-                results = gr.Gallery(label="results", columns=5, height=520)
+                status = gr.Markdown("", elem_id="status")
+                results = gr.HTML("", elem_id="results_html")
                 raw = gr.JSON(label="results (JSON)")
 
         def pick(event: gr.SelectData):  # gradio passes the selection by this annotation (so no __future__ import)
-            return demo.examples()[event.index]
+            image_id = picks_ids[event.index]
+            return (demo.index.open_image(image_id), image_id, f"reference: gallery image `{image_id}`", "", None,
+                    "")
 
-        picks.select(pick, None, reference)
-        button.click(demo.run, [reference, text, top_k], [results, raw])
-        text.submit(demo.run, [reference, text, top_k], [results, raw])
+        def uploaded():
+            return None, "reference: the uploaded image", "", None, ""
+
+        def search(reference_image, image_id, query, k, keep_reference):
+            return demo.run(reference_image, query, k, image_id if reference_image is not None else None,
+                            keep_reference)
+
+        cleared = [results, raw, status]
+        picks.select(pick, None, [reference, picked, shown_id, *cleared])
+        reference.upload(uploaded, None, [picked, shown_id, *cleared])
+        reference.clear(lambda: (None, "reference: none yet", "", None, ""), None, [picked, shown_id, *cleared])
+        inputs = [reference, picked, text, top_k, keep]
+        button.click(search, inputs, cleared)
+        text.submit(search, inputs, cleared)
     return ui
+
+
+def launch(ui, host: str = "127.0.0.1", port: int = 7860, **kwargs):
+    """Serve the page (with its style sheet) on `host:port`."""
+    return ui.launch(server_name=host, server_port=port, css=CSS, **kwargs)
 
 
 def main(argv=None):
@@ -171,7 +234,7 @@ def main(argv=None):
             raise SystemExit(f"--index {args.index} does not fit --model {args.model}: {error}") from None
     print(f"serving {len(index)} gallery images from {', '.join(gallery_roots(index)) or 'their dataset'}")
     demo = RetrievalDemo(build_pipeline(model, processor, args.device), index.to(model.device))
-    build_ui(demo, title).launch(server_name=args.host, server_port=args.port)
+    launch(build_ui(demo, title), args.host, args.port)
 
 
 if __name__ == "__main__":

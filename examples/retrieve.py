@@ -11,7 +11,14 @@ killed run resumes where it stopped when run again; that folder is removed once 
 loads the model the index was built with (or `--model`; another model is refused), composes the query with the
 "composed-image-retrieval" pipeline, ranks exactly (or `--backend faiss`), prints the results, and writes them as
 JSON and as an HTML page with thumbnails.
-`--text` alone is a text-only query (sum-fusion CLIP4CIR), `--reference` alone an image-only one.
+`--text` alone is a text-only query (sum-fusion CLIP4CIR), `--reference` alone an image-only one;
+`--reference_id ID` takes the reference from the gallery by its id (e.g. of an index built from `--dataset`).
+As the evaluation protocols do, the reference is left out of its own results when it is in the gallery (by id, or
+for `--reference` by content); `--keep_reference` keeps it.
+
+For large galleries, `index --faiss ivfpq` (or `hnsw`) builds a FAISS index saved with the gallery index and
+searched with `search --backend faiss` (see `modeling_spn4cir/retrieval/faiss_backend.py`); one that no longer
+matches the embeddings is rebuilt by the next FAISS search and saved back.
 
 `--json` and `--html` follow the project's one output-file rule (`modeling_spn4cir.storage.write_output_file`): they
 replace only a previous results file / page, never the reference image, a gallery image, the index's or the model's
@@ -33,7 +40,7 @@ import torch
 from modeling_spn4cir.image_files import open_image
 from modeling_spn4cir.cli import add_debug_flag, run_cli
 from modeling_spn4cir.loading import load_cir_model_and_processor
-from modeling_spn4cir.retrieval import CIRIndex
+from modeling_spn4cir.retrieval import CIRIndex, FaissSettings
 from modeling_spn4cir.retrieval.index_storage import build_cache
 from modeling_spn4cir.retrieval.report import HTML_SIGNATURE
 from modeling_spn4cir.storage import check_output_file, write_output_file
@@ -79,8 +86,14 @@ def build_pipeline(model, processor, device: str | None = None):
 
 
 def index_command(args) -> CIRIndex:
+    if args.images is None and args.dataset is None and args.faiss is not None:
+        if not Path(args.output, "index.json").is_file():
+            raise SystemExit(f"--faiss without --images / --dataset adds a FAISS index to the saved index --output, "
+                             f"and {args.output} is not one; build it first (with --images or --dataset).")
+        return add_faiss(CIRIndex.load(args.output), args)
     if (args.images is None) == (args.dataset is None):
-        raise SystemExit("Pass --images DIR or --dataset DIR_OR_HUB_ID (with --split).")
+        raise SystemExit("Pass --images DIR or --dataset DIR_OR_HUB_ID (with --split); or --faiss KIND alone to add a "
+                         "FAISS index to the index --output.")
     # refused before any work: a missing input, an --output the index may not replace, a build folder holding
     # someone's files
     if args.images is not None and not Path(args.images).is_dir():
@@ -113,7 +126,27 @@ def index_command(args) -> CIRIndex:
         bad = left_out.pop("bad_images", [])
         print(f"left out: {len(bad)} images that cannot be used (--skip_bad_images){f' {bad[:10]}' if bad else ''}"
               + "".join(f", {n} {k.replace('_', ' ')}" for k, n in left_out.items()))
+    return add_faiss(index, args) if args.faiss is not None else index
+
+
+def add_faiss(index: CIRIndex, args) -> CIRIndex:
+    """Build the FAISS index of `--faiss` and save it into the saved index `--output` (after the gallery index
+    itself, so that settings that do not fit the gallery cost no re-encoding)."""
+    try:
+        index.build_faiss(faiss_settings(args))
+    except ValueError as error:
+        raise SystemExit(f"{error}\nThe gallery index {args.output} is saved; to add a FAISS index to it, run "
+                         f"`retrieve.py index --model {args.model} --output {args.output} --faiss ...` with other "
+                         "settings (no --images / --dataset).") from error
+    index.save_faiss(args.output)
+    print(f"wrote {index.faiss_index()!r} into {args.output}")
     return index
+
+
+def faiss_settings(args) -> FaissSettings:
+    """The FAISS index `retrieve.py index --faiss KIND ...` asks for (0: FaissSettings' automatic value)."""
+    return FaissSettings(kind=args.faiss, hnsw_m=args.hnsw_m, nlist=args.nlist, m=args.m, nbits=args.nbits,
+                         nprobe=args.nprobe, train_size=args.train_size)
 
 
 def _check_outputs(args, index: CIRIndex, model_path: str) -> None:
@@ -127,25 +160,42 @@ def _check_outputs(args, index: CIRIndex, model_path: str) -> None:
         check_output_file(args.html, HTML_SIGNATURE, "retrieval page (--html)", protect)
 
 
-def search_command(args) -> list[dict]:
-    if args.reference is None and not (args.text or "").strip():
-        raise SystemExit("Pass --reference IMAGE, --text TEXT, or both.")
+def _check_query(args, index: CIRIndex) -> None:
+    """Refuse a query that names no reference and no text, two references, or a reference that does not exist."""
+    if args.reference is None and args.reference_id is None and not (args.text or "").strip():
+        raise SystemExit("Pass --reference IMAGE (or --reference_id GALLERY_ID), --text TEXT, or both.")
+    if args.reference is not None and args.reference_id is not None:
+        raise SystemExit("Pass --reference IMAGE or --reference_id GALLERY_ID, not both.")
     if args.reference is not None and not args.reference.startswith(("http://", "https://")) \
             and not Path(args.reference).is_file():
         raise FileNotFoundError(f"--reference {args.reference}: no such image file. Pass the path (or URL) of the "
-                                "reference image.")
+                                "reference image, or --reference_id with the gallery id of one.")
+    if args.reference_id is not None and args.reference_id not in index:
+        raise SystemExit(f"--reference_id {args.reference_id!r} is not an image of the index {args.index} "
+                         f"({len(index)} images, e.g. {index.image_ids[0]!r}).")
+
+
+def search_command(args) -> list[dict]:
     index = CIRIndex.load(args.index)
+    _check_query(args, index)
     model_path = args.model or index_model(index, args.index)
     _check_outputs(args, index, model_path)
     model, processor = load_model(model_path, args.device)
     pipe = build_pipeline(model, processor, args.device)
     index.to(model.device)
-    hits = pipe(args.reference, args.text, gallery=index, top_k=args.top_k, backend=args.backend)
+    had_faiss = index.has_faiss()
+    hits = pipe(args.reference, args.text, reference_id=args.reference_id, gallery=index, top_k=args.top_k,
+                backend=args.backend, keep_reference=args.keep_reference, nprobe=args.nprobe,
+                ef_search=args.ef_search, refine=args.refine)
+    if args.backend == "faiss" and not had_faiss:
+        index.save_faiss(args.index)
+        print(f"saved the FAISS index into {args.index} (later searches load it)")
     width = max((len(h["image_id"]) for h in hits), default=8)
     print(f"{'rank':>4}  {'image_id':<{width}}  score")
     for rank, hit in enumerate(hits, 1):
         print(f"{rank:>4}  {hit['image_id']:<{width}}  {hit['score']:.4f}")
-    query = {"reference": args.reference, "text": args.text}
+    query = {"reference": args.reference, "reference_id": args.reference_id, "text": args.text,
+             "keep_reference": args.keep_reference}
     protect = [args.reference, args.index, model_path if Path(model_path).exists() else None]
     if args.json:
         results = {"format": RESULTS_FORMAT, "query": query, "model": index.fingerprint["model"],
@@ -154,19 +204,24 @@ def search_command(args) -> list[dict]:
                           "retrieval results file (--json)", protect)
         print(f"wrote {args.json}")
     if args.html:
-        write_results_html(args.html, index, hits, args.reference, args.text, protect)
+        write_results_html(args.html, index, hits, args.reference, args.text, args.reference_id, protect)
         print(f"wrote {args.html}")
     return hits
 
 
 def write_results_html(path, index: CIRIndex, hits: list[dict], reference: str | None, text: str | None,
-                       protect=()) -> Path:
-    """One query's results as a self-contained page (the retrieval report's layout), by the output-file rule."""
+                       reference_id: str | None = None, protect=()) -> Path:
+    """One query's results as a self-contained page (the retrieval report's layout), by the output-file rule; the
+    reference is `reference_id`'s gallery image, or the file `reference`."""
     from modeling_spn4cir.retrieval import ReportHit, ReportRow, render_html
     from modeling_spn4cir.retrieval.report import write_page
 
-    row = ReportRow(text=text or "", reference_id=Path(reference).name if reference else None,
-                    reference_image=open_image(reference) if reference else None,
+    if reference_id is not None:
+        reference_image = index.open_image(reference_id)
+    else:
+        reference_image = open_image(reference) if reference else None
+        reference_id = Path(reference).name if reference else None
+    row = ReportRow(text=text or "", reference_id=reference_id, reference_image=reference_image,
                     hits=[ReportHit(h["image_id"], h["score"], index.open_image(h["image_id"]), rank)
                           for rank, h in enumerate(hits, 1)])
     page = render_html([row], "Composed image retrieval", f"model {index.fingerprint['model']}; gallery "
@@ -204,13 +259,29 @@ def build_parser() -> argparse.ArgumentParser:
     index.add_argument("--num_workers", type=int, default=0, help="DataLoader workers decoding the images")
     index.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     index.add_argument("--device", default=None, help="e.g. cuda:0 (default: cpu)")
+    index.add_argument("--faiss", choices=["hnsw", "ivfpq"], default=None,
+                       help="also build a FAISS index for `search --backend faiss`, saved with the index: an HNSW "
+                            "graph, or IVF-PQ for 1M+ images (m bytes per image)")
+    index.add_argument("--nlist", type=int, default=0, help="IVF-PQ cells (default: 4 sqrt(N), a power of two)")
+    index.add_argument("--m", type=int, default=0, help="IVF-PQ codes per image (default: width / 8)")
+    index.add_argument("--nbits", type=int, default=8, help="IVF-PQ bits per code")
+    index.add_argument("--nprobe", type=int, default=16, help="IVF-PQ cells a search visits (search can override)")
+    index.add_argument("--train_size", type=int, default=0, help="IVF-PQ training images (default: 64 nlist)")
+    index.add_argument("--hnsw_m", type=int, default=32, help="HNSW links per node")
     search = commands.add_parser("search", help="search an index with a composed query")
     search.add_argument("--index", required=True)
     search.add_argument("--model", help="default: the model that built the index")
     search.add_argument("--reference", help="the reference image file")
+    search.add_argument("--reference_id", help="or the gallery id of the reference image")
+    search.add_argument("--keep_reference", action="store_true",
+                        help="keep the reference in its results (default: left out when it is in the gallery)")
     search.add_argument("--text", help="the modification text")
     search.add_argument("--top_k", type=positive_int, default=10)
     search.add_argument("--backend", default="exact", choices=["exact", "faiss"])
+    search.add_argument("--nprobe", type=int, default=None, help="IVF-PQ cells to visit (default: the index's)")
+    search.add_argument("--ef_search", type=int, default=None, help="HNSW search beam (default: max(128, 2 top_k))")
+    search.add_argument("--refine", type=int, default=None,
+                        help="FAISS candidates re-scored exactly per result (default: the index's: 50 for IVF-PQ)")
     search.add_argument("--json", help="write the results as JSON (replaces only an earlier results file)")
     search.add_argument("--html", help="write the results as an HTML page with thumbnails (replaces only an earlier "
                                        "page)")

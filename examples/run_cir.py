@@ -302,8 +302,9 @@ def stage2_dedup_map(data_args, data, args, train, corpora) -> dict[str, str] | 
     return dedup_map
 
 
-def build_evaluator(data_args, data, processor, args, entries):
-    """--dataset's evaluator, or a `SequentialEvaluator` over the --eval_datasets entries (None: no evaluation)."""
+def build_evaluator(data_args, data, processor, args, entries, model_name: str):
+    """--dataset's evaluator, or a `SequentialEvaluator` over the --eval_datasets entries (None: no evaluation).
+    `model_name`: what the retrieval report's title calls the evaluated model."""
     if not (args.do_eval or args.eval_strategy != "no"):
         return None
     split = data_args.eval_split
@@ -316,7 +317,8 @@ def build_evaluator(data_args, data, processor, args, entries):
         return CIREvaluator(corpus, triplets, processor.image_processor, processor, protocol=protocol, name=name,
                             batch_size=args.per_device_eval_batch_size, submission_dir=data_args.submission_dir,
                             show_progress_bar=not args.disable_tqdm, report_queries=data_args.report_queries,
-                            report_dir=str(report_dir) if data_args.report_queries > 0 else None)
+                            report_dir=str(report_dir) if data_args.report_queries > 0 else None,
+                            split=f"{name or data_args.dataset} {split}", model_name=model_name)
 
     if entries is None:
         return evaluator(data.corpus[split], data.triplets[split], data.protocol)
@@ -406,7 +408,9 @@ def train_and_evaluate(model_args, data_args, args) -> dict:
         owner = data or load_cir_data(data_args.train_dataset[0])
         extras, ids, source = load_extra_corpora(data_args.bank_extra_images, owner, data_args.train_split)
         extra_negatives = ExtraImages(ImageStore(*extras), ids, source, data_args.bank_extra_limit)
-    evaluator = build_evaluator(data_args, data, processor, args, entries)
+    model_name = (f"{args.output_dir} (trained from {model_args.model_name_or_path})" if args.do_train
+                  else model_args.model_name_or_path)
+    evaluator = build_evaluator(data_args, data, processor, args, entries, model_name)
     trainer = CIRTrainer(
         model, args, train_dataset=train, corpus=corpora, processor=processor, evaluator=evaluator,
         join_annotated_captions=data is not None and data.join_annotated_captions and not data_args.train_dataset,

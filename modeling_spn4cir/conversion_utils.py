@@ -18,7 +18,7 @@ import torch
 
 from .cli import add_debug_flag
 from .model_cards import cir_card_data, render_card, table, usage, with_model_id
-from .storage import atomic_directory
+from .storage import apply_umask, atomic_directory
 
 logger = logging.getLogger(__name__)
 _ALLOW_NONFINITE = contextvars.ContextVar("allow_nonfinite_weights", default=False)
@@ -157,6 +157,7 @@ def write_converted(model, processor, model_card: str, output_dir: str | os.Path
     with atomic_directory(output_dir, tool=CONVERTER_TOOL, overwrite=overwrite, protect=protect) as staging:
         model.save_pretrained(staging)
         processor.save_pretrained(staging)
+        apply_umask(staging)
         # the usage snippet loads this directory, or the Hub repo it is pushed to
         (staging / "README.md").write_text(with_model_id(model_card, push_to_hub or output_dir.name))
     if push_to_hub:

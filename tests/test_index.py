@@ -92,21 +92,155 @@ def test_model_mismatch_is_refused_naming_both_and_stage2_keeps_the_index(saved_
     index.check_model(stage2, processor.image_processor)
 
 
-def test_faiss_backend_recall_against_exact():
+def _clustered(n, dim=32, centres=40, seed=0, spread=0.5):
+    g = torch.Generator().manual_seed(seed)
+    middles = torch.randn(centres, dim, generator=torch.Generator().manual_seed(123))
+    points = middles[torch.randint(0, centres, (n,), generator=g)] + spread * torch.randn(n, dim, generator=g)
+    return torch.nn.functional.normalize(points, dim=-1)
+
+
+def _recall(approx, exact):
+    return sum(len(set(a) & set(e)) for a, e in zip(approx.tolist(), exact.tolist())) / exact.numel()
+
+
+@pytest.mark.parametrize("kind", ["hnsw", "ivfpq"])
+def test_faiss_backend_recall_against_exact(kind):
     pytest.importorskip("faiss")
-    torch.manual_seed(0)
-    centres = torch.randn(40, 32)
-    gallery = torch.nn.functional.normalize(centres[torch.randint(0, 40, (4000,))] + 0.5 * torch.randn(4000, 32),
-                                            dim=-1)
-    queries = torch.nn.functional.normalize(centres[torch.randint(0, 40, (50,))] + 0.5 * torch.randn(50, 32), dim=-1)
+    gallery, queries = _clustered(4000), _clustered(50, seed=1)
     index = CIRIndex(gallery, [str(i) for i in range(4000)], [None] * 4000, {"digest": "x"})
+    index.build_faiss(kind=kind, nlist=32, nprobe=8, nbits=6)  # nbits: IVF-PQ only (fewer codes, faster training)
     exact, _ = index.topk(queries, 10)
     approx, scores = index.topk(queries, 10, backend="faiss")
-    recall = sum(len(set(a) & set(e)) for a, e in zip(approx.tolist(), exact.tolist())) / exact.numel()
-    assert recall >= 0.95
+    assert _recall(approx, exact) >= 0.95
+    # Scores are the exact ones of the returned images (re-scored), in exact order among them.
     torch.testing.assert_close(scores, (queries @ gallery.T).gather(1, approx), atol=1e-5, rtol=0)
+    assert (scores[:, :-1] >= scores[:, 1:]).all()
     excluded, _ = index.topk(queries, 10, backend="faiss", exclude=[str(i) for i in exact[:, 0].tolist()])
     assert not (excluded == exact[:, :1]).any() and excluded.shape == (50, 10)
+    if kind == "ivfpq":  # on unclustered vectors, more cells visited find more of the true top 10
+        assert index.faiss_index().settings.m == 4  # width 32 / 8
+        uniform = torch.nn.functional.normalize(torch.randn(3000, 32, generator=torch.Generator().manual_seed(0)), -1)
+        index = CIRIndex(uniform, [str(i) for i in range(3000)], [None] * 3000, {"digest": "x"})
+        index.build_faiss(kind="ivfpq", nlist=32, nprobe=1, nbits=6)
+        exact, _ = index.topk(queries, 10)
+        recalls = [_recall(index.topk(queries, 10, backend="faiss", nprobe=n)[0], exact) for n in (1, 4, 32)]
+        assert recalls[0] + 0.1 < recalls[1] < recalls[2] - 0.1, recalls
+
+
+def test_a_faiss_index_is_saved_with_the_index_and_a_stale_one_is_rebuilt(tmp_path, caplog):
+    pytest.importorskip("faiss")
+    from modeling_spn4cir.retrieval import faiss_backend
+
+    gallery, queries = _clustered(1000), _clustered(20, seed=1)
+    index = CIRIndex(gallery, [str(i) for i in range(1000)], [None] * 1000, {"digest": "x"})
+    index.build_faiss(kind="ivfpq", nlist=16, nprobe=2, m=8, nbits=4)
+    expected = index.topk(queries, 10, backend="faiss")
+    index.save(tmp_path / "idx")
+    assert {"faiss.index", "faiss.json"} <= {p.name for p in (tmp_path / "idx").iterdir()}
+    built = []
+    original_build = faiss_backend.FaissIndex.build
+    faiss_backend.FaissIndex.build = classmethod(lambda cls, *a: built.append(a) or original_build.__func__(cls, *a))
+    try:
+        loaded = CIRIndex.load(tmp_path / "idx")
+        assert loaded.has_faiss() and loaded.faiss_index().settings == index.faiss_index().settings
+        got = loaded.topk(queries, 10, backend="faiss")
+        assert torch.equal(got[0], expected[0]) and built == []  # loaded, not rebuilt
+        # Other embeddings under the same name: the saved FAISS index is stale and rebuilt with its settings.
+        changed = CIRIndex(_clustered(1000, seed=5), index.image_ids, index.paths, index.fingerprint)
+        changed.save(tmp_path / "other")
+        shutil.copy(tmp_path / "idx" / "faiss.index", tmp_path / "other" / "faiss.index")
+        shutil.copy(tmp_path / "idx" / "faiss.json", tmp_path / "other" / "faiss.json")
+        with caplog.at_level("WARNING"):
+            stale = CIRIndex.load(tmp_path / "other")
+        assert not stale.has_faiss() and "other embeddings" in caplog.text
+        stale.topk(queries, 10, backend="faiss")
+        assert len(built) == 1 and built[0][1].kind == "ivfpq" and built[0][1].nlist == 16
+        stale.save_faiss(tmp_path / "other")  # what `retrieve.py search` does after a rebuild
+        assert CIRIndex.load(tmp_path / "other").has_faiss() and len(built) == 1
+        # A damaged file (same size, other bytes) is noticed by its sha256 once its stamp changed.
+        data = bytearray((tmp_path / "idx" / "faiss.index").read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        (tmp_path / "idx" / "faiss.index").write_bytes(bytes(data))
+        assert not CIRIndex.load(tmp_path / "idx").has_faiss()
+        with pytest.raises(ValueError, match="does not hold this index's embeddings"):
+            stale.save_faiss(tmp_path / "idx")
+    finally:
+        faiss_backend.FaissIndex.build = original_build
+
+
+def test_added_images_go_into_the_faiss_index_and_settings_errors_name_the_option():
+    pytest.importorskip("faiss")
+    from modeling_spn4cir.retrieval import FaissSettings
+
+    gallery = _clustered(2000)
+    index = CIRIndex(gallery[:1500], [str(i) for i in range(1500)], [None] * 1500, {"digest": "x"})
+    index.build_faiss(kind="hnsw")
+    index.add = CIRIndex.add.__get__(index)
+    extra = CIRIndex(gallery[1500:], [str(i) for i in range(1500, 2000)], [None] * 500, {"digest": "x"})
+    merged = CIRIndex(torch.cat([index.embeddings, extra.embeddings]), index.image_ids + extra.image_ids,
+                      [None] * 2000, {"digest": "x"})
+    faiss_index = index.faiss_index()
+    faiss_index.add(extra.embeddings)
+    merged._faiss = faiss_index
+    assert len(merged.faiss_index()) == 2000
+    hits, _ = merged.topk(gallery[1990:], 1, backend="faiss")
+    assert hits[:, 0].tolist() == list(range(1990, 2000))  # each added image finds itself
+    with pytest.raises(ValueError, match="--m"):
+        FaissSettings(kind="ivfpq", m=7).resolved(2000, 32)
+    with pytest.raises(ValueError, match="--nlist"):
+        FaissSettings(kind="ivfpq", nlist=4096).resolved(2000, 32)
+    with pytest.raises(ValueError, match="kind"):
+        FaissSettings(kind="flat")
+    assert FaissSettings(kind="ivfpq").resolved(1_000_000, 256).nlist == 4096
+
+
+# ------------------------------------------------------------------------------------- the query's reference
+def test_references_are_found_by_id_or_by_their_embedding():
+    from modeling_spn4cir.retrieval.references import SAME_IMAGE_COSINE, same_image_rows
+
+    index = _random_index(n=12)
+    near = torch.nn.functional.normalize(index.embeddings[5] + 1e-3 * torch.randn(8), dim=-1)  # rounding-like
+    far = torch.nn.functional.normalize(index.embeddings[5] + 0.2 * torch.randn(8), dim=-1)  # another image
+    assert float(far @ index.embeddings[5]) < SAME_IMAGE_COSINE <= float(near @ index.embeddings[5])
+    found = index.references_in_gallery(["g2", None, None], torch.stack([far, near, far]))
+    assert found == ["g2", "g5", None]  # by id first; by content where no id is given
+    with pytest.raises(KeyError, match="nope"):
+        index.references_in_gallery(["nope"])
+    # The first of two identical gallery rows; multi-vector rows compare flattened.
+    twice = torch.cat([index.embeddings, index.embeddings[5:6]])
+    assert same_image_rows(twice, index.embeddings[5:6]) == [5]
+    tokens = torch.nn.functional.normalize(torch.randn(6, 3, 8), dim=-1)
+    assert same_image_rows(tokens, tokens[[4, 1]]) == [4, 1]
+    assert same_image_rows(tokens, tokens[[4]], candidates=torch.tensor([[0, -1, 4]])) == [4]
+    assert same_image_rows(tokens, tokens[[4]], candidates=torch.tensor([[0, 1, -1]])) == [None]
+    # Left out of the results, unless kept.
+    hits = index.search(index.embeddings[[3]], top_k=12, reference_embeds=index.embeddings[[3]])[0]
+    assert len(hits) == 11 and "g3" not in [h["image_id"] for h in hits]
+    kept = index.search(index.embeddings[[3]], top_k=12, reference_ids=["g3"], keep_reference=True)[0]
+    assert kept[0]["image_id"] == "g3" and [h["image_id"] for h in kept[1:]] == [h["image_id"] for h in hits]
+
+
+def test_references_of_a_faiss_search_are_found_among_its_candidates():
+    pytest.importorskip("faiss")
+    gallery = _clustered(1000)
+    index = CIRIndex(gallery, [str(i) for i in range(1000)], [None] * 1000, {"digest": "x"})
+    index.build_faiss(kind="ivfpq", nlist=16, nprobe=4, nbits=4)
+    references = torch.nn.functional.normalize(gallery[[7, 999]] + 1e-4 * torch.randn(2, 32), dim=-1)
+    assert index.references_in_gallery(reference_embeds=references, backend="faiss") == ["7", "999"]
+
+
+def test_images_stored_in_a_dataset_are_located_never_none(saved_tiny_model, tiny_cir_dataset):
+    import datasets
+
+    _, model, processor = saved_tiny_model
+    dataset = {"path": str(tiny_cir_dataset), "name": "corpus", "split": "val"}
+    corpus = datasets.load_dataset(**dataset)
+    index = CIRIndex.build(model, processor.image_processor, corpus, dataset=dataset, show_progress_bar=False)
+    assert index.paths == [None] * len(index)  # the images live inside the dataset's files
+    hits = index.search(index.embeddings[:2], top_k=3)
+    assert all(h["path"] == f"{tiny_cir_dataset}:val:{h['image_id']}" for row in hits for h in row)
+    in_memory = CIRIndex.build(model, processor.image_processor, corpus, show_progress_bar=False)
+    assert in_memory.search(index.embeddings[:1], top_k=1)[0][0]["path"] == f"<in-memory corpus>:{corpus[0]['image_id']}"
 
 
 def test_hits_scores_are_the_models_similarity_of_the_hits(saved_tiny_model, image_dir):

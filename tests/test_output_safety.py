@@ -182,3 +182,24 @@ def test_retrieval_writers_never_overwrite_an_input_an_index_or_any_other_file(t
     (report_dir / "retrieval_report.html").write_text(page.replace(HTML_SIGNATURE[0].decode(), ""))
     (report_dir / "retrieval_report.png").write_bytes(b"\x89PNG\r\n\x1a\n an old sheet")
     assert HTML_SIGNATURE[0] in write_report(report_dir, [], "t")["html"].read_bytes()
+def test_model_weights_and_index_embeddings_get_the_umask_permissions(tiny_model_dir, image_dir, tmp_path):
+    """safetensors' `save_file` (behind every `save_pretrained`) leaves `model.safetensors` 0600 beside 0644
+    siblings; every writer of a model directory gives it the umask's permissions, as the index's files have."""
+    from modeling_spn4cir.conversion_utils import write_converted
+    from modeling_spn4cir.loading import load_cir_model_and_processor
+    from modeling_spn4cir.retrieval import CIRIndex
+    from trainers.cir_trainer import CIRTrainer, CIRTrainingArguments
+
+    model, processor = load_cir_model_and_processor(str(tiny_model_dir))
+    old = os.umask(0o022)
+    try:
+        args = CIRTrainingArguments(output_dir=str(tmp_path / "run"), use_cpu=True, report_to=[])
+        CIRTrainer(model, args, processor=processor).save_model()
+        write_converted(model, processor, "card", tmp_path / "converted")
+        CIRIndex.build(model, processor.image_processor, image_dir, show_progress_bar=False).save(tmp_path / "idx")
+    finally:
+        os.umask(old)
+    for out in ("run", "converted", "idx"):
+        modes = {p.name: oct(p.stat().st_mode & 0o777) for p in (tmp_path / out).iterdir() if p.is_file()}
+        assert set(modes.values()) == {"0o644"}, (out, modes)
+    assert (tmp_path / "run" / "model.safetensors").exists() and (tmp_path / "converted" / "model.safetensors").exists()

@@ -7,7 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import brute_force_topk, retrieval_pipeline, run_without_package
+from conftest import (
+    brute_force_topk,
+    retrieval_pipeline,
+    run_without_package,
+    solid_images,
+)
 from test_report import _decodes, _Page
 
 from modeling_spn4cir import CLIP4CIRModel, CLIP4CIRProcessor
@@ -34,11 +39,19 @@ def test_pipeline_ranks_as_model_similarity(saved_tiny_model, image_dir):
                                          pixel_values=batch["pixel_values"])
         pixels = processor.image_processor([index.open_image(i) for i in index.image_ids])["pixel_values"]
         scores = model.similarity(queries, model.get_target_embeds(pixels))
-    expected = brute_force_topk(scores, 5)
+    # The references are gallery images: each is left out of its own ranking (as the protocols do) ...
+    own = [index.image_ids.index("im01.png"), index.image_ids.index("sub/im04.png")]
+    without_own = scores.clone()
+    without_own[[0, 1], own] = float("-inf")
+    expected = brute_force_topk(without_own, 5)
     assert [[h["image_id"] for h in hits] for hits in got] == [[index.image_ids[j] for j in row] for row in expected]
     for hits, row, srow in zip(got, expected, scores):
         assert [h["score"] for h in hits] == pytest.approx([float(srow[j]) for j in row], abs=1e-5)
         assert all(h["path"] and h["path"].endswith(h["image_id"].split("/")[-1]) for h in hits)
+    # ... unless kept.
+    kept = pipe([str(r) for r in references], texts, gallery=index, top_k=5, batch_size=2, keep_reference=True)
+    assert [[h["image_id"] for h in hits] for hits in kept] == [[index.image_ids[j] for j in row]
+                                                                for row in brute_force_topk(scores, 5)]
     # One query at a time gives the same ranking as the batch (scores up to batched float rounding).
     single = pipe(str(references[1]), texts[1], gallery=index, top_k=5)
     assert [h["image_id"] for h in single] == [h["image_id"] for h in got[1]]
@@ -49,11 +62,48 @@ def test_pipeline_ranks_as_model_similarity(saved_tiny_model, image_dir):
         text_query = torch.nn.functional.normalize(model.get_text_features(batch["input_ids"][:1],
                                                                            batch["attention_mask"][:1]), dim=-1)
         image_query = model.get_target_embeds(batch["pixel_values"][1:])
-    mixed = pipe([None, str(references[1])], ["make it blue", None], gallery=index, top_k=4, batch_size=2)
+    mixed = pipe([None, str(references[1])], ["make it blue", None], gallery=index, top_k=4, batch_size=2,
+                 keep_reference=True)
     gallery = model.get_target_embeds(pixels).detach()
     for hits, query in zip(mixed, (text_query, image_query)):
         assert [h["image_id"] for h in hits] == [index.image_ids[j] for j in brute_force_topk(query @ gallery.T, 4)[0]]
-    assert mixed[1][0]["image_id"] == "sub/im04.png"
+    assert mixed[1][0]["image_id"] == "sub/im04.png" and mixed[1][0]["score"] == pytest.approx(1.0, abs=1e-5)
+    image_only = pipe(str(references[1]), gallery=index, top_k=4)
+    assert [h["image_id"] for h in image_only] == [h["image_id"] for h in pipe(
+        str(references[1]), gallery=index, top_k=5, keep_reference=True)[1:]]
+
+
+def test_a_reference_in_the_gallery_is_left_out_by_id_or_by_content(saved_tiny_model, image_dir):
+    from PIL import Image
+
+    _, model, processor = saved_tiny_model
+    pipe = retrieval_pipeline(model, processor)
+
+    def ids(hits):
+        return [h["image_id"] for h in hits]
+
+    for dtype in (torch.float32, torch.float16):
+        index = CIRIndex.build(model, processor.image_processor, image_dir, dtype=dtype, show_progress_bar=False)
+        n = len(index)
+        by_id = pipe(reference_id="im03.png", text="make it blue", gallery=index, top_k=n)
+        assert len(by_id) == n - 1 and "im03.png" not in ids(by_id)
+        upload = Image.open(image_dir / "im03.png").convert("RGB")  # decoded pixels, as an upload arrives
+        assert ids(pipe(upload, "make it blue", gallery=index, top_k=n)) == ids(by_id)
+        kept = pipe(reference_id="im03.png", text="make it blue", gallery=index, top_k=n, keep_reference=True)
+        assert len(kept) == n and [i for i in ids(kept) if i != "im03.png"] == ids(by_id)
+    # An image that is not in the gallery leaves nothing out.
+    other = solid_images(1, size=40, seed=99)[0]
+    assert pipe(other, "make it blue", gallery=index, top_k=n) == pipe(other, "make it blue", gallery=index,
+                                                                        top_k=n, keep_reference=True)
+    # Batched queries by gallery id, each leaving out its own reference.
+    batch = pipe(reference_id=["im03.png", "sub/im04.png"], text=["make it blue", "red circle"], gallery=index,
+                 top_k=3, batch_size=2)
+    single = pipe(reference_id="sub/im04.png", text="red circle", gallery=index, top_k=3)
+    assert ids(batch[1]) == ids(single) and "sub/im04.png" not in ids(batch[1]) and "im03.png" not in ids(batch[0])
+    with pytest.raises(KeyError, match="nope.png"):
+        pipe(reference_id="nope.png", text="red circle", gallery=index)
+    with pytest.raises(ValueError, match="not both"):
+        pipe(upload, reference_id="im03.png", gallery=index)
 
 
 @pytest.mark.slow
@@ -61,7 +111,8 @@ def test_pipeline_ships_with_the_model_for_trust_remote_code(saved_tiny_model, i
     _, model, processor = saved_tiny_model
     index = CIRIndex.build(model, processor.image_processor, image_dir, show_progress_bar=False)
     pipe = retrieval_pipeline(model, processor)
-    expected = [h["image_id"] for h in pipe(str(image_dir / "im02.png"), "and more", gallery=index, top_k=4)]
+    expected = [h["image_id"] for h in pipe(str(image_dir / "im02.png"), "and more", gallery=index, top_k=4,
+                                            keep_reference=True)]
     shipped = tmp_path / "shipped"
     pipe.save_pretrained(shipped)
     assert json.loads((shipped / "config.json").read_text())["custom_pipelines"]["composed-image-retrieval"]["impl"] \
@@ -71,9 +122,10 @@ def test_pipeline_ships_with_the_model_for_trust_remote_code(saved_tiny_model, i
         import json, torch
         from transformers import pipeline
         data = torch.load({str(tmp_path / 'gallery.pt')!r})
-        class Gallery:  # the three methods of CIRIndex the pipeline calls
+        class Gallery:  # the methods of CIRIndex the pipeline calls
             def check_model(self, model, image_processor): pass
-            def topk(self, queries, k, similarity=None, backend="exact"):
+            def references_in_gallery(self, ids, embeds, backend): return [None] * len(ids)
+            def topk(self, queries, k, similarity=None, backend="exact", exclude=None):
                 scores = similarity(queries, data["embeddings"])
                 return scores.topk(k).indices, scores.topk(k).values
             def hits(self, indices, scores):
@@ -128,7 +180,7 @@ def test_retrieve_cli_and_pipeline_refuse_what_they_cannot_do_naming_the_option(
         retrieve.main([*search, "--model", str(missing)])
     with pytest.raises(FileNotFoundError, match=r"--reference .*nope.png: no such image file"):
         retrieve.main([*search, "--reference", str(tmp_path / "nope.png")])
-    with pytest.raises(SystemExit, match="Pass --reference IMAGE, --text TEXT, or both"):
+    with pytest.raises(SystemExit, match=r"Pass --reference IMAGE \(or --reference_id GALLERY_ID\), --text TEXT"):
         retrieve.main(["search", "--index", str(tmp_path / "idx"), "--text", "  "])
     pipe = retrieval_pipeline(model, processor)
     for blank in ("", "   ", "\t\n"):
@@ -138,6 +190,58 @@ def test_retrieve_cli_and_pipeline_refuse_what_they_cannot_do_naming_the_option(
     assert pipe(reference, "   ", gallery=index, top_k=3) == pipe(reference, gallery=index, top_k=3)  # image-only
     with pytest.raises(ValueError, match="top_k must be a whole number of results of at least 1, got -1"):
         pipe(reference, "red circle", gallery=index, top_k=-1)
+def test_retrieve_cli_searches_a_dataset_index_by_gallery_id(tiny_model_dir, tiny_cir_dataset, tmp_path):
+    import retrieve
+
+    retrieve.main(["index", "--model", str(tiny_model_dir), "--dataset", str(tiny_cir_dataset), "--split", "val",
+                   "--output", str(tmp_path / "idx")])
+    index = CIRIndex.load(tmp_path / "idx")
+    reference, n = index.image_ids[2], len(index)
+    search = ["search", "--index", str(tmp_path / "idx"), "--reference_id", reference, "--text", "make it blue",
+              "--top_k", str(n)]
+    hits = retrieve.main([*search, "--json", str(tmp_path / "hits.json"), "--html", str(tmp_path / "hits.html")])
+    assert len(hits) == n - 1 and reference not in [h["image_id"] for h in hits]
+    written = json.loads((tmp_path / "hits.json").read_text())
+    assert written["query"]["reference_id"] == reference and written["results"] == hits
+    assert all(h["path"] == f"{tiny_cir_dataset}:val:{h['image_id']}" for h in written["results"])
+    kept = retrieve.main([*search, "--keep_reference"])
+    assert [h for h in kept if h["image_id"] != reference] == hits
+    # The reference by id is the same query as its image.
+    model = CLIP4CIRModel.from_pretrained(tiny_model_dir).eval()
+    pipe = retrieval_pipeline(model, CLIP4CIRProcessor.from_pretrained(tiny_model_dir))
+    assert pipe(index.open_image(reference), "make it blue", gallery=index, top_k=n) == hits
+    page = _Page.parse((tmp_path / "hits.html").read_text())
+    assert [f["data-image-id"] for f in page.sections[0]["hits"]] == [h["image_id"] for h in hits]
+    with pytest.raises(SystemExit, match="not an image of the index"):
+        retrieve.main(["search", "--index", str(tmp_path / "idx"), "--reference_id", "ghost", "--text", "x"])
+
+
+def test_retrieve_cli_builds_a_faiss_index_with_the_index_and_reuses_it(tiny_model_dir, image_dir, tmp_path, capsys):
+    pytest.importorskip("faiss")
+    import retrieve
+
+    retrieve.main(["index", "--model", str(tiny_model_dir), "--images", str(image_dir), "--output",
+                   str(tmp_path / "idx"), "--faiss", "hnsw"])
+    assert (tmp_path / "idx" / "faiss.json").is_file() and (tmp_path / "idx" / "faiss.index").is_file()
+    search = ["search", "--index", str(tmp_path / "idx"), "--reference", str(image_dir / "im03.png"), "--text",
+              "make it blue", "--top_k", "5"]
+    exact = retrieve.main(search)
+    capsys.readouterr()
+    approx = retrieve.main([*search, "--backend", "faiss"])  # 12 images: the graph finds the exact top 5
+    assert [h["image_id"] for h in approx] == [h["image_id"] for h in exact]
+    assert [h["score"] for h in approx] == pytest.approx([h["score"] for h in exact], abs=1e-6)
+    assert "saved the FAISS index" not in capsys.readouterr().out  # loaded with the index
+    for name in ("faiss.json", "faiss.index"):
+        (tmp_path / "idx" / name).unlink()
+    assert retrieve.main([*search, "--backend", "faiss"]) == approx
+    assert "saved the FAISS index" in capsys.readouterr().out and (tmp_path / "idx" / "faiss.json").is_file()
+    # Settings that do not fit the gallery: the gallery index is kept, and a FAISS index is added to it alone.
+    index = ["index", "--model", str(tiny_model_dir), "--output", str(tmp_path / "idx"), "--faiss", "ivfpq"]
+    with pytest.raises(SystemExit, match="(?s)too few.*is saved; to add a FAISS index"):
+        retrieve.main([*index, "--images", str(image_dir), "--overwrite_output_dir"])
+    retrieve.main([*index, "--nlist", "2", "--nbits", "2", "--m", "4", "--train_size", "12"])
+    assert json.loads((tmp_path / "idx" / "faiss.json").read_text())["settings"]["kind"] == "ivfpq"
+    assert [h["image_id"] for h in retrieve.main([*search, "--backend", "faiss"])] == [h["image_id"] for h in exact]
 
 
 # ------------------------------------------------------------------------------------------------ demo
@@ -150,16 +254,23 @@ def test_demo_query_returns_the_pipeline_results(saved_tiny_model, image_dir):
     app = demo.RetrievalDemo(pipe, index)
     from PIL import Image
 
-    reference = Image.open(image_dir / "im05.png").convert("RGB")
+    reference = Image.open(image_dir / "im05.png").convert("RGB")  # a gallery image: left out of its results
     expected = pipe(reference, "red circle", gallery=index, top_k=6)
-    items, hits = app.run(reference, "red circle", 6)
+    page, hits, status = app.run(reference, "red circle", 6)
     # what the browser receives: ranks, ids and scores, no server path
     assert hits == [{"rank": r, "image_id": h["image_id"], "score": pytest.approx(h["score"], abs=1e-6)}
                     for r, h in enumerate(expected, 1)]
-    assert str(image_dir) not in json.dumps(hits)
-    assert [caption.split()[-1] for _, caption in items] == [h["image_id"] for h in expected]
-    assert items[0][0].size == Image.open(expected[0]["path"]).size
-    assert app.run(None, "", 6)[0] == []
+    assert str(image_dir) not in json.dumps(hits) and "im05.png" not in [h["image_id"] for h in hits]
+    figures = _Page.parse(f"<section class='query'>{page}</section>").sections[0]
+    assert [f["data-image-id"] for f in figures["hits"]] == [h["image_id"] for h in expected]
+    assert [float(f["data-score"]) for f in figures["hits"]] == pytest.approx([h["score"] for h in expected], abs=1e-6)
+    assert "top 6 of 12" in status and "uploaded" in status
+    # A picked gallery image is queried by its id: the same results, with the id named.
+    picked, hits_by_id, status = app.run(reference, "red circle", 6, reference_id="im05.png")
+    assert hits_by_id == hits and "`im05.png`" in status
+    kept = app.run(reference, "red circle", 6, reference_id="im05.png", keep_reference=True)[1]
+    assert "im05.png" in [h["image_id"] for h in kept]
+    assert app.run(None, "", 6) == ("", {}, f"**{demo.EMPTY_QUERY}.**")  # shown on the page, not only in JSON
 
 
 def test_the_room_asks_the_model_contract_not_family_internals():
@@ -200,8 +311,9 @@ def test_demo_shows_a_real_error_refuses_a_foreign_index_and_rebuilds_a_stale_ca
     model_dir, model, processor = saved_tiny_model
     other = tiny_model(seed=5)
     foreign = CIRIndex.build(other, processor.image_processor, image_dir, show_progress_bar=False)
-    items, shown = demo.RetrievalDemo(retrieval_pipeline(model, processor), foreign).run(None, "red circle", 4)
-    assert items == [] and shown["error"].startswith("ModelMismatchError: This gallery index was built by")
+    page, shown, status = demo.RetrievalDemo(retrieval_pipeline(model, processor), foreign).run(None, "red circle", 4)
+    assert page == "" and shown["error"].startswith("ModelMismatchError: This gallery index was built by")
+    assert status == f"**{shown['error']}**"  # on the page, not only in the JSON box
     assert str(tmp_path) not in shown["error"] and ".../tiny_model" in shown["error"]
     foreign.save(tmp_path / "foreign.idx")
     with pytest.raises(SystemExit, match=r"--index .*foreign.idx does not fit --model .*Rebuild the index"):

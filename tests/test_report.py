@@ -66,9 +66,11 @@ def test_evaluator_report_shows_queries_hits_and_marks_targets(tmp_path):
     tokenizer = tiny_tokenizer(TEXTS)
     evaluator = CIREvaluator(corpus, triplets, CLIP4CIRImageProcessor(size=32), tokenizer, protocol="recall",
                              show_progress_bar=False, report_dir=str(tmp_path / "report"), report_queries=3,
-                             report_top_k=4)
+                             report_top_k=4, split="toy val", model_name="out/run (trained from tiny)")
     metrics = evaluator(model)
-    page = _Page.parse((tmp_path / "report" / "retrieval_report.html").read_text())
+    text = (tmp_path / "report" / "retrieval_report.html").read_text()
+    assert "<h1>Retrieval report: out/run (trained from tiny), toy val split</h1>" in text  # the trained model
+    page = _Page.parse(text)
     assert len(page.sections) == 3
     # Queries 0, 2, 4 (spread evenly): recompute their full rankings with the reference removed.
     processor = CLIP4CIRImageProcessor(size=32)
@@ -133,3 +135,33 @@ def test_rows_show_the_rankings_scores_and_the_ranks_of_targets_below_the_top_k(
     assert rows[0].hits[0].image_id == "g9" and rows[0].hits[1].image_id == "g21"  # the tie: listed first wins
     assert rows[0].hits[1].is_target and rows[0].target_rank == 2
     assert "g0" not in [t for t, _, _ in rows[0].missed_targets]  # the reference is no rankable target
+
+
+def _green_frames(sheet, y: int) -> int:
+    """Thumbnails framed green along the row of pixels `y`: runs of the target colour at least a thumbnail wide."""
+    from modeling_spn4cir.retrieval.report import TARGET_COLOUR
+
+    runs, run = 0, 0
+    for x in range(sheet.width):
+        run = run + 1 if sheet.getpixel((x, y)) == TARGET_COLOUR else 0
+        runs += run == 40
+    return runs
+
+
+def test_the_contact_sheet_shows_the_targets_below_the_top_k_as_the_page_does():
+    from PIL import Image
+
+    from modeling_spn4cir.retrieval import ReportHit, ReportRow
+    from modeling_spn4cir.retrieval.report import contact_sheet
+
+    images = [Image.new("RGB", (64, 64), (40 * i, 90, 200)) for i in range(6)]
+    hits = [ReportHit(f"g{i}", 0.9 - 0.1 * i, images[i], i + 1, is_target=i == 1) for i in range(4)]
+    shown = ReportRow("make it blue", hits, "ref", images[5], ["g1"], target_rank=2)
+    missed = ReportRow("make it red", [ReportHit(f"g{i}", 0.5, images[i], i + 1) for i in range(4)], "ref", images[5],
+                       ["g4", "g5"], target_rank=7, missed_targets=[("g4", images[4], 7), ("g5", images[5], 12)])
+    alone = contact_sheet([shown], thumb_size=48)
+    both = contact_sheet([shown, missed], thumb_size=48)
+    assert _green_frames(alone, 6) == 1  # the frame's top edge (pad 6): the one target in the top 4
+    assert _green_frames(both, 6) == 1 and _green_frames(both, 6 + 48 + 6 + 20 + 6) == 2  # both missed targets
+    assert both.width > alone.width  # room for them after the top k
+

@@ -19,7 +19,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from modeling_spn4cir.image_store import ImageStore
-from modeling_spn4cir.storage import atomic_write_bytes, directory_lock
+from modeling_spn4cir.storage import apply_umask, atomic_write_bytes, directory_lock
 
 from .bank_extras import ExtraImages, add_extra_negatives
 from .candidate_bank import CandidateBank, bank_image_ids, load_or_build_candidate_bank
@@ -386,6 +386,7 @@ class CIRTrainer(Trainer):
                 )
         super()._save(output_dir, state_dict)
         output_dir = Path(output_dir or self.args.output_dir)
+        apply_umask(output_dir)
         if output_dir.resolve() == Path(self.args.output_dir).resolve():
             self._output_dir_step = self.state.global_step
         self._write_card(output_dir)

@@ -33,6 +33,7 @@ from modeling_spn4cir.loading import LORA_METADATA, load_cir_model_and_processor
 from modeling_spn4cir.model_cards import cir_card_data, hub_base_model, render_card, with_model_id
 from modeling_spn4cir.storage import (
     OutputDirError,
+    apply_umask,
     atomic_directory,
     atomic_write_json,
     checkpoint_fingerprint,
@@ -279,6 +280,7 @@ def merge_lora(adapter_dir, output_dir, overwrite: bool = False) -> Path:
                           protect=[adapter_dir, base]) as staging:
         model.save_pretrained(staging)
         processor.save_pretrained(staging)
+        apply_umask(staging)
         (staging / "README.md").write_text(with_model_id(
             text + f"\nThis checkpoint is the LoRA adapter `{adapter_dir.name}` merged into {into}: a plain "
                    "checkpoint, no `peft` needed.\n", output_dir.name))

@@ -25,6 +25,7 @@ import torch
 
 from datasets_scripts.captioners import IMAGE_PROMPT, ORIGINAL_PROMPT_PREFIX, MLLMCaptioner
 from modeling_spn4cir.cli import add_debug_flag, run_cli
+from modeling_spn4cir.storage import apply_umask
 
 from .minibatch import train_minibatches
 from .stamps import store_summary, stored_summary
@@ -216,6 +217,7 @@ def train_generative_captioner(pretrain, output_dir: str | Path, cfg: CaptionerC
     losses = train_captioner(model, processor, list(train_rows["image"]), captions, cfg, seed, show_progress_bar)
     model.save_pretrained(output_dir)
     processor.save_pretrained(output_dir)
+    apply_umask(output_dir)
     trained = time.perf_counter() - start
     heldout = pretrain.select(range(n_train, len(pretrain)))
     captioner = load_captioner(output_dir)

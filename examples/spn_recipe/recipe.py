@@ -150,6 +150,8 @@ def retrieval_report(run: RecipeRun, results: dict) -> str:
     best = max(ROWS, key=lambda row: results[row]["recall@10"])
     report = CIREvaluator(run.corpus["test"], run.triplets["test"], run.processor.image_processor, run.processor,
                           protocol="recall", batch_size=256, show_progress_bar=run.cfg.show_progress_bar,
-                          report_dir=str(run.out / "retrieval_report"), report_queries=8)
+                          report_dir=str(run.out / "retrieval_report"), report_queries=8,
+                          split="synthetic benchmark test",
+                          model_name=f"the recipe's {best} model ({run.out / MODEL_DIRS[best]})")
     report(load_cir_model_and_processor(str(run.out / MODEL_DIRS[best]))[0])  # a LoRA row loads merged
     return best

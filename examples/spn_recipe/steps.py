@@ -15,6 +15,7 @@ from datasets_scripts.load import load_training_triplets
 from datasets_scripts.positive_scaling import ScaledTriplets, caption_images, scale_positives
 from datasets_scripts.synthetic import build_synthetic, phrase_vocabulary
 from modeling_spn4cir import CLIP4CIRImageProcessor, CLIP4CIRProcessor
+from modeling_spn4cir.storage import apply_umask
 from trainers.evaluation import CIREvaluator
 
 from .captions import (
@@ -136,6 +137,7 @@ class RecipeRun:
         losses = warm_up(model, self.processor, self.corpus["pretrain"], self.cfg)
         model.save_pretrained(self.out / "stage0")
         self.processor.save_pretrained(self.out / "stage0")
+        apply_umask(self.out / "stage0")
         stamp(self.out / STAGE0, self.cfg)
         say(f"stage 0 done: {len(losses)} steps, loss {losses[0]:.3f} -> {losses[-1]:.3f}")
 

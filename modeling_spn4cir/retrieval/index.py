@@ -14,13 +14,16 @@ reuses the index of its stage-1 model, while any other model is refused with an 
 
 Images are encoded with the project's one image-encoding loop (`modeling_spn4cir.image_store.encode_images`; with
 `cache_dir`, in resumable shards) and ranked with its one exact top-k ranker (`ranking.rank_topk`, ties to the
-image listed first), whose scores are those of the ranked images. An optional FAISS backend
-(`pip install .[faiss]`, inner-product models only) trades exactness for speed on galleries of millions of images.
+image listed first), whose scores are those of the ranked images. A query's reference is left out of its own
+results when it is in the gallery (`references_in_gallery`: by id, or by content for an image), as the evaluation
+protocols do. An optional FAISS backend (`faiss_backend`: HNSW or IVF-PQ, `pip install .[faiss]`, inner-product
+models only), saved and loaded with the index, trades exactness for speed on galleries of millions of images.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import numbers
 import os
 from collections.abc import Sequence
@@ -31,17 +34,22 @@ import torch
 from ..image_files import open_image
 from ..image_store import ImageStore, encode_images
 from ..storage import atomic_directory, check_output_dir, same_target_side, target_side_fingerprint
+from .faiss_backend import FaissIndex, FaissSettings, faiss_topk
 from .gallery_images import DATASET_KEYS, gallery_images
 from .index_storage import (
     BUILD_SHARD_SIZE,
     REBUILD,
     IndexFileError,
+    embeddings_digest,
     encode_with_cache,
     nonfinite_rows,
     read_index,
     write_index,
 )
 from .ranking import rank_topk
+from .references import references_in_gallery
+
+logger = logging.getLogger(__name__)
 
 # Scores held at once by an exact search: query chunk x gallery size (128 MiB of float32).
 SCORE_BUDGET = 2**25
@@ -99,11 +107,16 @@ class CIRIndex:
         self.embeddings, self.image_ids, self.paths = embeddings, image_ids, paths
         self.fingerprint, self.sources = dict(fingerprint), list(sources)
         self._position = {image_id: i for i, image_id in enumerate(image_ids)}
-        self._faiss = None
+        self._faiss: FaissIndex | None = None
+        self._faiss_settings: FaissSettings | None = None  # kept while a stale FAISS index waits to be rebuilt
+        self._digest: str | None = None  # `embeddings_digest` of the saved index these embeddings are
         self._stores: dict[str, ImageStore] = {}
 
     def __len__(self) -> int:
         return len(self.image_ids)
+
+    def __contains__(self, image_id) -> bool:
+        return image_id in self._position
 
     def __repr__(self) -> str:
         return (f"CIRIndex({len(self)} images, embeddings {tuple(self.embeddings.shape)} {self.embeddings.dtype}, "
@@ -182,7 +195,11 @@ class CIRIndex:
                              f"{tuple(self.embeddings.shape[1:])}.")
         merged = CIRIndex(torch.cat([self.embeddings, embeddings]), self.image_ids + ids,
                           self.paths + paths, self.fingerprint, self.sources + [source])
+        faiss_index, settings = self._faiss, self._faiss_settings
         self.__dict__.update(merged.__dict__)
+        if faiss_index is not None:  # new rows go into the trained FAISS index
+            faiss_index.add(embeddings)
+        self._faiss, self._faiss_settings = faiss_index, settings
         return self
 
     # ------------------------------------------------------------------------------------------ checking
@@ -198,7 +215,7 @@ class CIRIndex:
 
     # ------------------------------------------------------------------------------------------ searching
     def topk(self, query_embeds: torch.Tensor, k: int, similarity=None, backend: str = "exact",
-             exclude: Sequence[str | None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+             exclude: Sequence[str | None] | None = None, **faiss_search) -> tuple[torch.Tensor, torch.Tensor]:
         """
         Top-k gallery rows of each query.
 
@@ -207,13 +224,16 @@ class CIRIndex:
             k: how many results per query (at most the gallery size).
             similarity: the model's scoring rule, `model.similarity` (default: dot product; required for
                 multi-vector `[N, Q, D]` galleries).
-            backend: `"exact"` (chunked exact ranking, ties to the image listed first) or `"faiss"` (an HNSW graph
-                over inner products, approximate; single-vector galleries of dot-product models only).
+            backend: `"exact"` (chunked exact ranking, ties to the image listed first) or `"faiss"` (the index's
+                FAISS index, [`build_faiss`], by default an HNSW graph built on first use; approximate candidates
+                re-scored exactly; single-vector galleries of dot-product models only).
             exclude: per query, an image id to leave out of its ranking (e.g. the reference image), or None.
+            faiss_search: `nprobe=` (IVF-PQ), `ef_search=` (HNSW) or `refine=` (candidates re-scored per result)
+                for this search, instead of the saved settings.
 
         Returns:
             `(indices, scores)`, both `[B, k]` on the CPU, best first; the scores are `similarity` of each query with
-            its ranked rows, from the ranking's own pass (exact) or FAISS's inner products.
+            its ranked rows, from the ranking's own pass (exact) or re-scored from the stored embeddings (FAISS).
         """
         if self.embeddings.ndim == 3 and similarity is None:
             raise ValueError("This gallery holds multi-vector targets [N, Q, D]: pass similarity=model.similarity.")
@@ -234,7 +254,7 @@ class CIRIndex:
                 # An out-of-range index never matches a row: -1 would wrap, so use a row we then ignore.
                 excluded = torch.tensor([self._position[e] if e is not None else -1 for e in exclude])
         if backend == "faiss":
-            return self._faiss_topk(queries, k, excluded)
+            return self._faiss_topk(queries, k, excluded, **faiss_search)
         if backend != "exact":
             raise ValueError(f"backend must be 'exact' or 'faiss', got {backend!r}.")
         chunk = max(1, min(512, SCORE_BUDGET // max(len(self), 1)))
@@ -279,41 +299,70 @@ class CIRIndex:
                 scores[rows, : got.scores.shape[1]] = got.scores
         return indices, scores
 
-    def _faiss_topk(self, queries, k, excluded):
-        try:
-            import faiss
-        except ImportError as error:
-            raise ImportError("backend='faiss' needs faiss: pip install 'spn4cir[faiss]' (faiss-cpu).") from error
-        if self.embeddings.ndim != 2:
-            raise ValueError("backend='faiss' searches single-vector [N, D] galleries; this one is "
-                             f"{tuple(self.embeddings.shape)} (multi-vector targets): use backend='exact'.")
-        if self._faiss is None:
-            index = faiss.IndexHNSWFlat(self.embeddings.shape[1], 32, faiss.METRIC_INNER_PRODUCT)
-            index.hnsw.efConstruction = 80
-            index.add(self.embeddings.float().cpu().numpy())
-            self._faiss = index
-        self._faiss.hnsw.efSearch = max(128, 2 * k)
-        extra = 1 if excluded is not None else 0
-        scores, indices = self._faiss.search(queries.float().cpu().numpy(), min(k + extra, len(self)))
-        scores, indices = torch.from_numpy(scores), torch.from_numpy(indices).long()
-        if excluded is not None:
-            keep = indices != excluded[:, None]
-            # Drop the excluded row where present, else the last one, so every query keeps k results.
-            keep[keep.all(dim=1), -1] = False
-            indices = indices[keep].view(indices.shape[0], -1)
-            scores = scores[keep].view(scores.shape[0], -1)
-        return indices[:, :k], scores[:, :k]
+    def _faiss_topk(self, queries, k, excluded, **search):
+        return faiss_topk(self.faiss_index(), self.embeddings, queries, k, excluded, **search)
+
+    def build_faiss(self, settings: FaissSettings | None = None, **kwargs) -> FaissIndex:
+        """Build (and hold, so that [`save`] writes it) the FAISS index of `backend="faiss"`: `settings`, or
+        `FaissSettings(**kwargs)` (e.g. `kind="ivfpq", nlist=4096, m=32, nprobe=16`; default an HNSW graph)."""
+        import time
+
+        settings = settings or FaissSettings(**kwargs)
+        start = time.perf_counter()
+        self._faiss = FaissIndex.build(self.embeddings, settings)
+        self._faiss_settings = self._faiss.settings
+        logger.info("Built %r in %.1f s.", self._faiss, time.perf_counter() - start)
+        return self._faiss
+
+    def has_faiss(self) -> bool:
+        """Whether a FAISS index is built or loaded (else a FAISS search builds one first)."""
+        return self._faiss is not None
+
+    def faiss_index(self) -> FaissIndex:
+        """The FAISS index: the one built or loaded, else built now (with the settings of a stale saved one)."""
+        return self._faiss if self._faiss is not None else self.build_faiss(self._faiss_settings)
 
     def hits(self, indices: torch.Tensor, scores: torch.Tensor) -> list[list[dict]]:
-        """`[B, k]` indices and scores -> per query `[{"image_id", "score", "path"}, ...]`, best first."""
-        return [[{"image_id": self.image_ids[i], "score": float(s), "path": self.paths[i]}
+        """`[B, k]` indices and scores -> per query `[{"image_id", "score", "path"}, ...]`, best first; `path` is
+        where the image lives ([`location`])."""
+        return [[{"image_id": self.image_ids[i], "score": float(s), "path": self.location(i)}
                  for i, s in zip(row.tolist(), score_row.tolist()) if i >= 0]
                 for row, score_row in zip(indices, scores)]
 
     def search(self, query_embeds: torch.Tensor, top_k: int = 10, similarity=None, backend: str = "exact",
-               exclude: Sequence[str | None] | None = None) -> list[list[dict]]:
-        """[`topk`] as `[{"image_id", "score", "path"}, ...]` per query."""
-        return self.hits(*self.topk(query_embeds, top_k, similarity, backend, exclude))
+               exclude: Sequence[str | None] | None = None, reference_ids: Sequence[str | None] | None = None,
+               reference_embeds: torch.Tensor | None = None, keep_reference: bool = False,
+               **faiss_search) -> list[list[dict]]:
+        """[`topk`] as `[{"image_id", "score", "path"}, ...]` per query. With the queries' references
+        (`reference_ids`: gallery ids; `reference_embeds`: their target embeddings `[B, ...]`, matched by content),
+        each reference found in the gallery is left out of its own results ([`references_in_gallery`]) unless
+        `keep_reference`."""
+        if not keep_reference and (reference_ids is not None or reference_embeds is not None):
+            if exclude is not None:
+                raise ValueError("Pass either exclude= or the references (reference_ids= / reference_embeds=), "
+                                 "not both: a query leaves out one image.")
+            exclude = self.references_in_gallery(reference_ids, reference_embeds, backend)
+        return self.hits(*self.topk(query_embeds, top_k, similarity, backend, exclude, **faiss_search))
+
+    def references_in_gallery(self, reference_ids: Sequence[str | None] | None = None,
+                              reference_embeds: torch.Tensor | None = None,
+                              backend: str = "exact") -> list[str | None]:
+        """Per query, the gallery id of its reference, or None when it is not in the gallery: a `reference_ids`
+        entry (which must be a gallery id) where given, else the gallery image with the same target embedding as
+        its row of `reference_embeds` (`references.references_in_gallery`; with `backend="faiss"` among the FAISS
+        index's candidates, so that a large gallery is not scanned)."""
+        return references_in_gallery(self, reference_ids, reference_embeds, backend)
+
+    def location(self, i: int) -> str:
+        """Where the image of row `i` lives: its file, or `"<dataset>:<split>:<image_id>"` for an image stored
+        inside the dataset it was indexed from (`"<in-memory corpus>:<image_id>"` when the index does not know how
+        to load that corpus)."""
+        if self.paths[i] is not None:
+            return self.paths[i]
+        dataset = next((s for s in self.sources if s.get("start", 0) <= i < s.get("stop", len(self))),
+                       {}).get("dataset") or {}
+        where = f"{dataset['path']}:{dataset.get('split') or ''}" if dataset.get("path") else "<in-memory corpus>"
+        return f"{where}:{self.image_ids[i]}"
 
     def to(self, device) -> "CIRIndex":
         """Move the embeddings (e.g. to the GPU the model runs on, so that queries are scored there)."""
@@ -371,10 +420,25 @@ class CIRIndex:
 
     def save(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
         """Write the index into the directory `path` (`index_storage`: embeddings shards with their manifests and
-        `index.json`), atomically. `path` must be new, empty, or (with `overwrite`, e.g. after [`add`]) a previously
-        saved index; never other files."""
+        `index.json`, and the FAISS index when one is built or configured: `faiss_backend`), atomically. `path` must
+        be new, empty, or (with `overwrite`, e.g. after [`add`]) a previously saved index; never other files."""
         with atomic_directory(path, tool=OUTPUT_TOOL, overwrite=overwrite, protect=self._image_roots()) as staging:
-            write_index(staging, self.embeddings, self.image_ids, self.paths, self.fingerprint, self.sources)
+            meta = write_index(staging, self.embeddings, self.image_ids, self.paths, self.fingerprint, self.sources)
+            self._digest = embeddings_digest(meta)
+            if self._faiss is not None or self._faiss_settings is not None:
+                self.faiss_index().save(staging, self._digest)
+        return Path(path)
+
+    def save_faiss(self, path: str | os.PathLike) -> Path:
+        """Write the FAISS index into the index directory `path` this index was loaded from or saved to (e.g. after a
+        stale one was rebuilt by a search), leaving its other files as they are."""
+        from ..storage import output_lock
+
+        with output_lock(path):
+            if self._digest is None or embeddings_digest(read_index(path, meta_only=True)) != self._digest:
+                raise ValueError(f"{path} does not hold this index's embeddings; save the whole index there with "
+                                 "index.save(path, overwrite=True).")
+            self.faiss_index().save(path, self._digest)
         return Path(path)
 
     def _image_roots(self) -> list[str]:
@@ -387,8 +451,12 @@ class CIRIndex:
         against its manifest and `index.json`: a swapped, truncated or foreign file, or a non-finite embedding, is an
         `index_storage.IndexFileError` naming the file; an index of an earlier format is refused (rebuild it)."""
         saved = read_index(path, device)
-        return cls(saved["embeddings"], saved["image_ids"], saved["paths"], saved["fingerprint"],
-                   saved.get("sources", []))
+        index = cls(saved["embeddings"], saved["image_ids"], saved["paths"], saved["fingerprint"],
+                    saved.get("sources", []))
+        index._digest = embeddings_digest(saved)
+        if index.embeddings.ndim == 2:
+            index._faiss, index._faiss_settings = FaissIndex.load(path, index._digest, *index.embeddings.shape)
+        return index
 
 
 def _check_embeddings(embeddings: torch.Tensor) -> None:

@@ -30,7 +30,7 @@ import torch
 
 from ..image_blocks import content_sha256, ids_sha256, plan_image_shards
 from ..image_store import ImageStore, encode_images
-from ..storage import SafetensorsCodec, ShardPlan, ShardStore, atomic_write_json, fixed_size_blocks
+from ..storage import SafetensorsCodec, ShardPlan, ShardStore, atomic_write_json, fixed_size_blocks, json_sha256
 
 INDEX_FORMAT = "spn4cir-gallery-index/2"
 BUILD_FORMAT = "spn4cir-gallery-build/1"
@@ -67,19 +67,26 @@ def _plans(fingerprint: dict, dtype: str, image_ids: Sequence[str], shard_rows: 
 
 
 def write_index(directory: Path, embeddings: torch.Tensor, image_ids: list[str], paths: list[str | None],
-                fingerprint: dict, sources: list[dict]) -> None:
+                fingerprint: dict, sources: list[dict]) -> dict:
     """Write an index (`embeddings` `[N, ...]` with their ids, files, fingerprint and sources) into the empty
-    directory `directory`: the shards of `SHARD_ROWS` rows, then `index.json`."""
+    directory `directory`: the shards of `SHARD_ROWS` rows, then `index.json`, whose fields are returned."""
     dtype, shard_rows = dtype_name(embeddings.dtype), SHARD_ROWS
     store = embeddings_store(directory, embeddings.dtype)
     embeddings = embeddings.detach().cpu()
     shards = [store.write(k, plan, {"embeddings": embeddings[plan.start:plan.stop].contiguous()})
               for k, plan in enumerate(_plans(fingerprint, dtype, image_ids, shard_rows))]
     listed = [{key: s.manifest[key] for key in ("file", "start", "stop", "bytes", "sha256")} for s in shards]
-    atomic_write_json(Path(directory) / INDEX_FILE, {
-        "format": INDEX_FORMAT, "fingerprint": fingerprint, "num_images": len(image_ids),
-        "embedding_shape": list(embeddings.shape[1:]), "dtype": dtype, "shard_rows": shard_rows, "shards": listed,
-        "sources": sources, "image_ids": image_ids, "paths": paths}, indent=1)
+    meta = {"format": INDEX_FORMAT, "fingerprint": fingerprint, "num_images": len(image_ids),
+            "embedding_shape": list(embeddings.shape[1:]), "dtype": dtype, "shard_rows": shard_rows, "shards": listed,
+            "sources": sources, "image_ids": image_ids, "paths": paths}
+    atomic_write_json(Path(directory) / INDEX_FILE, meta, indent=1)
+    return meta
+
+
+def embeddings_digest(meta: dict) -> str:
+    """One digest of a saved index's embeddings (of its shards' sha256, which loading checks against the files):
+    what a FAISS index saved beside them records as built from."""
+    return json_sha256([shard["sha256"] for shard in meta["shards"]])
 
 
 def _read_meta(path: Path) -> dict:
@@ -164,11 +171,14 @@ def _shard_problem(store: ShardStore, k: int, plan: ShardPlan, listed: dict) -> 
     return why
 
 
-def read_index(path: str | Path, device=None) -> dict:
+def read_index(path: str | Path, device=None, meta_only: bool = False) -> dict:
     """The fields of the index saved in `path` (as `write_index` wrote them) with its `embeddings` `[N, ...]` on
-    `device`, every shard checked; an [`IndexFileError`] naming the file otherwise."""
+    `device`, every shard checked; an [`IndexFileError`] naming the file otherwise. `meta_only`: the fields of
+    `index.json` alone (nothing checked beyond its format)."""
     path = Path(path)
     meta = _read_meta(path)
+    if meta_only:
+        return meta
     store = embeddings_store(path, DTYPES[meta["dtype"]])
     plans = _plans(meta["fingerprint"], meta["dtype"], meta["image_ids"], int(meta["shard_rows"]))
     if len(plans) != len(meta["shards"]) or meta["num_images"] != len(meta["image_ids"]):

@@ -84,7 +84,7 @@ body { font-family: system-ui, sans-serif; margin: 24px; color: #111; background
 h1 { font-size: 20px; margin: 0 0 4px; } p.notes { color: #555; margin: 0 0 16px; font-size: 13px; }
 section.query { background: #fff; border: 1px solid #ddd; border-radius: 6px; padding: 10px 12px; margin: 0 0 14px; }
 section.query h2 { font-size: 14px; margin: 0 0 8px; font-weight: 600; }
-.row { display: flex; gap: 8px; align-items: flex-start; overflow-x: auto; }
+.row { display: flex; flex-wrap: wrap; gap: 8px; align-items: flex-start; }
 figure, .text { flex: none; }
 figure { margin: 0; text-align: center; font-size: 11px; width: %(size)dpx; }
 figure img { width: %(size)dpx; height: %(size)dpx; object-fit: contain; background: #eee;
@@ -98,17 +98,32 @@ figcaption { word-break: break-all; margin-top: 2px; }
 """
 
 
+def report_css(thumb_size: int = 112) -> str:
+    """The page's style sheet (thumbnails of `thumb_size` pixels; a row of figures wraps instead of overflowing)."""
+    return _CSS % {"size": thumb_size, "ref": REFERENCE_COLOUR, "target": TARGET_COLOUR}
+
+
+def hit_figure(hit: ReportHit, thumb_size: int = 112) -> str:
+    """One ranked image as a `<figure>`: the thumbnail (scaled to `thumb_size`, small images up), below it the
+    rank, the score and the image id (wrapped, never cut off); a target has a green frame."""
+    css_class = "hit target" if hit.is_target else "hit"
+    return (f"<figure class='{css_class}' data-image-id='{html.escape(hit.image_id)}' data-rank='{hit.rank}' "
+            f"data-score='{hit.score:.6f}'><img src='{_data_uri(hit.image, thumb_size)}' "
+            f"alt='{html.escape(hit.image_id)}'><figcaption>#{hit.rank} &middot; {hit.score:.3f}<br>"
+            f"{html.escape(hit.image_id)}{' &#10003; target' if hit.is_target else ''}</figcaption></figure>")
+
+
 def render_html(rows: Sequence[ReportRow], title: str, notes: str = "", thumb_size: int = 112) -> str:
     """A self-contained HTML page: one section per query; the reference has a blue frame, targets a green one."""
-    css = _CSS % {"size": thumb_size, "ref": REFERENCE_COLOUR, "target": TARGET_COLOUR}
+    css = report_css(thumb_size)
     parts = [(f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'>{HTML_SIGNATURE[0].decode()}"
               f"<title>{html.escape(title)}</title>"),
              f"<style>{css}</style></head><body>", f"<h1>{html.escape(title)}</h1>"]
     if notes:
         parts.append(f"<p class='notes'>{html.escape(notes)}</p>")
     for n, row in enumerate(rows, 1):
-        if row.target_rank is None:
-            rank = "<span class='rank'>no ground truth</span>" if not row.target_ids else \
+        if row.target_rank is None:  # a query without ground truth (a search) says only what is shown
+            rank = f"<span class='rank'>top {len(row.hits)}</span>" if not row.target_ids else \
                 "<span class='rank miss'>target not rankable</span>"
         else:
             in_top = row.target_rank <= len(row.hits)
@@ -121,12 +136,7 @@ def render_html(rows: Sequence[ReportRow], title: str, notes: str = "", thumb_si
                          f"alt='reference {html.escape(row.reference_id or '')}'><figcaption>reference<br>"
                          f"{html.escape(row.reference_id or '')}</figcaption></figure>")
         parts.append(f"<div class='text'>&ldquo;{html.escape(row.text)}&rdquo;</div>")
-        for hit in row.hits:
-            css_class = "hit target" if hit.is_target else "hit"
-            parts.append(f"<figure class='{css_class}' data-image-id='{html.escape(hit.image_id)}'>"
-                         f"<img src='{_data_uri(hit.image, thumb_size)}' alt='{html.escape(hit.image_id)}'>"
-                         f"<figcaption>#{hit.rank} &middot; {hit.score:.3f}<br>{html.escape(hit.image_id)}"
-                         f"{' &#10003; target' if hit.is_target else ''}</figcaption></figure>")
+        parts.extend(hit_figure(hit, thumb_size) for hit in row.hits)
         for image_id, image, target_rank in row.missed_targets:
             parts.append("<div class='sep'></div>"
                          f"<figure class='target missed' data-image-id='{html.escape(image_id)}'>"
@@ -159,41 +169,53 @@ def _wrap(draw, text: str, font, width: int) -> list[str]:
 
 
 def contact_sheet(rows: Sequence[ReportRow], thumb_size: int = 96, text_width: int = 160):
-    """One PIL image: per query, the reference (blue), the text, the top-k with scores (targets green), the rank."""
+    """One PIL image: per query, the reference (blue), the text, the top-k with their rank and score (targets green),
+    then, as in the HTML page, the targets ranked below the top k with their rank, and the target's rank."""
     from PIL import Image, ImageDraw
 
-    pad, label_h, frame = 6, 26, 3
-    k = max((len(r.hits) for r in rows), default=0)
+    pad, label_h, frame, gap = 6, 20, 3, 14
     cell = thumb_size + 2 * frame
-    width = pad + (cell + pad) * (k + 1) + text_width + pad + 110
+    shown = max((len(r.hits) + len(r.missed_targets) for r in rows), default=0)
+    separated = any(r.missed_targets for r in rows)
+    width = pad + (cell + pad) * (shown + 1) + text_width + pad + gap * separated + 110
     row_h = cell + label_h + pad
     sheet = Image.new("RGB", (width, pad + row_h * max(len(rows), 1)), "white")
-    draw, font, small = ImageDraw.Draw(sheet), _font(12), _font(10)
+    draw, font, label = ImageDraw.Draw(sheet), _font(12), _font(11)
 
     def paste(image, x, y, colour):
-        if colour is not None:
-            draw.rectangle([x, y, x + cell - 1, y + cell - 1], fill=colour)
-        else:
-            draw.rectangle([x, y, x + cell - 1, y + cell - 1], fill=(235, 235, 235))
+        draw.rectangle([x, y, x + cell - 1, y + cell - 1], fill=colour if colour is not None else (235, 235, 235))
         small_image = thumbnail(image, thumb_size)
         sheet.paste(small_image, (x + frame + (thumb_size - small_image.width) // 2,
                                   y + frame + (thumb_size - small_image.height) // 2))
+
+    def caption(x, y, left: str, right: str, colour):
+        # The rank at the cell's left edge, the score at its right: never run together ("#1 0.890", not "#10.890").
+        draw.text((x + 1, y + cell + 3), left, fill=colour, font=label)
+        draw.text((x + cell - 1 - draw.textlength(right, font=label), y + cell + 3), right, fill=colour, font=label)
 
     for n, row in enumerate(rows):
         y, x = pad + n * row_h, pad
         if row.reference_image is not None:
             paste(row.reference_image, x, y, REFERENCE_COLOUR)
-            draw.text((x, y + cell + 2), "reference", fill=REFERENCE_COLOUR, font=small)
+            caption(x, y, "reference", "", REFERENCE_COLOUR)
         x += cell + pad
         for i, line in enumerate(_wrap(draw, f"\u201c{row.text}\u201d", font, text_width)[:7]):
             draw.text((x, y + 4 + 15 * i), line, fill=(17, 17, 17), font=font)
         x += text_width + pad
         for hit in row.hits:
             paste(hit.image, x, y, TARGET_COLOUR if hit.is_target else None)
-            draw.text((x, y + cell + 2), f"#{hit.rank} {hit.score:.3f}", fill=TARGET_COLOUR if hit.is_target else
-                      (60, 60, 60), font=small)
+            caption(x, y, f"#{hit.rank}", f"{hit.score:.3f}", TARGET_COLOUR if hit.is_target else (60, 60, 60))
             x += cell + pad
-        x = pad + (cell + pad) * (k + 1) + text_width + pad
+        if row.missed_targets:
+            x += gap // 2
+            for dash in range(y, y + cell, 8):
+                draw.line([(x - pad // 2 - 1, dash), (x - pad // 2 - 1, dash + 4)], fill=(150, 150, 150))
+            x += gap - gap // 2
+        for _, image, target_rank in row.missed_targets:
+            paste(image, x, y, TARGET_COLOUR)
+            caption(x, y, "target", f"#{target_rank}", (185, 28, 28))
+            x += cell + pad
+        x = pad + (cell + pad) * (shown + 1) + text_width + pad + gap * separated
         if row.target_rank is not None:
             colour = TARGET_COLOUR if row.target_rank <= len(row.hits) else (185, 28, 28)
             draw.text((x, y + cell // 2 - 8), f"target rank\n{row.target_rank}", fill=colour, font=font)
@@ -314,4 +336,4 @@ def evaluation_rows(
 
 
 __all__ = ["HTML_SIGNATURE", "ReportHit", "ReportRow", "check_report_dir", "contact_sheet", "evaluation_rows",
-           "render_html", "spread", "thumbnail", "write_page", "write_report"]
+           "hit_figure", "render_html", "report_css", "spread", "thumbnail", "write_page", "write_report"]

@@ -8,7 +8,8 @@ output of the same tool (recognized by its marker file `.spn4cir_output.json`, a
 overwrite), never a directory that is or contains its input data, and never while another process writes the
 same directory (a lock file beside it names the owner's pid; a lock left by a dead process is taken over).
 Staging directories left by a killed run are removed by the next run. Final files get the usual permissions
-(0666/0777 minus the umask), not the 0600/0700 of `tempfile`.
+(0666/0777 minus the umask), not the 0600/0700 of `tempfile`; `apply_umask` gives them to the files a library wrote
+through a private temporary file (safetensors' `save_file`, behind `save_pretrained`).
 """
 
 from __future__ import annotations
@@ -93,6 +94,8 @@ def writable_dir(path: str | os.PathLike) -> bool:
         return True
     except OSError:
         return False
+
+
 # ------------------------------------------------------------------------------------------------ output files
 SIGNATURE_BYTES = 65536  # where a file's signature must appear (a JSON's first key, an HTML head, a PNG text chunk)
 
@@ -162,6 +165,30 @@ def write_output_file(path: str | os.PathLike, data: bytes, signature: bytes | t
         raise ValueError(f"the {what} written to {path} does not carry its signature {current!r} in its first "
                          f"{SIGNATURE_BYTES} bytes")
     return atomic_write_bytes(check_output_file(path, signature, what, protect), data)
+
+
+def current_umask() -> int:
+    """The process's umask, read from /proc where it can be (setting it to read it back races with other threads)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def apply_umask(directory: str | os.PathLike) -> None:
+    """Give the files of `directory` that a library wrote through a private temporary file the permissions of every
+    other output (0666 minus the umask): safetensors' `save_file` (behind `save_pretrained`: `model.safetensors`,
+    a LoRA adapter's weights) leaves them 0600, beside 0644 siblings. Only files of mode 0600 are changed."""
+    mode = 0o666 & ~current_umask()
+    for path in Path(directory).iterdir():
+        if mode != 0o600 and path.is_file() and not path.is_symlink() and path.stat().st_mode & 0o777 == 0o600:
+            os.chmod(path, mode)
 
 
 # ------------------------------------------------------------------------------------------------ locking

@@ -41,6 +41,9 @@ class CIREvaluator:
         report_dir: where to write a retrieval report after each evaluation (`modeling_spn4cir.retrieval.report`:
             an HTML page with embedded thumbnails and a PNG contact sheet of `report_queries` queries spread over
             the split, their `report_top_k` results, the targets marked and their rank); None writes none.
+        split: the evaluated split's name (e.g. `"fashioniq dress val"`), for the report's title.
+        model_name: what the report calls the evaluated model (e.g. the output directory of the run training it);
+            default: the model's `name_or_path` (during training, the model it started from).
 
     `evaluator(model)` puts the model in eval mode, encodes every gallery image once (features kept on the
     CPU between batches), builds the queries from the cached reference features, ranks with the model's own
@@ -65,6 +68,8 @@ class CIREvaluator:
         report_dir: str | None = None,
         report_queries: int = 8,
         report_top_k: int = 8,
+        split: str | None = None,
+        model_name: str | None = None,
     ):
         self.corpus, self.triplets = corpus, triplets
         self.image_processor, self.tokenizer = image_processor, tokenizer
@@ -79,6 +84,7 @@ class CIREvaluator:
         self.report_dir, self.report_queries, self.report_top_k = report_dir, report_queries, report_top_k
         if report_dir is not None:  # refused now, not after the first evaluation
             check_report_dir(report_dir)
+        self.split, self.model_name = split, model_name
         self.images = ImageStore(corpus)
         self.bank = None
         self._digests: tuple[list, list[str]] | None = None  # (stamps, sha256) of the gallery images
@@ -210,8 +216,9 @@ class CIREvaluator:
                                spread(len(triplets), self.report_queries), self.report_top_k,
                                protocol.remove_reference, protocol.query_galleries(split),
                                list(triplets["query_id"]) if "query_id" in triplets.column_names else None)
-        model_name = getattr(model, "name_or_path", "") or type(model).__name__
-        paths = write_report(self.report_dir, rows, f"Retrieval report: {model_name}",
+        model_name = self.model_name or getattr(model, "name_or_path", "") or type(model).__name__
+        split = f", {self.split} split" if self.split else ""
+        paths = write_report(self.report_dir, rows, f"Retrieval report: {model_name}{split}",
                              f"{self.protocol_description}; {len(rows)} of {len(triplets)} queries (spread evenly), "
                              f"top {self.report_top_k}; reference framed blue, ground-truth targets green.")
         logger.info("wrote the retrieval report %s and %s", paths["html"], paths["png"])
