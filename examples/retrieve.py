@@ -37,8 +37,8 @@ from pathlib import Path
 
 import torch
 
-from modeling_spn4cir.image_files import open_image
 from modeling_spn4cir.cli import add_debug_flag, run_cli
+from modeling_spn4cir.image_files import open_image
 from modeling_spn4cir.loading import load_cir_model_and_processor
 from modeling_spn4cir.retrieval import CIRIndex, FaissSettings
 from modeling_spn4cir.retrieval.index_storage import build_cache

@@ -18,6 +18,11 @@ from modeling_spn4cir.cir_contract import max_token_similarity
 from modeling_spn4cir.retrieval import CIRIndex, IndexFileError, ModelMismatchError, model_fingerprint
 
 
+# A gallery of synthetic embeddings has no model; its fingerprint has the fields a saved index must carry.
+SYNTHETIC_FINGERPRINT = {"model": "synthetic", "model_class": "none", "target_side_weights": "none",
+                         "image_processor": "none"}
+
+
 # ------------------------------------------------------------------------------------------------ index
 def test_index_round_trip_and_add_equal_a_fresh_index(saved_tiny_model, image_dir, tmp_path):
     _, model, processor = saved_tiny_model
@@ -47,7 +52,7 @@ def test_index_topk_equals_brute_force_with_exclusion_and_multivector():
     gallery[17] = gallery[5]  # an exact tie: the lower index must rank first
     queries = torch.nn.functional.normalize(torch.randn(7, 8), dim=-1)
     queries[0] = gallery[5]
-    index = CIRIndex(gallery, [f"g{i}" for i in range(300)], [None] * 300, {"digest": "x"})
+    index = CIRIndex(gallery, [f"g{i}" for i in range(300)], [None] * 300, SYNTHETIC_FINGERPRINT)
     indices, scores = index.topk(queries, 10)
     full = queries @ gallery.T
     assert indices.tolist() == brute_force_topk(full, 10)
@@ -63,7 +68,7 @@ def test_index_topk_equals_brute_force_with_exclusion_and_multivector():
     assert got.tolist() == brute_force_topk(masked, 10)
     # Multi-vector targets [N, Q, D] ranked by max over tokens (SPRC).
     tokens = torch.nn.functional.normalize(torch.randn(50, 4, 8), dim=-1)
-    multi = CIRIndex(tokens, [str(i) for i in range(50)], [None] * 50, {"digest": "x"})
+    multi = CIRIndex(tokens, [str(i) for i in range(50)], [None] * 50, SYNTHETIC_FINGERPRINT)
     with pytest.raises(ValueError, match="similarity=model.similarity"):
         multi.topk(queries, 5)
     got, _ = multi.topk(queries, 5, similarity=max_token_similarity)
@@ -107,7 +112,7 @@ def _recall(approx, exact):
 def test_faiss_backend_recall_against_exact(kind):
     pytest.importorskip("faiss")
     gallery, queries = _clustered(4000), _clustered(50, seed=1)
-    index = CIRIndex(gallery, [str(i) for i in range(4000)], [None] * 4000, {"digest": "x"})
+    index = CIRIndex(gallery, [str(i) for i in range(4000)], [None] * 4000, SYNTHETIC_FINGERPRINT)
     index.build_faiss(kind=kind, nlist=32, nprobe=8, nbits=6)  # nbits: IVF-PQ only (fewer codes, faster training)
     exact, _ = index.topk(queries, 10)
     approx, scores = index.topk(queries, 10, backend="faiss")
@@ -120,7 +125,7 @@ def test_faiss_backend_recall_against_exact(kind):
     if kind == "ivfpq":  # on unclustered vectors, more cells visited find more of the true top 10
         assert index.faiss_index().settings.m == 4  # width 32 / 8
         uniform = torch.nn.functional.normalize(torch.randn(3000, 32, generator=torch.Generator().manual_seed(0)), -1)
-        index = CIRIndex(uniform, [str(i) for i in range(3000)], [None] * 3000, {"digest": "x"})
+        index = CIRIndex(uniform, [str(i) for i in range(3000)], [None] * 3000, SYNTHETIC_FINGERPRINT)
         index.build_faiss(kind="ivfpq", nlist=32, nprobe=1, nbits=6)
         exact, _ = index.topk(queries, 10)
         recalls = [_recall(index.topk(queries, 10, backend="faiss", nprobe=n)[0], exact) for n in (1, 4, 32)]
@@ -132,7 +137,7 @@ def test_a_faiss_index_is_saved_with_the_index_and_a_stale_one_is_rebuilt(tmp_pa
     from modeling_spn4cir.retrieval import faiss_backend
 
     gallery, queries = _clustered(1000), _clustered(20, seed=1)
-    index = CIRIndex(gallery, [str(i) for i in range(1000)], [None] * 1000, {"digest": "x"})
+    index = CIRIndex(gallery, [str(i) for i in range(1000)], [None] * 1000, SYNTHETIC_FINGERPRINT)
     index.build_faiss(kind="ivfpq", nlist=16, nprobe=2, m=8, nbits=4)
     expected = index.topk(queries, 10, backend="faiss")
     index.save(tmp_path / "idx")
@@ -173,12 +178,12 @@ def test_added_images_go_into_the_faiss_index_and_settings_errors_name_the_optio
     from modeling_spn4cir.retrieval import FaissSettings
 
     gallery = _clustered(2000)
-    index = CIRIndex(gallery[:1500], [str(i) for i in range(1500)], [None] * 1500, {"digest": "x"})
+    index = CIRIndex(gallery[:1500], [str(i) for i in range(1500)], [None] * 1500, SYNTHETIC_FINGERPRINT)
     index.build_faiss(kind="hnsw")
     index.add = CIRIndex.add.__get__(index)
-    extra = CIRIndex(gallery[1500:], [str(i) for i in range(1500, 2000)], [None] * 500, {"digest": "x"})
+    extra = CIRIndex(gallery[1500:], [str(i) for i in range(1500, 2000)], [None] * 500, SYNTHETIC_FINGERPRINT)
     merged = CIRIndex(torch.cat([index.embeddings, extra.embeddings]), index.image_ids + extra.image_ids,
-                      [None] * 2000, {"digest": "x"})
+                      [None] * 2000, SYNTHETIC_FINGERPRINT)
     faiss_index = index.faiss_index()
     faiss_index.add(extra.embeddings)
     merged._faiss = faiss_index
@@ -223,7 +228,7 @@ def test_references_are_found_by_id_or_by_their_embedding():
 def test_references_of_a_faiss_search_are_found_among_its_candidates():
     pytest.importorskip("faiss")
     gallery = _clustered(1000)
-    index = CIRIndex(gallery, [str(i) for i in range(1000)], [None] * 1000, {"digest": "x"})
+    index = CIRIndex(gallery, [str(i) for i in range(1000)], [None] * 1000, SYNTHETIC_FINGERPRINT)
     index.build_faiss(kind="ivfpq", nlist=16, nprobe=4, nbits=4)
     references = torch.nn.functional.normalize(gallery[[7, 999]] + 1e-4 * torch.randn(2, 32), dim=-1)
     assert index.references_in_gallery(reference_embeds=references, backend="faiss") == ["7", "999"]

@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -36,6 +37,7 @@ from ..storage import (
     atomic_write_json,
     file_sha256,
     file_stat,
+    output_lock,
     sha256,
 )
 
@@ -267,4 +269,57 @@ def faiss_topk(faiss_index: FaissIndex, embeddings: torch.Tensor, queries: torch
     return indices, scores
 
 
-__all__ = ["FAISS_FILE", "FAISS_MANIFEST", "FaissIndex", "FaissSettings", "faiss_topk", "import_faiss"]
+class FaissBacked:
+    """The FAISS side of a gallery index (`CIRIndex` inherits it): the FAISS index built, loaded with the gallery
+    index or rebuilt when stale, searched, and saved beside the gallery index. The host class holds `embeddings`
+    `[N, D]` and calls `_init_faiss()` in its constructor."""
+
+    def _init_faiss(self) -> None:
+        self._faiss: FaissIndex | None = None
+        self._faiss_settings: FaissSettings | None = None  # kept while a stale FAISS index waits to be rebuilt
+        self._digest: str | None = None  # `embeddings_digest` of the saved index these embeddings are
+
+    def _load_faiss(self, path: str | Path, digest: str) -> None:
+        """Take the FAISS index saved in the index directory `path` when it was built from embeddings of `digest`
+        (a stale one leaves only its settings, for the rebuild)."""
+        self._digest = digest
+        if self.embeddings.ndim == 2:
+            self._faiss, self._faiss_settings = FaissIndex.load(path, digest, *self.embeddings.shape)
+
+    def _faiss_topk(self, queries, k, excluded, **search):
+        return faiss_topk(self.faiss_index(), self.embeddings, queries, k, excluded, **search)
+
+    def build_faiss(self, settings: FaissSettings | None = None, **kwargs) -> FaissIndex:
+        """Build (and hold, so that [`save`] writes it) the FAISS index of `backend="faiss"`: `settings`, or
+        `FaissSettings(**kwargs)` (e.g. `kind="ivfpq", nlist=4096, m=32, nprobe=16`; default an HNSW graph)."""
+        import time
+
+        settings = settings or FaissSettings(**kwargs)
+        start = time.perf_counter()
+        self._faiss = FaissIndex.build(self.embeddings, settings)
+        self._faiss_settings = self._faiss.settings
+        logger.info("Built %r in %.1f s.", self._faiss, time.perf_counter() - start)
+        return self._faiss
+
+    def has_faiss(self) -> bool:
+        """Whether a FAISS index is built or loaded (else a FAISS search builds one first)."""
+        return self._faiss is not None
+
+    def faiss_index(self) -> FaissIndex:
+        """The FAISS index: the one built or loaded, else built now (with the settings of a stale saved one)."""
+        return self._faiss if self._faiss is not None else self.build_faiss(self._faiss_settings)
+
+    def save_faiss(self, path: str | os.PathLike) -> Path:
+        """Write the FAISS index into the index directory `path` this index was loaded from or saved to (e.g. after a
+        stale one was rebuilt by a search), leaving its other files as they are."""
+        from .index_storage import embeddings_digest, read_index
+
+        with output_lock(path):
+            if self._digest is None or embeddings_digest(read_index(path, meta_only=True)) != self._digest:
+                raise ValueError(f"{path} does not hold this index's embeddings; save the whole index there with "
+                                 "index.save(path, overwrite=True).")
+            self.faiss_index().save(path, self._digest)
+        return Path(path)
+
+
+__all__ = ["FAISS_FILE", "FaissBacked", "FAISS_MANIFEST", "FaissIndex", "FaissSettings", "faiss_topk", "import_faiss"]

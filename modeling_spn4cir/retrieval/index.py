@@ -34,7 +34,7 @@ import torch
 from ..image_files import open_image
 from ..image_store import ImageStore, encode_images
 from ..storage import atomic_directory, check_output_dir, same_target_side, target_side_fingerprint
-from .faiss_backend import FaissIndex, FaissSettings, faiss_topk
+from .faiss_backend import FaissBacked
 from .gallery_images import DATASET_KEYS, gallery_images
 from .index_storage import (
     BUILD_SHARD_SIZE,
@@ -75,7 +75,7 @@ def describe_fingerprint(fingerprint: dict) -> str:
             f"{fingerprint.get('image_processor', '?')[:12]})")
 
 
-class CIRIndex:
+class CIRIndex(FaissBacked):
     """
     Target embeddings of a gallery, with their image ids, file paths and the model fingerprint.
 
@@ -107,9 +107,7 @@ class CIRIndex:
         self.embeddings, self.image_ids, self.paths = embeddings, image_ids, paths
         self.fingerprint, self.sources = dict(fingerprint), list(sources)
         self._position = {image_id: i for i, image_id in enumerate(image_ids)}
-        self._faiss: FaissIndex | None = None
-        self._faiss_settings: FaissSettings | None = None  # kept while a stale FAISS index waits to be rebuilt
-        self._digest: str | None = None  # `embeddings_digest` of the saved index these embeddings are
+        self._init_faiss()
         self._stores: dict[str, ImageStore] = {}
 
     def __len__(self) -> int:
@@ -299,29 +297,6 @@ class CIRIndex:
                 scores[rows, : got.scores.shape[1]] = got.scores
         return indices, scores
 
-    def _faiss_topk(self, queries, k, excluded, **search):
-        return faiss_topk(self.faiss_index(), self.embeddings, queries, k, excluded, **search)
-
-    def build_faiss(self, settings: FaissSettings | None = None, **kwargs) -> FaissIndex:
-        """Build (and hold, so that [`save`] writes it) the FAISS index of `backend="faiss"`: `settings`, or
-        `FaissSettings(**kwargs)` (e.g. `kind="ivfpq", nlist=4096, m=32, nprobe=16`; default an HNSW graph)."""
-        import time
-
-        settings = settings or FaissSettings(**kwargs)
-        start = time.perf_counter()
-        self._faiss = FaissIndex.build(self.embeddings, settings)
-        self._faiss_settings = self._faiss.settings
-        logger.info("Built %r in %.1f s.", self._faiss, time.perf_counter() - start)
-        return self._faiss
-
-    def has_faiss(self) -> bool:
-        """Whether a FAISS index is built or loaded (else a FAISS search builds one first)."""
-        return self._faiss is not None
-
-    def faiss_index(self) -> FaissIndex:
-        """The FAISS index: the one built or loaded, else built now (with the settings of a stale saved one)."""
-        return self._faiss if self._faiss is not None else self.build_faiss(self._faiss_settings)
-
     def hits(self, indices: torch.Tensor, scores: torch.Tensor) -> list[list[dict]]:
         """`[B, k]` indices and scores -> per query `[{"image_id", "score", "path"}, ...]`, best first; `path` is
         where the image lives ([`location`])."""
@@ -429,18 +404,6 @@ class CIRIndex:
                 self.faiss_index().save(staging, self._digest)
         return Path(path)
 
-    def save_faiss(self, path: str | os.PathLike) -> Path:
-        """Write the FAISS index into the index directory `path` this index was loaded from or saved to (e.g. after a
-        stale one was rebuilt by a search), leaving its other files as they are."""
-        from ..storage import output_lock
-
-        with output_lock(path):
-            if self._digest is None or embeddings_digest(read_index(path, meta_only=True)) != self._digest:
-                raise ValueError(f"{path} does not hold this index's embeddings; save the whole index there with "
-                                 "index.save(path, overwrite=True).")
-            self.faiss_index().save(path, self._digest)
-        return Path(path)
-
     def _image_roots(self) -> list[str]:
         """The folders of the indexed image files (a saved index must not replace them)."""
         return sorted({os.path.dirname(p) or "." for p in self.paths if p is not None})
@@ -453,9 +416,7 @@ class CIRIndex:
         saved = read_index(path, device)
         index = cls(saved["embeddings"], saved["image_ids"], saved["paths"], saved["fingerprint"],
                     saved.get("sources", []))
-        index._digest = embeddings_digest(saved)
-        if index.embeddings.ndim == 2:
-            index._faiss, index._faiss_settings = FaissIndex.load(path, index._digest, *index.embeddings.shape)
+        index._load_faiss(path, embeddings_digest(saved))
         return index
 
 
