@@ -2,7 +2,7 @@
 above what the process held when the callable started.
 
 The baseline and the candidate of a benchmark both run through this in the same script run, so their
-numbers are comparable: ratios, not absolute times, are what the README records. A spawned child (not a
+numbers are comparable: ratios, not absolute times, are what docs/benchmarks.md records. A spawned child (not a
 forked one) avoids inheriting the parent's OpenMP thread pool, which deadlocks torch after fork.
 """
 

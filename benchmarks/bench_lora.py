@@ -7,7 +7,8 @@ Geometries: CLIP RN50x4 at 288 px and CLIP ViT-B/32 at 224 px (`bench_stages.GEO
 24 tokens. LoRA: the defaults of `trainers.lora` (attention + MLP projections of the towers that train; stage 2 only
 the query side; projection heads trained in full), rank `--rank`, alpha 2 x rank. A step = forward, loss, backward
 and an AdamW update over the trainable parameters. Every variant runs in its own spawned process of the same script
-run (`benchmarks._measure`), so the memory of one cannot hide in another's freed pages; the README reports ratios.
+run (`benchmarks._measure`), so the memory of one cannot hide in another's freed pages; docs/benchmarks.md reports
+ratios.
 """
 
 import argparse

@@ -6,7 +6,7 @@ bank: text tower only + one bank matmul) on the same model, CPU, random init, in
 Geometries: CLIP RN50x4 at 288 px (CLIP4CIR / SPN4CIR) and CLIP ViT-B/32 at 224 px; modification texts of
 24 tokens (a FashionIQ "c0 and c1" caption); a bank of 20,000 candidates. A step = forward, loss, backward
 and an AdamW update. The stage-2 floor is the text tower's forward + backward plus the bank matmul, timed
-alone; the README reports the ratio stage 2 / stage 1 (the paper: about 1/20) and stage 2 / floor.
+alone; docs/benchmarks.md reports the ratio stage 2 / stage 1 (the paper: about 1/20) and stage 2 / floor.
 """
 
 import argparse

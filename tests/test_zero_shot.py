@@ -1,4 +1,4 @@
-"""The zero-shot experiment (README: Zero-shot CIR) end to end: the README's own commands, run on tiny local
+"""The zero-shot experiment (docs/zero_shot.md) end to end: the page's own commands, run on tiny local
 stand-ins — a folder of images for CC3M, tiny official FashionIQ / CIRR / CIRCO layouts, a tiny CLIP and a tiny
 LLaVA saved in directories named like the Hub ids the commands use — with CPU overrides only."""
 
@@ -18,7 +18,8 @@ from safetensors.torch import load_file
 
 from datasets_scripts.images import main as images_main
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+ZERO_SHOT_PAGE = ROOT / "docs" / "zero_shot.md"
 # What the tiny stand-ins need on a CPU: small batches, one epoch, no fp16, short captions.
 OVERRIDES = {
     "run_cir.py": ["--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "16", "--num_train_epochs",
@@ -31,9 +32,9 @@ ENTRY_POINTS = {"run_cir.py": run_cir.main, "generate_triplets.py": generate_tri
 
 
 def readme_commands() -> list[list[str]]:
-    """The commands of the README's zero-shot block, each as its arguments after the script."""
-    text = README.read_text()
-    block = re.search(r"### Zero-shot CIR\n.*?```bash\n(.*?)```", text, re.DOTALL).group(1)
+    """The commands of the zero-shot page's block, each as its arguments after the script."""
+    text = ZERO_SHOT_PAGE.read_text()
+    block = re.search(r"# Zero-shot CIR\n.*?```bash\n(.*?)```", text, re.DOTALL).group(1)
     lines = [line for line in block.replace("\\\n", " ").splitlines() if line.strip() and not line.startswith("#")]
     return [shlex.split(line) for line in lines]
 
@@ -46,7 +47,7 @@ def _run(command: list[str]):
 
 @pytest.fixture
 def stand_ins(tmp_path, fiq_root, cirr_root, tiny_clip_dir, monkeypatch):
-    """The working directory of the README's commands, with every path they name."""
+    """The working directory of the zero-shot page's commands, with every path they name."""
     monkeypatch.setenv("SPN4CIR_CACHE", str(tmp_path / "cache"))
     work = tmp_path / "work"
     work.mkdir()
@@ -66,7 +67,7 @@ def stand_ins(tmp_path, fiq_root, cirr_root, tiny_clip_dir, monkeypatch):
     generation = json.loads((llava / "generation_config.json").read_text())  # random weights: never an empty caption
     generation |= {"min_new_tokens": 2, "suppress_tokens": list(range(5))}  # the special tokens
     (llava / "generation_config.json").write_text(json.dumps(generation))
-    (work / "examples").symlink_to(README.parent / "examples")  # the commands run from the repository's root
+    (work / "examples").symlink_to(ROOT / "examples")  # the commands run from the repository's root
     monkeypatch.chdir(work)
     return work
 

@@ -1,6 +1,6 @@
 """The zero-shot row's data the way real zero-shot data arrives: the unlabeled pool written as an image collection
 without annotations (webdataset shards, as CC3M ships), converted with `datasets_scripts.images`, then captioned and
-paired like any such corpus (README: Zero-shot CIR)."""
+paired like any such corpus (docs/zero_shot.md)."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 (`generative_editor`: trained only on `pretrain` pairs, described by the world's own grammar) instead of the
 templates over two captions, with the default run's pairs — +P (rank-window pairs, with the annotated triplets) and
 zero-shot (the pool collection's random pairs, generated triplets only) — against the default's template rows
-(README: texts written from both images)."""
+(docs/positives.md: modification texts written from both images)."""
 
 from __future__ import annotations
 

@@ -9,8 +9,8 @@ template, `AutoModelForImageTextToText.generate` — the code path a real LLaVA 
 
 Its size and training budget were chosen by caption quality on held-out `pretrain` captions (the last `heldout`
 images, never trained on), before any ablation was looked at:
-`PYTHONPATH=examples python -m spn_recipe.generative_captioner --benchmark DIR` prints that comparison (README: the
-embedded default).
+`PYTHONPATH=examples python -m spn_recipe.generative_captioner --benchmark DIR` prints that comparison
+(docs/reproduction.md: the captioner).
 """
 
 from __future__ import annotations
@@ -239,7 +239,7 @@ def load_captioner(path: str | Path) -> MLLMCaptioner:
     return MLLMCaptioner(str(path), prompt=IMAGE_PROMPT, num_words=NUM_WORDS, max_new_tokens=MAX_NEW_TOKENS)
 
 
-SWEEP = {  # the selection candidates (README: the embedded default); "width 64, 20 epochs" is the default
+SWEEP = {  # the selection candidates (docs/reproduction.md); "width 64, 20 epochs" is the default
     "width 64, 3 epochs": dict(epochs=3),
     "width 64, 20 epochs": dict(epochs=20),
     "width 128, 10 epochs": dict(hidden=128, epochs=10),

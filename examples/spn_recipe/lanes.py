@@ -1,7 +1,7 @@
 """Run a list of steps in one process, or split over lanes: processes with one thread each, side by side.
 
 On this project's 2-core machine a second thread per process speeds the recipe's tiny models up little, a second
-process much more (README: the embedded default). Each lane runs its steps in its own order (the recipe's: the
+process much more (docs/reproduction.md). Each lane runs its steps in its own order (the recipe's: the
 captioner trains while the first lane runs stage 0) and waits when it needs a value another lane has not made
 yet. Steps hand their values to other lanes as JSON files, so a value must be JSON-able.
 """

@@ -1,4 +1,5 @@
-"""Diagnostic `--negative_study`: SPN's study of negatives on the synthetic benchmark (README: the negative study).
+"""Diagnostic `--negative_study`: SPN's study of negatives on the synthetic benchmark (docs/negatives.md:
+the negative study).
 
 - **Negative types** (the paper's Figure 3; `trainers.losses.NegativeTypeLoss`): stage 1 from the stage-0 model with
   each type alone (`target`, `query`, `text`, `reference`) and with `target` plus each other type;

@@ -1,5 +1,5 @@
 """Diagnostic `--caption_noise_study`: +P and +P+N with scene-graph captions of the pool, a share of their phrases
-replaced by wrong ones, against the default run's stage 1 and +N (README: caption quality vs. gain)."""
+replaced by wrong ones, against the default run's stage 1 and +N (docs/reproduction.md: caption quality vs. gain)."""
 
 from __future__ import annotations
 

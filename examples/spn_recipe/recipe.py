@@ -2,7 +2,7 @@
 
     accelerate launch examples/run_cir.py            # = run_default_recipe(RecipeConfig())
 
-`recipe_steps` lists the README's eight steps, in order:
+`recipe_steps` lists the eight steps of docs/reproduction.md, in order:
 
 1. build (or reuse) the benchmark (`datasets_scripts.synthetic`);
 2. a small CLIP4CIR built from a config, with a word-level tokenizer trained on the benchmark's text;
@@ -46,8 +46,8 @@ from .steps import RecipeRun
 
 
 def recipe_steps(run: RecipeRun) -> list[Step]:
-    """The README's eight steps, in order (1 and the tokenizer of 2 are `RecipeRun`'s); each step names the steps
-    whose values it takes (`needs`) and whose models it loads (`after`)."""
+    """The eight steps of docs/reproduction.md, in order (1 and the tokenizer of 2 are `RecipeRun`'s); each step
+    names the steps whose values it takes (`needs`) and whose models it loads (`after`)."""
     captioned_after = "stage 1" if run.cfg.captioner == "retrieval" else "captioner"
     return [
         Step("stage 0", run.stage0),                                                          # 2, 3
@@ -66,7 +66,7 @@ def recipe_steps(run: RecipeRun) -> list[Step]:
 
 
 def recipe_lanes(cfg: RecipeConfig) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """The two lanes (README: the embedded default, Time), each in its order:
+    """The two lanes (docs/reproduction.md: Time), each in its order:
 
         first lane:  stage 0 ------------------> [captions] rank-window triplets -> +P -> +P+N
         second lane: captioner -> pool captions + zero-shot triplets -> [stage 0] stage 1 -> +N -> +N (LoRA)
@@ -87,7 +87,8 @@ def _lane_recipe_steps(cfg: RecipeConfig) -> list[Step]:
 
 
 def run_default_recipe(cfg: RecipeConfig | None = None) -> dict:
-    """The whole recipe: the README's eight steps (`recipe_steps`), in two lanes with `cfg.workers >= 2`."""
+    """The whole recipe: the eight steps of docs/reproduction.md (`recipe_steps`), in two lanes with
+    `cfg.workers >= 2`."""
     cfg = cfg or RecipeConfig()
     start, cpu_start = time.perf_counter(), time.process_time()
     with one_thread_per_lane(cfg.workers > 1):

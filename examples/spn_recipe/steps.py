@@ -172,7 +172,7 @@ class RecipeRun:
         return scaled.triplets
 
     def zero_shot_triplets(self, captions: dict) -> dict:
-        """Step 6c: the zero-shot data as real zero-shot data is made (README: Zero-shot CIR): the pool written as an
+        """Step 6c: the zero-shot data as real zero-shot data is made (docs/zero_shot.md): the pool written as an
         image collection (webdataset shards) and converted with `datasets_scripts.images`; that corpus captioned by
         the same captioner (the pool's caption cache holds its images: same ids, same bytes) and paired at random, as
         the original's in-domain ZS-CIR (zscir, `--model zs`). Returns the triplets and the dataset's path."""

@@ -1,5 +1,5 @@
 """Diagnostic `--text_form_probe`: every row's model on the test queries twice — with their annotated texts (the
-table) and with texts in the generated triplets' form (README: why zero-shot fails here)."""
+table) and with texts in the generated triplets' form (docs/reproduction.md: why zero-shot fails here)."""
 
 from __future__ import annotations
 
