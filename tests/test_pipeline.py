@@ -345,9 +345,11 @@ def test_the_demo_page_shows_the_error_and_no_server_path(saved_tiny_model, imag
                                 (CIRIndex.build(tiny_model(seed=5), processor.image_processor, image_dir,
                                                 show_progress_bar=False), True)):
         ui = demo.build_ui(demo.RetrievalDemo(pipe, index), "demo")
-        handler = next(fn for fn in ui.fns.values() if fn.name == "run")
-        raw = next(block for block in handler.outputs if isinstance(block, gr.JSON))
-        _, shown = handler.fn(None, "red circle", 4)
-        sent = json.dumps(raw.postprocess(shown).model_dump())
+        handler = next(fn for fn in ui.fns.values() if fn.name == "search")
+        blocks = {type(block): block for block in handler.outputs}
+        page, shown, status = handler.fn(None, None, "red circle", 4, False)  # image, picked id, text, k, keep
+        sent = json.dumps(blocks[gr.JSON].postprocess(shown).model_dump()) + blocks[gr.Markdown].postprocess(status) \
+            + blocks[gr.HTML].postprocess(page)
         assert ("This gallery index was built by" in sent) == expect_error and "null" not in sent
+        assert ("<figure" in page) != expect_error
         assert str(image_dir.parent) not in sent  # no folder of the server: the gallery's, the model's
