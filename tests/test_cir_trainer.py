@@ -326,15 +326,16 @@ def test_stage2_grouped_batches_give_every_query_the_loss_it_has_in_random_batch
             assert b[row] == pytest.approx(loss, abs=1e-5, rel=1e-5), (epoch, row)
 
 
-def test_length_grouping_is_stage_2s_default_and_refused_where_it_would_change_the_negatives(tmp_path):
-    assert _args(tmp_path, "candidate_bank").group_by_text_length
+def test_length_grouping_is_asked_for_and_refused_where_it_would_change_the_negatives(tmp_path):
+    # off by default: random batches, as the original (it changes which rows share an update: docs/training.md)
+    assert not _args(tmp_path, "candidate_bank").group_by_text_length
     assert not _args(tmp_path, "in_batch").group_by_text_length
+    assert _args(tmp_path, "candidate_bank", group_by_text_length=True).group_by_text_length
     with pytest.raises(ValueError, match="stage-2 option: in stage 1 the batch is each query's negatives"):
         _args(tmp_path, "in_batch", group_by_text_length=True)
     with pytest.raises(ValueError, match="--train_sampling_strategy sequential and --group_by_text_length"):
-        _args(tmp_path, "candidate_bank", train_sampling_strategy="sequential")
-    assert not _args(tmp_path, "candidate_bank", train_sampling_strategy="sequential",
-                     group_by_text_length=False).group_by_text_length
+        _args(tmp_path, "candidate_bank", train_sampling_strategy="sequential", group_by_text_length=True)
+    assert not _args(tmp_path, "candidate_bank", train_sampling_strategy="sequential").group_by_text_length
 
 
 def test_stage2_groups_whole_updates(tiny_cir_dataset, tiny_model_dir, tmp_path):
@@ -346,7 +347,8 @@ def test_stage2_groups_whole_updates(tiny_cir_dataset, tiny_model_dir, tmp_path)
     corpus = datasets.load_dataset(str(tiny_cir_dataset), "corpus", split="train")
     model, processor = load_cir_model_and_processor(str(tiny_model_dir))
     trainer = CIRTrainer(model, _args(tmp_path, "candidate_bank", per_device_train_batch_size=2,
-                                      gradient_accumulation_steps=3), train_dataset=train, corpus=corpus,
+                                      gradient_accumulation_steps=3, group_by_text_length=True),
+                         train_dataset=train, corpus=corpus,
                          processor=processor)
     sampler = trainer._get_train_sampler()
     assert isinstance(sampler, LengthGroupedOrder) and sampler.group_size == 6 and sampler.seed == 0
@@ -383,7 +385,8 @@ def test_stage2_grouped_order_resumes_mid_epoch_identically(tiny_cir_dataset, ti
     def trainer_for(out):
         model, processor = load_cir_model_and_processor(str(tiny_model_dir))
         args = _args(tmp_path, "candidate_bank", output_dir=str(out), save_strategy="steps", save_steps=6,
-                     num_train_epochs=2, length_groups_per_bucket=2, bank_dir=str(tmp_path / "bank"))
+                     num_train_epochs=2, group_by_text_length=True, length_groups_per_bucket=2,
+                     bank_dir=str(tmp_path / "bank"))
         return CIRTrainer(model, args, train_dataset=train, corpus=corpus, processor=processor,
                           join_annotated_captions=True)
 

@@ -70,3 +70,23 @@ def test_bad_arguments_are_named():
         LengthGroupedOrder(lambda e: torch.zeros(4), 4, 0)
     with pytest.raises(ValueError, match=r"expected \(5,\)"):
         LengthGroupedOrder(lambda e: torch.zeros(4), 5, 2).order(0)
+
+
+def test_one_update_per_bucket_keeps_random_updates_and_sorts_only_their_micro_batches():
+    """`groups_per_bucket=1`: which rows share an update does not depend on the texts' lengths (the updates of a
+    random order), and within each update the rows come shortest first, so that its gradient-accumulation
+    micro-batches (consecutive slices of it) each pad to their own longest text."""
+    n, group = 960, 32
+    short_first = torch.arange(n) % 57 + 3
+    updates = {}
+    for name, lengths in (("short first", short_first), ("reversed", short_first.flip(0))):
+        order = LengthGroupedOrder(lambda epoch, lengths=lengths: lengths, n, group_size=group, seed=3,
+                                   groups_per_bucket=1).order(0).view(-1, group)
+        assert all(torch.equal(lengths[u], lengths[u].sort().values) for u in order)  # sorted within each update
+        updates[name] = {frozenset(u.tolist()) for u in order}
+    assert updates["short first"] == updates["reversed"]
+    grouped = LengthGroupedOrder(lambda epoch: short_first, n, group_size=group, seed=3, groups_per_bucket=10)
+    assert {frozenset(u.tolist()) for u in grouped.order(0).view(-1, group)} != updates["short first"]
+    # the micro-batches of 4 accumulation steps pad less than the update would as one batch
+    order = LengthGroupedOrder(lambda epoch: short_first, n, group_size=group, seed=3, groups_per_bucket=1).order(0)
+    assert _padded(order, short_first, group // 4) < _padded(order, short_first, group)

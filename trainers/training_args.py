@@ -43,14 +43,19 @@ class CIRTrainingArguments(LoRAArguments, TrainingArguments):
         "help": "stage 1: keep every preprocessed image in memory after its first use, so later epochs decode and "
                 "resize nothing (3*S*S*4 bytes per image: 49 KB at 64 px, 1 MB at 288 px; per dataloader worker). "
                 "For corpora that fit in RAM; exact, as preprocessing is deterministic"})
-    group_by_text_length: bool | None = field(default=None, metadata={
-        "help": "stage 2 (the default there; refused in stage 1, whose batch is the negatives): the rows of each "
-                "optimizer update drawn from a bucket of similar tokenized text length (buckets shuffled; reproducible "
-                "by seed; the same rows per update under DDP and gradient accumulation), so the text tower pads less. "
-                "It changes the order of the updates, not any query's loss (each is scored against the whole bank)"})
+    group_by_text_length: bool = field(default=False, metadata={
+        "help": "stage 2 only (refused in stage 1, whose batch is the negatives): the rows of each optimizer update "
+                "drawn from a bucket of --length_groups_per_bucket updates' rows of similar tokenized text length "
+                "(reproducible by seed; the same rows per update under DDP and gradient accumulation), so the text "
+                "tower pads less. No query's loss changes (each is scored against the whole bank), but which rows "
+                "share an update does: off by default, as the original's random batches (docs/training.md: on the "
+                "embedded default it moved +P+N, whose annotated and generated texts differ in length, by -2.75 "
+                "R@10). With --length_groups_per_bucket 1 every update holds random rows, sorted by length across its "
+                "--gradient_accumulation_steps micro-batches: the updates of random batches, each micro-batch padded "
+                "to its own longest text"})
     length_groups_per_bucket: int = field(default=50, metadata={
-        "help": "with --group_by_text_length: how many updates' rows are sorted by length together (fewer keeps "
-                "more of the random mixing, more pads less)"})
+        "help": "with --group_by_text_length: how many updates' rows are sorted by length together (1: each "
+                "update's own rows, i.e. random updates; more pads less and groups short texts with short ones)"})
     decay_norms_and_biases: bool = field(default=False, metadata={
         "help": "weight decay on every trainable parameter, biases and LayerNorm weights included, as the original's "
                 "torch.optim.AdamW (the paper configs set it); the Trainer's rule decays neither"})
@@ -83,15 +88,13 @@ class CIRTrainingArguments(LoRAArguments, TrainingArguments):
         if self.stage != "candidate_bank" and stage2_only:
             raise ValueError(f"{' and '.join(stage2_only)} set the candidate bank's negatives of stage 2; stage 1 "
                              "(in_batch) scores the batch's targets. Drop it, or train with --stage candidate_bank.")
-        if self.group_by_text_length is None:
-            self.group_by_text_length = self.stage == "candidate_bank"
         if self.group_by_text_length and self.stage != "candidate_bank":
             raise ValueError("--group_by_text_length is a stage-2 option: in stage 1 the batch is each query's "
                              "negatives, and batches of similar text length would change them. Drop it, or train "
                              "with --stage candidate_bank.")
         if self.group_by_text_length and self.train_sampling_strategy != "random":
             raise ValueError(f"--train_sampling_strategy {self.train_sampling_strategy} and --group_by_text_length "
-                             "both set the batch order: pass --group_by_text_length false to use the former.")
+                             "both set the batch order: leave out --group_by_text_length to use the former.")
         if self.max_consecutive_nonfinite_losses < 1:
             raise ValueError("max_consecutive_nonfinite_losses must be >= 1, got "
                              f"{self.max_consecutive_nonfinite_losses}.")

@@ -29,7 +29,7 @@ def train_grouped_stage2(model_dir, data_dir, out, batch, accumulation) -> dict:
                                 per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation,
                                 optim="sgd", learning_rate=0.5, report_to=[], use_cpu=True, disable_tqdm=True,
                                 save_strategy="no", seed=0, bank_dir=str(Path(out) / "bank"),
-                                length_groups_per_bucket=2)
+                                group_by_text_length=True, length_groups_per_bucket=2)
     trainer = CIRTrainer(model, args, train_dataset=train, corpus=corpus, processor=processor,
                          join_annotated_captions=True)
     assert args.group_by_text_length
