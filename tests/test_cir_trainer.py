@@ -400,3 +400,21 @@ def test_stage2_grouped_order_resumes_mid_epoch_identically(tiny_cir_dataset, ti
     assert _losses(resumed)[-2:] == pytest.approx(_losses(full)[-2:], abs=1e-6)  # steps 7 and 8, after the resume
     assert rows.rows[:16] != rows.rows[16:] and sorted(rows.rows[:16]) == sorted(rows.rows[16:])  # a new order
     assert rows_resumed.rows[-8:] == rows.rows[-8:]  # the resumed dataloader's last two batches: the same rows
+
+
+def test_stage2_from_a_given_bank_needs_no_corpus_and_checks_ids_against_the_bank(tiny_cir_dataset, tiny_model_dir,
+                                                                                 tmp_path):
+    """A stage-2 trainer handed a bank reads reference features and targets from it: no image is needed, and a
+    triplet naming an image the bank does not hold is refused when the trainer is built."""
+    train = datasets.load_dataset(str(tiny_cir_dataset), "triplets", split="train")
+    corpus = datasets.load_dataset(str(tiny_cir_dataset), "corpus", split="train")
+    model, processor = load_cir_model_and_processor(str(tiny_model_dir))
+    bank = CIRTrainer(model, _args(tmp_path / "a", "candidate_bank"), train_dataset=train, corpus=corpus,
+                      processor=processor).bank
+    trainer = CIRTrainer(model, _args(tmp_path / "b", "candidate_bank", max_steps=1), train_dataset=train,
+                         processor=processor, bank=bank)
+    trainer.train()
+    ghost = train.map(lambda row, i: {"reference_id": "ghost" if i == 1 else row["reference_id"]}, with_indices=True)
+    with pytest.raises(ValueError, match="triplet 1 .*reference 'ghost'.* names a reference image the corpus does not"):
+        CIRTrainer(model, _args(tmp_path / "c", "candidate_bank"), train_dataset=ghost, processor=processor,
+                   bank=bank)

@@ -142,8 +142,10 @@ class CIRTrainer(Trainer):
                  extra_negatives: ExtraImages | None = None, **kwargs):
         corpora = corpus if isinstance(corpus, (list, tuple)) else [corpus]
         self.images = ImageStore(*corpora)
-        if train_dataset is not None:
-            check_training_triplets(train_dataset, self.images)  # a bad row named now, not at its step
+        if train_dataset is not None:  # a bad row named now, not at its step
+            # stage 2 from a given bank needs no image: there the bank's ids (and the dedup map's) are what is known
+            known = self.images if corpus is not None or bank is None else {*bank.image_ids, *(dedup_map or {})}
+            check_training_triplets(train_dataset, known)
         self.evaluator = evaluator
         base, base_text = base_description(getattr(model, "name_or_path", None) or None)
         self.model_card_info = {"base_model": base, "base": base_text, **(model_card_info or {})}
