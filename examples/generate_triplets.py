@@ -30,11 +30,11 @@ default the --encoder's tokenizer, else OpenAI CLIP's, openai/clip-vit-base-patc
 
 An image collection without annotations (a folder, webdataset shards such as CC3M's, a Hub image dataset; zero-shot
 CIR): convert it with `python -m datasets_scripts.images --images ... --output_dir cc-corpus [--limit 50000]`, then
-    python examples/generate_triplets.py --dataset cc-corpus --pool corpus --random_pairs --captioner ... \
+    python examples/generate_triplets.py --dataset cc-corpus --pool corpus --random_pairs --captioner ... \\
         --output_dir cc-scaled
 
 The paper's zero-shot settings are ready configs (the first argument; flags after it override):
-    accelerate launch examples/generate_triplets.py examples/configs/triplets/zeroshot_cc_fiq.json \
+    accelerate launch examples/generate_triplets.py examples/configs/triplets/zeroshot_cc_fiq.json \\
         --dataset cc-corpus --output_dir cc-fiq-triplets
 (zeroshot_cc_fiq / zeroshot_cc_cirr: CC3M out of domain; zeroshot_fiq / zeroshot_cirr: the benchmark's own images).
 

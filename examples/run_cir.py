@@ -8,9 +8,9 @@
         --model_name_or_path out/stage1 --dataset fashioniq --data_dir fashionIQ_dataset \\
         --extra_triplets <generated triplets dir or Hub id> --stage candidate_bank --do_train --do_eval \\
         --learning_rate 2e-5 --per_device_train_batch_size 256 --num_train_epochs 3 --output_dir out/stage2
-    accelerate launch examples/run_cir.py examples/configs/zeroshot_fiq_stage1.json \
+    accelerate launch examples/run_cir.py examples/configs/zeroshot_fiq_stage1.json \\
         --train_dataset <generated triplets> --data_dir fashionIQ_dataset     # zero-shot: generated triplets only
-    python examples/run_cir.py --model_name_or_path out/stage2 --do_eval \
+    python examples/run_cir.py --model_name_or_path out/stage2 --do_eval \\
         --eval_datasets fashioniq_remove_reference=fashionIQ_dataset cirr=CIRR circo=CIRCO   # three benchmarks
     python examples/run_cir.py config.json                    # the same arguments from a JSON or YAML file
     python examples/run_cir.py examples/configs/clip4cir_fiq_stage2.json --data_dir D --model_name_or_path M

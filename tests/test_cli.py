@@ -83,6 +83,24 @@ def test_every_cli_ends_through_run_cli():
     assert len(_cli_modules()) >= 18 and not bad, bad
 
 
+def test_no_cli_help_joins_a_shell_continuation_line():
+    """A command in a CLI's docstring (its --help) continued with a backslash keeps the backslash and the line break:
+    in a plain (not raw) string an odd run of backslashes before the newline joins the two lines into one."""
+    joined = []
+    for path in _cli_modules():
+        text = path.read_text()
+        module = ast.parse(text)
+        doc = module.body[0] if module.body and isinstance(module.body[0], ast.Expr) else None
+        if doc is None or not isinstance(doc.value, ast.Constant) or not isinstance(doc.value.value, str):
+            continue
+        source = ast.get_source_segment(text, doc)
+        if source[:1] in "rR":  # a raw string keeps every backslash
+            continue
+        joined += [f"{path.relative_to(ROOT)}: {line.strip()}" for line in source.splitlines()
+                   if (len(line) - len(line.rstrip("\\"))) % 2 == 1]
+    assert not joined, joined
+
+
 HELP = [("generate_triplets", []), ("retrieve", ["search"]), ("retrieve", ["index"]), ("demo", []),
         ("convert_paper_checkpoints", []), ("datasets_scripts.cirr", []), ("datasets_scripts.circo", []),
         ("datasets_scripts.fashioniq", []), ("datasets_scripts.custom", []), ("datasets_scripts.images", []),

@@ -1,6 +1,6 @@
 """How `cir_texts.json` and `clip_bpe/` were made (run once; needs files outside the project).
 
-    python -m benchmarks.data.make_text_sample --annotations ../shared/cir_annotations \
+    python -m benchmarks.data.make_text_sample --annotations ../shared/cir_annotations \\
         --bpe ../ref/spn4cir/clip4cir/clip/bpe_simple_vocab_16e6.txt.gz
 
 - `cir_texts.json`: `{"fashioniq": [[c0, c1], ...], "cirr": [c, ...]}`, real modification texts drawn with seed 0:

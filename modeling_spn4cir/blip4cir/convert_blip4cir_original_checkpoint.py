@@ -11,7 +11,7 @@ other key is mapped or an error that names it. The geometry is inferred from the
 which the weights do not determine, default to width // 64 (BLIP's ViT-B/L and BERT) and are set with
 `--num_heads text=N --num_heads vision=N`.
 
-    python -m modeling_spn4cir.convert_original_checkpoint --checkpoint best.pt --output_dir spn4cir-blip4cir-fiq \
+    python -m modeling_spn4cir.convert_original_checkpoint --checkpoint best.pt --output_dir spn4cir-blip4cir-fiq \\
         --tokenizer bert-base-uncased
 """
 

@@ -9,7 +9,7 @@ Reads, with `torch.load(..., weights_only=True)` only (no arbitrary unpickling):
 The geometry is inferred from the state dict the way OpenAI's `clip.model.build_model` does, every key is
 mapped explicitly, and any unmapped, missing or mis-shaped key is an error that names it.
 
-    python -m modeling_spn4cir.convert_original_checkpoint --checkpoint best.pt --output_dir spn4cir-clip4cir-fiq \
+    python -m modeling_spn4cir.convert_original_checkpoint --checkpoint best.pt --output_dir spn4cir-clip4cir-fiq \\
         --tokenizer openai/clip-vit-base-patch32
 """
 

@@ -12,7 +12,7 @@ ViT-g's width 1408, else width // 64; Q-Former width // 64) unless given with `-
 `--num_heads qformer=N`. Every key is mapped or an error naming it, except `*.bert.embeddings.position_ids`
 (a buffer) and `*.cls.*` (the LM head, unused by retrieval), which are dropped on purpose.
 
-    python -m modeling_spn4cir.convert_original_checkpoint --checkpoint best.pt --output_dir spn4cir-sprc-cirr \
+    python -m modeling_spn4cir.convert_original_checkpoint --checkpoint best.pt --output_dir spn4cir-sprc-cirr \\
         --tokenizer bert-base-uncased
 """
 

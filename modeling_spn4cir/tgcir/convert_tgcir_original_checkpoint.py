@@ -17,7 +17,7 @@ Geometry (widths, layers, vocabulary, positions, patch size, P, Q, D) comes from
 which the weights do not determine, default to OpenAI's `width // 64` per tower; override with
 `--num_heads text=N` / `--num_heads vision=N`.
 
-    python -m modeling_spn4cir.convert_original_checkpoint --checkpoint best.pt --output_dir spn4cir-tgcir-fiq \
+    python -m modeling_spn4cir.convert_original_checkpoint --checkpoint best.pt --output_dir spn4cir-tgcir-fiq \\
         --tokenizer openai/clip-vit-base-patch16
 """
 
