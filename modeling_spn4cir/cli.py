@@ -5,7 +5,8 @@ traceback of the code that found the problem.
     if __name__ == "__main__":
         run_cli(main)          # main(argv): the CLI's own function
 
-`run_cli` prints such an error as one `PROG: error: MESSAGE` line on stderr and exits with status 1. `--debug`
+`run_cli` prints such an error (or a CLI's own `raise SystemExit("message")`) as one `PROG: error: MESSAGE` line on
+stderr and exits with status 1. `--debug`
 anywhere on the command line (taken off before `main` sees it) lets the error propagate with its traceback; so do
 errors that the project's code did not raise (a bug, or a third-party failure it does not know), except OSErrors
 (a file, a permission, the network), which are always a matter of the environment.
@@ -90,13 +91,22 @@ def run_cli(main: Callable, argv: Sequence[str] | None = None):
         return main(argv)
     try:
         return main(argv)
+    except SystemExit as stop:
+        # `raise SystemExit("message")` in a CLI is an error too: the same one-line form (argparse's own exits carry
+        # a status, printed already, and pass through).
+        if not isinstance(stop.code, str):
+            raise
+        _report(stop.code)
     except MESSAGE_ERRORS as error:
         if not (isinstance(error, OSError) or _raised_by_us(error, main)):
             raise
-        prog = Path(sys.argv[0]).name or "spn4cir"
-        print(f"{prog}: error: {error_message(error)}\n(run again with {DEBUG_FLAG} for the traceback)",
-              file=sys.stderr)
-        raise SystemExit(1) from None
+        _report(f"{error_message(error)}\n(run again with {DEBUG_FLAG} for the traceback)")
+
+
+def _report(message: str):
+    prog = Path(sys.argv[0]).name or "spn4cir"
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    raise SystemExit(1) from None
 
 
 __all__ = ["DEBUG_FLAG", "DEBUG_HELP", "add_debug_flag", "error_message", "renamed_option", "run_cli",

@@ -3,6 +3,7 @@ naming the fix and exit status 1, the traceback only with `--debug`; every CLI g
 and the errors that used to mislead (a missing `--reference`, a moved model directory, `demo.py --model` without
 `--index`) name the real cause."""
 
+import argparse
 import ast
 import importlib
 import json
@@ -53,6 +54,25 @@ def test_only_the_projects_errors_and_oserrors_become_messages(capsys, tmp_path)
     with pytest.raises(json.JSONDecodeError):
         run_cli(lambda argv: third_party(), [])
     assert "absent.json" in _run(lambda argv: missing_file(), [], capsys)
+
+
+def test_a_clis_own_exit_message_reads_like_the_other_errors(capsys):
+    def refuse(argv):
+        raise SystemExit("Pass --reference IMAGE or --reference_id GALLERY_ID, not both.")
+
+    def parse(argv):
+        parser = argparse.ArgumentParser(prog="tool")
+        parser.add_argument("--n", type=int)
+        return parser.parse_args(argv)
+
+    err = _run(refuse, [], capsys)
+    assert err == f"{Path(sys.argv[0]).name}: error: Pass --reference IMAGE or --reference_id GALLERY_ID, not both.\n"
+    with pytest.raises(SystemExit) as stop:  # argparse's own errors keep their status (2) and single message
+        run_cli(parse, ["--n", "x"])
+    assert stop.value.code == 2 and capsys.readouterr().err.count("error:") == 1
+    with pytest.raises(SystemExit) as stop:  # --help still exits 0
+        run_cli(parse, ["--help"])
+    assert stop.value.code == 0
 
 
 def test_debug_flag_is_taken_off_but_training_arguments_debug_is_left():
