@@ -6,10 +6,10 @@ traceback of the code that found the problem.
         run_cli(main)          # main(argv): the CLI's own function
 
 `run_cli` prints such an error (or a CLI's own `raise SystemExit("message")`) as one `PROG: error: MESSAGE` line on
-stderr and exits with status 1. `--debug`
-anywhere on the command line (taken off before `main` sees it) lets the error propagate with its traceback; so do
-errors that the project's code did not raise (a bug, or a third-party failure it does not know), except OSErrors
-(a file, a permission, the network), which are always a matter of the environment.
+stderr and exits with status 1. `--debug` anywhere on the command line (taken off before `main` sees it) lets the
+error propagate with its traceback; so do errors that the project's code did not raise (a bug, or a third-party
+failure it does not know), except OSErrors (a file, a permission, the network), which are always a matter of the
+environment.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from typing import NoReturn
 from pathlib import Path
 
 DEBUG_FLAG = "--debug"
@@ -103,7 +104,8 @@ def run_cli(main: Callable, argv: Sequence[str] | None = None):
         _report(f"{error_message(error)}\n(run again with {DEBUG_FLAG} for the traceback)")
 
 
-def _report(message: str):
+def _report(message: str) -> NoReturn:
+    """Print `message` as the CLI's one error line and exit with status 1."""
     prog = Path(sys.argv[0]).name or "spn4cir"
     print(f"{prog}: error: {message}", file=sys.stderr)
     raise SystemExit(1) from None
